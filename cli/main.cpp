@@ -1,0 +1,45 @@
+// moedit: locate and edit facts inside Mixture-of-Experts language models.
+// Exit codes: 0 ok, 1 runtime failure, 2 bad input (malformed file, missing field, bad flag).
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "cli/commands.h"
+#include "model/errors.h"
+
+namespace moedit::cli {
+
+std::string default_model_path() {
+  if (const char* env = std::getenv("MOEDIT_MODEL"); env && *env) return env;
+  return std::string(MOEDIT_SOURCE_DIR) + "/models/moedit-demo";
+}
+
+void add_model_arg(CLI::App* cmd, std::string& model) {
+  model = default_model_path();
+  cmd->add_option("MODEL", model, "Hugging Face checkpoint folder (default: the bundled demo model)");
+}
+
+}  // namespace moedit::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"moedit — locate and edit facts inside Mixture-of-Experts language models"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moedit 0.1.0");
+  moedit::cli::register_info(app);
+  moedit::cli::register_logits(app);
+  moedit::cli::register_generate(app);
+  moedit::cli::register_tokenize(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  } catch (const moedit::InputError& e) {
+    std::fprintf(stderr, "moedit: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moedit: runtime failure: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
