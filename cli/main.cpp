@@ -28,7 +28,6 @@ int main(int argc, char** argv) {
   moedit::cli::register_info(app);
   moedit::cli::register_logits(app);
   moedit::cli::register_generate(app);
-  moedit::cli::register_tokenize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,42 @@
+// moedit generate MODEL (--prompt TEXT | --ids 1,2,3) [-n N] [--greedy | --top-k K --seed S]
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/ids.h"
+#include "model/generate.h"
+#include "model/model.h"
+
+namespace moedit::cli {
+
+void register_generate(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Continue a prompt (greedy or top-k sampling), with a KV cache");
+  static std::string model, ids_arg;
+  static int n = 16, top_k = 0;
+  static uint64_t seed = 0;
+  static bool greedy = false, as_json = false;
+  add_model_arg(cmd, model);
+  cmd->add_option("--ids", ids_arg, "Prompt as comma-separated token ids")->required();
+  cmd->add_option("-n,--max-new-tokens", n, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
+  auto* g = cmd->add_flag("--greedy", greedy, "Greedy decoding (the default)");
+  cmd->add_option("--top-k", top_k, "Sample from the k most likely tokens")->check(CLI::Range(1, 1 << 24))->excludes(g);
+  cmd->add_option("--seed", seed, "Sampling seed");
+  cmd->add_flag("--json", as_json, "Print JSON: {\"ids\": [...]}");
+  cmd->callback([] {
+    const auto prompt = parse_ids(ids_arg);
+    auto m = Model::load(model);
+    GenerateOptions o;
+    o.max_new_tokens = n;
+    o.top_k = top_k;
+    o.seed = seed;
+    const auto out = generate(*m, prompt, o);
+    if (as_json) {
+      std::printf("%s\n", nlohmann::json({{"prompt_ids", prompt}, {"ids", out}}).dump().c_str());
+      return;
+    }
+    for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? "," : "", out[i]);
+    std::printf("\n");
+  });
+}
+
+}  // namespace moedit::cli

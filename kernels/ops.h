@@ -1,0 +1,61 @@
+// Compute kernels: the one op interface the model layer calls. CPU implementations live in kernels/cpu/ (Eigen +
+// OpenMP); CUDA ones will sit beside them in kernels/cuda/. Nothing here knows about models.
+//
+// Conventions: activations are row-major float matrices [rows, features]; Linear weights are row-major
+// [out_features, in_features] and y = x·Wᵀ (+ b), as in PyTorch's nn.Linear.
+#pragma once
+#include <Eigen/Core>
+#include <cstdint>
+#include <vector>
+
+namespace moedit {
+
+using MatR = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using VecF = Eigen::VectorXf;
+using MapMatR = Eigen::Map<MatR>;
+using CMapMatR = Eigen::Map<const MatR>;
+
+namespace ops {
+
+// Number of OpenMP threads ops may use (default: all). Ops called inside a parallel region run serially.
+int num_threads();
+void set_num_threads(int n);
+
+// Y[n, out] = X[n, in] · W[out, in]ᵀ (+ bias[out]). Parallel over output-column blocks when the product is large.
+void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias = nullptr);
+
+// y = w ⊙ (x · rsqrt(mean(x²) + eps)) for each of `rows` rows of length dim (x and y may alias).
+void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps);
+
+// RoPE, rotate-half (NeoX) layout, in place: for each row r (a token) and each of n_heads heads (head h starts at
+// x + r*row_stride + h*head_stride), rotates dims [0, rot_dim) with pairs (i, i + rot_dim/2) by angle
+// pos[r]·inv_freq[i]; cos/sin scaled by attn_scaling.
+void rope_neox(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+               const float* inv_freq, float attn_scaling = 1.f);
+
+// Numerically stable softmax over n entries in place (entries equal to -inf get probability 0).
+void softmax_inplace(float* x, int n);
+
+// out[r, i] = silu(gu[r, i]) * gu[r, I + i] for a [rows, 2I] gate‖up block.
+void silu_mul(const float* gu, int rows, int I, float* out);
+
+// Causal attention for one sequence. q: [n_q, q_stride] with query head h at column h*Dk; query row i sits at
+// absolute position q_pos0 + i. k: [n_k, k_stride] (key head g at g*Dk), v: [n_k, v_stride] (g*Dv); key j is at
+// position j. Query head h uses kv head h / (Hq/Hkv). Key j is visible to query at position p iff j <= p and
+// (window <= 0 or p - window < j). Scores = q·k·scale, softmax in fp32, out[i, h*Dv ...] = P·v.
+struct AttnShape {
+  int Hq, Hkv, Dk, Dv;
+  float scale;
+  int window;  // 0 = none
+};
+void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride, const float* v,
+               int v_stride, int n_k, const AttnShape& s, float* out, int out_stride);
+
+// Indices of the k largest values of x[0..n) in descending order; ties: lower index first.
+void topk(const float* x, int n, int k, int* idx);
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+}  // namespace ops
+}  // namespace moedit

@@ -1,0 +1,95 @@
+// config.json → ModelConfig, driven by the architecture table (model/architectures.cpp).
+//
+// One row of the table (ArchSpec) describes a model family as data: where its tensors live, which router, norms,
+// shared experts and dense-layer rule it uses, and the defaults of its transformers configuration class. Nothing
+// downstream branches on the family name; it reads these fields.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moedit {
+
+// How router logits z [E] become (expert ids, weights) for one token.
+enum class RouterKind {
+  SoftmaxTopK,  // p = softmax(z) (fp32) → top-k of p → renormalise if norm_topk_prob → × routed_scaling_factor
+  TopKSoftmax,  // top-k of z → softmax over the k selected logits (GraniteMoE)
+};
+enum class QKNorm { None, PerHead, WholeProjection };
+enum class SharedExpertKind { None, SigmoidGated, Ungated };
+enum class DenseLayerRule { None, SparseStep };  // SparseStep: Qwen's mlp_only_layers + decoder_sparse_step
+
+struct ArchSpec {
+  std::string_view model_type;
+  std::string_view hf_class;                    // architectures[0] in config.json
+  std::vector<std::string_view> moe_modules;     // MoE module names under model.layers.N., tried in order
+  std::string_view router_weight;                // relative to the MoE module
+  // Per-expert (Hub) layout, relative to the MoE module, "{e}" = expert index; empty if the family has none.
+  std::string_view expert_gate, expert_up, expert_down;
+  // Packed layouts, relative to the MoE module: gate‖up [E, 2I, H] and down [E, H, I]. Tried in order.
+  std::vector<std::pair<std::string_view, std::string_view>> packed;
+  std::string_view n_experts_key;
+  std::string_view expert_width_key;  // per-expert intermediate size
+  std::string_view dense_width_key;   // intermediate size of dense (non-MoE) layers
+  RouterKind router;
+  bool renorm_always;             // Mixtral: top-k weights always renormalised (no norm_topk_prob switch)
+  QKNorm qk_norm;
+  std::string_view qkv_bias_key;  // config key switching q/k/v biases
+  SharedExpertKind shared;
+  std::string_view shared_module;  // relative to the MoE module: "<m>.{gate,up,down}_proj.weight"
+  std::string_view shared_gate;    // relative to the MoE module: [1, H] sigmoid gate weight
+  DenseLayerRule dense_rule;
+  bool reads_head_dim;            // honours an explicit `head_dim` key (else hidden / heads)
+  bool multipliers;               // Granite's embedding/residual/attention/logits multipliers
+  bool has_sliding_window;        // honours `sliding_window`
+  // The transformers configuration class's defaults, as a JSON object: keys absent from config.json take these.
+  std::string_view defaults;
+};
+
+// The table. Returns nullptr for an unknown family.
+const ArchSpec* find_arch(std::string_view model_type_or_class);
+std::vector<std::string_view> supported_model_types();
+
+struct ModelConfig {
+  const ArchSpec* arch = nullptr;
+  std::string model_type;
+  std::string source;  // path of config.json, for messages
+  nlohmann::json raw;
+
+  int vocab_size = 0, hidden = 0, n_layers = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int expert_width = 0;  // per routed expert
+  int dense_width = 0;   // dense layers
+  int shared_width = 0;  // shared expert (0 if none)
+  int n_experts = 0, top_k = 0;
+  bool norm_topk_prob = false;
+  float routed_scaling = 1.f;
+  float rms_eps = 1e-6f;
+  float rope_theta = 10000.f;
+  float rope_linear_factor = 1.f;  // rope_scaling {type: linear}
+  int sliding_window = 0;          // 0 = none
+  float clip_qkv = 0.f;            // 0 = none
+  bool qkv_bias = false;
+  bool tie_word_embeddings = false;
+  float embedding_multiplier = 1.f, residual_multiplier = 1.f, logits_scaling = 1.f;
+  float attn_scale = 0.f;  // softmax scale (head_dim^-0.5 unless Granite's attention_multiplier)
+  int max_position_embeddings = 0;
+  int bos_token_id = -1, eos_token_id = -1;
+  std::string dtype;  // torch_dtype of the stored weights
+  std::vector<bool> moe_layer;  // per layer: MoE block (true) or dense MLP
+
+  bool is_moe(int layer) const { return moe_layer[size_t(layer)]; }
+  int n_moe_layers() const;
+
+  // Parameter counts (as stored, incl. embeddings and lm_head; tied counted once).
+  int64_t total_params() const;
+  int64_t active_params() const;  // per token: top-k routed experts + shared + everything dense
+};
+
+// Parses a config.json (a file, or a folder holding one). Missing keys take the transformers defaults of the
+// family's configuration class; malformed or absurd values raise InputError naming the file and the field.
+ModelConfig load_config(const std::string& path);
+ModelConfig parse_config(const nlohmann::json& j, const std::string& source);
+
+}  // namespace moedit

@@ -1,0 +1,372 @@
+// The forward pass: one code path for every family in the architecture table.
+#include "model/model.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "model/errors.h"
+#include "model/safetensors.h"
+
+namespace moedit {
+
+namespace {
+
+// The SwiGLU of expert e of a bank on rows x [n, H]: writes its key k = silu(x·Gᵀ) ⊙ (x·Uᵀ) [n, I].
+void swiglu_key(const ExpertBank& b, int e, const float* x, int n, float* key) {
+  MatR gu(n, 2 * b.I);
+  ops::linear(x, n, b.H, b.gate_up_of(e), 2 * b.I, gu.data());
+  ops::silu_mul(gu.data(), n, b.I, key);
+}
+
+// The whole SwiGLU MLP (bank with E = 1) on x [N, H] → [N, H].
+MatR swiglu(const ExpertBank& b, const MatR& x) {
+  MatR key(x.rows(), b.I), y(x.rows(), b.H);
+  swiglu_key(b, 0, x.data(), int(x.rows()), key.data());
+  ops::linear(key.data(), int(x.rows()), b.I, b.down_of(0), b.H, y.data());
+  return y;
+}
+
+void rmsnorm_rows(const MatR& x, const VecF& w, float eps, MatR& y) {
+  y.resize(x.rows(), x.cols());
+  ops::rmsnorm(x.data(), w.data(), y.data(), int(x.rows()), int(x.cols()), eps);
+}
+
+}  // namespace
+
+TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache) {
+  TokenLayout t;
+  t.n_seqs = int(seqs.size());
+  for (int b = 0; b < int(seqs.size()); ++b) {
+    const int off = cache ? cache->length(b) : 0;
+    for (int i = 0; i < int(seqs[size_t(b)].size()); ++i) {
+      t.seq.push_back(b);
+      t.pos.push_back(off + i);
+    }
+  }
+  return t;
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path) {
+  ModelConfig cfg = load_config(path);
+  TensorStore store(path);
+  Weights w = load_weights(cfg, store);
+  auto m = std::make_shared<Model>(std::move(cfg), std::move(w));
+  m->path_ = path;
+  return m;
+}
+
+Model::Model(ModelConfig cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)) {
+  // inv_freq[i] = 1 / theta^(2i/d), computed in fp32 as transformers does; linear scaling divides positions.
+  const int d = cfg_.head_dim;
+  inv_freq_.resize(size_t(d / 2));
+  for (int i = 0; i < d / 2; ++i)
+    inv_freq_[size_t(i)] =
+        1.f / std::pow(cfg_.rope_theta, float(2 * i) / float(d)) / cfg_.rope_linear_factor;
+}
+
+MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, const Hooks* hooks) const {
+  const int N = int(ids.size()), H = cfg_.hidden;
+  MatR x(N, H);
+  for (int i = 0; i < N; ++i) {
+    const int32_t id = ids[size_t(i)];
+    if (id < 0 || id >= cfg_.vocab_size)
+      throw InputError("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                       std::to_string(cfg_.vocab_size) + ")");
+    x.row(i) = w_.embed.row(id);
+  }
+  if (hooks && !hooks->empty()) hooks->run(hook_names::embed(), x, {hook_names::embed(), -1, -1, layout, nullptr});
+  if (cfg_.embedding_multiplier != 1.f) x *= cfg_.embedding_multiplier;
+  return x;
+}
+
+MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const {
+  const AttnWeights& at = w_.layers[size_t(l)].attn;
+  const int N = int(a.rows()), H = cfg_.hidden, D = cfg_.head_dim, Hq = cfg_.n_heads, Hkv = cfg_.n_kv_heads;
+  MatR q(N, Hq * D), k(N, Hkv * D), v(N, Hkv * D);  // [N, heads·D]
+  ops::linear(a.data(), N, H, at.wq.data(), Hq * D, q.data(), at.bq.size() ? at.bq.data() : nullptr);
+  ops::linear(a.data(), N, H, at.wk.data(), Hkv * D, k.data(), at.bk.size() ? at.bk.data() : nullptr);
+  ops::linear(a.data(), N, H, at.wv.data(), Hkv * D, v.data(), at.bv.size() ? at.bv.data() : nullptr);
+  switch (cfg_.arch->qk_norm) {
+    case QKNorm::None: break;
+    case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
+      ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
+      ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
+      break;
+    case QKNorm::WholeProjection:
+      ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
+      ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
+      break;
+  }
+  if (cfg_.clip_qkv > 0.f) {
+    const float c = cfg_.clip_qkv;
+    q = q.cwiseMax(-c).cwiseMin(c);
+    k = k.cwiseMax(-c).cwiseMin(c);
+    v = v.cwiseMax(-c).cwiseMin(c);
+  }
+  ops::rope_neox(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data());
+  ops::rope_neox(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data());
+
+  MatR o(N, Hq * D);
+  const ops::AttnShape shape{Hq, Hkv, D, D, cfg_.attn_scale, cfg_.sliding_window};
+  // Tokens of one sequence are contiguous in the packed batch.
+  int start = 0;
+  while (start < N) {
+    const int s = layout.seq[size_t(start)];
+    int end = start;
+    while (end < N && layout.seq[size_t(end)] == s) ++end;
+    const int n = end - start, p0 = layout.pos[size_t(start)];
+    if (cache) {
+      auto& kc = cache->k_[size_t(l)][size_t(s)];
+      auto& vc = cache->v_[size_t(l)][size_t(s)];
+      if (int(kc.size()) != p0 * Hkv * D)
+        throw std::logic_error("KV cache length does not match the token positions");
+      kc.insert(kc.end(), k.data() + size_t(start) * Hkv * D, k.data() + size_t(end) * Hkv * D);
+      vc.insert(vc.end(), v.data() + size_t(start) * Hkv * D, v.data() + size_t(end) * Hkv * D);
+      ops::attention(q.data() + size_t(start) * Hq * D, n, Hq * D, p0, kc.data(), Hkv * D, vc.data(), Hkv * D,
+                     p0 + n, shape, o.data() + size_t(start) * Hq * D, Hq * D);
+    } else {
+      if (p0 != 0) throw std::logic_error("positions must start at 0 without a KV cache");
+      ops::attention(q.data() + size_t(start) * Hq * D, n, Hq * D, 0, k.data() + size_t(start) * Hkv * D, Hkv * D,
+                     v.data() + size_t(start) * Hkv * D, Hkv * D, n, shape, o.data() + size_t(start) * Hq * D,
+                     Hq * D);
+    }
+    start = end;
+  }
+  MatR out(N, H);
+  ops::linear(o.data(), N, Hq * D, at.wo.data(), H, out.data(), at.bo.size() ? at.bo.data() : nullptr);
+  return out;
+}
+
+void Model::route(const MatR& z, LayerRouting& r) const {
+  const int N = int(z.rows()), E = cfg_.n_experts, k = cfg_.top_k;
+  r.ids.resize(N, k);
+  r.weights.resize(N, k);
+  std::vector<float> p(static_cast<size_t>(E));
+  for (int t = 0; t < N; ++t) {
+    int* ids = r.ids.row(t).data();
+    float* w = r.weights.row(t).data();
+    std::copy(z.row(t).data(), z.row(t).data() + E, p.begin());
+    switch (cfg_.arch->router) {
+      case RouterKind::SoftmaxTopK: {
+        ops::softmax_inplace(p.data(), E);
+        ops::topk(p.data(), E, k, ids);
+        float sum = 0.f;
+        for (int j = 0; j < k; ++j) sum += (w[j] = p[size_t(ids[j])]);
+        if (cfg_.norm_topk_prob)
+          for (int j = 0; j < k; ++j) w[j] /= sum;
+        break;
+      }
+      case RouterKind::TopKSoftmax: {
+        ops::topk(p.data(), E, k, ids);
+        for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
+        ops::softmax_inplace(w, k);
+        break;
+      }
+    }
+    if (cfg_.routed_scaling != 1.f)
+      for (int j = 0; j < k; ++j) w[j] *= cfg_.routed_scaling;
+  }
+}
+
+MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* hooks, LayerRouting* routing) const {
+  const FFNWeights& f = w_.layers[size_t(l)].ffn;
+  const int N = int(a.rows()), H = cfg_.hidden;
+  const bool hooked = hooks && !hooks->empty();
+  if (!f.moe) return swiglu(f.experts, a);
+
+  // Router: z = a·Wrᵀ [N, E].
+  const int E = cfg_.n_experts, k = cfg_.top_k, I = f.experts.I;
+  MatR z(N, E);
+  ops::linear(a.data(), N, H, f.router.data(), E, z.data());
+  if (hooked) hooks->run(hook_names::router_logits(l), z, {hook_names::router_logits(l), l, -1, layout, nullptr});
+  LayerRouting local;
+  LayerRouting& r = routing ? *routing : local;
+  route(z, r);
+  if (hooked) {
+    MatR ids = r.ids.cast<float>();
+    hooks->run(hook_names::expert_ids(l), ids, {hook_names::expert_ids(l), l, -1, layout, nullptr});
+    hooks->run(hook_names::expert_weights(l), r.weights, {hook_names::expert_weights(l), l, -1, layout, nullptr});
+  }
+
+  // Group (token, slot) pairs by expert, tokens ascending within each expert.
+  std::vector<std::vector<int>> tok(static_cast<size_t>(E)), slot(static_cast<size_t>(E));
+  for (int t = 0; t < N; ++t)
+    for (int j = 0; j < k; ++j) {
+      tok[size_t(r.ids(t, j))].push_back(t);
+      slot[size_t(r.ids(t, j))].push_back(j);
+    }
+  std::vector<int> active;
+  for (int e = 0; e < E; ++e)
+    if (!tok[size_t(e)].empty()) active.push_back(e);
+
+  // Phase 1: keys per expert (one grouped GEMM per active expert, in parallel).
+  std::vector<MatR> key(static_cast<size_t>(E)), out(static_cast<size_t>(E));
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
+  for (int i = 0; i < int(active.size()); ++i) {
+    const int e = active[size_t(i)];
+    const auto& ts = tok[size_t(e)];
+    const int n = int(ts.size());
+    MatR xe(n, H);  // gathered rows
+    for (int j = 0; j < n; ++j) xe.row(j) = a.row(ts[size_t(j)]);
+    key[size_t(e)].resize(n, I);
+    swiglu_key(f.experts, e, xe.data(), n, key[size_t(e)].data());
+  }
+  if (hooked)
+    for (int e : active) {
+      const std::string name = hook_names::expert_key(l, e);
+      hooks->run(name, key[size_t(e)], {name, l, e, layout, &tok[size_t(e)]});
+    }
+  // Phase 2: down projection, scaled by each token's routing weight.
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
+  for (int i = 0; i < int(active.size()); ++i) {
+    const int e = active[size_t(i)];
+    const int n = int(tok[size_t(e)].size());
+    out[size_t(e)].resize(n, H);
+    ops::linear(key[size_t(e)].data(), n, I, f.experts.down_of(e), H, out[size_t(e)].data());
+    for (int j = 0; j < n; ++j) out[size_t(e)].row(j) *= r.weights(tok[size_t(e)][size_t(j)], slot[size_t(e)][size_t(j)]);
+  }
+  if (hooked)
+    for (int e : active) {
+      const std::string name = hook_names::expert_out(l, e);
+      hooks->run(name, out[size_t(e)], {name, l, e, layout, &tok[size_t(e)]});
+    }
+  // Combine in ascending expert id per token (the order transformers accumulates in).
+  MatR y = MatR::Zero(N, H);
+  for (int e : active)
+    for (int j = 0; j < int(tok[size_t(e)].size()); ++j) y.row(tok[size_t(e)][size_t(j)]) += out[size_t(e)].row(j);
+
+  if (f.has_shared) {
+    MatR s = swiglu(f.shared, a);
+    if (f.shared_gate.size()) {
+      const Eigen::VectorXf g = a * f.shared_gate;  // [N]
+      for (int t = 0; t < N; ++t) s.row(t) *= ops::sigmoid(g[t]);
+    }
+    if (hooked) hooks->run(hook_names::shared_out(l), s, {hook_names::shared_out(l), l, -1, layout, nullptr});
+    y += s;
+  }
+  return y;
+}
+
+MatR Model::ffn_reference(int l, const MatR& a) const {
+  const FFNWeights& f = w_.layers[size_t(l)].ffn;
+  const int N = int(a.rows()), H = cfg_.hidden;
+  if (!f.moe) return swiglu(f.experts, a);
+  MatR z = a * f.router.transpose();
+  LayerRouting r;
+  route(z, r);
+  MatR y = MatR::Zero(N, H);
+  const int I = f.experts.I;
+  for (int t = 0; t < N; ++t) {
+    std::vector<int> order(static_cast<size_t>(cfg_.top_k));
+    for (int j = 0; j < cfg_.top_k; ++j) order[size_t(j)] = j;
+    std::sort(order.begin(), order.end(), [&](int x, int w) { return r.ids(t, x) < r.ids(t, w); });
+    for (int j : order) {
+      const int e = r.ids(t, j);
+      CMapMatR gu(f.experts.gate_up_of(e), 2 * I, H);
+      CMapMatR dn(f.experts.down_of(e), H, I);
+      Eigen::VectorXf h = gu * a.row(t).transpose();
+      Eigen::VectorXf key(I);
+      for (int i = 0; i < I; ++i) key[i] = ops::silu(h[i]) * h[I + i];
+      y.row(t) += r.weights(t, j) * (dn * key).transpose();
+    }
+  }
+  if (f.has_shared) {
+    MatR s = swiglu(f.shared, a);
+    if (f.shared_gate.size())
+      for (int t = 0; t < N; ++t) s.row(t) *= ops::sigmoid(a.row(t).dot(f.shared_gate.transpose()));
+    y += s;
+  }
+  return y;
+}
+
+void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, const Hooks* hooks,
+                  LayerRouting* routing) const {
+  const LayerWeights& L = w_.layers[size_t(l)];
+  const bool hooked = hooks && !hooks->empty();
+  const float rm = cfg_.residual_multiplier;
+  if (hooked) hooks->run(hook_names::resid_pre(l), x, {hook_names::resid_pre(l), l, -1, layout, nullptr});
+  MatR a;
+  rmsnorm_rows(x, L.ln_in, cfg_.rms_eps, a);
+  MatR att = attention(l, a, layout, cache, hooks);
+  if (hooked) hooks->run(hook_names::attn_out(l), att, {hook_names::attn_out(l), l, -1, layout, nullptr});
+  if (rm != 1.f) att *= rm;
+  x += att;
+  rmsnorm_rows(x, L.ln_post, cfg_.rms_eps, a);
+  MatR m = ffn(l, a, layout, hooks, routing);
+  if (hooked) hooks->run(hook_names::moe_out(l), m, {hook_names::moe_out(l), l, -1, layout, nullptr});
+  if (rm != 1.f) m *= rm;
+  x += m;
+  if (hooked) hooks->run(hook_names::resid_post(l), x, {hook_names::resid_post(l), l, -1, layout, nullptr});
+}
+
+MatR Model::logits(const MatR& x, const TokenLayout& layout, const Hooks* hooks) const {
+  MatR h;
+  rmsnorm_rows(x, w_.final_norm, cfg_.rms_eps, h);
+  if (hooks && !hooks->empty())
+    hooks->run(hook_names::final_norm(), h, {hook_names::final_norm(), -1, -1, layout, nullptr});
+  const MatR& W = w_.output_matrix();
+  MatR out(h.rows(), W.rows());
+  ops::linear(h.data(), int(h.rows()), cfg_.hidden, W.data(), int(W.rows()), out.data());
+  if (cfg_.logits_scaling != 1.f) out /= cfg_.logits_scaling;
+  return out;
+}
+
+ForwardOutput Model::forward(const std::vector<std::vector<int32_t>>& seqs, const ForwardOptions& opt) const {
+  if (seqs.empty()) throw InputError("no sequences to run");
+  // With a cache a sequence may sit out a step (no new tokens); otherwise every sequence needs tokens.
+  size_t total = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    total += seqs[b].size();
+    if (seqs[b].empty() && (!opt.cache || !opt.logits_all))
+      throw InputError("sequence " + std::to_string(b) + " is empty");
+  }
+  if (total == 0) throw InputError("no tokens to run");
+  KVCache* cache = opt.cache;
+  if (cache) {
+    if (cache->k_.empty()) {
+      cache->k_.assign(size_t(cfg_.n_layers), {});
+      cache->v_.assign(size_t(cfg_.n_layers), {});
+    }
+    if (cache->n_seqs() < int(seqs.size())) {
+      cache->len_.resize(seqs.size(), 0);
+      for (int l = 0; l < cfg_.n_layers; ++l) {
+        cache->k_[size_t(l)].resize(seqs.size());
+        cache->v_[size_t(l)].resize(seqs.size());
+      }
+    }
+  }
+  ForwardOutput out;
+  out.layout = make_layout(seqs, cache);
+  std::vector<int32_t> flat;
+  for (const auto& s : seqs) flat.insert(flat.end(), s.begin(), s.end());
+  MatR x = embed(flat, out.layout, opt.hooks);
+  const int last = opt.stop_after_layer >= 0 ? std::min(opt.stop_after_layer, cfg_.n_layers - 1) : cfg_.n_layers - 1;
+  out.routing.resize(size_t(cfg_.n_layers));
+  for (int l = 0; l <= last; ++l)
+    block(l, x, out.layout, cache, opt.hooks, opt.record_routing ? &out.routing[size_t(l)] : nullptr);
+  if (cache)
+    for (size_t b = 0; b < seqs.size(); ++b) cache->len_[b] += int(seqs[b].size());
+  if (opt.stop_after_layer < 0) {
+    if (opt.logits_all) {
+      out.logits = logits(x, out.layout, opt.hooks);
+    } else {
+      MatR lastrows(int(seqs.size()), cfg_.hidden);
+      TokenLayout ll;
+      ll.n_seqs = int(seqs.size());
+      int t = 0;
+      for (size_t b = 0; b < seqs.size(); ++b) {
+        t += int(seqs[b].size());
+        lastrows.row(int(b)) = x.row(t - 1);
+        ll.seq.push_back(int(b));
+        ll.pos.push_back(out.layout.pos[size_t(t - 1)]);
+      }
+      out.logits = logits(lastrows, ll, opt.hooks);
+    }
+  }
+  out.hidden = std::move(x);
+  return out;
+}
+
+}  // namespace moedit

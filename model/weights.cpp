@@ -1,0 +1,220 @@
+// Checkpoint tensors → canonical fp32 weights (see model/model.h for the layout).
+#include <random>
+
+#include "model/errors.h"
+#include "model/model.h"
+#include "model/safetensors.h"
+
+namespace moedit {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+const TensorView& expect(const TensorStore& st, const std::string& name, const std::vector<int64_t>& shape) {
+  const TensorView& t = st.get(name);
+  if (t.shape != shape)
+    throw InputError(t.file + ": tensor '" + name + "' has shape " + shape_str(t.shape) + ", expected " +
+                     shape_str(shape));
+  return t;
+}
+
+MatR load_matrix(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols) {
+  MatR m(rows, cols);
+  expect(st, name, {rows, cols}).to_f32(m.data());
+  return m;
+}
+
+VecF load_vector(const TensorStore& st, const std::string& name, int64_t n) {
+  VecF v(n);
+  expect(st, name, {n}).to_f32(v.data());
+  return v;
+}
+
+VecF load_vector_if(const TensorStore& st, const std::string& name, int64_t n) {
+  return st.has(name) ? load_vector(st, name, n) : VecF();
+}
+
+std::string with_expert(std::string_view tmpl, int e) {
+  std::string s(tmpl);
+  const auto p = s.find("{e}");
+  if (p != std::string::npos) s.replace(p, 3, std::to_string(e));
+  return s;
+}
+
+// A SwiGLU MLP with separate gate/up/down tensors into expert slot e of a bank.
+void load_swiglu_into(const TensorStore& st, ExpertBank& b, int e, const std::string& gate, const std::string& up,
+                      const std::string& down) {
+  const int64_t I = b.I, H = b.H;
+  float* gu = b.gate_up.data() + size_t(e) * 2 * I * H;
+  expect(st, gate, {I, H}).to_f32(gu);
+  expect(st, up, {I, H}).to_f32(gu + I * H);
+  expect(st, down, {H, I}).to_f32(b.down_of(e));
+}
+
+ExpertBank load_dense_mlp(const TensorStore& st, const std::string& prefix, int I, int H) {
+  ExpertBank b;
+  b.resize(1, I, H);
+  load_swiglu_into(st, b, 0, prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight");
+  return b;
+}
+
+}  // namespace
+
+void ExpertBank::resize(int e, int i, int h) {
+  E = e;
+  I = i;
+  H = h;
+  gate_up.assign(size_t(e) * 2 * i * h, 0.f);
+  down.assign(size_t(e) * h * i, 0.f);
+}
+
+Weights load_weights(const ModelConfig& c, const TensorStore& st) {
+  const ArchSpec& a = *c.arch;
+  const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
+  Weights w;
+  w.embed = load_matrix(st, "model.embed_tokens.weight", V, H);
+  if (!c.tie_word_embeddings) w.lm_head = load_matrix(st, "lm_head.weight", V, H);
+  w.final_norm = load_vector(st, "model.norm.weight", H);
+  w.layers.resize(size_t(c.n_layers));
+  for (int l = 0; l < c.n_layers; ++l) {
+    LayerWeights& L = w.layers[size_t(l)];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    L.ln_in = load_vector(st, p + "input_layernorm.weight", H);
+    L.ln_post = load_vector(st, p + "post_attention_layernorm.weight", H);
+
+    AttnWeights& at = L.attn;
+    const std::string ap = p + "self_attn.";
+    at.wq = load_matrix(st, ap + "q_proj.weight", Hq * D, H);
+    at.wk = load_matrix(st, ap + "k_proj.weight", Hkv * D, H);
+    at.wv = load_matrix(st, ap + "v_proj.weight", Hkv * D, H);
+    at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * D);
+    if (c.qkv_bias) {
+      at.bq = load_vector(st, ap + "q_proj.bias", Hq * D);
+      at.bk = load_vector(st, ap + "k_proj.bias", Hkv * D);
+      at.bv = load_vector(st, ap + "v_proj.bias", Hkv * D);
+    }
+    at.bo = load_vector_if(st, ap + "o_proj.bias", H);
+    if (a.qk_norm == QKNorm::PerHead) {
+      at.q_norm = load_vector(st, ap + "q_norm.weight", D);
+      at.k_norm = load_vector(st, ap + "k_norm.weight", D);
+    } else if (a.qk_norm == QKNorm::WholeProjection) {
+      at.q_norm = load_vector(st, ap + "q_norm.weight", Hq * D);
+      at.k_norm = load_vector(st, ap + "k_norm.weight", Hkv * D);
+    }
+
+    FFNWeights& f = L.ffn;
+    f.moe = c.is_moe(l);
+    if (!f.moe) {
+      f.experts = load_dense_mlp(st, p + "mlp.", c.dense_width, int(H));
+      continue;
+    }
+    // The MoE module: the first candidate name whose router exists.
+    std::string mp;
+    for (auto m : a.moe_modules)
+      if (st.has(p + std::string(m) + "." + std::string(a.router_weight))) {
+        mp = p + std::string(m) + ".";
+        break;
+      }
+    if (mp.empty()) mp = p + std::string(a.moe_modules.front()) + ".";  // reports the canonical name as missing
+    const int E = c.n_experts, I = c.expert_width;
+    f.router = load_matrix(st, mp + std::string(a.router_weight), E, H);
+    f.experts.resize(E, I, int(H));
+    bool packed = false;
+    for (const auto& [gu, dn] : a.packed) {
+      if (!st.has(mp + std::string(gu))) continue;
+      expect(st, mp + std::string(gu), {E, 2 * I, H}).to_f32(f.experts.gate_up.data());
+      expect(st, mp + std::string(dn), {E, H, I}).to_f32(f.experts.down.data());
+      packed = true;
+      break;
+    }
+    if (!packed) {
+      if (a.expert_gate.empty())
+        throw InputError(st.files().front()->path() + ": missing tensor '" + mp +
+                         std::string(a.packed.front().first) + "'");
+      for (int e = 0; e < E; ++e)
+        load_swiglu_into(st, f.experts, e, mp + with_expert(a.expert_gate, e), mp + with_expert(a.expert_up, e),
+                         mp + with_expert(a.expert_down, e));
+    }
+    if (a.shared != SharedExpertKind::None) {
+      f.has_shared = true;
+      f.shared = load_dense_mlp(st, mp + std::string(a.shared_module) + ".", c.shared_width, int(H));
+      if (a.shared == SharedExpertKind::SigmoidGated) {
+        MatR g = load_matrix(st, mp + std::string(a.shared_gate), 1, H);
+        f.shared_gate = g.row(0).transpose();
+      }
+    }
+  }
+  return w;
+}
+
+Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, std);
+  auto mat = [&](int64_t r, int64_t k) {
+    MatR m(r, k);
+    for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
+    return m;
+  };
+  auto fill = [&](std::vector<float>& v) {
+    for (auto& x : v) x = nd(rng);
+  };
+  auto ones = [&](int64_t n) {
+    VecF v(n);
+    for (int64_t i = 0; i < n; ++i) v[i] = 1.f + nd(rng);
+    return v;
+  };
+  const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
+  Weights w;
+  w.embed = mat(V, H);
+  if (!c.tie_word_embeddings) w.lm_head = mat(V, H);
+  w.final_norm = ones(H);
+  w.layers.resize(size_t(c.n_layers));
+  for (int l = 0; l < c.n_layers; ++l) {
+    LayerWeights& L = w.layers[size_t(l)];
+    L.ln_in = ones(H);
+    L.ln_post = ones(H);
+    L.attn.wq = mat(Hq * D, H);
+    L.attn.wk = mat(Hkv * D, H);
+    L.attn.wv = mat(Hkv * D, H);
+    L.attn.wo = mat(H, Hq * D);
+    if (c.qkv_bias) {
+      L.attn.bq = mat(Hq * D, 1).col(0);
+      L.attn.bk = mat(Hkv * D, 1).col(0);
+      L.attn.bv = mat(Hkv * D, 1).col(0);
+    }
+    if (c.arch->qk_norm == QKNorm::PerHead) {
+      L.attn.q_norm = ones(D);
+      L.attn.k_norm = ones(D);
+    } else if (c.arch->qk_norm == QKNorm::WholeProjection) {
+      L.attn.q_norm = ones(Hq * D);
+      L.attn.k_norm = ones(Hkv * D);
+    }
+    FFNWeights& f = L.ffn;
+    f.moe = c.is_moe(l);
+    if (!f.moe) {
+      f.experts.resize(1, c.dense_width, int(H));
+      fill(f.experts.gate_up);
+      fill(f.experts.down);
+      continue;
+    }
+    f.router = mat(c.n_experts, H);
+    f.experts.resize(c.n_experts, c.expert_width, int(H));
+    fill(f.experts.gate_up);
+    fill(f.experts.down);
+    if (c.arch->shared != SharedExpertKind::None) {
+      f.has_shared = true;
+      f.shared.resize(1, c.shared_width, int(H));
+      fill(f.shared.gate_up);
+      fill(f.shared.down);
+      if (c.arch->shared == SharedExpertKind::SigmoidGated) f.shared_gate = mat(H, 1).col(0);
+    }
+  }
+  return w;
+}
+
+}  // namespace moedit

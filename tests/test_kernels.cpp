@@ -1,0 +1,136 @@
+// Tier 1: each op against a scalar reference, tolerance scaled to magnitude.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "kernels/ops.h"
+#include "model/safetensors.h"
+
+namespace moedit {
+namespace {
+
+std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+TEST(Kernels, LinearMatchesScalarLoop) {
+  for (auto [n, in, out] : {std::tuple{1, 7, 5}, {13, 64, 300}, {64, 256, 1031}}) {
+    auto X = randn(size_t(n) * in, 1), W = randn(size_t(out) * in, 2), b = randn(size_t(out), 3);
+    std::vector<float> Y(size_t(n) * out);
+    ops::linear(X.data(), n, in, W.data(), out, Y.data(), b.data());
+    for (int r = 0; r < n; ++r)
+      for (int c = 0; c < out; ++c) {
+        double ref = b[size_t(c)];
+        for (int i = 0; i < in; ++i) ref += double(X[size_t(r * in + i)]) * W[size_t(c * in + i)];
+        ASSERT_NEAR(Y[size_t(r * out + c)], ref, 1e-5 * std::sqrt(double(in)) * 4) << n << "x" << in << "x" << out;
+      }
+  }
+}
+
+TEST(Kernels, RmsNormMatchesFormula) {
+  const int rows = 3, dim = 10;
+  auto x = randn(rows * dim, 4, 3.f), w = randn(dim, 5);
+  std::vector<float> y(rows * dim);
+  ops::rmsnorm(x.data(), w.data(), y.data(), rows, dim, 1e-6f);
+  for (int r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int i = 0; i < dim; ++i) ss += double(x[size_t(r * dim + i)]) * x[size_t(r * dim + i)];
+    const double inv = 1.0 / std::sqrt(ss / dim + 1e-6);
+    for (int i = 0; i < dim; ++i) EXPECT_NEAR(y[size_t(r * dim + i)], w[size_t(i)] * x[size_t(r * dim + i)] * inv, 1e-5);
+  }
+}
+
+TEST(Kernels, RopeRotatesHalfPairs) {
+  const int D = 8, heads = 2;
+  auto x = randn(heads * D, 6);
+  auto ref = x;
+  std::vector<float> inv(D / 2);
+  for (int i = 0; i < D / 2; ++i) inv[size_t(i)] = 1.f / std::pow(10000.f, float(2 * i) / D);
+  const int pos = 5;
+  ops::rope_neox(x.data(), 1, heads * D, heads, D, D, &pos, inv.data());
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < D / 2; ++i) {
+      const double a = ref[size_t(h * D + i)], b = ref[size_t(h * D + i + D / 2)], th = pos * double(inv[size_t(i)]);
+      EXPECT_NEAR(x[size_t(h * D + i)], a * std::cos(th) - b * std::sin(th), 1e-5);
+      EXPECT_NEAR(x[size_t(h * D + i + D / 2)], b * std::cos(th) + a * std::sin(th), 1e-5);
+    }
+}
+
+TEST(Kernels, AttentionMatchesNaiveCausalGqaWithWindow) {
+  const int n = 6, Hq = 4, Hkv = 2, D = 4, window = 3;
+  auto q = randn(n * Hq * D, 7), k = randn(n * Hkv * D, 8), v = randn(n * Hkv * D, 9);
+  for (int win : {0, window}) {
+    ops::AttnShape s{Hq, Hkv, D, D, 0.5f, win};
+    std::vector<float> out(n * Hq * D);
+    ops::attention(q.data(), n, Hq * D, 0, k.data(), Hkv * D, v.data(), Hkv * D, n, s, out.data(), Hq * D);
+    for (int h = 0; h < Hq; ++h) {
+      const int g = h / (Hq / Hkv);
+      for (int i = 0; i < n; ++i) {
+        std::vector<double> sc;
+        double mx = -1e300;
+        for (int j = 0; j <= i; ++j) {
+          double d = 0;
+          for (int c = 0; c < D; ++c) d += double(q[size_t(i * Hq * D + h * D + c)]) * k[size_t(j * Hkv * D + g * D + c)];
+          d *= 0.5;
+          if (win > 0 && j <= i - win) d = -INFINITY;
+          sc.push_back(d);
+          mx = std::max(mx, d);
+        }
+        double z = 0;
+        for (auto& x : sc) z += (x = std::exp(x - mx));
+        for (int c = 0; c < D; ++c) {
+          double o = 0;
+          for (int j = 0; j <= i; ++j) o += sc[size_t(j)] / z * v[size_t(j * Hkv * D + g * D + c)];
+          EXPECT_NEAR(out[size_t(i * Hq * D + h * D + c)], o, 1e-5) << "win " << win;
+        }
+      }
+    }
+  }
+}
+
+TEST(Kernels, TopkBreaksTiesByLowerIndex) {
+  const float x[] = {0.1f, 0.5f, 0.3f, 0.5f, 0.2f};
+  int idx[3];
+  ops::topk(x, 5, 3, idx);
+  EXPECT_EQ(idx[0], 1);
+  EXPECT_EQ(idx[1], 3);
+  EXPECT_EQ(idx[2], 2);
+}
+
+TEST(Kernels, SoftmaxHandlesMaskedEntries) {
+  float x[] = {1.f, -INFINITY, 1.f};
+  ops::softmax_inplace(x, 3);
+  EXPECT_FLOAT_EQ(x[0], 0.5f);
+  EXPECT_FLOAT_EQ(x[1], 0.f);
+  EXPECT_FLOAT_EQ(x[2], 0.5f);
+}
+
+TEST(Kernels, HalfPrecisionConversions) {
+  // bf16: widening is exact; narrowing rounds to nearest even.
+  EXPECT_EQ(bf16_to_f32(0x3f80), 1.f);
+  EXPECT_EQ(f32_to_bf16(1.f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(1.00390625f), 0x3f80);  // halfway 1 + 2^-8 → even (1.0)
+  EXPECT_EQ(f32_to_bf16(1.01171875f), 0x3f82);  // halfway 1 + 3·2^-8 → even
+  // f16: normal, subnormal, overflow, round trip of every finite value.
+  EXPECT_EQ(f16_to_f32(0x3c00), 1.f);
+  EXPECT_EQ(f16_to_f32(0x0001), std::ldexp(1.f, -24));
+  EXPECT_EQ(f16_to_f32(0x7bff), 65504.f);
+  EXPECT_TRUE(std::isinf(f16_to_f32(0x7c00)));
+  EXPECT_EQ(f32_to_f16(65520.f), 0x7c00);
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    if ((h & 0x7c00) == 0x7c00) continue;  // inf / nan
+    ASSERT_EQ(f32_to_f16(f16_to_f32(uint16_t(h))), uint16_t(h)) << h;
+  }
+  // fp8 e4m3: max finite 448, NaN pattern, subnormal.
+  EXPECT_EQ(f8e4m3_to_f32(0x7e), 448.f);
+  EXPECT_TRUE(std::isnan(f8e4m3_to_f32(0x7f)));
+  EXPECT_EQ(f8e4m3_to_f32(0x01), std::ldexp(1.f, -9));
+}
+
+}  // namespace
+}  // namespace moedit
