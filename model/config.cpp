@@ -122,7 +122,13 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
   }
   if (c.head_dim % 2 != 0) f.bad("head_dim", "must be even for rotary embeddings");
 
-  c.n_experts = int(f.integer(std::string(arch->n_experts_key), 1, 65536));
+  std::string experts_key(arch->n_experts_keys.front());
+  for (auto key : arch->n_experts_keys)
+    if (file_json.contains(key) && !file_json[std::string(key)].is_null()) {
+      experts_key = std::string(key);
+      break;
+    }
+  c.n_experts = int(f.integer(experts_key, 1, 65536));
   c.top_k = int(f.integer("num_experts_per_tok", 1, 65536));
   if (c.top_k > c.n_experts)
     f.bad("num_experts_per_tok", "= " + std::to_string(c.top_k) + " exceeds the number of experts (" +

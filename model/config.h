@@ -24,12 +24,12 @@ struct ArchSpec {
   std::string_view model_type;
   std::string_view hf_class;                    // architectures[0] in config.json
   std::vector<std::string_view> moe_modules;     // MoE module names under model.layers.N., tried in order
-  std::string_view router_weight;                // relative to the MoE module
+  std::vector<std::string_view> router_weights;  // relative to the MoE module; Hub name first, then v5's
   // Per-expert (Hub) layout, relative to the MoE module, "{e}" = expert index; empty if the family has none.
   std::string_view expert_gate, expert_up, expert_down;
   // Packed layouts, relative to the MoE module: gate‖up [E, 2I, H] and down [E, H, I]. Tried in order.
   std::vector<std::pair<std::string_view, std::string_view>> packed;
-  std::string_view n_experts_key;
+  std::vector<std::string_view> n_experts_keys;  // the first present in config.json wins (v5 renamed some)
   std::string_view expert_width_key;  // per-expert intermediate size
   std::string_view dense_width_key;   // intermediate size of dense (non-MoE) layers
   RouterKind router;

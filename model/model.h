@@ -138,7 +138,8 @@ class Model {
 // Builds the packed layout for a batch; with a cache, positions continue from each sequence's cached length.
 TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache);
 
-// Random weights with the given config (benchmarks and tests): normal(0, std) matrices, norms around 1.
+// Random weights with the given config (benchmarks and tests): uniform entries of standard deviation std,
+// norm weights around 1.
 Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f);
 
 }  // namespace moedit

@@ -1,6 +1,4 @@
 // Checkpoint tensors → canonical fp32 weights (see model/model.h for the layout).
-#include <random>
-
 #include "model/errors.h"
 #include "model/model.h"
 #include "model/safetensors.h"
@@ -113,16 +111,20 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
       f.experts = load_dense_mlp(st, p + "mlp.", c.dense_width, int(H));
       continue;
     }
-    // The MoE module: the first candidate name whose router exists.
-    std::string mp;
+    // The MoE module and router: the first candidate names that exist.
+    std::string mp, router;
     for (auto m : a.moe_modules)
-      if (st.has(p + std::string(m) + "." + std::string(a.router_weight))) {
-        mp = p + std::string(m) + ".";
-        break;
-      }
-    if (mp.empty()) mp = p + std::string(a.moe_modules.front()) + ".";  // reports the canonical name as missing
+      for (auto rw : a.router_weights)
+        if (mp.empty() && st.has(p + std::string(m) + "." + std::string(rw))) {
+          mp = p + std::string(m) + ".";
+          router = mp + std::string(rw);
+        }
+    if (mp.empty()) {  // report the canonical name as missing
+      mp = p + std::string(a.moe_modules.front()) + ".";
+      router = mp + std::string(a.router_weights.front());
+    }
     const int E = c.n_experts, I = c.expert_width;
-    f.router = load_matrix(st, mp + std::string(a.router_weight), E, H);
+    f.router = load_matrix(st, router, E, H);
     f.experts.resize(E, I, int(H));
     bool packed = false;
     for (const auto& [gu, dn] : a.packed) {
@@ -153,19 +155,27 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
 }
 
 Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, std);
+  // Uniform(-a, a) with a = √3·std (variance std²), from splitmix64: fast enough for GB-sized benchmark models.
+  uint64_t state = seed;
+  const float a = std * 1.7320508f;
+  auto next = [&]() {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * a;
+  };
   auto mat = [&](int64_t r, int64_t k) {
     MatR m(r, k);
-    for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
+    for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = next();
     return m;
   };
   auto fill = [&](std::vector<float>& v) {
-    for (auto& x : v) x = nd(rng);
+    for (auto& x : v) x = next();
   };
   auto ones = [&](int64_t n) {
     VecF v(n);
-    for (int64_t i = 0; i < n; ++i) v[i] = 1.f + nd(rng);
+    for (int64_t i = 0; i < n; ++i) v[i] = 1.f + next();
     return v;
   };
   const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
