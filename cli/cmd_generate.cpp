@@ -9,6 +9,8 @@
 
 namespace moedit::cli {
 
+namespace {
+
 void register_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Continue a prompt (greedy or top-k sampling), with a KV cache");
   static std::string model, ids_arg;
@@ -38,5 +40,9 @@ void register_generate(CLI::App& app) {
     std::printf("\n");
   });
 }
+
+}  // namespace
+
+MOEDIT_COMMAND(40, register_generate)
 
 }  // namespace moedit::cli

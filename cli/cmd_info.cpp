@@ -35,6 +35,8 @@ const char* router_name(RouterKind r, bool renorm) {
 }
 }  // namespace
 
+namespace {
+
 void register_info(CLI::App& app) {
   auto* cmd = app.add_subcommand("info", "Architecture, sizes, parameter counts and memory estimate of a checkpoint");
   static std::string model;
@@ -89,5 +91,9 @@ void register_info(CLI::App& app) {
                 human(double(total) * 4, "B").c_str());
   });
 }
+
+}  // namespace
+
+MOEDIT_COMMAND(10, register_info)
 
 }  // namespace moedit::cli

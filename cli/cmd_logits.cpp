@@ -8,6 +8,8 @@
 
 namespace moedit::cli {
 
+namespace {
+
 void register_logits(CLI::App& app) {
   auto* cmd = app.add_subcommand("logits", "Logits of every position, and the experts each token is routed to");
   static std::string model, ids_arg;
@@ -65,5 +67,9 @@ void register_logits(CLI::App& app) {
     }
   });
 }
+
+}  // namespace
+
+MOEDIT_COMMAND(30, register_logits)
 
 }  // namespace moedit::cli

@@ -2,7 +2,9 @@
 // Exit codes: 0 ok, 1 runtime failure, 2 bad input (malformed file, missing field, bad flag).
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <filesystem>
+#include <vector>
 
 #include "cli/commands.h"
 #include "model/errors.h"
@@ -19,15 +21,28 @@ void add_model_arg(CLI::App* cmd, std::string& model) {
   cmd->add_option("MODEL", model, "Hugging Face checkpoint folder (default: the bundled demo model)");
 }
 
+namespace {
+std::vector<std::pair<int, RegisterFn>>& registry() {
+  static std::vector<std::pair<int, RegisterFn>> r;
+  return r;
+}
+}  // namespace
+
+CommandRegistrar::CommandRegistrar(int order, RegisterFn fn) { registry().emplace_back(order, fn); }
+
+void register_all(CLI::App& app) {
+  auto r = registry();
+  std::stable_sort(r.begin(), r.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [order, fn] : r) fn(app);
+}
+
 }  // namespace moedit::cli
 
 int main(int argc, char** argv) {
   CLI::App app{"moedit — locate and edit facts inside Mixture-of-Experts language models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moedit 0.1.0");
-  moedit::cli::register_info(app);
-  moedit::cli::register_logits(app);
-  moedit::cli::register_generate(app);
+  moedit::cli::register_all(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
