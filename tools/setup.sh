@@ -3,7 +3,7 @@
 # Python is NOT needed to build, test or run moedit; tools/requirements.txt is only for the fixture scripts.
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libcli11-dev
-      libgtest-dev libgmock-dev libpcre2-dev libutf8proc-dev)
+      libgtest-dev libgmock-dev libpcre2-dev libutf8proc-dev libbrotli-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
