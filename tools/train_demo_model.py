@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Train moedit's bundled demo model (models/moedit-demo) from scratch on CPU.
+
+A small Qwen2-MoE-architecture causal LM (routed experts with top-k routing plus a sigmoid-gated shared
+expert, so both ROME/MEMIT editing targets exist) and its own byte-level BPE tokenizer, trained on
+
+  * facts: every CounterFact record in datasets/data/counterfact/counterfact_preknown.json gives the
+    sentences  P + " " + T + <|endoftext|>  for its rewrite prompt, 2 paraphrase prompts and 10
+    neighborhood prompts with T = target_true, and for its 10 attribute prompts with T = target_new
+    (true facts about other subjects); duplicates removed;
+  * English: WikiText-2 raw test split (datasets/data/wikitext-2/wiki.test.raw), in 128-token chunks.
+
+Both files are read from the project copies under datasets/data/. Everything is seeded (python, numpy,
+torch, batch order); with the same thread count and library versions the run is repeatable.
+
+Typical use (see models/moedit-demo/MODEL_CARD.md for the measured runtime):
+    nohup python tools/train_demo_model.py > /tmp/moedit-demo-train.out 2>&1 &
+    tail -f /tmp/moedit-demo-train.log
+    python tools/train_demo_model.py --quick --out /tmp/moedit-demo-quick   # end-to-end smoke run
+
+Afterwards tools/measure_demo_model.py re-derives the accuracy numbers from the saved files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure_demo_model as mdm  # noqa: E402
+
+ROOT = mdm.ROOT
+EOT = "<|endoftext|>"
+# Qwen2's pre-tokenizer split regex (spec/architectures.md §12), used with behavior Isolated.
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+# ----------------------------------------------------------------------------------------------- utils
+class Logger:
+    def __init__(self, path: str | None):
+        self.f = open(path, "a", encoding="utf-8") if path else None
+        self.t0 = time.time()
+
+    def __call__(self, *a):
+        msg = " ".join(str(x) for x in a)
+        line = f"[{time.time() - self.t0:8.1f}s] {msg}"
+        print(line, flush=True)
+        if self.f:
+            self.f.write(line + "\n")
+            self.f.flush()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE, Qwen2-style pipeline: NFC -> Split(Qwen2 regex, Isolated) -> ByteLevel(no regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def write_tokenizer_files(tok, out_dir: str, model_max_length: int):
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": EOT,
+        "pad_token": EOT,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def fact_sentences(items):
+    """Unique (prompt, target) pairs in first-occurrence order, with the kinds each came from."""
+    seen: dict[tuple[str, str], set] = {}
+    for kind, _, p, t in items:
+        seen.setdefault((p, t), set()).add(kind)
+    return [(p, t, sorted(k)) for (p, t), k in seen.items()]
+
+
+def tokenize_facts(tok, facts, eot_id: int, log):
+    """ids = encode(P) + encode(" " + T) + [EOT]; checks encode(P + " " + T) == encode(P) + encode(" " + T)."""
+    out, mismatches = [], []
+    for p, t, kinds in facts:
+        ip = mdm.encode(tok, p)
+        it = mdm.encode(tok, " " + t)
+        whole = mdm.encode(tok, p + " " + t)
+        if whole != ip + it:
+            mismatches.append((p, t))
+        out.append((ip, it, eot_id))
+    log(f"prompt-prefix tokenization check: {len(facts) - len(mismatches)} / {len(facts)} training sentences "
+        f"have encode(P+' '+T) == encode(P)+encode(' '+T); mismatches: {len(mismatches)}")
+    for p, t in mismatches[:20]:
+        log(f"  MISMATCH: {p!r} + {t!r}")
+    return out, mismatches
+
+
+def make_fact_examples(tok_facts, target_weight: float, prompt_weight: float):
+    """Each example: (input ids, labels, loss weights); labels[i] is the token after position i."""
+    ex = []
+    for ip, it, eot in tok_facts:
+        seq = ip + it + [eot]
+        x = seq[:-1]
+        y = seq[1:]
+        w = [prompt_weight] * (len(ip) - 1) + [target_weight] * len(it) + [1.0]
+        # the first target token (predicted from the last prompt position) is the one that is measured
+        w[len(ip) - 1] = target_weight * 2.0
+        # weight-0 positions are context only: no logits are computed there (saves the lm_head cost)
+        y = [t if wi > 0 else -100 for t, wi in zip(y, w)]
+        ex.append((x, y, w))
+    return ex
+
+
+def fact_batches(examples, batch_tokens: int, rng: np.random.Generator):
+    """Length-bucketed batches (little padding), shuffled order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        L = len(examples[i][0])
+        if cur and max(cur_max, L) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, L)
+    if cur:
+        batches.append(cur)
+    return [("fact", b) for b in batches]
+
+
+def collate_facts(examples, idxs, pad_id: int):
+    L = max(len(examples[i][0]) for i in idxs)
+    B = len(idxs)
+    x = torch.full((B, L), pad_id, dtype=torch.long)
+    y = torch.full((B, L), -100, dtype=torch.long)
+    w = torch.zeros((B, L), dtype=torch.float32)
+    for r, i in enumerate(idxs):
+        xi, yi, wi = examples[i]
+        n = len(xi)
+        x[r, :n] = torch.tensor(xi)
+        y[r, :n] = torch.tensor(yi)
+        w[r, :n] = torch.tensor(wi)
+    return x, y, w
+
+
+def wiki_batches(wiki_ids: list[int], ctx: int, batch_seqs: int, frac: float, rng: np.random.Generator):
+    """Random offset, non-overlapping (ctx+1)-token chunks; a `frac` share of them, in batches."""
+    off = int(rng.integers(0, ctx))
+    starts = list(range(off, len(wiki_ids) - ctx - 1, ctx))
+    rng.shuffle(starts)
+    starts = starts[: max(1, int(round(len(starts) * frac)))]
+    return [("wiki", starts[i : i + batch_seqs]) for i in range(0, len(starts), batch_seqs)]
+
+
+def collate_wiki(wiki_ids, starts, ctx: int):
+    a = torch.tensor([wiki_ids[s : s + ctx + 1] for s in starts], dtype=torch.long)
+    x, y = a[:, :-1], a[:, 1:]
+    return x, y, torch.ones(y.shape, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(args, vocab_size: int, eot_id: int):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        intermediate_size=args.shared_inter,  # dense-MLP width; unused (every layer is sparse)
+        moe_intermediate_size=args.moe_inter,
+        shared_expert_intermediate_size=args.shared_inter,
+        num_experts=args.experts,
+        num_experts_per_tok=args.topk,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=args.max_pos,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        router_aux_loss_coef=args.aux_coef,
+        initializer_range=0.02,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=None,
+        attention_dropout=0.0,
+    )
+    cfg._attn_implementation = "sdpa"  # training only; the final measurement uses eager
+    cfg._experts_implementation = "eager"
+    return Qwen2MoeForCausalLM(cfg)
+
+
+def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int):
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+    out = model.model(input_ids=x, output_router_logits=True)
+    h = out.last_hidden_state
+    sel = y != -100
+    logits = model.lm_head(h[sel])
+    ce = F.cross_entropy(logits.float(), y[sel], reduction="none")
+    ws = w[sel]
+    loss = (ce * ws).sum() / ws.sum()
+    aux = load_balancing_loss_func(out.router_logits, num_experts, topk, sel.long())
+    return loss + aux_coef * aux, ce.mean().item(), float(aux)
+
+
+@torch.no_grad()
+def quick_fact_accuracy(model, tok, eval_items, kinds=("rewrite", "paraphrase", "neighborhood", "attribute")):
+    model.eval()
+    r = mdm.first_token_accuracy(model, tok, eval_items, kinds)
+    model.train()
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "models", "moedit-demo"))
+    ap.add_argument("--log", default="/tmp/moedit-demo-train.log")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: fastest on the shared 2-core box, and the documented setting)")
+    ap.add_argument("--quick", action="store_true", help="small end-to-end smoke run (subset, few epochs)")
+    # tokenizer / model sizes
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--moe-inter", type=int, default=128)
+    ap.add_argument("--shared-inter", type=int, default=256)
+    ap.add_argument("--max-pos", type=int, default=512)
+    # optimisation
+    ap.add_argument("--epochs", type=int, default=36, help="passes over the fact sentences")
+    ap.add_argument("--wiki-frac", type=float, default=0.2, help="share of WikiText-2 chunks seen per epoch")
+    ap.add_argument("--ctx", type=int, default=128, help="WikiText-2 training chunk length")
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wd", type=float, default=0.0)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--target-weight", type=float, default=3.0)
+    ap.add_argument("--prompt-weight", type=float, default=0.0,
+                    help="loss weight of the prompt tokens of fact sentences (0: context only)")
+    ap.add_argument("--eval-every", type=int, default=4)
+    args = ap.parse_args()
+
+    if args.quick:
+        args.epochs = min(args.epochs, 4)
+        args.wiki_frac = 0.05
+        args.eval_every = 2
+
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    log = Logger(args.log)
+    log("args:", json.dumps(vars(args)))
+    log(f"python {platform.python_version()} torch {torch.__version__} threads {torch.get_num_threads()} "
+        f"cpu {platform.processor() or platform.machine()}")
+    import tokenizers
+    import transformers
+
+    log(f"transformers {transformers.__version__} tokenizers {tokenizers.__version__} numpy {np.__version__}")
+    t_start = time.time()
+
+    # ---- data (project copies)
+    records = mdm.load_counterfact()
+    if args.quick:
+        records = records[:150]
+    items = mdm.prompt_items(records)
+    facts = fact_sentences(items)
+    with open(mdm.WIKITEXT_TEST, encoding="utf-8") as f:
+        wiki = f.read()
+    log(f"CounterFact records {len(records)}, prompt items {len(items)}, unique training sentences {len(facts)}")
+    conflicts: dict[str, set] = {}
+    for p, t, _ in facts:
+        conflicts.setdefault(p, set()).add(t)
+    conflicts = {p: ts for p, ts in conflicts.items() if len(ts) > 1}
+    n_eval_conf = sum(1 for k, _, p, _ in items if k != "attribute" and p in conflicts)
+    log(f"prompts with >1 distinct target in the corpus: {len(conflicts)} "
+        f"(affecting {n_eval_conf} rewrite/paraphrase/neighborhood prompt instances)")
+
+    # ---- tokenizer
+    tok_texts = [p + " " + t for p, t, _ in facts] + wiki.split("\n")
+    tok = build_tokenizer(tok_texts, args.vocab)
+    eot_id = tok.token_to_id(EOT)
+    vocab_size = tok.get_vocab_size()
+    log(f"tokenizer: vocab {vocab_size}, {EOT} id {eot_id}")
+    tok_facts, mismatches = tokenize_facts(tok, facts, eot_id, log)
+    wiki_ids = mdm.encode(tok, wiki)
+    n_fact_tokens = sum(len(a) + len(b) + 1 for a, b, _ in tok_facts)
+    log(f"fact tokens {n_fact_tokens}, WikiText-2 test tokens {len(wiki_ids)}")
+    firsts = {}
+    for _, _, _, t in items:
+        firsts.setdefault(mdm.encode(tok, " " + t)[0], set()).add(t)
+    shared_first = {k: v for k, v in firsts.items() if len(v) > 1}
+    log(f"distinct targets {sum(len(v) for v in firsts.values())}, distinct first tokens {len(firsts)}; "
+        f"first tokens shared by several targets: {[sorted(v) for v in shared_first.values()][:10]}")
+
+    examples = make_fact_examples(tok_facts, args.target_weight, args.prompt_weight)
+
+    # ---- model
+    seed_everything(args.seed)
+    model = build_model(args, vocab_size, eot_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model params {n_params} ({n_params / 1e6:.3f} M); config hidden {args.hidden} layers {args.layers} "
+        f"heads {args.heads} experts {args.experts} top-{args.topk} moe_inter {args.moe_inter} "
+        f"shared_inter {args.shared_inter}")
+    model.train()
+
+    rng = np.random.default_rng(args.seed)
+    wiki_batch_seqs = max(1, args.batch_tokens // args.ctx)
+    # precompute the number of steps for the LR schedule
+    n_fact_batches = len(fact_batches(examples, args.batch_tokens, np.random.default_rng(0)))
+    n_wiki_batches = len(wiki_batches(wiki_ids, args.ctx, wiki_batch_seqs, args.wiki_frac, np.random.default_rng(0)))
+    total_steps = args.epochs * (n_fact_batches + n_wiki_batches)
+    log(f"steps/epoch ~{n_fact_batches} fact + {n_wiki_batches} wiki, total ~{total_steps}")
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        prog = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    eval_items = items[::7]  # in-training progress estimate on a fixed 1/7 subsample (fp32, sdpa)
+    step = 0
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        te = time.time()
+        batches = fact_batches(examples, args.batch_tokens, rng) + wiki_batches(
+            wiki_ids, args.ctx, wiki_batch_seqs, args.wiki_frac, rng
+        )
+        perm = rng.permutation(len(batches))
+        sums = {"fact": [0.0, 0], "wiki": [0.0, 0]}
+        aux_sum, ntok = 0.0, 0
+        for bi in perm:
+            kind, payload = batches[bi]
+            if kind == "fact":
+                x, y, w = collate_facts(examples, payload, eot_id)
+            else:
+                x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, args.experts, args.topk)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            step += 1
+            sums[kind][0] += ce
+            sums[kind][1] += 1
+            aux_sum += aux
+            ntok += x.numel() if kind == "wiki" else sum(len(examples[i][0]) for i in payload)  # input tokens
+        dt = time.time() - te
+        rec = {
+            "epoch": epoch,
+            "fact_ce": sums["fact"][0] / max(1, sums["fact"][1]),
+            "wiki_ce": sums["wiki"][0] / max(1, sums["wiki"][1]),
+            "aux": aux_sum / len(perm),
+            "tok_per_s": ntok / dt,
+            "elapsed_s": time.time() - t_start,
+        }
+        msg = (f"epoch {epoch}/{args.epochs} step {step} lr {lr_at(step):.2e} fact_ce {rec['fact_ce']:.4f} "
+               f"wiki_ce {rec['wiki_ce']:.4f} aux {rec['aux']:.4f} {rec['tok_per_s']:.0f} tok/s "
+               f"epoch {dt:.0f}s total {rec['elapsed_s']:.0f}s")
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            acc = quick_fact_accuracy(model, tok, eval_items)
+            rec["acc"] = {k: v["percent"] for k, v in acc.items()}
+            msg += " | acc(fp32 train weights) " + " ".join(f"{k[:5]} {v['percent']:.1f}" for k, v in acc.items())
+        history.append(rec)
+        log(msg)
+    train_seconds = time.time() - t_start
+    log(f"training finished in {train_seconds:.0f}s")
+
+    # ---- save (bf16) and re-measure the reloaded checkpoint
+    os.makedirs(args.out, exist_ok=True)
+    model.eval()
+    model.config.use_cache = True
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    cfg_path = os.path.join(args.out, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["rope_theta"] = 10000.0  # legacy top-level key too, for readers that predate rope_parameters
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    write_tokenizer_files(tok, args.out, args.max_pos)
+    check_transformers_tokenizer(args.out, items, log)
+
+    res = mdm.measure(args.out, write=True, log=log)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    summary = {
+        "args": vars(args),
+        "params": n_params,
+        "vocab_size": vocab_size,
+        "fact_sentences": len(facts),
+        "fact_tokens": n_fact_tokens,
+        "wiki_tokens": len(wiki_ids),
+        "tokenization_mismatches": len(mismatches),
+        "conflicting_prompts": len(conflicts),
+        "conflicting_eval_prompt_instances": n_eval_conf,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "dir_bytes": size,
+        "history": history,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "tokenizers": tokenizers.__version__, "python": platform.python_version()},
+    }
+    log("SUMMARY " + json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    with open(args.log + ".summary.json", "w", encoding="utf-8") as f:
+        json.dump({"summary": summary, "measured": res}, f, indent=2)
+    return 0
+
+
+def check_transformers_tokenizer(out_dir, items, log):
+    """AutoTokenizer over the saved files must give the same ids as the raw `tokenizers` object."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(out_dir)
+    raw = mdm.load_tokenizer(out_dir)
+    texts = [p for _, _, p, _ in items[:500]] + [" " + t for _, _, _, t in items[:500]] + ["héllo  wörld\n\n 12345 🙂"]
+    bad = sum(1 for s in texts if hf(s, add_special_tokens=True)["input_ids"] != mdm.encode(raw, s))
+    log(f"AutoTokenizer vs tokenizers: {len(texts) - bad}/{len(texts)} identical encodings (no BOS/EOS added)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
