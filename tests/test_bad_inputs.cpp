@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <functional>
 
+#include "model/safetensors.h"
 #include "test_util.h"
 
 namespace moedit {
@@ -59,10 +60,13 @@ std::vector<BadInput> cases() {
       {"missing_tensor",
        [](const TempDir& d) {
          write_file(d / "config.json", kTinyConfig);
-         std::filesystem::copy_file(test::fixture("models/olmoe/model.safetensors"), d / "model.safetensors");
+         std::vector<float> z(64, 0.f);
+         write_safetensors(d / "model.safetensors", {{"model.embed_tokens.weight", make_f32_tensor({8, 8}, z.data())},
+                                                     {"lm_head.weight", make_f32_tensor({8, 8}, z.data())},
+                                                     {"model.norm.weight", make_f32_tensor({8}, z.data())}});
          return "logits " + d.path.string() + " --ids 1";
        },
-       "missing tensor 'model.layers.0.block_sparse_moe.gate.weight'"},
+       "missing tensor 'model.layers.0.input_layernorm.weight'"},
       {"no_weights",
        [](const TempDir& d) {
          write_file(d / "config.json", kTinyConfig);
@@ -114,7 +118,7 @@ std::vector<BadInput> cases() {
          return "demo --model " + fixture_model() + " --dataset " + (d / "cf.json");
        },
        "field 'requested_rewrite.target_new.str' is empty"},
-      {"unknown_flag", [](const TempDir&) { return "logits --no-such-flag"; }, "The following argument was not expected: --no-such-flag"},
+      {"unknown_flag", [](const TempDir&) { return "info --no-such-flag"; }, "The following argument was not expected: --no-such-flag"},
   };
   return v;
 }
