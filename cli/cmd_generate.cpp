@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/ids.h"
+#include "cli/interventions.h"
 #include "model/generate.h"
 #include "model/model.h"
 
@@ -17,6 +18,7 @@ void register_generate(CLI::App& app) {
   static int n = 16, top_k = 0;
   static uint64_t seed = 0;
   static bool greedy = false, as_json = false;
+  static InterventionSpec iv;
   add_model_arg(cmd, model);
   cmd->add_option("--ids", ids_arg, "Prompt as comma-separated token ids")->required();
   cmd->add_option("-n,--max-new-tokens", n, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
@@ -24,10 +26,14 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--top-k", top_k, "Sample from the k most likely tokens")->check(CLI::Range(1, 1 << 24))->excludes(g);
   cmd->add_option("--seed", seed, "Sampling seed");
   cmd->add_flag("--json", as_json, "Print JSON: {\"ids\": [...]}");
+  add_intervention_flags(cmd, iv);
   cmd->callback([] {
     const auto prompt = parse_ids(ids_arg);
     auto m = Model::load(model);
+    Hooks hooks;
+    install_interventions(iv, m->config(), hooks);
     GenerateOptions o;
+    o.hooks = hooks.empty() ? nullptr : &hooks;
     o.max_new_tokens = n;
     o.top_k = top_k;
     o.seed = seed;

@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/ids.h"
+#include "cli/interventions.h"
 #include "model/model.h"
 
 namespace moedit::cli {
@@ -15,14 +16,20 @@ void register_logits(CLI::App& app) {
   static std::string model, ids_arg;
   static bool as_json = false;
   static int top = 5;
+  static InterventionSpec iv;
   add_model_arg(cmd, model);
   cmd->add_option("--ids", ids_arg, "Comma-separated token ids")->required();
   cmd->add_option("--top", top, "Top tokens to list per position (text output)")->check(CLI::Range(1, 100));
   cmd->add_flag("--json", as_json, "Print JSON: {\"logits\": [[...]], \"routing\": [...]}");
+  add_intervention_flags(cmd, iv);
   cmd->callback([] {
     const auto ids = parse_ids(ids_arg);
     auto m = Model::load(model);
-    ForwardOutput f = m->forward({ids});
+    Hooks hooks;
+    install_interventions(iv, m->config(), hooks);
+    ForwardOptions fo;
+    fo.hooks = hooks.empty() ? nullptr : &hooks;
+    ForwardOutput f = m->forward({ids}, fo);
     const ModelConfig& c = m->config();
     if (as_json) {
       nlohmann::json j;

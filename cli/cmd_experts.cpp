@@ -1,0 +1,230 @@
+// moedit experts MODEL: expert-level routing statistics. Exactly one mode:
+//   (--text T | --ids 1,2,3 | --corpus FILE)    activation profile: layers × experts frequency (+ load for a corpus)
+//   --compare FILE_A FILE_B                     which experts one corpus uses more than the other
+//   --domain NAME=FILE (twice or more)          domain experts (entropy-based)
+//   --drivers FILE                              driver experts (causal: mask or scale each router logit, KL)
+// Output: a table, or --format json|csv|npy (npy/csv: the profile's frequency matrix; npy needs --out).
+// Corpora: see load_corpus in tracing/routing_profile.h (.ids lines of token ids need no tokenizer).
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "cli/commands.h"
+#include "cli/ids.h"
+#include "cli/interventions.h"
+#include "model/errors.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+#include "tracing/routing_profile.h"
+
+namespace moedit::cli {
+
+namespace {
+
+struct Args {
+  std::string model, text, ids, corpus, drivers, format = "table", out, perturb = "mask";
+  std::vector<std::string> compare, domains;
+  std::vector<int> layers;
+  bool as_json = false;
+  int top = 10, max_seq_len = 128, max_docs = 0, batch_tokens = 4096;
+  int64_t max_tokens = 100000;
+  double min_score = 0.2, min_rate = 0.0;
+  float scale = 0.f;
+  InterventionSpec iv;
+};
+
+std::optional<Tokenizer> model_tokenizer(const std::string& model) {
+  const std::filesystem::path p = std::filesystem::path(model) / "tokenizer.json";
+  if (!std::filesystem::exists(p)) return std::nullopt;
+  return Tokenizer::from_file(p.string());
+}
+
+ProgressFn stderr_progress(const char* what) {
+  if (!::isatty(2)) return nullptr;
+  return [what](size_t done, size_t total) {
+    std::fprintf(stderr, "\r%s: %zu/%zu", what, done, total);
+    if (done >= total) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  };
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw InputError(path + ": cannot write");
+    out << text;
+    if (!out) throw std::runtime_error(path + ": write failed");
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+// Prints text to stdout, or writes it to --out.
+void emit(const Args& a, const std::string& text) {
+  if (a.out.empty()) std::printf("%s", text.c_str());
+  else write_text(a.out, text);
+}
+
+void register_experts(CLI::App& app) {
+  auto* cmd = app.add_subcommand("experts",
+                                 "Expert statistics: activation profiles, corpus comparison, domain and driver experts");
+  static Args a;
+  add_model_arg(cmd, a.model);
+  auto* text = cmd->add_option("--text", a.text, "Profile: one text (needs the model's tokenizer.json)");
+  auto* ids = cmd->add_option("--ids", a.ids, "Profile: one sequence of comma-separated token ids");
+  auto* corpus = cmd->add_option("--corpus", a.corpus, "Profile: a corpus file (.txt/.raw lines, .jsonl, .json, .ids)")
+                     ->check(CLI::ExistingFile);
+  auto* compare = cmd->add_option("--compare", a.compare, "Compare two corpora: FILE_A FILE_B")
+                      ->expected(2)
+                      ->check(CLI::ExistingFile);
+  auto* domain = cmd->add_option("--domain", a.domains, "Domain text set NAME=FILE (repeat for each domain, ≥ 2)")
+                     ->expected(1)
+                     ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  auto* drivers = cmd->add_option("--drivers", a.drivers, "Driver experts over this text set (causal, KL)")
+                      ->check(CLI::ExistingFile);
+  for (auto* o : {text, ids, corpus, compare, domain, drivers})
+    for (auto* p : {text, ids, corpus, compare, domain, drivers})
+      if (o != p) o->excludes(p);
+  cmd->add_option("--format", a.format, "table | json | csv | npy (csv/npy: profile only; npy needs --out)")
+      ->check(CLI::IsMember({"table", "json", "csv", "npy"}));
+  cmd->add_flag("--json", a.as_json, "Same as --format json");
+  cmd->add_option("--out", a.out, "Write the output to this file instead of stdout");
+  cmd->add_option("--top", a.top, "How many experts to list per group")->check(CLI::Range(1, 1 << 20));
+  static CLI::Option* max_tokens_opt = nullptr;
+  max_tokens_opt = cmd->add_option("--max-tokens", a.max_tokens,
+                                   "Read at most this many tokens of each corpus (0: all; default 100000, "
+                                   "--drivers 4096)")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+  cmd->add_option("--max-seq-len", a.max_seq_len, "Cut documents into sequences of at most this many tokens")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--max-docs", a.max_docs, "Read at most this many documents of each corpus (0: all)")
+      ->check(CLI::Range(0, 1 << 30));
+  cmd->add_option("--batch-tokens", a.batch_tokens, "Tokens per forward call")->check(CLI::Range(1, 1 << 24));
+  cmd->add_option("--min-score", a.min_score, "Domain experts: certainty-weighted score threshold")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--min-rate", a.min_rate, "Domain experts: minimum activation rate in the preferred domain")
+      ->check(CLI::Range(0.0, 1e9));
+  cmd->add_option("--perturb", a.perturb, "Driver experts: mask (logit → −inf) or scale (logit × --scale)")
+      ->check(CLI::IsMember({"mask", "scale"}));
+  cmd->add_option("--scale", a.scale, "Driver experts: the factor for --perturb scale");
+  cmd->add_option("--layers", a.layers, "Driver experts: only these MoE layers (comma-separated)")->delimiter(',');
+  add_intervention_flags(cmd, a.iv);
+
+  cmd->callback([] {
+    const std::string fmt = a.as_json ? "json" : a.format;
+    const bool profile_mode = !a.text.empty() || !a.ids.empty() || !a.corpus.empty();
+    if (!profile_mode && a.compare.empty() && a.domains.empty() && a.drivers.empty())
+      throw InputError("experts: give one of --text, --ids, --corpus, --compare, --domain, --drivers");
+    if ((fmt == "csv" || fmt == "npy") && !profile_mode)
+      throw InputError("--format " + fmt + " is for activation profiles (--text, --ids, --corpus)");
+    if (fmt == "npy" && a.out.empty()) throw InputError("--format npy needs --out FILE");
+    auto m = Model::load(a.model);
+    const ModelConfig& c = m->config();
+    if (a.iv.empty() == false) validate_interventions(a.iv, c);
+    const std::optional<Tokenizer> tok = model_tokenizer(a.model);
+    CorpusOptions co;
+    co.max_seq_len = a.max_seq_len;
+    // Driver experts run the model once per expert: a smaller default text budget.
+    co.max_tokens = !a.drivers.empty() && max_tokens_opt->count() == 0 ? 4096 : a.max_tokens;
+    co.max_docs = a.max_docs;
+    RoutingOptions ro;
+    ro.interventions = a.iv.empty() ? nullptr : &a.iv;
+    ro.max_batch_tokens = a.batch_tokens;
+    ro.progress = stderr_progress("routing");
+    auto corpus_of = [&](const std::string& path) { return load_corpus(path, tok ? &*tok : nullptr, co); };
+
+    if (profile_mode) {
+      std::vector<std::vector<int32_t>> seqs;
+      if (!a.ids.empty()) seqs.push_back(parse_ids(a.ids));
+      else if (!a.text.empty()) {
+        if (!tok) throw InputError(a.model + ": no tokenizer.json (--text needs one; use --ids)");
+        seqs.push_back(tok->encode(a.text).ids);
+        if (seqs[0].empty()) throw InputError("--text: the text encodes to no tokens");
+      } else {
+        seqs = corpus_of(a.corpus);
+      }
+      const ActivationProfile p = activation_profile(*m, seqs, ro);
+      if (fmt == "npy") p.write_npy(a.out);
+      else if (fmt == "csv") emit(a, p.to_csv());
+      else if (fmt == "json") {
+        nlohmann::json j = p.to_json();
+        j["model"] = a.model;
+        j["interventions"] = describe(a.iv);
+        j["sequences"] = seqs.size();
+        emit(a, j.dump() + "\n");
+      } else {
+        emit(a, p.table());
+      }
+      return;
+    }
+    if (!a.compare.empty()) {
+      const ActivationProfile pa = activation_profile(*m, corpus_of(a.compare[0]), ro);
+      const ActivationProfile pb = activation_profile(*m, corpus_of(a.compare[1]), ro);
+      const ProfileComparison cmp = compare_profiles(pa, pb, a.compare[0], a.compare[1]);
+      if (fmt == "json") {
+        nlohmann::json j = cmp.to_json(a.top);
+        j["model"] = a.model;
+        j["interventions"] = describe(a.iv);
+        j["profile_a"] = pa.to_json();
+        j["profile_b"] = pb.to_json();
+        emit(a, j.dump() + "\n");
+      } else {
+        emit(a, cmp.table(a.top));
+      }
+      return;
+    }
+    if (!a.domains.empty()) {
+      if (a.domains.size() < 2) throw InputError("--domain: give at least two text sets (NAME=FILE each)");
+      std::vector<std::string> names;
+      std::vector<ActivationProfile> profiles;
+      for (const auto& d : a.domains) {
+        const size_t eq = d.find('=');
+        const std::string name = eq == std::string::npos ? std::filesystem::path(d).stem().string() : d.substr(0, eq);
+        const std::string file = eq == std::string::npos ? d : d.substr(eq + 1);
+        if (name.empty()) throw InputError("--domain: '" + d + "' has an empty name");
+        if (!std::filesystem::is_regular_file(file)) throw InputError("--domain: " + file + ": no such file");
+        for (const auto& n : names)
+          if (n == name) throw InputError("--domain: the name '" + name + "' is given twice");
+        names.push_back(name);
+        profiles.push_back(activation_profile(*m, corpus_of(file), ro));
+      }
+      const DomainAnalysis da = domain_experts(names, profiles, a.min_score, a.min_rate);
+      if (fmt == "json") {
+        nlohmann::json j = da.to_json();
+        j["model"] = a.model;
+        j["interventions"] = describe(a.iv);
+        emit(a, j.dump() + "\n");
+      } else {
+        emit(a, da.table(a.top));
+      }
+      return;
+    }
+    // Driver experts.
+    DriverOptions d;
+    d.kind = a.perturb == "scale" ? Perturbation::Scale : Perturbation::Mask;
+    d.scale = a.scale;
+    d.interventions = ro.interventions;
+    d.max_batch_tokens = std::min(a.batch_tokens, 2048);
+    d.layers = a.layers;
+    d.progress = stderr_progress("experts perturbed");
+    const DriverAnalysis da = driver_experts(*m, corpus_of(a.drivers), d);
+    if (fmt == "json") {
+      nlohmann::json j = da.to_json(0);
+      j["model"] = a.model;
+      j["interventions"] = describe(a.iv);
+      emit(a, j.dump() + "\n");
+    } else {
+      emit(a, da.table(a.top));
+    }
+  });
+}
+
+}  // namespace
+
+MOEDIT_COMMAND(46, register_experts)
+
+}  // namespace moedit::cli

@@ -1,0 +1,42 @@
+// The expert-intervention flags every command that runs the model can take:
+//   --mask L:E,...      never route to these experts (repeatable)
+//   --boost L:E=c,...   add c to these experts' router logits (repeatable)
+//   --boost-mode add|norm   norm: zero the boosted logits, then set them to c·max(row) (see tracing/interventions.h)
+// Parsing happens while CLI11 parses (syntax errors exit 2 naming the flag); ranges are checked against the model
+// when the command installs them: install_interventions(spec, model.config(), hooks).
+#pragma once
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "tracing/interventions.h"
+
+namespace moedit::cli {
+
+inline void add_intervention_flags(CLI::App* cmd, InterventionSpec& spec) {
+  cmd->add_option_function<std::vector<std::string>>(
+         "--mask",
+         [&spec](const std::vector<std::string>& v) {
+           for (const auto& s : v)
+             for (const auto& r : parse_mask_spec(s, spec.mask_flag)) spec.mask.push_back(r);
+         },
+         "Never route to these experts: LAYER:EXPERT[,LAYER:EXPERT...] (repeatable)")
+      ->type_name("L:E,...")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option_function<std::vector<std::string>>(
+         "--boost",
+         [&spec](const std::vector<std::string>& v) {
+           for (const auto& s : v)
+             for (const auto& b : parse_boost_spec(s, spec.boost_flag)) spec.boost.push_back(b);
+         },
+         "Boost these experts' router logits: LAYER:EXPERT=C[,...] (repeatable; see --boost-mode)")
+      ->type_name("L:E=C,...")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option_function<std::string>(
+         "--boost-mode", [&spec](const std::string& s) { spec.boost_mode = parse_boost_mode(s); },
+         "add: logit += C (default); norm: boosted logits zeroed, then set to C·max(logits of that token)")
+      ->type_name("add|norm");
+}
+
+}  // namespace moedit::cli

@@ -1,0 +1,178 @@
+#include "tracing/interventions.h"
+
+#include <cctype>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "model/errors.h"
+
+namespace moedit {
+
+namespace {
+
+std::string trim(const std::string& s) {
+  size_t a = 0, b = s.size();
+  while (a < b && std::isspace(static_cast<unsigned char>(s[a]))) ++a;
+  while (b > a && std::isspace(static_cast<unsigned char>(s[b - 1]))) --b;
+  return s.substr(a, b - a);
+}
+
+std::vector<std::string> split_items(const std::string& s, const std::string& flag) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    const std::string item = trim(s.substr(i, j - i));
+    if (item.empty()) throw InputError(flag + ": empty item in '" + s + "' (expected L:E,...)");
+    out.push_back(item);
+    i = j + 1;
+  }
+  return out;
+}
+
+int parse_int(const std::string& t, const std::string& flag, const std::string& item, const char* what) {
+  const std::string s = trim(t);
+  try {
+    size_t used = 0;
+    const long v = std::stol(s, &used);
+    if (used != s.size() || v < 0 || v > 1000000) throw std::invalid_argument(s);
+    return int(v);
+  } catch (const std::exception&) {
+    throw InputError(flag + ": '" + item + "': " + what + " '" + s + "' is not a non-negative integer");
+  }
+}
+
+ExpertRef parse_ref(const std::string& item, const std::string& flag) {
+  const size_t c = item.find(':');
+  if (c == std::string::npos) throw InputError(flag + ": '" + item + "' is not of the form LAYER:EXPERT");
+  return {parse_int(item.substr(0, c), flag, item, "layer"), parse_int(item.substr(c + 1), flag, item, "expert")};
+}
+
+}  // namespace
+
+std::vector<ExpertRef> parse_mask_spec(const std::string& s, const std::string& flag) {
+  std::vector<ExpertRef> out;
+  for (const auto& item : split_items(s, flag)) out.push_back(parse_ref(item, flag));
+  return out;
+}
+
+std::vector<ExpertBoost> parse_boost_spec(const std::string& s, const std::string& flag) {
+  std::vector<ExpertBoost> out;
+  for (const auto& item : split_items(s, flag)) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) throw InputError(flag + ": '" + item + "' is not of the form LAYER:EXPERT=C");
+    const ExpertRef r = parse_ref(trim(item.substr(0, eq)), flag);
+    const std::string cs = trim(item.substr(eq + 1));
+    float c = 0.f;
+    try {
+      size_t used = 0;
+      c = std::stof(cs, &used);
+      if (used != cs.size()) throw std::invalid_argument(cs);
+    } catch (const std::exception&) {
+      throw InputError(flag + ": '" + item + "': '" + cs + "' is not a number");
+    }
+    if (!std::isfinite(c)) throw InputError(flag + ": '" + item + "': the boost must be finite");
+    out.push_back({r.layer, r.expert, c});
+  }
+  return out;
+}
+
+BoostMode parse_boost_mode(const std::string& s, const std::string& flag) {
+  if (s == "add") return BoostMode::Add;
+  if (s == "norm" || s == "norm-preserving") return BoostMode::NormPreserving;
+  throw InputError(flag + ": '" + s + "' is not a boost mode (add | norm)");
+}
+
+void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg) {
+  auto check = [&](int l, int e, const std::string& flag) {
+    if (l < 0 || l >= cfg.n_layers)
+      throw InputError(flag + ": layer " + std::to_string(l) + " out of range (the model has " +
+                       std::to_string(cfg.n_layers) + " layers, 0.." + std::to_string(cfg.n_layers - 1) + ")");
+    if (!cfg.is_moe(l)) throw InputError(flag + ": layer " + std::to_string(l) + " is a dense layer (it has no router)");
+    if (e < 0 || e >= cfg.n_experts)
+      throw InputError(flag + ": expert " + std::to_string(e) + " out of range (layer " + std::to_string(l) + " has " +
+                       std::to_string(cfg.n_experts) + " experts, 0.." + std::to_string(cfg.n_experts - 1) + ")");
+  };
+  std::map<int, std::set<int>> masked;
+  for (const auto& m : spec.mask) {
+    check(m.layer, m.expert, spec.mask_flag);
+    masked[m.layer].insert(m.expert);
+  }
+  for (const auto& b : spec.boost) {
+    check(b.layer, b.expert, spec.boost_flag);
+    if (!std::isfinite(b.c)) throw InputError(spec.boost_flag + ": the boost must be finite");
+    if (masked.count(b.layer) && masked[b.layer].count(b.expert))
+      throw InputError(spec.boost_flag + ": expert " + std::to_string(b.layer) + ":" + std::to_string(b.expert) +
+                       " is also given to " + spec.mask_flag);
+  }
+  for (const auto& [l, es] : masked)
+    if (cfg.n_experts - int(es.size()) < cfg.top_k)
+      throw InputError(spec.mask_flag + ": masking " + std::to_string(es.size()) + " experts of layer " +
+                       std::to_string(l) + " leaves fewer than top_k = " + std::to_string(cfg.top_k) +
+                       " of its " + std::to_string(cfg.n_experts) + " experts");
+}
+
+void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z) {
+  const int E = int(z.cols());
+  std::vector<char> is_masked(size_t(E), 0);
+  for (const auto& m : spec.mask)
+    if (m.layer == l && m.expert < E) is_masked[size_t(m.expert)] = 1;
+  std::vector<const ExpertBoost*> boosts;
+  for (const auto& b : spec.boost)
+    if (b.layer == l && b.expert < E) boosts.push_back(&b);
+  if (!boosts.empty()) {
+    if (spec.boost_mode == BoostMode::Add) {
+      for (const auto* b : boosts) z.col(b->expert).array() += b->c;
+    } else {
+      for (int t = 0; t < int(z.rows()); ++t) {
+        for (const auto* b : boosts) z(t, b->expert) = 0.f;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int e = 0; e < E; ++e)
+          if (!is_masked[size_t(e)]) m = std::max(m, z(t, e));
+        for (const auto* b : boosts) z(t, b->expert) += b->c * m;
+      }
+    }
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int e = 0; e < E; ++e)
+    if (is_masked[size_t(e)]) z.col(e).setConstant(ninf);
+}
+
+void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg, Hooks& hooks) {
+  validate_interventions(spec, cfg);
+  std::set<int> layers;
+  for (const auto& m : spec.mask) layers.insert(m.layer);
+  for (const auto& b : spec.boost) layers.insert(b.layer);
+  for (int l : layers) {
+    // Each hook keeps only its own layer's part of the spec.
+    InterventionSpec part;
+    part.boost_mode = spec.boost_mode;
+    for (const auto& m : spec.mask)
+      if (m.layer == l) part.mask.push_back(m);
+    for (const auto& b : spec.boost)
+      if (b.layer == l) part.boost.push_back(b);
+    hooks.add(hook_names::router_logits(l),
+              [part = std::move(part), l](Eigen::Ref<MatR> z, const HookContext&) { apply_interventions(part, l, z); });
+  }
+}
+
+std::string describe(const InterventionSpec& spec) {
+  std::ostringstream o;
+  if (!spec.mask.empty()) {
+    o << "mask ";
+    for (size_t i = 0; i < spec.mask.size(); ++i) o << (i ? "," : "") << spec.mask[i].layer << ":" << spec.mask[i].expert;
+  }
+  if (!spec.boost.empty()) {
+    if (!spec.mask.empty()) o << "; ";
+    o << "boost(" << (spec.boost_mode == BoostMode::Add ? "add" : "norm") << ") ";
+    for (size_t i = 0; i < spec.boost.size(); ++i)
+      o << (i ? "," : "") << spec.boost[i].layer << ":" << spec.boost[i].expert << "=" << spec.boost[i].c;
+  }
+  return o.str();
+}
+
+}  // namespace moedit

@@ -1,0 +1,70 @@
+// Expert interventions on the router: masking (never route to an expert) and boosting (steer towards one).
+//
+// Both act on the raw router logits z [N, E] of an MoE layer (hook `blocks.{l}.moe.hook_router_logits`), before
+// the router turns them into (ids, weights), so every router kind (softmax→top-k, top-k→softmax) honours them and
+// every command that runs the model can use them:
+//
+//   mask  L:E          z_E ← −∞ for every token of layer L: the expert gets probability 0 and is never chosen
+//                      (rejected if it would leave fewer than top_k selectable experts in the layer).
+//   boost L:E=c (add)  z_E ← z_E + c.
+//   boost L:E=c (norm) the norm-preserving variant: first the boosted experts' own logits are set to 0, then
+//                      m = max_j z_j over that row (unmasked experts, boosted ones now 0, so m ≥ 0) and
+//                      z_E ← c·m. With c > 1 and m > 0 a boosted expert outranks every other expert; the scale of
+//                      the logits is tied to the row's own maximum rather than an absolute constant.
+//
+// Order inside one layer: boosts, then masks (a mask always wins; masking and boosting the same expert is an
+// error). Specs: "L:E,L:E,..." for masks and "L:E=c,..." for boosts; whitespace around items is ignored.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/hooks.h"
+
+namespace moedit {
+
+struct ExpertRef {
+  int layer = 0, expert = 0;
+  bool operator==(const ExpertRef&) const = default;
+};
+
+struct ExpertBoost {
+  int layer = 0, expert = 0;
+  float c = 0.f;
+};
+
+enum class BoostMode { Add, NormPreserving };
+
+struct InterventionSpec {
+  std::vector<ExpertRef> mask;
+  std::vector<ExpertBoost> boost;
+  BoostMode boost_mode = BoostMode::Add;
+  // Flag names used in error messages.
+  std::string mask_flag = "--mask", boost_flag = "--boost";
+
+  bool empty() const { return mask.empty() && boost.empty(); }
+};
+
+// "1:3,2:0" → {{1,3},{2,0}}. InputError naming `flag` on malformed items (syntax only; ranges are checked against a
+// model by validate_interventions).
+std::vector<ExpertRef> parse_mask_spec(const std::string& s, const std::string& flag = "--mask");
+// "1:3=2.5,0:1=-1" → {{1,3,2.5},{0,1,-1}}.
+std::vector<ExpertBoost> parse_boost_spec(const std::string& s, const std::string& flag = "--boost");
+// "add" | "norm" (also "norm-preserving").
+BoostMode parse_boost_mode(const std::string& s, const std::string& flag = "--boost-mode");
+
+// InputError naming the flag when a layer is out of range or dense (no router), an expert is out of range, an
+// expert is both masked and boosted, a boost is not finite, or masks leave fewer than top_k experts in a layer.
+void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg);
+
+// Validates, then registers router_logits hooks in `hooks` (one per affected layer). Register these before any
+// capture of the router logits if the capture should see what the router actually used.
+void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg, Hooks& hooks);
+
+// Applies the spec's edits for layer `l` to one matrix of router logits [N, E] (what the installed hook does).
+void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z);
+
+// "L3:E5" style description, for reports ("mask 1:3,2:0; boost(add) 1:2=+4").
+std::string describe(const InterventionSpec& spec);
+
+}  // namespace moedit
