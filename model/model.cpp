@@ -48,6 +48,32 @@ TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVC
   return t;
 }
 
+KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer) const {
+  if (from.size() != lengths.size()) throw std::invalid_argument("KVCache::gather: from/lengths size mismatch");
+  KVCache c;
+  const size_t L = k_.size(), n = from.size();
+  c.k_.assign(L, std::vector<std::vector<float>>(n));
+  c.v_.assign(L, std::vector<std::vector<float>>(n));
+  c.len_ = lengths;
+  for (size_t i = 0; i < n; ++i) {
+    const int s = from[i];
+    if (s < 0 || s >= n_seqs() || lengths[i] < 0 || lengths[i] > len_[size_t(s)])
+      throw std::invalid_argument("KVCache::gather: sequence or length out of range");
+  }
+  for (size_t l = size_t(std::max(first_layer, 0)); l < L; ++l)
+    for (size_t i = 0; i < n; ++i) {
+      const size_t s = size_t(from[i]);
+      const int len = len_[s];
+      if (len == 0) continue;
+      const auto& ks = k_[l][s];
+      const auto& vs = v_[l][s];
+      const size_t kw = ks.size() / size_t(len), vw = vs.size() / size_t(len);
+      c.k_[l][i].assign(ks.begin(), ks.begin() + std::ptrdiff_t(kw * size_t(lengths[i])));
+      c.v_[l][i].assign(vs.begin(), vs.begin() + std::ptrdiff_t(vw * size_t(lengths[i])));
+    }
+  return c;
+}
+
 std::shared_ptr<Model> Model::load(const std::string& path) {
   ModelConfig cfg = load_config(path);
   TensorStore store(path);

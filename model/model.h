@@ -69,6 +69,10 @@ class KVCache {
   int length(int seq) const { return seq < int(len_.size()) ? len_[size_t(seq)] : 0; }
   int n_seqs() const { return int(len_.size()); }
   void clear() { k_.clear(); v_.clear(); len_.clear(); }
+  // A new cache whose sequence i copies the first lengths[i] tokens of this cache's sequence from[i] (continuing
+  // many copies of one cached prefix: causal tracing). Only layers >= first_layer are copied; the others are left
+  // empty, so the result may only run blocks >= first_layer.
+  KVCache gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer = 0) const;
 
  private:
   friend class Model;
@@ -108,6 +112,8 @@ class Model {
   const Weights& weights() const { return w_; }
   Weights& mutable_weights() { return w_; }
   const std::string& path() const { return path_; }
+  // RoPE inverse frequencies [head_dim/2] (theta and linear scaling applied), as the forward uses them.
+  const std::vector<float>& inv_freq() const { return inv_freq_; }
 
   // Runs the sequences (token ids) as one packed batch.
   ForwardOutput forward(const std::vector<std::vector<int32_t>>& seqs, const ForwardOptions& opt = {}) const;
