@@ -1,0 +1,351 @@
+// moedit edit MODEL --subject S --prompt "{} is in" --target-new T [--target dominant|routed|shared|L:E]
+//              [--layer L|auto] [--requests FILE] [--save DIR] [--json]
+// ROME's rank-one edit on the experts of one MoE layer (editor/rome.h), with a report of what changed.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "editor/keystats.h"
+#include "editor/rome.h"
+#include "editor/save.h"
+#include "model/errors.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+#include "tracing/trace.h"
+
+namespace moedit::cli {
+
+namespace {
+
+struct EditArgs {
+  std::string model, subject, prompt, target_new, target_true, requests, target = "dominant", layer = "auto";
+  std::vector<std::string> paraphrases, neighbors;
+  std::string keys = "rome", templates_file, kl_prompt = "{} is a", save, corpus, cache_dir;
+  bool no_mom2 = false, json = false, overwrite = false, independent = false, no_prefix_cache = false, quiet = false;
+  double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0;
+  int steps = 20, limit = -1, seq_len = 256;
+  int64_t stats_tokens = 0;
+  uint64_t template_seed = 1;
+};
+
+std::vector<std::string> read_templates(const std::string& path) {
+  std::ifstream in(path);
+  require_input(bool(in), "templates file '" + path + "' cannot be read");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> out;
+  const auto first = text.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && text[first] == '[') {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError(path + ": malformed JSON (" + std::string(e.what()) + ")");
+    }
+    for (const auto& v : j) {
+      require_input(v.is_string(), path + ": expected a list of strings");
+      out.push_back(v.get<std::string>());
+    }
+  } else {
+    std::string line;
+    std::istringstream ls(text);
+    while (std::getline(ls, line))
+      if (!line.empty()) out.push_back(line);
+  }
+  require_input(!out.empty(), path + ": no templates");
+  return out;
+}
+
+// --layer auto: the MoE layer with the largest indirect effect of restoring its (single) MoE block at the
+// subject's last token (tracing/trace.h, ROME's noise s3, 10 samples), answer = target_true when given.
+int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, double* embedding_std,
+               nlohmann::json* info) {
+  std::string prompt = normalized_prompt(req);
+  prompt.replace(prompt.find("{}"), 2, req.subject);
+  trace::TraceOptions o;
+  o.kinds = {trace::Kind::Moe};
+  o.window = 1;
+  if (*embedding_std < 0) {  // ROME's noise scale: 3 × std of the (bundled CounterFact) subject embeddings, once
+    auto subjects = trace::counterfact_subjects(trace::bundled_counterfact_path());
+    if (subjects.empty()) subjects = {req.subject};
+    *embedding_std = trace::subject_embedding_std(m, tok, subjects);
+  }
+  o.embedding_std = *embedding_std;
+  trace::TraceRequest tr{prompt, req.subject, req.target_true, "", req.case_id};
+  const trace::TraceReport rep = trace::trace_fact(m, tok, tr, o);
+  const trace::KindResult* k = rep.find(trace::Kind::Moe);
+  require_input(k != nullptr, "--layer auto: the trace produced no MoE scores");
+  const int tok_idx = rep.subject_end - 1;
+  int best = -1;
+  double best_ie = -std::numeric_limits<double>::infinity();
+  for (size_t r = 0; r < k->rows.size(); ++r) {
+    if (k->rows[r] != tok_idx) continue;
+    for (int l = 0; l < int(k->scores[r].size()); ++l) {
+      const double s = k->scores[r][size_t(l)];
+      if (!m.config().is_moe(l) || std::isnan(s)) continue;
+      if (s - rep.low_score > best_ie) {
+        best_ie = s - rep.low_score;
+        best = l;
+      }
+    }
+  }
+  require_input(best >= 0, "--layer auto: no MoE layer scored at the subject's last token");
+  if (info) *info = {{"layer", best}, {"indirect_effect", best_ie}, {"low_score", rep.low_score}, {"high_score", rep.high_score}};
+  return best;
+}
+
+void print_score(const char* what, const PromptScore& s, bool has_true, bool neighbor) {
+  std::printf("    %-10s P(new)=%-9.4g", what, s.p_new);
+  if (has_true) {
+    const bool ok = neighbor ? s.nll_true < s.nll_new : s.nll_new < s.nll_true;
+    std::printf(" P(true)=%-9.4g %s", s.p_true, ok ? "ok " : "no ");
+  }
+  if (s.subject_last >= 0) std::printf(" routes-through-edited=%s", s.edited_hits > 0 ? "yes" : "no");
+  std::printf("  %s\n", s.prompt.c_str());
+}
+
+void run_edit(const EditArgs& a) {
+  std::vector<EditRequest> reqs;
+  if (!a.requests.empty()) {
+    require_input(a.subject.empty() && a.prompt.empty() && a.target_new.empty(),
+                  "give either --requests or --subject/--prompt/--target-new, not both");
+    reqs = load_requests(a.requests);
+    if (a.limit >= 0 && int(reqs.size()) > a.limit) reqs.resize(size_t(a.limit));
+  } else {
+    require_input(!a.subject.empty(), "--subject is required (or --requests FILE)");
+    require_input(!a.prompt.empty(), "--prompt is required (or --requests FILE)");
+    EditRequest r{a.prompt, a.subject, a.target_new, a.target_true, a.paraphrases, a.neighbors, ""};
+    require_input(!r.target_new.empty() && r.target_new.find_first_not_of(" \t") != std::string::npos,
+                  "--target-new is empty");
+    reqs.push_back(std::move(r));
+  }
+  for (const auto& r : reqs) normalized_prompt(r);  // every request validated before any work
+
+  EditOptions opt;
+  opt.target = parse_edit_target(a.target);
+  opt.keys = parse_key_mode(a.keys);
+  opt.mom2_adjustment = !a.no_mom2;
+  require_input(a.ridge >= 0, "--ridge must be ≥ 0");
+  opt.ridge = a.ridge;
+  opt.v.steps = a.steps;
+  opt.v.lr = a.lr;
+  opt.v.weight_decay = a.weight_decay;
+  opt.v.kl_factor = a.kl_factor;
+  opt.v.clamp_norm_factor = a.clamp;
+  opt.v.cache_prefix = !a.no_prefix_cache;
+  opt.template_seed = a.template_seed;
+  opt.kl_prompt = a.kl_prompt;
+  if (!a.templates_file.empty()) opt.templates = read_templates(a.templates_file);
+  bool auto_l = false;
+  if (opt.target.kind == TargetKind::Expert) {
+    if (a.layer != "auto") {
+      int l = -1;
+      try {
+        l = std::stoi(a.layer);
+      } catch (const std::exception&) {
+        throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
+      }
+      opt.layer = l;
+    }
+  } else if (a.layer == "auto") {
+    auto_l = true;
+  } else {
+    try {
+      size_t used = 0;
+      opt.layer = std::stoi(a.layer, &used);
+      if (used != a.layer.size()) throw std::invalid_argument(a.layer);
+    } catch (const std::exception&) {
+      throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
+    }
+  }
+
+  auto m = Model::load(a.model);
+  const ModelConfig& c = m->config();
+  if (opt.layer >= 0 || opt.target.kind == TargetKind::Expert) {
+    const int l = opt.target.kind == TargetKind::Expert ? opt.target.layer : opt.layer;
+    require_input(l >= 0 && l < c.n_layers,
+                  "layer " + std::to_string(l) + " is out of range [0, " + std::to_string(c.n_layers) + ")");
+    require_input(c.is_moe(l), "layer " + std::to_string(l) + " is a dense layer (no experts to edit); choose an MoE layer");
+    if (opt.target.kind == TargetKind::Expert)
+      require_input(opt.target.expert < c.n_experts, "expert " + std::to_string(opt.target.expert) +
+                                                         " does not exist: layer " + std::to_string(l) + " has " +
+                                                         std::to_string(c.n_experts) + " experts");
+  }
+  const Tokenizer tok = Tokenizer::from_file(a.model);
+  KeyStatsOptions so;
+  if (!a.cache_dir.empty()) so.cache_dir = a.cache_dir;
+  if (!a.corpus.empty()) so.corpus = a.corpus;
+  so.max_tokens = a.stats_tokens;
+  so.seq_len = a.seq_len;
+  const bool tty = ::isatty(2);
+  if (tty && !a.quiet)
+    so.progress = [](int64_t done, int64_t total) {
+      std::fprintf(stderr, "\rkey statistics: %lld / %lld tokens", static_cast<long long>(done),
+                   static_cast<long long>(total));
+      if (done >= total) std::fprintf(stderr, "\n");
+    };
+  KeyStatsCache stats(*m, tok, so);
+  std::set<std::pair<int, int>> warned;
+  std::set<int> announced;
+  opt.moments = [&stats, &a, &warned, &announced](int layer, int expert) {
+    auto s = stats.get(layer, expert);
+    if (!a.quiet && !stats.loaded_from_disk(layer) && announced.insert(layer).second)
+      std::fprintf(stderr, "moedit: computed key statistics for layer %d over %lld corpus tokens (cached in %s)\n",
+                   layer, static_cast<long long>(stats.corpus_tokens(layer)), stats.layer_dir(layer).c_str());
+    if (s->count < 2 * s->mom2.rows() && warned.insert({layer, expert}).second)
+      std::fprintf(stderr,
+                   "moedit: warning: layer %d expert %s saw %lld corpus tokens, fewer than 2x its key size (%lld); "
+                   "its statistics are poorly conditioned (larger corpus or --ridge)\n",
+                   layer, expert == kSharedExpert ? "shared" : std::to_string(expert).c_str(),
+                   static_cast<long long>(s->count), static_cast<long long>(s->mom2.rows()));
+    return s;
+  };
+
+  nlohmann::json out;
+  out["model"] = a.model;
+  out["target"] = a.target;
+  out["independent"] = a.independent;
+  out["edits"] = nlohmann::json::array();
+  std::vector<std::string> templates;
+  std::vector<EditResult> applied;
+  double embedding_std = -1;
+  int n_true = 0, es = 0, ps_n = 0, ns_n = 0;
+  double ps = 0, ns = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const EditRequest& req = reqs[i];
+    EditOptions o = opt;
+    nlohmann::json auto_info;
+    if (auto_l) o.layer = auto_layer(*m, tok, req, &embedding_std, &auto_info);
+    const int layer = o.target.kind == TargetKind::Expert ? o.target.layer : o.layer;
+    const bool has_true = !req.target_true.empty();
+    // Before: the same prompts on the current model.
+    EditResult probe;
+    probe.layer = layer;
+    const EditReport pre = report_edit(*m, tok, req, probe);
+    EditResult r = apply_edit(*m, tok, req, o, &templates);
+    const EditReport rep = report_edit(*m, tok, req, r);
+    nlohmann::json j;
+    j["case_id"] = req.case_id;
+    j["request"] = {{"prompt", req.prompt}, {"subject", req.subject}, {"target_new", req.target_new},
+                    {"target_true", req.target_true}};
+    if (auto_l) j["auto_layer"] = auto_info;
+    j["edit"] = edit_json(r);
+    j["pre"] = pre.to_json(has_true);
+    j["report"] = rep.to_json(has_true);
+    if (has_true) {
+      ++n_true;
+      es += rep.rewrite.nll_new < rep.rewrite.nll_true;
+      if (!rep.paraphrases.empty()) {
+        double s = 0;
+        for (const auto& p : rep.paraphrases) s += p.nll_new < p.nll_true;
+        ps += s / double(rep.paraphrases.size());
+        ++ps_n;
+      }
+      if (!rep.neighbors.empty()) {
+        double s = 0;
+        for (const auto& p : rep.neighbors) s += p.nll_true < p.nll_new;
+        ns += s / double(rep.neighbors.size());
+        ++ns_n;
+      }
+    }
+    if (!a.json) {
+      std::printf("[%zu/%zu]%s %s → %s  layer %d, %s:", i + 1, reqs.size(),
+                  req.case_id.empty() ? "" : (" case " + req.case_id).c_str(), req.subject.c_str(),
+                  req.target_new.c_str(), r.layer, target_name(r.target).c_str());
+      for (const auto& u : r.updates)
+        std::printf(" %s(w=%.3f)", u.expert == kSharedExpert ? "shared" : ("E" + std::to_string(u.expert)).c_str(),
+                    u.weight);
+      std::printf("  v*: loss %.3f → %.3f in %d steps, %.2fs; templates routed %.0f%%\n", r.vstar.loss.front(),
+                  r.vstar.loss.back(), r.vstar.updates, r.seconds, 100 * r.template_route_share);
+      print_score("rewrite", rep.rewrite, has_true, false);
+      for (const auto& p : rep.paraphrases) print_score("paraphrase", p, has_true, false);
+      for (const auto& p : rep.neighbors) print_score("neighbor", p, has_true, true);
+    }
+    out["edits"].push_back(std::move(j));
+    if (a.independent)
+      revert(*m, r);
+    else
+      applied.push_back(std::move(r));
+  }
+  if (n_true > 0) {
+    out["summary"] = {{"requests", n_true},
+                      {"efficacy", double(es) / n_true},
+                      {"paraphrase", ps_n ? ps / ps_n : 0.0},
+                      {"neighborhood", ns_n ? ns / ns_n : 0.0}};
+    if (!a.json)
+      std::printf("summary over %d requests: efficacy %.1f%%, paraphrase %.1f%%, neighborhood %.1f%%\n", n_true,
+                  100.0 * es / n_true, ps_n ? 100 * ps / ps_n : 0.0, ns_n ? 100 * ns / ns_n : 0.0);
+  }
+  out["templates"] = templates;
+  if (!a.save.empty()) {
+    require_input(!a.independent, "--save with --independent would save the unedited model");
+    const auto edited = edited_experts(applied);
+    save_edited_checkpoint(*m, a.model, a.save, edited, {a.overwrite});
+    // What a reload computes: the edited tensors in their stored dtype.
+    const auto dtypes = round_to_checkpoint_dtype(*m, a.model, edited);
+    out["saved"] = {{"path", a.save}, {"edited_tensor_dtypes", dtypes}};
+    bool rounded = false;
+    for (const auto& d : dtypes) rounded |= d != "F32";
+    if (rounded && !applied.empty() && !reqs.empty()) {  // the last request, as the saved model answers it
+      const EditReport rep = report_edit(*m, tok, reqs.back(), applied.back());
+      out["saved"]["last_rewrite_after_rounding"] = rep.to_json(!reqs.back().target_true.empty())["rewrite"];
+    }
+    if (!a.json)
+      std::printf("saved the edited checkpoint to %s%s\n", a.save.c_str(),
+                  rounded ? " (edited weights rounded to the stored dtype)" : "");
+  }
+  if (a.json) std::printf("%s\n", out.dump().c_str());
+}
+
+void register_edit(CLI::App& app) {
+  auto* cmd = app.add_subcommand("edit", "ROME rank-one edit of the experts of one MoE layer");
+  static EditArgs a;
+  add_model_arg(cmd, a.model);
+  cmd->add_option("--subject", a.subject, "The subject whose fact is rewritten");
+  cmd->add_option("--prompt", a.prompt, "Prompt with {} where the subject goes, e.g. \"{} is located in\"");
+  cmd->add_option("--target-new", a.target_new, "The new object");
+  cmd->add_option("--target-true", a.target_true, "The current object (report: P(new) vs P(true))");
+  cmd->add_option("--paraphrase", a.paraphrases, "Paraphrase prompt(s) to score (repeatable)");
+  cmd->add_option("--neighbor", a.neighbors, "Neighbourhood prompt(s) to score (repeatable)");
+  cmd->add_option("--requests", a.requests,
+                  "JSON list of CounterFact records or requested_rewrite objects, applied in sequence");
+  cmd->add_option("--limit", a.limit, "Only the first N requests");
+  cmd->add_flag("--independent", a.independent, "Edit each request from the unedited model (revert after each)");
+  cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();
+  cmd->add_option("--layer", a.layer, "MoE layer to edit, or auto (largest MoE indirect effect in a causal trace)")
+      ->capture_default_str();
+  cmd->add_option("--keys", a.keys, "rome (C⁻¹k* over the bare prompt's k) | consistent (k* in both, r-ROME)")
+      ->capture_default_str();
+  cmd->add_flag("--no-mom2", a.no_mom2, "No key statistics: C = I");
+  cmd->add_option("--ridge", a.ridge, "Add ridge·mean(diag C) to C's diagonal")->capture_default_str();
+  cmd->add_option("--steps", a.steps, "v* optimisation steps")->capture_default_str()->check(CLI::Range(1, 10000));
+  cmd->add_option("--lr", a.lr, "v* Adam learning rate")->capture_default_str();
+  cmd->add_option("--weight-decay", a.weight_decay, "v* weight decay")->capture_default_str();
+  cmd->add_option("--kl-factor", a.kl_factor, "v* KL factor")->capture_default_str();
+  cmd->add_option("--clamp-norm-factor", a.clamp, "‖δ‖ ≤ factor·‖MoE output‖")->capture_default_str();
+  cmd->add_flag("--no-prefix-cache", a.no_prefix_cache, "Recompute every token in each v* step (slower, same result)");
+  cmd->add_option("--templates", a.templates_file, "Context templates (JSON list or one per line, each with {})");
+  cmd->add_option("--template-seed", a.template_seed, "Seed of the sampled context templates")->capture_default_str();
+  cmd->add_option("--kl-prompt", a.kl_prompt, "KL prompt")->capture_default_str();
+  cmd->add_option("--corpus", a.corpus, "Corpus for key statistics (default: bundled WikiText-2 test)");
+  cmd->add_option("--cache-dir", a.cache_dir, "Key statistics cache (default: $MOEDIT_CACHE or ~/.cache/moedit)");
+  cmd->add_option("--stats-tokens", a.stats_tokens, "Cap on corpus tokens for key statistics (0: all)");
+  cmd->add_option("--seq-len", a.seq_len, "Corpus window length for key statistics")->capture_default_str();
+  cmd->add_option("--save", a.save, "Write the edited model as a Hugging Face checkpoint folder");
+  cmd->add_flag("--overwrite", a.overwrite, "Replace an existing --save folder");
+  cmd->add_flag("--quiet", a.quiet, "No progress messages");
+  cmd->add_flag("--json", a.json, "Print JSON");
+  cmd->callback([] { run_edit(a); });
+}
+
+}  // namespace
+
+MOEDIT_COMMAND(60, register_edit)
+
+}  // namespace moedit::cli

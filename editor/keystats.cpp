@@ -1,0 +1,380 @@
+// Per-expert key statistics and their disk cache (see editor/keystats.h).
+#include "editor/keystats.h"
+
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <sstream>
+
+#include "model/errors.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace moedit {
+
+// ---- hashing ----------------------------------------------------------------------------------------------------
+
+namespace {
+inline uint64_t mix(uint64_t a, uint64_t b) {
+  const __uint128_t r = static_cast<__uint128_t>(a) * b;
+  return uint64_t(r) ^ uint64_t(r >> 64);
+}
+constexpr uint64_t P0 = 0xa0761d6478bd642full, P1 = 0xe7037ed1a0b428dbull, P2 = 0x8ebc6af09c88c6e3ull,
+                   P3 = 0x589965cc75374cc3ull;
+inline uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+}  // namespace
+
+uint64_t hash_bytes(const void* data, size_t n, uint64_t seed) {
+  const uint8_t* s = static_cast<const uint8_t*>(data);
+  uint64_t h[4] = {seed ^ P0, seed ^ P1, seed ^ P2, seed ^ P3};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int j = 0; j < 4; ++j) h[j] = mix(h[j] ^ load64(s + i + 8 * size_t(j)), P1 ^ (uint64_t(j) << 32 | 1));
+  for (; i + 8 <= n; i += 8) h[0] = mix(h[0] ^ load64(s + i), P2);
+  uint64_t tail = 0;
+  for (size_t k = 0; i < n; ++i, ++k) tail |= uint64_t(s[i]) << (8 * k);
+  h[1] = mix(h[1] ^ tail, P3);
+  uint64_t r = mix(h[0] ^ P0, h[1] ^ P1) ^ mix(h[2] ^ P2, h[3] ^ P3);
+  return mix(r ^ uint64_t(n), P0);
+}
+
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+uint64_t key_weights_hash(const Model& m, int layer) {
+  const ModelConfig& c = m.config();
+  const Weights& w = m.weights();
+  uint64_t h = hash_bytes(c.model_type.data(), c.model_type.size(), 1);
+  const std::string raw = c.raw.dump();
+  h = hash_bytes(raw.data(), raw.size(), h);
+  const int dims[] = {c.vocab_size, c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.n_experts,
+                      c.top_k, c.expert_width, c.shared_width, layer};
+  h = hash_bytes(dims, sizeof dims, h);
+  auto add = [&h](const float* p, size_t n) { h = hash_bytes(p, n * sizeof(float), h); };
+  auto addm = [&](const MatR& x) { add(x.data(), size_t(x.size())); };
+  auto addv = [&](const VecF& x) { add(x.data(), size_t(x.size())); };
+  addm(w.embed);
+  for (int l = 0; l <= layer; ++l) {
+    const LayerWeights& L = w.layers[size_t(l)];
+    addv(L.ln_in);
+    addv(L.ln_post);
+    const AttnWeights& a = L.attn;
+    for (const MatR* x : {&a.wq, &a.wk, &a.wv, &a.wo}) addm(*x);
+    for (const VecF* x : {&a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm}) addv(*x);
+    const FFNWeights& f = L.ffn;
+    addm(f.router);
+    add(f.experts.gate_up.data(), f.experts.gate_up.size());
+    add(f.shared.gate_up.data(), f.shared.gate_up.size());
+    addv(f.shared_gate);
+    if (l < layer) {  // layer L's down projections do not change its keys
+      add(f.experts.down.data(), f.experts.down.size());
+      add(f.shared.down.data(), f.shared.down.size());
+    }
+  }
+  return h;
+}
+
+// ---- computing ----------------------------------------------------------------------------------------------------
+
+std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
+                                            int batch_tokens, const KeyStatsProgress& progress) {
+  const ModelConfig& c = m.config();
+  require_input(layer >= 0 && layer < c.n_layers, "layer " + std::to_string(layer) + " is out of range [0, " +
+                                                      std::to_string(c.n_layers) + ")");
+  require_input(c.is_moe(layer), "layer " + std::to_string(layer) + " is a dense layer, not an MoE layer");
+  const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
+  const int E = c.n_experts, I = f.experts.I, H = c.hidden;
+  const bool shared = f.has_shared;
+  const int n_out = E + (shared ? 1 : 0);
+  std::vector<Eigen::MatrixXd> acc(static_cast<size_t>(n_out));
+  std::vector<int64_t> count(static_cast<size_t>(n_out), 0);
+  for (int e = 0; e < E; ++e) acc[size_t(e)] = Eigen::MatrixXd::Zero(I, I);
+  if (shared) acc[size_t(E)] = Eigen::MatrixXd::Zero(f.shared.I, f.shared.I);
+
+  int64_t total = 0, done = 0;
+  for (const auto& s : seqs) total += int64_t(s.size());
+  size_t next = 0;
+  while (next < seqs.size()) {
+    std::vector<std::vector<int32_t>> batch;
+    int64_t ntok = 0;
+    while (next < seqs.size() && (batch.empty() || ntok + int64_t(seqs[next].size()) <= batch_tokens)) {
+      if (!seqs[next].empty()) {
+        ntok += int64_t(seqs[next].size());
+        batch.push_back(seqs[next]);
+      }
+      ++next;
+    }
+    if (batch.empty()) continue;
+    Hooks hooks;
+    std::vector<std::shared_ptr<Hooks::Capture>> keys(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) keys[size_t(e)] = hooks.capture(hook_names::expert_key(layer, e));
+    std::shared_ptr<Hooks::Capture> pre, att;
+    if (shared) {
+      pre = hooks.capture(hook_names::resid_pre(layer));
+      att = hooks.capture(hook_names::attn_out(layer));
+    }
+    ForwardOptions fo;
+    fo.hooks = &hooks;
+    fo.stop_after_layer = layer;
+    fo.record_routing = false;
+    m.forward(batch, fo);
+    std::vector<MatR> blocks(static_cast<size_t>(n_out));
+    for (int e = 0; e < E; ++e) blocks[size_t(e)] = std::move(keys[size_t(e)]->value);
+    if (shared) {  // shared-expert keys, as the forward computes them: a2 = norm(resid_pre + rm·attn_out)
+      MatR x = att->value;
+      if (c.residual_multiplier != 1.f) x *= c.residual_multiplier;
+      x = pre->value + x;
+      MatR a2(x.rows(), H);
+      ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), H, c.rms_eps);
+      MatR gu(x.rows(), 2 * f.shared.I);
+      ops::linear(a2.data(), int(a2.rows()), H, f.shared.gate_up_of(0), 2 * f.shared.I, gu.data());
+      blocks[size_t(E)].resize(x.rows(), f.shared.I);
+      ops::silu_mul(gu.data(), int(x.rows()), f.shared.I, blocks[size_t(E)].data());
+    }
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
+    for (int e = 0; e < n_out; ++e) {
+      const MatR& k = blocks[size_t(e)];
+      if (k.rows() == 0) continue;
+      // One fp32 GEMM per batch (at most batch_tokens rows), accumulated across batches in fp64.
+      const MatR g = k.transpose() * k;
+      acc[size_t(e)] += g.cast<double>();
+      count[size_t(e)] += k.rows();
+    }
+    done += ntok;
+    if (progress) progress(done, total);
+  }
+  std::vector<SecondMoment> out(static_cast<size_t>(n_out));
+  for (int e = 0; e < n_out; ++e) {
+    SecondMoment& s = out[size_t(e)];
+    s.layer = layer;
+    s.expert = e < E ? e : kSharedExpert;
+    s.count = count[size_t(e)];
+    Eigen::MatrixXd full = 0.5 * (acc[size_t(e)] + acc[size_t(e)].transpose());
+    if (s.count > 0) full /= double(s.count);
+    s.mom2 = full.cast<float>();
+  }
+  return out;
+}
+
+std::vector<std::vector<int32_t>> corpus_windows(const Tokenizer& tok, const std::string& text, int seq_len,
+                                                 int64_t max_tokens) {
+  require_input(seq_len >= 2, "--seq-len must be at least 2");
+  std::optional<int32_t> bos;
+  {
+    const auto e = tok.encode("a", true);
+    if (!e.ids.empty() && !e.special_mask.empty() && e.special_mask[0]) bos = e.ids[0];
+  }
+  const int body = bos ? seq_len - 1 : seq_len;
+  std::vector<std::vector<int32_t>> out;
+  std::vector<int32_t> cur;
+  int64_t total = 0;
+  auto flush = [&](bool final) {
+    if (cur.empty() || (final && cur.size() < 2)) return;
+    std::vector<int32_t> w;
+    if (bos) w.push_back(*bos);
+    w.insert(w.end(), cur.begin(), cur.end());
+    out.push_back(std::move(w));
+    cur.clear();
+  };
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const auto ids = tok.encode_ids(line + "\n", false);
+    for (int32_t id : ids) {
+      if (max_tokens > 0 && total >= max_tokens) break;
+      cur.push_back(id);
+      ++total;
+      if (int(cur.size()) == body) flush(false);
+    }
+    if (max_tokens > 0 && total >= max_tokens) break;
+  }
+  flush(true);
+  return out;
+}
+
+std::string default_corpus_path() { return std::string(MOEDIT_SOURCE_DIR) + "/datasets/data/wikitext-2/wiki.test.raw"; }
+
+std::string default_cache_dir() {
+  if (const char* e = std::getenv("MOEDIT_CACHE"); e && *e) return e;
+  if (const char* e = std::getenv("XDG_CACHE_HOME"); e && *e) return std::string(e) + "/moedit";
+  if (const char* e = std::getenv("HOME"); e && *e) return std::string(e) + "/.cache/moedit";
+  return "/tmp/moedit-cache";
+}
+
+// ---- files --------------------------------------------------------------------------------------------------------
+
+std::shared_ptr<SecondMoment> read_moment_file(const std::string& path) {
+  if (!fs::exists(path)) return nullptr;
+  SafeTensorsFile f(path);
+  const TensorView& t = f.get("mom2");
+  require_input(t.shape.size() == 2 && t.shape[0] == t.shape[1] && t.dtype == DType::F32,
+                path + ": tensor 'mom2' must be a square F32 matrix");
+  auto s = std::make_shared<SecondMoment>();
+  s->mom2.resize(t.shape[0], t.shape[1]);
+  t.to_f32(s->mom2.data());
+  const auto& md = f.metadata();
+  auto num = [&](const char* k) -> int64_t {
+    auto it = md.find(k);
+    require_input(it != md.end(), path + ": metadata '" + k + "' missing");
+    try {
+      return std::stoll(it->second);
+    } catch (const std::exception&) {
+      throw InputError(path + ": metadata '" + k + "' is not a number");
+    }
+  };
+  s->count = num("count");
+  s->layer = int(num("layer"));
+  s->expert = int(num("expert"));
+  return s;
+}
+
+void write_moment_file(const std::string& path, const SecondMoment& s,
+                       const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, OwnedTensor> t;
+  t["mom2"] = make_f32_tensor({s.mom2.rows(), s.mom2.cols()}, s.mom2.data());
+  auto md = metadata;
+  md["count"] = std::to_string(s.count);
+  md["layer"] = std::to_string(s.layer);
+  md["expert"] = std::to_string(s.expert);
+  fs::create_directories(fs::path(path).parent_path());
+  write_safetensors(path, t, md);
+}
+
+// ---- the cache ----------------------------------------------------------------------------------------------------
+
+struct KeyStatsCache::Impl {
+  const Model& m;
+  const Tokenizer& tok;
+  KeyStatsOptions opt;
+  std::map<int, uint64_t> model_hash;
+  bool corpus_ready = false;
+  uint64_t corpus_hash = 0;
+  std::string corpus_text;
+  std::map<std::pair<int, int>, std::shared_ptr<const SecondMoment>> mem;
+  std::map<int, bool> from_disk;
+  std::map<int, int64_t> tokens;
+
+  Impl(const Model& mm, const Tokenizer& t, KeyStatsOptions o) : m(mm), tok(t), opt(std::move(o)) {}
+
+  void read_corpus() {
+    if (corpus_ready) return;
+    std::ifstream in(opt.corpus, std::ios::binary);
+    require_input(bool(in), "corpus '" + opt.corpus + "' cannot be read");
+    corpus_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    require_input(!corpus_text.empty(), "corpus '" + opt.corpus + "' is empty");
+    corpus_hash = hash_bytes(corpus_text.data(), corpus_text.size(), 7);
+    corpus_ready = true;
+  }
+  std::string dir(int layer) {
+    const ModelConfig& c = m.config();
+    require_input(layer >= 0 && layer < c.n_layers, "layer " + std::to_string(layer) + " is out of range [0, " +
+                                                        std::to_string(c.n_layers) + ")");
+    require_input(c.is_moe(layer), "layer " + std::to_string(layer) + " is a dense layer, not an MoE layer");
+    read_corpus();
+    auto it = model_hash.find(layer);
+    if (it == model_hash.end()) it = model_hash.emplace(layer, key_weights_hash(m, layer)).first;
+    return opt.cache_dir + "/" + hex64(it->second) + "/layer" + std::to_string(layer) + "/" + hex64(corpus_hash) +
+           "-s" + std::to_string(opt.seq_len) + "-n" +
+           (opt.max_tokens > 0 ? std::to_string(opt.max_tokens) : std::string("all"));
+  }
+  static std::string file_name(int expert) {
+    return expert == kSharedExpert ? "shared.safetensors" : "expert" + std::to_string(expert) + ".safetensors";
+  }
+  std::vector<int> experts_of(int layer) const {
+    std::vector<int> v;
+    for (int e = 0; e < m.config().n_experts; ++e) v.push_back(e);
+    if (m.weights().layers[size_t(layer)].ffn.has_shared) v.push_back(kSharedExpert);
+    return v;
+  }
+  std::shared_ptr<const SecondMoment> load(int layer, int expert) {
+    auto it = mem.find({layer, expert});
+    if (it != mem.end()) return it->second;
+    if (!opt.use_cache) return nullptr;
+    const std::string path = dir(layer) + "/" + file_name(expert);
+    auto s = read_moment_file(path);
+    if (!s) return nullptr;
+    require_input(s->layer == layer && s->expert == expert, path + ": layer/expert metadata disagree with its name");
+    SafeTensorsFile f(path);
+    if (auto t = f.metadata().find("tokens"); t != f.metadata().end()) tokens[layer] = std::stoll(t->second);
+    from_disk[layer] = true;
+    mem[{layer, expert}] = s;
+    return s;
+  }
+  void compute(int layer) {
+    const std::string d = dir(layer);
+    const auto wins = corpus_windows(tok, corpus_text, opt.seq_len, opt.max_tokens);
+    require_input(!wins.empty(), "corpus '" + opt.corpus + "' gives no tokens");
+    int64_t ntok = 0;
+    for (const auto& w : wins) ntok += int64_t(w.size());
+    auto stats = compute_key_stats(m, layer, wins, opt.batch_tokens, opt.progress);
+    const std::map<std::string, std::string> md = {
+        {"model_hash", hex64(model_hash.at(layer))}, {"corpus_hash", hex64(corpus_hash)},
+        {"corpus", opt.corpus},                      {"seq_len", std::to_string(opt.seq_len)},
+        {"max_tokens", std::to_string(opt.max_tokens)}, {"tokens", std::to_string(ntok)},
+        {"format", "moedit key statistics: mom2 = E[k k^T] (uncentered), fp64 accumulation"}};
+    for (auto& s : stats) {
+      write_moment_file(d + "/" + file_name(s.expert), s, md);
+      mem[{layer, s.expert}] = std::make_shared<const SecondMoment>(std::move(s));
+    }
+    from_disk[layer] = false;
+    tokens[layer] = ntok;
+  }
+};
+
+KeyStatsCache::KeyStatsCache(const Model& m, const Tokenizer& tok, KeyStatsOptions opt)
+    : impl_(std::make_unique<Impl>(m, tok, std::move(opt))) {}
+KeyStatsCache::~KeyStatsCache() = default;
+
+std::shared_ptr<const SecondMoment> KeyStatsCache::get(int layer, int expert) {
+  const ModelConfig& c = impl_->m.config();
+  require_input(expert == kSharedExpert || (expert >= 0 && expert < c.n_experts),
+                "expert " + std::to_string(expert) + " is out of range [0, " + std::to_string(c.n_experts) + ")");
+  if (auto s = impl_->load(layer, expert)) return s;
+  impl_->compute(layer);
+  auto it = impl_->mem.find({layer, expert});
+  require_input(it != impl_->mem.end(), "layer " + std::to_string(layer) + " has no shared expert");
+  return it->second;
+}
+
+std::vector<std::shared_ptr<const SecondMoment>> KeyStatsCache::layer(int layer, bool force) {
+  impl_->dir(layer);  // validates the layer
+  const auto ids = impl_->experts_of(layer);
+  bool all = !force;
+  if (all)
+    for (int e : ids)
+      if (!impl_->load(layer, e)) {
+        all = false;
+        break;
+      }
+  if (!all) impl_->compute(layer);
+  std::vector<std::shared_ptr<const SecondMoment>> out;
+  for (int e : ids) out.push_back(impl_->mem.at({layer, e}));
+  return out;
+}
+
+std::string KeyStatsCache::layer_dir(int layer) { return impl_->dir(layer); }
+bool KeyStatsCache::loaded_from_disk(int layer) const {
+  auto it = impl_->from_disk.find(layer);
+  return it != impl_->from_disk.end() && it->second;
+}
+int64_t KeyStatsCache::corpus_tokens(int layer) const {
+  auto it = impl_->tokens.find(layer);
+  return it == impl_->tokens.end() ? 0 : it->second;
+}
+
+}  // namespace moedit

@@ -1,0 +1,102 @@
+// Per-expert key statistics for ROME's rank-one update: C = E[k kᵀ] (uncentered second moment) of the keys
+// k = silu(W_gate x) ⊙ (W_up x) entering one expert's down-projection at one MoE layer — over the tokens routed to
+// that expert (every token for a shared expert).
+//
+// Streaming: token windows run through blocks 0..L only (ForwardOptions::stop_after_layer); routed keys are read
+// at blocks.{L}.moe.experts.{e}.hook_key, shared-expert keys are recomputed from the block's FFN input
+// (resid_pre + attn_out → post-attention norm), exactly as the forward computes them. Each forward batch's KᵀK is
+// one fp32 GEMM, accumulated across batches in fp64;
+// the result is rounded to fp32 (ROME's mom2_dtype) so a freshly computed and a cached matrix are identical.
+//
+// Disk cache (KeyStatsCache): one safetensors file per expert,
+//   <cache>/<key-weights hash>/layer<L>/<corpus hash>-s<seq_len>-n<max_tokens|all>/expert<E>.safetensors
+//   (shared.safetensors for the shared expert), tensor "mom2" [I, I] F32, metadata: count, tokens, layer, expert,
+//   model_hash, corpus_hash, corpus, seq_len, max_tokens.
+// The model hash covers exactly the weights the keys at L depend on (embeddings, layers < L, and layer L's norms,
+// attention, router and gate/up projections — not its down projections, so editing layer L keeps its cache valid)
+// plus the config's shape. The cache is written atomically (temp file + rename).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+
+namespace moedit {
+
+class Tokenizer;
+
+constexpr int kSharedExpert = -1;  // expert id of the shared expert in statistics and edits
+
+struct SecondMoment {
+  int layer = -1;
+  int expert = 0;      // kSharedExpert for the shared expert
+  int64_t count = 0;   // keys accumulated (tokens routed to the expert)
+  MatR mom2;           // [I, I] E[k kᵀ] (zero matrix when count = 0)
+};
+
+using KeyStatsProgress = std::function<void(int64_t tokens_done, int64_t tokens_total)>;
+
+// Second moments of every routed expert (index e) and, when the layer has one, the shared expert (last entry,
+// expert = kSharedExpert) at MoE layer `layer`, over the given token sequences (each runs from position 0).
+// Sequences are packed into forward batches of about batch_tokens tokens. InputError for a dense layer.
+std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
+                                            int batch_tokens = 4096, const KeyStatsProgress& progress = {});
+
+// A text corpus as token windows: paragraphs (non-blank lines) are tokenized without special tokens, concatenated
+// into one stream and cut into windows of seq_len tokens (the last, shorter one kept if ≥ 2 tokens). When the
+// tokenizer's template adds a BOS, each window starts with it (inside seq_len). max_tokens > 0 caps the total.
+std::vector<std::vector<int32_t>> corpus_windows(const Tokenizer& tok, const std::string& text, int seq_len,
+                                                 int64_t max_tokens);
+
+// 64-bit content hashes.
+uint64_t hash_bytes(const void* data, size_t n, uint64_t seed = 0);
+uint64_t key_weights_hash(const Model& m, int layer);
+std::string hex64(uint64_t h);
+
+// Bundled corpus: <source>/datasets/data/wikitext-2/wiki.test.raw.
+std::string default_corpus_path();
+// $MOEDIT_CACHE if set, else $XDG_CACHE_HOME/moedit, else ~/.cache/moedit, else /tmp/moedit-cache.
+std::string default_cache_dir();
+
+struct KeyStatsOptions {
+  std::string cache_dir = default_cache_dir();
+  std::string corpus = default_corpus_path();
+  int seq_len = 256;
+  int64_t max_tokens = 0;  // 0: the whole corpus
+  int batch_tokens = 4096;
+  bool use_cache = true;   // read cached files (they are always written)
+  KeyStatsProgress progress;
+};
+
+// Loads statistics from the disk cache, computing (and caching) a whole layer on a miss. The model hash of a layer
+// is computed on first use and memoised: statistics used by a sequence of edits are those of the model as it was
+// when the layer was first asked for (ROME's semantics: C of the unedited model).
+class KeyStatsCache {
+ public:
+  KeyStatsCache(const Model& m, const Tokenizer& tok, KeyStatsOptions opt);
+  ~KeyStatsCache();
+  // The moment of one expert (kSharedExpert: the shared expert).
+  std::shared_ptr<const SecondMoment> get(int layer, int expert);
+  // Every expert of the layer (routed 0..E-1, then shared if any); computes on a miss or when force.
+  std::vector<std::shared_ptr<const SecondMoment>> layer(int layer, bool force = false);
+  // Cache folder of a layer; whether the layer was loaded from disk (vs computed) on its last request.
+  std::string layer_dir(int layer);
+  bool loaded_from_disk(int layer) const;
+  int64_t corpus_tokens(int layer) const;  // tokens streamed when the layer was computed (from metadata if loaded)
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Reads / writes one statistics file (the cache format above). read returns nullptr when the file is absent;
+// InputError when it is malformed.
+std::shared_ptr<SecondMoment> read_moment_file(const std::string& path);
+void write_moment_file(const std::string& path, const SecondMoment& s,
+                       const std::map<std::string, std::string>& metadata);
+
+}  // namespace moedit

@@ -1,0 +1,742 @@
+// Backward passes and the taped block stack (see model/backward.h).
+#include "model/backward.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <type_traits>
+
+namespace moedit::grad {
+
+namespace {
+
+template <class T>
+using MapT = Eigen::Map<MatT<T>>;
+template <class T>
+using CMapT = Eigen::Map<const MatT<T>>;
+using Stride = Eigen::OuterStride<>;
+template <class T>
+using SMapT = Eigen::Map<MatT<T>, 0, Stride>;
+template <class T>
+using CSMapT = Eigen::Map<const MatT<T>, 0, Stride>;
+
+int threads_for(double flops) { return (omp_in_parallel() || flops < 4e6) ? 1 : ops::num_threads(); }
+
+template <class T>
+T sigmoid_t(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+}  // namespace
+
+// ---- linear -----------------------------------------------------------------------------------------------------
+
+template <class T>
+void linear(const T* X, int n, int in, const float* W, int out, T* Y, const float* b) {
+  if constexpr (std::is_same_v<T, float>) {
+    ops::linear(X, n, in, W, out, Y, b);
+  } else {
+    CMapMatR w(W, out, in);
+    CMapT<T> x(X, n, in);
+    MapT<T> y(Y, n, out);
+    y.noalias() = x * w.template cast<T>().transpose();
+    if (b)
+      for (int r = 0; r < n; ++r)
+        for (int c = 0; c < out; ++c) y(r, c) += T(b[c]);
+  }
+}
+
+template <class T>
+void linear_backward(const T* dY, int n, int in, const float* W, int out, T* dX, bool accumulate, const T* X,
+                     T* dW, T* db) {
+  CMapT<T> dy(dY, n, out);
+  if (dX) {
+    if constexpr (std::is_same_v<T, float>) {
+      // dX = dY·W, split over column blocks of W (= of dX) so each thread streams its own slice of W.
+      const int nt = threads_for(2.0 * n * in * out);
+      const int block = nt == 1 ? in : std::max(64, ((in + nt * 4 - 1) / (nt * 4) + 15) / 16 * 16);
+      const int nblocks = (in + block - 1) / block;
+#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
+      for (int bk = 0; bk < nblocks; ++bk) {
+        const int c0 = bk * block, c1 = std::min(in, c0 + block);
+        Eigen::Map<const MatR, 0, Stride> w(W + c0, out, c1 - c0, Stride(in));
+        SMapT<T> dx(dX + c0, n, c1 - c0, Stride(in));
+        if (accumulate)
+          dx.noalias() += dy * w;
+        else
+          dx.noalias() = dy * w;
+      }
+    } else {
+      CMapMatR w(W, out, in);
+      MapT<T> dx(dX, n, in);
+      if (accumulate)
+        dx.noalias() += dy * w.template cast<T>();
+      else
+        dx.noalias() = dy * w.template cast<T>();
+    }
+  }
+  if (dW) {
+    CMapT<T> x(X, n, in);
+    MapT<T>(dW, out, in).noalias() += dy.transpose() * x;
+  }
+  if (db)
+    for (int r = 0; r < n; ++r)
+      for (int c = 0; c < out; ++c) db[c] += dy(r, c);
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------------------------
+
+template <class T>
+void rmsnorm(const T* x, const float* w, T* y, int rows, int dim, float eps) {
+  if constexpr (std::is_same_v<T, float>) {
+    ops::rmsnorm(x, w, y, rows, dim, eps);
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      const T* xr = x + size_t(r) * dim;
+      T* yr = y + size_t(r) * dim;
+      T ss = 0;
+      for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+      const T inv = T(1) / std::sqrt(ss / T(dim) + T(eps));
+      for (int i = 0; i < dim; ++i) yr[i] = T(w[i]) * (xr[i] * inv);
+    }
+  }
+}
+
+template <class T>
+void rmsnorm_backward(const T* x, const float* w, const T* dy, T* dx, int rows, int dim, float eps, bool accumulate,
+                      T* dw) {
+  // y_i = w_i·x_i·r, r = (Σx²/n + eps)^-½:  dx_j = r·w_j·dy_j − x_j·r³/n · Σ_i w_i·dy_i·x_i.
+  for (int r = 0; r < rows; ++r) {
+    const T* xr = x + size_t(r) * dim;
+    const T* g = dy + size_t(r) * dim;
+    T* o = dx + size_t(r) * dim;
+    T ss = 0, dot = 0;
+    for (int i = 0; i < dim; ++i) {
+      ss += xr[i] * xr[i];
+      dot += T(w[i]) * g[i] * xr[i];
+    }
+    const T inv = T(1) / std::sqrt(ss / T(dim) + T(eps));
+    const T c = dot * inv * inv * inv / T(dim);
+    for (int i = 0; i < dim; ++i) {
+      const T v = inv * T(w[i]) * g[i] - xr[i] * c;
+      o[i] = accumulate ? o[i] + v : v;
+    }
+    if (dw)
+      for (int i = 0; i < dim; ++i) dw[i] += g[i] * xr[i] * inv;
+  }
+}
+
+// ---- RoPE -------------------------------------------------------------------------------------------------------
+
+template <class T>
+void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+          const float* inv_freq, bool transpose) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!transpose) {
+      ops::rope_neox(x, rows, row_stride, n_heads, head_stride, rot_dim, pos, inv_freq);
+      return;
+    }
+  }
+  const int half = rot_dim / 2;
+  std::vector<float> cs(static_cast<size_t>(half) * 2);
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < half; ++i) {
+      const float ang = float(pos[r]) * inv_freq[i];  // as ops::rope_neox
+      cs[2 * size_t(i)] = std::cos(ang);
+      cs[2 * size_t(i) + 1] = std::sin(ang);
+    }
+    for (int h = 0; h < n_heads; ++h) {
+      T* v = x + size_t(r) * row_stride + size_t(h) * head_stride;
+      for (int i = 0; i < half; ++i) {
+        const T a = v[i], b = v[i + half], c = T(cs[2 * size_t(i)]);
+        const T s = transpose ? -T(cs[2 * size_t(i) + 1]) : T(cs[2 * size_t(i) + 1]);
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+      }
+    }
+  }
+}
+
+// ---- softmax, SwiGLU --------------------------------------------------------------------------------------------
+
+template <class T>
+void softmax(T* x, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    ops::softmax_inplace(x, n);
+  } else {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+    if (m == -std::numeric_limits<T>::infinity()) {
+      std::fill(x, x + n, T(0));
+      return;
+    }
+    T s = 0;
+    for (int i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
+    const T inv = T(1) / s;
+    for (int i = 0; i < n; ++i) x[i] *= inv;
+  }
+}
+
+template <class T>
+void softmax_backward(const T* p, const T* dp, int n, T* dz) {
+  T s = 0;
+  for (int i = 0; i < n; ++i) s += p[i] * dp[i];
+  for (int i = 0; i < n; ++i) dz[i] = p[i] * (dp[i] - s);
+}
+
+template <class T>
+void swiglu(const T* gu, int rows, int I, T* key) {
+  if constexpr (std::is_same_v<T, float>) {
+    ops::silu_mul(gu, rows, I, key);
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      const T* g = gu + size_t(r) * 2 * I;
+      for (int i = 0; i < I; ++i) key[size_t(r) * I + i] = g[i] * sigmoid_t(g[i]) * g[I + i];
+    }
+  }
+}
+
+template <class T>
+void swiglu_backward(const T* gu, const T* dkey, int rows, int I, T* dgu) {
+  // k = silu(g)·u: dg = dk·u·σ(g)(1 + g(1 − σ(g))), du = dk·silu(g).
+  for (int r = 0; r < rows; ++r) {
+    const T* g = gu + size_t(r) * 2 * I;
+    const T* dk = dkey + size_t(r) * I;
+    T* o = dgu + size_t(r) * 2 * I;
+    for (int i = 0; i < I; ++i) {
+      const T s = sigmoid_t(g[i]);
+      o[i] = dk[i] * g[I + i] * s * (T(1) + g[i] * (T(1) - s));
+      o[I + i] = dk[i] * g[i] * s;
+    }
+  }
+}
+
+// ---- attention --------------------------------------------------------------------------------------------------
+
+template <class T>
+void attention(const T* q, int n_q, int q_stride, int q_pos0, const T* k, int k_stride, const T* v, int v_stride,
+               int n_k, const ops::AttnShape& s, T* out, int out_stride, T* probs) {
+  const int group = s.Hq / s.Hkv;
+  const bool par = !omp_in_parallel() && double(n_q) * n_k * s.Hq * s.Dk > 2e5;
+#pragma omp parallel for schedule(dynamic) if (par)
+  for (int h = 0; h < s.Hq; ++h) {
+    const int g = h / group;
+    CSMapT<T> qh(q + size_t(h) * s.Dk, n_q, s.Dk, Stride(q_stride));
+    CSMapT<T> kh(k + size_t(g) * s.Dk, n_k, s.Dk, Stride(k_stride));
+    CSMapT<T> vh(v + size_t(g) * s.Dv, n_k, s.Dv, Stride(v_stride));
+    MapT<T> P(probs + size_t(h) * n_q * n_k, n_q, n_k);
+    P.noalias() = (qh * kh.transpose()) * T(s.scale);
+    for (int i = 0; i < n_q; ++i) {
+      const int p = q_pos0 + i;
+      T* row = P.data() + size_t(i) * n_k;
+      for (int j = 0; j < n_k; ++j)
+        if (j > p || (s.window > 0 && j <= p - s.window)) row[j] = -std::numeric_limits<T>::infinity();
+      softmax(row, n_k);
+    }
+    SMapT<T> oh(out + size_t(h) * s.Dv, n_q, s.Dv, Stride(out_stride));
+    oh.noalias() = P * vh;
+  }
+}
+
+template <class T>
+void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_stride, const T* v, int v_stride,
+                        int n_k, const ops::AttnShape& s, const T* probs, const T* dout, int dout_stride, T* dq,
+                        T* dk, T* dv) {
+  // Per head: dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pᵀ·dO.
+  // Heads of one kv group write the same dK/dV columns, so the loop is serial over heads (sizes are small).
+  const int group = s.Hq / s.Hkv;
+  for (int h = 0; h < s.Hq; ++h) {
+    const int g = h / group;
+    CSMapT<T> qh(q + size_t(h) * s.Dk, n_q, s.Dk, Stride(q_stride));
+    CSMapT<T> kh(k + size_t(g) * s.Dk, n_k, s.Dk, Stride(k_stride));
+    CSMapT<T> vh(v + size_t(g) * s.Dv, n_k, s.Dv, Stride(v_stride));
+    CMapT<T> P(probs + size_t(h) * n_q * n_k, n_q, n_k);
+    CSMapT<T> doh(dout + size_t(h) * s.Dv, n_q, s.Dv, Stride(dout_stride));
+    MatT<T> dP = doh * vh.transpose();
+    for (int i = 0; i < n_q; ++i) {
+      T acc = 0;
+      for (int j = 0; j < n_k; ++j) acc += dP(i, j) * P(i, j);
+      for (int j = 0; j < n_k; ++j) dP(i, j) = P(i, j) * (dP(i, j) - acc) * T(s.scale);
+    }
+    SMapT<T> dqh(dq + size_t(h) * s.Dk, n_q, s.Dk, Stride(q_stride));
+    SMapT<T> dkh(dk + size_t(g) * s.Dk, n_k, s.Dk, Stride(k_stride));
+    SMapT<T> dvh(dv + size_t(g) * s.Dv, n_k, s.Dv, Stride(v_stride));
+    dqh.noalias() = dP * kh;
+    dkh.noalias() += dP.transpose() * qh;
+    dvh.noalias() += P.transpose() * doh;
+  }
+}
+
+// ---- routing ----------------------------------------------------------------------------------------------------
+
+template <class T>
+void route(const ModelConfig& c, const T* z, int* ids, T* w) {
+  const int E = c.n_experts, k = c.top_k;
+  std::vector<T> p(z, z + E);
+  auto topk = [&](const T* x) {
+    std::vector<int> order(static_cast<size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [x](int a, int b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+    std::copy(order.begin(), order.begin() + k, ids);
+  };
+  switch (c.arch->router) {
+    case RouterKind::SoftmaxTopK: {
+      softmax(p.data(), E);
+      topk(p.data());
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += (w[j] = p[size_t(ids[j])]);
+      if (c.norm_topk_prob)
+        for (int j = 0; j < k; ++j) w[j] /= sum;
+      break;
+    }
+    case RouterKind::TopKSoftmax: {
+      topk(p.data());
+      for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
+      softmax(w, k);
+      break;
+    }
+  }
+  if (c.routed_scaling != 1.f)
+    for (int j = 0; j < k; ++j) w[j] *= T(c.routed_scaling);
+}
+
+template <class T>
+void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* dw_in, T* dz) {
+  const int E = c.n_experts, k = c.top_k;
+  std::vector<T> dw(dw_in, dw_in + k);
+  for (auto& d : dw) d *= T(c.routed_scaling);
+  std::fill(dz, dz + E, T(0));
+  switch (c.arch->router) {
+    case RouterKind::SoftmaxTopK: {
+      std::vector<T> p(z, z + E), dp(static_cast<size_t>(E), T(0));
+      softmax(p.data(), E);
+      if (c.norm_topk_prob) {  // w_j = p_j / S, S = Σ_sel p:  dp_i = dw_i/S − (Σ_j dw_j p_j)/S²
+        T S = 0, dot = 0;
+        for (int j = 0; j < k; ++j) {
+          S += p[size_t(ids[j])];
+          dot += dw[size_t(j)] * p[size_t(ids[j])];
+        }
+        for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)] / S - dot / (S * S);
+      } else {
+        for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)];
+      }
+      softmax_backward(p.data(), dp.data(), E, dz);
+      break;
+    }
+    case RouterKind::TopKSoftmax: {
+      std::vector<T> sm(static_cast<size_t>(k)), dsel(static_cast<size_t>(k));
+      for (int j = 0; j < k; ++j) sm[size_t(j)] = z[ids[j]];
+      softmax(sm.data(), k);
+      softmax_backward(sm.data(), dw.data(), k, dsel.data());
+      for (int j = 0; j < k; ++j) dz[ids[j]] = dsel[size_t(j)];
+      break;
+    }
+  }
+}
+
+template <class T>
+void log_softmax(const T* x, int n, T* out) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+  T s = 0;
+  for (int i = 0; i < n; ++i) s += std::exp(x[i] - m);
+  const T lse = m + std::log(s);
+  for (int i = 0; i < n; ++i) out[i] = x[i] - lse;
+}
+
+// ---- blocks -----------------------------------------------------------------------------------------------------
+
+template <class T>
+int PrefixKV<T>::n_prefix(int l, int s) const {
+  if (l >= int(k.size()) || s >= int(k[size_t(l)].size())) return 0;
+  return int(k[size_t(l)][size_t(s)].rows());
+}
+
+namespace {
+
+// The SwiGLU expert e of a bank on gathered rows xe [n, H]: gate‖up, key, output (unweighted).
+template <class T>
+void expert_forward(const ExpertBank& b, int e, const MatT<T>& xe, MatT<T>& gu, MatT<T>& key, MatT<T>& y) {
+  const int n = int(xe.rows());
+  gu.resize(n, 2 * b.I);
+  key.resize(n, b.I);
+  y.resize(n, b.H);
+  linear(xe.data(), n, b.H, b.gate_up_of(e), 2 * b.I, gu.data());
+  swiglu(gu.data(), n, b.I, key.data());
+  linear(key.data(), n, b.I, b.down_of(e), b.H, y.data());
+}
+
+// ∂/∂(expert input) [n, H] (=) given ∂/∂(unweighted output) dy [n, H].
+template <class T>
+MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const MatT<T>& dy) {
+  const int n = int(dy.rows());
+  MatT<T> dkey(n, b.I), dgu(n, 2 * b.I), dx(n, b.H);
+  linear_backward(dy.data(), n, b.I, b.down_of(e), b.H, dkey.data(), false);
+  swiglu_backward(gu.data(), dkey.data(), n, b.I, dgu.data());
+  linear_backward(dgu.data(), n, b.H, b.gate_up_of(e), 2 * b.I, dx.data(), false);
+  return dx;
+}
+
+const float* ptr_or_null(const VecF& v) { return v.size() ? v.data() : nullptr; }
+
+}  // namespace
+
+template <class T>
+void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const PrefixKV<T>* prefix,
+                   BlockTape<T>& tp) {
+  const ModelConfig& c = m.config();
+  const LayerWeights& L = m.weights().layers[size_t(l)];
+  const AttnWeights& at = L.attn;
+  const int N = int(x.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const float rm = c.residual_multiplier;
+  if (int(layout.seq.size()) != N) throw std::logic_error("block_forward: layout and rows disagree");
+
+  tp.x_in = x;
+  tp.a1.resize(N, H);
+  rmsnorm(x.data(), L.ln_in.data(), tp.a1.data(), N, H, c.rms_eps);
+
+  // q, k, v
+  MatT<T> q(N, Hq * D), k(N, Hkv * D), v(N, Hkv * D);
+  linear(tp.a1.data(), N, H, at.wq.data(), Hq * D, q.data(), ptr_or_null(at.bq));
+  linear(tp.a1.data(), N, H, at.wk.data(), Hkv * D, k.data(), ptr_or_null(at.bk));
+  linear(tp.a1.data(), N, H, at.wv.data(), Hkv * D, v.data(), ptr_or_null(at.bv));
+  if (c.arch->qk_norm != QKNorm::None) {
+    tp.q_raw = q;
+    tp.k_raw = k;
+    if (c.arch->qk_norm == QKNorm::PerHead) {
+      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N * Hq, D, c.rms_eps);
+      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N * Hkv, D, c.rms_eps);
+    } else {
+      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N, Hq * D, c.rms_eps);
+      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N, Hkv * D, c.rms_eps);
+    }
+  }
+  if (c.clip_qkv > 0.f) {
+    tp.q_pre = q;
+    tp.k_pre = k;
+    tp.v_pre = v;
+    const T cl = T(c.clip_qkv);
+    q = q.cwiseMax(-cl).cwiseMin(cl);
+    k = k.cwiseMax(-cl).cwiseMin(cl);
+    v = v.cwiseMax(-cl).cwiseMin(cl);
+  }
+  rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), m.inv_freq().data(), false);
+  rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), m.inv_freq().data(), false);
+
+  // Attention per segment (one sequence's rows), keys = prefix ‖ this call's rows.
+  tp.seg_begin.clear();
+  tp.seg_end.clear();
+  tp.seg_seq.clear();
+  for (int start = 0; start < N;) {
+    int end = start;
+    while (end < N && layout.seq[size_t(end)] == layout.seq[size_t(start)]) ++end;
+    tp.seg_begin.push_back(start);
+    tp.seg_end.push_back(end);
+    tp.seg_seq.push_back(layout.seq[size_t(start)]);
+    start = end;
+  }
+  const size_t nseg = tp.seg_begin.size();
+  tp.kf.assign(nseg, {});
+  tp.vf.assign(nseg, {});
+  tp.probs.assign(nseg, {});
+  tp.o.resize(N, Hq * D);
+  const ops::AttnShape shape{Hq, Hkv, D, D, c.attn_scale, c.sliding_window};
+  for (size_t g = 0; g < nseg; ++g) {
+    const int b = tp.seg_begin[g], e = tp.seg_end[g], s = tp.seg_seq[g], n = e - b;
+    const int np = prefix ? prefix->n_prefix(l, s) : 0;
+    if (layout.pos[size_t(b)] != np)
+      throw std::logic_error("block_forward: a sequence's first position must equal its prefix length");
+    MatT<T>& kf = tp.kf[g];
+    MatT<T>& vf = tp.vf[g];
+    kf.resize(np + n, Hkv * D);
+    vf.resize(np + n, Hkv * D);
+    if (np) {
+      kf.topRows(np) = prefix->k[size_t(l)][size_t(s)];
+      vf.topRows(np) = prefix->v[size_t(l)][size_t(s)];
+    }
+    kf.bottomRows(n) = k.middleRows(b, n);
+    vf.bottomRows(n) = v.middleRows(b, n);
+    tp.probs[g].resize(size_t(Hq) * n, np + n);
+    attention(q.data() + size_t(b) * Hq * D, n, Hq * D, np, kf.data(), Hkv * D, vf.data(), Hkv * D, np + n, shape,
+              tp.o.data() + size_t(b) * Hq * D, Hq * D, tp.probs[g].data());
+  }
+  tp.q = std::move(q);
+  MatT<T> att(N, H);
+  linear(tp.o.data(), N, Hq * D, at.wo.data(), H, att.data(), ptr_or_null(at.bo));
+  if (rm != 1.f) att *= T(rm);
+  x += att;
+  tp.x_mid = x;
+
+  // FFN
+  tp.a2.resize(N, H);
+  rmsnorm(x.data(), L.ln_post.data(), tp.a2.data(), N, H, c.rms_eps);
+  const FFNWeights& f = L.ffn;
+  MatT<T> mo = MatT<T>::Zero(N, H);
+  if (!f.moe) {
+    tp.tok.assign(1, {});
+    tp.tok[0].resize(size_t(N));
+    std::iota(tp.tok[0].begin(), tp.tok[0].end(), 0);
+    tp.gu.assign(1, {});
+    tp.key.assign(1, {});
+    tp.y.assign(1, {});
+    expert_forward(f.experts, 0, tp.a2, tp.gu[0], tp.key[0], tp.y[0]);
+    mo = tp.y[0];
+  } else {
+    const int E = c.n_experts, kk = c.top_k;
+    tp.z.resize(N, E);
+    linear(tp.a2.data(), N, H, f.router.data(), E, tp.z.data());
+    tp.ids.resize(N, kk);
+    tp.w.resize(N, kk);
+    for (int t = 0; t < N; ++t) route(c, tp.z.row(t).data(), tp.ids.row(t).data(), tp.w.row(t).data());
+    tp.tok.assign(size_t(E), {});
+    tp.slot.assign(size_t(E), {});
+    for (int t = 0; t < N; ++t)
+      for (int j = 0; j < kk; ++j) {
+        tp.tok[size_t(tp.ids(t, j))].push_back(t);
+        tp.slot[size_t(tp.ids(t, j))].push_back(j);
+      }
+    tp.gu.assign(size_t(E), {});
+    tp.key.assign(size_t(E), {});
+    tp.y.assign(size_t(E), {});
+    const bool par = !omp_in_parallel() && double(N) * kk * 6.0 * H * f.experts.I > 2e6;
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
+    for (int e = 0; e < E; ++e) {
+      const auto& ts = tp.tok[size_t(e)];
+      if (ts.empty()) continue;
+      MatT<T> xe(int(ts.size()), H);
+      for (size_t j = 0; j < ts.size(); ++j) xe.row(int(j)) = tp.a2.row(ts[j]);
+      expert_forward(f.experts, e, xe, tp.gu[size_t(e)], tp.key[size_t(e)], tp.y[size_t(e)]);
+    }
+    for (int e = 0; e < E; ++e)  // ascending expert id per token, as the forward
+      for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) {
+        const int t = tp.tok[size_t(e)][j];
+        mo.row(t) += tp.y[size_t(e)].row(int(j)) * tp.w(t, tp.slot[size_t(e)][j]);
+      }
+    if (f.has_shared) {
+      expert_forward(f.shared, 0, tp.a2, tp.s_gu, tp.s_key, tp.s_y);
+      if (f.shared_gate.size()) {
+        tp.s_logit = tp.a2 * f.shared_gate.template cast<T>();
+        for (int t = 0; t < N; ++t) mo.row(t) += tp.s_y.row(t) * sigmoid_t(tp.s_logit[t]);
+      } else {
+        mo += tp.s_y;
+      }
+    }
+  }
+  if (rm != 1.f) mo *= T(rm);
+  x += mo;
+}
+
+template <class T>
+void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) {
+  const ModelConfig& c = m.config();
+  const LayerWeights& L = m.weights().layers[size_t(l)];
+  const AttnWeights& at = L.attn;
+  const FFNWeights& f = L.ffn;
+  const int N = int(dx.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const T rm = T(c.residual_multiplier);
+
+  // ---- FFN ----
+  MatT<T> dm = dx * rm;  // ∂/∂(FFN output)
+  MatT<T> da2 = MatT<T>::Zero(N, H);
+  if (!f.moe) {
+    da2 = expert_backward(f.experts, 0, tp.gu[0], dm);
+  } else {
+    const int E = c.n_experts, kk = c.top_k;
+    MatT<T> dw = MatT<T>::Zero(N, kk);
+    std::vector<MatT<T>> dxe(static_cast<size_t>(E));
+    const bool par = !omp_in_parallel() && double(N) * kk * 6.0 * H * f.experts.I > 2e6;
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
+    for (int e = 0; e < E; ++e) {
+      const auto& ts = tp.tok[size_t(e)];
+      if (ts.empty()) continue;
+      const int n = int(ts.size());
+      MatT<T> dy(n, H);
+      for (int j = 0; j < n; ++j) {
+        const int t = ts[size_t(j)], s = tp.slot[size_t(e)][size_t(j)];
+        dy.row(j) = dm.row(t) * tp.w(t, s);
+        dw(t, s) = dm.row(t).dot(tp.y[size_t(e)].row(j));  // (t, s) pairs are distinct across experts
+      }
+      dxe[size_t(e)] = expert_backward(f.experts, e, tp.gu[size_t(e)], dy);
+    }
+    for (int e = 0; e < E; ++e)
+      for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) da2.row(tp.tok[size_t(e)][j]) += dxe[size_t(e)].row(int(j));
+    MatT<T> dz(N, E);
+    for (int t = 0; t < N; ++t) route_backward(c, tp.z.row(t).data(), tp.ids.row(t).data(), dw.row(t).data(), dz.row(t).data());
+    linear_backward(dz.data(), N, H, f.router.data(), E, da2.data(), true);
+    if (f.has_shared) {
+      MatT<T> dys = dm;
+      if (f.shared_gate.size()) {
+        VecT<T> dlogit(N);
+        for (int t = 0; t < N; ++t) {
+          const T s = sigmoid_t(tp.s_logit[t]);
+          dlogit[t] = dm.row(t).dot(tp.s_y.row(t)) * s * (T(1) - s);
+          dys.row(t) *= s;
+        }
+        da2 += dlogit * f.shared_gate.template cast<T>().transpose();
+      }
+      da2 += expert_backward(f.shared, 0, tp.s_gu, dys);
+    }
+  }
+  // dx (= ∂/∂x_mid through the residual) += norm backward
+  rmsnorm_backward(tp.x_mid.data(), L.ln_post.data(), da2.data(), dx.data(), N, H, c.rms_eps, true);
+
+  // ---- attention ----
+  MatT<T> datt = dx * rm;
+  MatT<T> dout(N, Hq * D);
+  linear_backward(datt.data(), N, Hq * D, at.wo.data(), H, dout.data(), false);
+  MatT<T> dq(N, Hq * D), dk(N, Hkv * D), dv(N, Hkv * D);
+  const ops::AttnShape shape{Hq, Hkv, D, D, c.attn_scale, c.sliding_window};
+  for (size_t g = 0; g < tp.seg_begin.size(); ++g) {
+    const int b = tp.seg_begin[g], e = tp.seg_end[g], n = e - b;
+    const int nk = int(tp.kf[g].rows());
+    MatT<T> dkf = MatT<T>::Zero(nk, Hkv * D), dvf = MatT<T>::Zero(nk, Hkv * D);
+    attention_backward(tp.q.data() + size_t(b) * Hq * D, n, Hq * D, tp.kf[g].data(), Hkv * D, tp.vf[g].data(),
+                       Hkv * D, nk, shape, tp.probs[g].data(), dout.data() + size_t(b) * Hq * D, Hq * D,
+                       dq.data() + size_t(b) * Hq * D, dkf.data(), dvf.data());
+    dk.middleRows(b, n) = dkf.bottomRows(n);  // the prefix's K/V are constants
+    dv.middleRows(b, n) = dvf.bottomRows(n);
+  }
+  // The layout's positions are needed for the RoPE transpose: recover them from the tape (first position of a
+  // segment = its prefix length; positions are consecutive).
+  std::vector<int> pos(static_cast<size_t>(N));
+  for (size_t g = 0; g < tp.seg_begin.size(); ++g) {
+    const int b = tp.seg_begin[g], e = tp.seg_end[g], np = int(tp.kf[g].rows()) - (e - b);
+    for (int r = b; r < e; ++r) pos[size_t(r)] = np + (r - b);
+  }
+  rope(dq.data(), N, Hq * D, Hq, D, D, pos.data(), m.inv_freq().data(), true);
+  rope(dk.data(), N, Hkv * D, Hkv, D, D, pos.data(), m.inv_freq().data(), true);
+  if (c.clip_qkv > 0.f) {
+    const T cl = T(c.clip_qkv);
+    auto mask = [cl](MatT<T>& d, const MatT<T>& pre) {
+      for (Eigen::Index i = 0; i < d.size(); ++i)
+        if (pre.data()[i] < -cl || pre.data()[i] > cl) d.data()[i] = T(0);
+    };
+    mask(dq, tp.q_pre);
+    mask(dk, tp.k_pre);
+    mask(dv, tp.v_pre);
+  }
+  if (c.arch->qk_norm != QKNorm::None) {
+    MatT<T> dqr(N, Hq * D), dkr(N, Hkv * D);
+    if (c.arch->qk_norm == QKNorm::PerHead) {
+      rmsnorm_backward(tp.q_raw.data(), at.q_norm.data(), dq.data(), dqr.data(), N * Hq, D, c.rms_eps, false);
+      rmsnorm_backward(tp.k_raw.data(), at.k_norm.data(), dk.data(), dkr.data(), N * Hkv, D, c.rms_eps, false);
+    } else {
+      rmsnorm_backward(tp.q_raw.data(), at.q_norm.data(), dq.data(), dqr.data(), N, Hq * D, c.rms_eps, false);
+      rmsnorm_backward(tp.k_raw.data(), at.k_norm.data(), dk.data(), dkr.data(), N, Hkv * D, c.rms_eps, false);
+    }
+    dq = std::move(dqr);
+    dk = std::move(dkr);
+  }
+  MatT<T> da1(N, H);
+  linear_backward(dq.data(), N, H, at.wq.data(), Hq * D, da1.data(), false);
+  linear_backward(dk.data(), N, H, at.wk.data(), Hkv * D, da1.data(), true);
+  linear_backward(dv.data(), N, H, at.wv.data(), Hkv * D, da1.data(), true);
+  rmsnorm_backward(tp.x_in.data(), L.ln_in.data(), da1.data(), dx.data(), N, H, c.rms_eps, true);
+}
+
+// ---- the stack --------------------------------------------------------------------------------------------------
+
+template <class T>
+TapedStack<T>::TapedStack(const Model& m, int first_layer) : m_(m), first_(first_layer) {
+  if (first_layer < 0 || first_layer > m.config().n_layers)
+    throw std::logic_error("TapedStack: first layer out of range");
+}
+
+template <class T>
+void TapedStack<T>::forward(MatT<T> x, const TokenLayout& layout, const PrefixKV<T>* prefix) {
+  const int n = m_.config().n_layers;
+  tapes_.assign(size_t(n - first_), {});
+  for (int l = first_; l < n; ++l) block_forward(m_, l, x, layout, prefix, tapes_[size_t(l - first_)]);
+  h_ = std::move(x);
+  rows_.clear();
+}
+
+template <class T>
+MatT<T> TapedStack<T>::logits(const std::vector<int>& rows) {
+  const ModelConfig& c = m_.config();
+  const int H = c.hidden, R = int(rows.size());
+  rows_ = rows;
+  MatT<T> xr(R, H);
+  for (int i = 0; i < R; ++i) xr.row(i) = h_.row(rows[size_t(i)]);
+  hn_.resize(R, H);
+  rmsnorm(xr.data(), m_.weights().final_norm.data(), hn_.data(), R, H, c.rms_eps);
+  const MatR& W = m_.weights().output_matrix();
+  MatT<T> out(R, W.rows());
+  linear(hn_.data(), R, H, W.data(), int(W.rows()), out.data());
+  if (c.logits_scaling != 1.f) out /= T(c.logits_scaling);
+  return out;
+}
+
+template <class T>
+MatT<T> TapedStack<T>::backward(const MatT<T>& dlogits) const {
+  const ModelConfig& c = m_.config();
+  const int H = c.hidden, R = int(rows_.size());
+  if (dlogits.rows() != R) throw std::logic_error("TapedStack::backward: dlogits rows differ from logits()");
+  const MatR& W = m_.weights().output_matrix();
+  MatT<T> dl = dlogits;
+  if (c.logits_scaling != 1.f) dl /= T(c.logits_scaling);
+  MatT<T> dhn(R, H);
+  linear_backward(dl.data(), R, H, W.data(), int(W.rows()), dhn.data(), false);
+  MatT<T> xr(R, H), dxr(R, H);
+  for (int i = 0; i < R; ++i) xr.row(i) = h_.row(rows_[size_t(i)]);
+  rmsnorm_backward(xr.data(), m_.weights().final_norm.data(), dhn.data(), dxr.data(), R, H, c.rms_eps, false);
+  MatT<T> dx = MatT<T>::Zero(h_.rows(), H);
+  for (int i = 0; i < R; ++i) dx.row(rows_[size_t(i)]) += dxr.row(i);
+  for (int l = c.n_layers - 1; l >= first_; --l) block_backward(m_, l, tapes_[size_t(l - first_)], dx);
+  return dx;
+}
+
+template <class T>
+PrefixKV<T> TapedStack<T>::kv() const {
+  PrefixKV<T> p;
+  const int n = m_.config().n_layers;
+  p.k.assign(size_t(n), {});
+  p.v.assign(size_t(n), {});
+  for (int l = first_; l < n; ++l) {
+    const BlockTape<T>& tp = tapes_[size_t(l - first_)];
+    int n_seqs = 0;
+    for (int s : tp.seg_seq) n_seqs = std::max(n_seqs, s + 1);
+    p.k[size_t(l)].assign(size_t(n_seqs), {});
+    p.v[size_t(l)].assign(size_t(n_seqs), {});
+    for (size_t g = 0; g < tp.seg_seq.size(); ++g) {
+      p.k[size_t(l)][size_t(tp.seg_seq[g])] = tp.kf[g];
+      p.v[size_t(l)][size_t(tp.seg_seq[g])] = tp.vf[g];
+    }
+  }
+  return p;
+}
+
+// ---- instantiations ---------------------------------------------------------------------------------------------
+
+#define MOEDIT_GRAD_INSTANTIATE(T)                                                                                  \
+  template void linear<T>(const T*, int, int, const float*, int, T*, const float*);                                \
+  template void linear_backward<T>(const T*, int, int, const float*, int, T*, bool, const T*, T*, T*);            \
+  template void rmsnorm<T>(const T*, const float*, T*, int, int, float);                                          \
+  template void rmsnorm_backward<T>(const T*, const float*, const T*, T*, int, int, float, bool, T*);             \
+  template void rope<T>(T*, int, int, int, int, int, const int*, const float*, bool);                             \
+  template void softmax<T>(T*, int);                                                                              \
+  template void softmax_backward<T>(const T*, const T*, int, T*);                                                 \
+  template void swiglu<T>(const T*, int, int, T*);                                                                \
+  template void swiglu_backward<T>(const T*, const T*, int, int, T*);                                             \
+  template void attention<T>(const T*, int, int, int, const T*, int, const T*, int, int, const ops::AttnShape&,   \
+                             T*, int, T*);                                                                        \
+  template void attention_backward<T>(const T*, int, int, const T*, int, const T*, int, int,                      \
+                                      const ops::AttnShape&, const T*, const T*, int, T*, T*, T*);                \
+  template void route<T>(const ModelConfig&, const T*, int*, T*);                                                 \
+  template void route_backward<T>(const ModelConfig&, const T*, const int*, const T*, T*);                        \
+  template void log_softmax<T>(const T*, int, T*);                                                                \
+  template struct PrefixKV<T>;                                                                                    \
+  template void block_forward<T>(const Model&, int, MatT<T>&, const TokenLayout&, const PrefixKV<T>*,             \
+                                 BlockTape<T>&);                                                                  \
+  template void block_backward<T>(const Model&, int, const BlockTape<T>&, MatT<T>&);                              \
+  template class TapedStack<T>;
+
+MOEDIT_GRAD_INSTANTIATE(float)
+MOEDIT_GRAD_INSTANTIATE(double)
+
+}  // namespace moedit::grad

@@ -1,0 +1,163 @@
+// Gradients through the blocks of a Model with its weights frozen: the backward pass of every op the forward
+// uses, and a taped forward/backward over a stack of blocks (layers first..n-1, final norm, lm_head).
+//
+// What it is for: ROME's v* needs ∂loss/∂δ where δ is added to the MoE output of layer L and the loss is read
+// from the logits; TapedStack runs layers L+1.. with a tape and returns ∂loss/∂(input of layer L+1). Later
+// features (router tuning, expert fine-tuning) need weight gradients: the op-level functions below already
+// take optional dW / dw / db outputs and the tape keeps every op input a weight gradient needs (a1, o, a2,
+// per-expert gate‖up outputs and keys); block_backward computes only the input gradient for now.
+//
+// Everything is templated on the scalar: float in production (GEMMs go through kernels/ops.h, so the forward
+// matches Model::forward to fp32 reassociation), double in tests (finite-difference checks at 1e-4 relative).
+// Weights stay the model's fp32 tensors; in double mode they are widened on use.
+//
+// Semantics follow Model::forward exactly: RMSNorm, q/k/v (+bias), q/k-norm (per head or whole projection),
+// clip_qkv, rotate-half RoPE, causal (+sliding-window) GQA attention, o_proj, residual multiplier, router
+// (softmax→top-k→renorm→scale, or top-k→softmax), grouped SwiGLU experts, sigmoid-gated or ungated shared
+// expert, dense SwiGLU layers, final RMSNorm, lm_head, logits_scaling. Routing is recomputed in the forward and
+// held fixed in the backward (the gradient flows through the selected experts' weights, not the selection).
+#pragma once
+#include <vector>
+
+#include "model/model.h"
+
+namespace moedit {
+
+template <class T>
+using MatT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using VecT = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+using IdxMat = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+namespace grad {
+
+// ---- op level (row-major buffers; W is a float [out, in] weight, y = x·Wᵀ + b) ---------------------------------
+
+// Y[n, out] = X[n, in]·Wᵀ (+ b).
+template <class T>
+void linear(const T* X, int n, int in, const float* W, int out, T* Y, const float* b = nullptr);
+// dX[n, in] = dY[n, out]·W (+= when accumulate). dW[out, in] += dYᵀ·X and db[out] += Σ_rows dY when non-null
+// (X is then required).
+template <class T>
+void linear_backward(const T* dY, int n, int in, const float* W, int out, T* dX, bool accumulate,
+                     const T* X = nullptr, T* dW = nullptr, T* db = nullptr);
+
+// y = w ⊙ x·rsqrt(mean(x²) + eps), per row.
+template <class T>
+void rmsnorm(const T* x, const float* w, T* y, int rows, int dim, float eps);
+// dx (= or +=) from dy; dw[dim] += Σ_rows dy ⊙ x·r when non-null.
+template <class T>
+void rmsnorm_backward(const T* x, const float* w, const T* dy, T* dx, int rows, int dim, float eps,
+                      bool accumulate, T* dw = nullptr);
+
+// Rotate-half RoPE in place (ops::rope_neox layout and angles, cos/sin computed in fp32 as the forward does);
+// transpose = true applies the transposed rotation (the backward: rotation by −angle).
+template <class T>
+void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+          const float* inv_freq, bool transpose);
+
+// Softmax in place (ops::softmax_inplace semantics, -inf → 0) and its backward dz = p ⊙ (dp − Σ p·dp).
+template <class T>
+void softmax(T* x, int n);
+template <class T>
+void softmax_backward(const T* p, const T* dp, int n, T* dz);
+
+// key[r, i] = silu(gu[r, i])·gu[r, I + i] for gate‖up rows [rows, 2I]; backward gives dgu [rows, 2I].
+template <class T>
+void swiglu(const T* gu, int rows, int I, T* key);
+template <class T>
+void swiglu_backward(const T* gu, const T* dkey, int rows, int I, T* dgu);
+
+// Causal attention of one sequence, ops::attention semantics, recording probs [Hq, n_q, n_k] (masked entries 0).
+template <class T>
+void attention(const T* q, int n_q, int q_stride, int q_pos0, const T* k, int k_stride, const T* v, int v_stride,
+               int n_k, const ops::AttnShape& s, T* out, int out_stride, T* probs);
+// Backward: dq [n_q, q_stride] (=), dk [n_k, k_stride] (+=), dv [n_k, v_stride] (+=) from dout.
+template <class T>
+void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_stride, const T* v, int v_stride,
+                        int n_k, const ops::AttnShape& s, const T* probs, const T* dout, int dout_stride, T* dq,
+                        T* dk, T* dv);
+
+// Model::route for one token's router logits z[E]: ids[k] (top-k order) and weights w[k].
+template <class T>
+void route(const ModelConfig& c, const T* z, int* ids, T* w);
+// Backward with the selection fixed: dz[E] (=) from dw[k].
+template <class T>
+void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* dw, T* dz);
+
+// log-softmax of a row.
+template <class T>
+void log_softmax(const T* x, int n, T* out);
+
+// ---- block level ------------------------------------------------------------------------------------------------
+
+// K/V (after norms, clipping and RoPE) of constant prefix tokens: k[l][s], v[l][s] = rows [n_prefix_s, Hkv·D] for
+// layer l and sequence (batch row) s. A forward over the remaining tokens of each sequence attends to them as a
+// KV cache would, and the backward treats them as constants.
+template <class T>
+struct PrefixKV {
+  std::vector<std::vector<MatT<T>>> k, v;  // indexed [layer][seq]; layers below the stack's first are empty
+  int n_prefix(int l, int s) const;
+};
+
+// Everything a block's backward reads (and a weight gradient would).
+template <class T>
+struct BlockTape {
+  MatT<T> x_in, a1;                  // block input, input-norm output [N, H]
+  MatT<T> q_raw, k_raw;              // projections before q/k-norm (kept only with q/k-norm)
+  MatT<T> q_pre, k_pre, v_pre;       // after q/k-norm, before clipping (kept only with clip_qkv)
+  MatT<T> q;                         // queries after RoPE [N, Hq·D]
+  std::vector<MatT<T>> kf, vf;       // per segment: keys/values after RoPE, prefix + active [n_k, Hkv·D]
+  std::vector<MatT<T>> probs;        // per segment: [Hq·n_q, n_k]
+  std::vector<int> seg_begin, seg_end, seg_seq;  // segments = runs of one sequence's rows
+  MatT<T> o;                         // attention output before o_proj [N, Hq·D]
+  MatT<T> x_mid, a2;                 // residual after attention; FFN input (post-attention norm) [N, H]
+  // FFN: dense layers use expert slot 0 with every token.
+  MatT<T> z;                         // router logits [N, E]
+  IdxMat ids;                        // [N, k]
+  MatT<T> w;                         // routing weights [N, k]
+  std::vector<std::vector<int>> tok, slot;  // per expert: tokens routed to it (ascending) and their top-k slot
+  std::vector<MatT<T>> gu, key, y;   // per expert: gate‖up output [n_e, 2I], key [n_e, I], unweighted output [n_e, H]
+  MatT<T> s_gu, s_key, s_y;          // shared expert, all tokens
+  VecT<T> s_logit;                   // shared-expert gate logits [N] (sigmoid-gated only)
+};
+
+// One block forward on rows x [N, H] (in place) whose seq/pos are given by `layout` (a sequence's rows are
+// contiguous with consecutive positions; with a prefix, its first position equals the prefix length). Records
+// the tape.
+template <class T>
+void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const PrefixKV<T>* prefix,
+                   BlockTape<T>& tape);
+// dx: in = ∂loss/∂(block output), out = ∂loss/∂(block input).
+template <class T>
+void block_backward(const Model& m, int l, const BlockTape<T>& tape, MatT<T>& dx);
+
+// Layers first..n-1, final norm and lm_head, with tapes.
+template <class T>
+class TapedStack {
+ public:
+  TapedStack(const Model& m, int first_layer);
+  int first_layer() const { return first_; }
+
+  // x: input of layer first_layer [N, H].
+  void forward(MatT<T> x, const TokenLayout& layout, const PrefixKV<T>* prefix = nullptr);
+  const MatT<T>& hidden() const { return h_; }  // residual stream after the last layer [N, H]
+  // Final norm + lm_head (+ logits_scaling) on the given rows of hidden() → [rows.size(), V]; remembers the rows.
+  MatT<T> logits(const std::vector<int>& rows);
+  // ∂loss/∂(stack input) [N, H] given ∂loss/∂logits [rows.size(), V] for the rows of the last logits() call.
+  MatT<T> backward(const MatT<T>& dlogits) const;
+  // K/V of every layer and sequence of the last forward (prefix + this forward's tokens): a prefix for a later
+  // forward that continues these sequences.
+  PrefixKV<T> kv() const;
+
+ private:
+  const Model& m_;
+  int first_;
+  std::vector<BlockTape<T>> tapes_;
+  MatT<T> h_;
+  std::vector<int> rows_;
+  MatT<T> hn_;  // final-normed rows
+};
+
+}  // namespace grad
+}  // namespace moedit
