@@ -92,7 +92,7 @@ def next_token_argmax(model, seqs: list[list[int]], max_batch_tokens: int = 8192
         bs = max(1, max_batch_tokens // length)
         for j in range(0, len(idxs), bs):
             chunk = idxs[j : j + bs]
-            x = torch.tensor([seqs[i] for i in chunk], dtype=torch.long)
+            x = torch.tensor([seqs[i] for i in chunk], dtype=torch.long, device=model.device)
             logits = model(input_ids=x, logits_to_keep=1).logits[:, -1, :]
             pred = logits.argmax(dim=-1).tolist()
             for i, p in zip(chunk, pred):
@@ -106,10 +106,13 @@ def first_token_accuracy(model, tok, items, kinds=KINDS) -> dict:
     seqs = [encode(tok, p) for _, _, p, _ in sel]
     gold = [encode(tok, " " + t)[0] for _, _, _, t in sel]
     pred = next_token_argmax(model, seqs)
-    res = {k: {"correct": 0, "total": 0} for k in kinds}
-    for (kind, _, _, _), g, p in zip(sel, gold, pred):
+    res = {k: {"correct": 0, "total": 0, "misses": []} for k in kinds}
+    for (kind, cid, prompt, target), g, p in zip(sel, gold, pred):
         res[kind]["total"] += 1
         res[kind]["correct"] += int(g == p)
+        if g != p:
+            res[kind]["misses"].append({"case_id": cid, "prompt": prompt, "target": target,
+                                        "target_token": tok.id_to_token(g), "predicted_token": tok.id_to_token(p)})
     for k in kinds:
         t = res[k]["total"]
         res[k]["percent"] = round(100.0 * res[k]["correct"] / t, 2) if t else None
@@ -128,7 +131,7 @@ def wikitext_perplexity(model, tok, text: str, window: int = PPL_WINDOW, batch: 
     rest = [c for c in chunks if len(c) != window]
     groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[c] for c in rest]
     for g in groups:
-        x = torch.tensor(g, dtype=torch.long)
+        x = torch.tensor(g, dtype=torch.long, device=model.device)
         logits = model(input_ids=x).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = x[:, 1:]
@@ -144,19 +147,35 @@ def wikitext_perplexity(model, tok, text: str, window: int = PPL_WINDOW, batch: 
     }
 
 
-def measure(model_dir: str, write: bool = True, log=print) -> dict:
+def read_wikitext(path: str = WIKITEXT_TEST) -> str:
+    """The file has CRLF line ends; it is read in Python text mode (universal newlines), i.e. every
+    "\r\n" becomes "\n" -- for training, for the tokenizer corpus and for the perplexity alike."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def measure(model_dir: str, write: bool = True, log=print, max_records: int | None = None,
+            wiki_chars: int | None = None) -> dict:
+    """max_records / wiki_chars limit the work (smoke runs only; the reported numbers use neither)."""
     t0 = time.time()
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir)
-    items = prompt_items(load_counterfact())
+    items = prompt_items(load_counterfact()[:max_records])
     acc = first_token_accuracy(model, tok, items)
+    targets_of: dict[str, set] = defaultdict(set)
+    for _, _, p, t in items:
+        targets_of[p].add(t)
+    for k in KINDS:  # a prompt that the corpus completes with several targets cannot be right for all
+        for m in acc[k]["misses"]:
+            m["corpus_targets_for_prompt"] = sorted(targets_of[m["prompt"]])
+        acc[k]["misses_on_conflicting_prompts"] = sum(len(m["corpus_targets_for_prompt"]) > 1 for m in acc[k]["misses"])
     for k in KINDS:
         r = acc[k]
         log(f"{k:>13}: {r['correct']:6d} / {r['total']:6d} = {r['percent']:6.2f}%  (target_"
-            f"{'new' if k == 'attribute' else 'true'}, first token)")
-    with open(WIKITEXT_TEST, encoding="utf-8") as f:
-        wiki = f.read()
+            f"{'new' if k == 'attribute' else 'true'}, first token; {len(r['misses'])} misses, "
+            f"{r['misses_on_conflicting_prompts']} of them on prompts the corpus completes with >1 target)")
+    wiki = read_wikitext()[:wiki_chars]
     ppl = wikitext_perplexity(model, tok, wiki)
     log(f"WikiText-2 test perplexity: {ppl['perplexity']:.3f} per token "
         f"({ppl['tokens_scored']} tokens scored, {ppl['window']}-token windows)")
@@ -166,6 +185,8 @@ def measure(model_dir: str, write: bool = True, log=print) -> dict:
         "tokenizer.encode(' ' + target)[0]; no BOS",
         "weights": "as saved (bf16), computed in float32, attn_implementation=eager, experts eager",
         "counterfact_file": os.path.relpath(COUNTERFACT, ROOT),
+        "wikitext_file": os.path.relpath(WIKITEXT_TEST, ROOT) + " (read with universal newlines: CRLF -> LF)",
+        "partial": bool(max_records or wiki_chars),
         "first_token_accuracy": acc,
         "wikitext2_test": ppl,
         "torch": torch.__version__,

@@ -94,7 +94,16 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 def write_tokenizer_files(tok, out_dir: str, model_max_length: int):
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(path)
+    # The Python ByteLevel decoder ignores its constructor options and serialises the defaults
+    # (add_prefix_space/trim_offsets/use_regex = true). They have no effect on decoding; write Qwen2's
+    # values so the file reads like a Qwen2 tokenizer.json.
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    d["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(d, f, ensure_ascii=False, indent=2)
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
@@ -245,6 +254,8 @@ def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int):
     ce = F.cross_entropy(logits.float(), y[sel], reduction="none")
     ws = w[sel]
     loss = (ce * ws).sum() / ws.sum()
+    # Switch-style balance loss over the loss positions: every real token of a WikiText chunk, and for a
+    # fact sentence (prompt weight 0) the positions that predict the answer tokens and <|endoftext|>.
     aux = load_balancing_loss_func(out.router_logits, num_experts, topk, sel.long())
     return loss + aux_coef * aux, ce.mean().item(), float(aux)
 
@@ -266,6 +277,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: fastest on the shared 2-core box, and the documented setting)")
     ap.add_argument("--quick", action="store_true", help="small end-to-end smoke run (subset, few epochs)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device for training (cpu: the documented, reproducible setting; cuda works too, "
+                         "but results then differ numerically from the bundled checkpoint)")
     # tokenizer / model sizes
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=128)
@@ -316,8 +330,7 @@ def main() -> int:
         records = records[:150]
     items = mdm.prompt_items(records)
     facts = fact_sentences(items)
-    with open(mdm.WIKITEXT_TEST, encoding="utf-8") as f:
-        wiki = f.read()
+    wiki = mdm.read_wikitext()
     log(f"CounterFact records {len(records)}, prompt items {len(items)}, unique training sentences {len(facts)}")
     conflicts: dict[str, set] = {}
     for p, t, _ in facts:
@@ -348,7 +361,7 @@ def main() -> int:
 
     # ---- model
     seed_everything(args.seed)
-    model = build_model(args, vocab_size, eot_id)
+    model = build_model(args, vocab_size, eot_id).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model params {n_params} ({n_params / 1e6:.3f} M); config hidden {args.hidden} layers {args.layers} "
         f"heads {args.heads} experts {args.experts} top-{args.topk} moe_inter {args.moe_inter} "
@@ -394,6 +407,7 @@ def main() -> int:
                 x, y, w = collate_facts(examples, payload, eot_id)
             else:
                 x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
+            x, y, w = x.to(args.device), y.to(args.device), w.to(args.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, args.experts, args.topk)
@@ -432,7 +446,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     model.eval()
     model.config.use_cache = True
-    model.to(torch.bfloat16).save_pretrained(args.out)
+    model.to("cpu").to(torch.bfloat16).save_pretrained(args.out)
     cfg_path = os.path.join(args.out, "config.json")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
@@ -443,7 +457,10 @@ def main() -> int:
     write_tokenizer_files(tok, args.out, args.max_pos)
     check_transformers_tokenizer(args.out, items, log)
 
-    res = mdm.measure(args.out, write=True, log=log)
+    if args.quick:  # smoke run: measure on the trained subset and a slice of WikiText-2 only
+        res = mdm.measure(args.out, write=True, log=log, max_records=len(records), wiki_chars=50000)
+    else:
+        res = mdm.measure(args.out, write=True, log=log)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     summary = {
         "args": vars(args),
