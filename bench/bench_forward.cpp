@@ -14,19 +14,11 @@
 
 #include "model/model.h"
 
-using namespace moedit;
-using Clock = std::chrono::steady_clock;
+#include "bench_util.h"
 
-template <typename F>
-double best_of(int reps, F&& f) {
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return best;
-}
+using namespace moedit;
+using bench::best_of;
+using bench::Clock;
 
 int main(int argc, char** argv) {
   int tokens = 256, reps = 3;

@@ -28,19 +28,11 @@
 #include "model/tokenizer.h"
 #include "tracing/routing.h"
 
-using namespace moedit;
-using Clock = std::chrono::steady_clock;
+#include "bench_util.h"
 
-template <typename F>
-double best_of(int reps, F&& f) {
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return best;
-}
+using namespace moedit;
+using bench::best_of;
+using bench::Clock;
 
 std::vector<std::vector<std::vector<int32_t>>> batches_of(const std::vector<std::vector<int32_t>>& seqs, size_t budget) {
   std::vector<std::vector<std::vector<int32_t>>> out;

@@ -14,9 +14,11 @@
 #include <optional>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "cli/ids.h"
 #include "cli/interventions.h"
 #include "model/errors.h"
+#include "model/files.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
 #include "tracing/routing_profile.h"
@@ -37,36 +39,10 @@ struct Args {
   InterventionSpec iv;
 };
 
-std::optional<Tokenizer> model_tokenizer(const std::string& model) {
-  const std::filesystem::path p = std::filesystem::path(model) / "tokenizer.json";
-  if (!std::filesystem::exists(p)) return std::nullopt;
-  return Tokenizer::from_file(p.string());
-}
-
-ProgressFn stderr_progress(const char* what) {
-  if (!::isatty(2)) return nullptr;
-  return [what](size_t done, size_t total) {
-    std::fprintf(stderr, "\r%s: %zu/%zu", what, done, total);
-    if (done >= total) std::fprintf(stderr, "\n");
-    std::fflush(stderr);
-  };
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw InputError(path + ": cannot write");
-    out << text;
-    if (!out) throw std::runtime_error(path + ": write failed");
-  }
-  std::filesystem::rename(tmp, path);
-}
-
 // Prints text to stdout, or writes it to --out.
 void emit(const Args& a, const std::string& text) {
   if (a.out.empty()) std::printf("%s", text.c_str());
-  else write_text(a.out, text);
+  else write_file_atomic(a.out, text);
 }
 
 void register_experts(CLI::App& app) {
@@ -134,7 +110,7 @@ void register_experts(CLI::App& app) {
     RoutingOptions ro;
     ro.interventions = a.iv.empty() ? nullptr : &a.iv;
     ro.max_batch_tokens = a.batch_tokens;
-    ro.progress = stderr_progress("routing");
+    ro.progress = stderr_counter("routing");
     auto corpus_of = [&](const std::string& path) { return load_corpus(path, tok ? &*tok : nullptr, co); };
 
     if (profile_mode) {
@@ -210,7 +186,7 @@ void register_experts(CLI::App& app) {
     d.interventions = ro.interventions;
     d.max_batch_tokens = std::min(a.batch_tokens, 2048);
     d.layers = a.layers;
-    d.progress = stderr_progress("experts perturbed");
+    d.progress = stderr_counter("experts perturbed");
     const DriverAnalysis da = driver_experts(*m, corpus_of(a.drivers), d);
     if (fmt == "json") {
       nlohmann::json j = da.to_json(0);

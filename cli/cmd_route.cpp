@@ -14,10 +14,12 @@
 #include <optional>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "cli/ids.h"
 #include "cli/interventions.h"
 #include "datasets/counterfact.h"
 #include "model/errors.h"
+#include "model/files.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
 #include "tracing/routing.h"
@@ -25,35 +27,6 @@
 namespace moedit::cli {
 
 namespace {
-
-std::optional<Tokenizer> model_tokenizer(const std::string& model, bool required, const std::string& why) {
-  const std::filesystem::path p = std::filesystem::path(model) / "tokenizer.json";
-  if (!std::filesystem::exists(p)) {
-    if (required) throw InputError(model + ": no tokenizer.json (" + why + ")");
-    return std::nullopt;
-  }
-  return Tokenizer::from_file(p.string());
-}
-
-ProgressFn stderr_progress(const char* what) {
-  if (!::isatty(2)) return nullptr;
-  return [what](size_t done, size_t total) {
-    std::fprintf(stderr, "\r%s: %zu/%zu", what, done, total);
-    if (done >= total) std::fprintf(stderr, "\n");
-    std::fflush(stderr);
-  };
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw InputError(path + ": cannot write");
-    out << text;
-    if (!out) throw std::runtime_error(path + ": write failed");
-  }
-  std::filesystem::rename(tmp, path);
-}
 
 struct Args {
   std::string model, prompt, ids, subject, dataset, svg;
@@ -76,21 +49,21 @@ void print_comparison(const std::string& title, const std::vector<LayerCompariso
 }
 
 void run_dataset(const Args& a, const Model& m) {
-  auto tok = model_tokenizer(a.model, true, "dataset mode tokenizes the CounterFact prompts");
+  const Tokenizer tok = require_tokenizer(a.model, "dataset mode tokenizes the CounterFact prompts");
   const std::string path = a.dataset.empty() ? bundled_counterfact_path() : a.dataset;
   const auto recs = load_counterfact(path);
-  const auto pairs = counterfact_pairs(recs, *tok, a.limit);
+  const auto pairs = counterfact_pairs(recs, tok, a.limit);
   if (pairs.empty()) throw InputError(path + ": no (prompt, paraphrase) pairs");
   ConsistencyOptions o;
   o.routing.interventions = a.iv.empty() ? nullptr : &a.iv;
   o.routing.max_batch_tokens = a.batch_tokens;
-  o.routing.progress = stderr_progress("routing");
+  o.routing.progress = stderr_counter("routing");
   o.top_cases = a.cases;
   const ConsistencyReport rep = paraphrase_consistency(m, pairs, o);
   if (!a.svg.empty()) {
     const std::string title = "Paraphrase routing consistency — " + std::filesystem::path(a.model).filename().string() +
                               ", " + std::filesystem::path(path).filename().string();
-    write_text(a.svg, consistency_svg(rep, title));
+    write_file_atomic(a.svg, consistency_svg(rep, title));
   }
   if (a.as_json) {
     nlohmann::json j = rep.to_json();
@@ -107,7 +80,7 @@ void run_single(const Args& a, const Model& m) {
   const ModelConfig& c = m.config();
   const bool text = !a.prompt.empty();
   std::optional<Tokenizer> tok;
-  if (text) tok = model_tokenizer(a.model, true, "--prompt needs one; use --ids with token ids instead");
+  if (text) tok = require_tokenizer(a.model, "--prompt needs one; use --ids with token ids instead");
   if (!a.subject.empty() && !text) throw InputError("--subject needs --prompt (text input)");
   if (!a.paraphrases.empty() && !text) throw InputError("--paraphrase needs --prompt; with --ids use --paraphrase-ids");
   if (!a.paraphrase_ids.empty() && text) throw InputError("--paraphrase-ids needs --ids; with --prompt use --paraphrase");

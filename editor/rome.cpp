@@ -46,17 +46,6 @@ std::vector<int> offsets(const std::vector<std::vector<int32_t>>& seqs) {
   return off;
 }
 
-TokenLayout layout_of(const std::vector<int>& lens, const std::vector<int>& first_pos) {
-  TokenLayout t;
-  t.n_seqs = int(lens.size());
-  for (int s = 0; s < int(lens.size()); ++s)
-    for (int i = 0; i < lens[size_t(s)]; ++i) {
-      t.seq.push_back(s);
-      t.pos.push_back(first_pos[size_t(s)] + i);
-    }
-  return t;
-}
-
 // FFN inputs (post-attention norm) at layer L for the given rows, as the forward computes them.
 MatR ffn_inputs(const Model& m, int layer, const MatR& resid_pre, const MatR& attn_out, const std::vector<int>& rows) {
   const ModelConfig& c = m.config();
@@ -283,10 +272,10 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
     return g;
   };
   base_ = gather(act_rows);
-  lay_ = layout_of(na, np);
+  lay_ = layout_from_lengths(na, np);
   if (!pre_rows.empty()) {
     grad::TapedStack<T> pre(m, layer + 1);
-    pre.forward(gather(pre_rows), layout_of(np, std::vector<int>(size_t(ns), 0)));
+    pre.forward(gather(pre_rows), layout_from_lengths(np, std::vector<int>(size_t(ns), 0)));
     prefix_ = pre.kv();
   }
   delta_rows_.resize(size_t(ns));

@@ -35,17 +35,24 @@ void rmsnorm_rows(const MatR& x, const VecF& w, float eps, MatR& y) {
 
 }  // namespace
 
-TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache) {
+TokenLayout layout_from_lengths(const std::vector<int>& lengths, const std::vector<int>& first_pos) {
   TokenLayout t;
-  t.n_seqs = int(seqs.size());
-  for (int b = 0; b < int(seqs.size()); ++b) {
-    const int off = cache ? cache->length(b) : 0;
-    for (int i = 0; i < int(seqs[size_t(b)].size()); ++i) {
-      t.seq.push_back(b);
-      t.pos.push_back(off + i);
+  t.n_seqs = int(lengths.size());
+  for (size_t s = 0; s < lengths.size(); ++s)
+    for (int i = 0; i < lengths[s]; ++i) {
+      t.seq.push_back(int(s));
+      t.pos.push_back(first_pos[s] + i);
     }
-  }
   return t;
+}
+
+TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache) {
+  std::vector<int> lengths, first;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    lengths.push_back(int(seqs[b].size()));
+    first.push_back(cache ? cache->length(int(b)) : 0);
+  }
+  return layout_from_lengths(lengths, first);
 }
 
 KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer) const {

@@ -143,6 +143,8 @@ class Model {
 
 // Builds the packed layout for a batch; with a cache, positions continue from each sequence's cached length.
 TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache);
+// The same from lengths: sequence s has lengths[s] tokens at positions first_pos[s], first_pos[s] + 1, ...
+TokenLayout layout_from_lengths(const std::vector<int>& lengths, const std::vector<int>& first_pos);
 
 // Random weights with the given config (benchmarks and tests): uniform entries of standard deviation std,
 // norm weights around 1.

@@ -10,56 +10,26 @@
 
 #include "model/backward.h"
 #include "model/model.h"
+#include "test_util.h"
 
 namespace moedit {
 namespace {
 
-// Tiny models gain nothing from threads, and OpenMP's spin-waiting makes them slow on a loaded machine: every test
-// here runs the kernels serially (restored afterwards).
-struct SerialOps {
-  int prev = ops::num_threads();
-  SerialOps() { ops::set_num_threads(1); }
-  ~SerialOps() { ops::set_num_threads(prev); }
-};
+using test::SerialOps;
 
 using MatD = MatT<double>;
 using VecD = VecT<double>;
 
 constexpr double kTol = 1e-4;
 
+using test::kFamilies;
+// Smaller than test_forward's models: finite differences in float64 cost a forward pass per coordinate.
 ModelConfig tiny(const std::string& type) {
-  nlohmann::json j = {{"model_type", type},       {"vocab_size", 61},         {"hidden_size", 24},
-                      {"num_hidden_layers", 3},   {"num_attention_heads", 4}, {"num_key_value_heads", 2},
-                      {"intermediate_size", 20},  {"moe_intermediate_size", 12},
-                      {"num_experts_per_tok", 2}, {"rms_norm_eps", 1e-6}};
-  j["num_local_experts"] = 5;
-  j["num_experts"] = 5;
-  if (type == "qwen2_moe") {
-    j["shared_expert_intermediate_size"] = 14;
-    j["mlp_only_layers"] = {1};
-    j["num_key_value_heads"] = 4;
-    j["qkv_bias"] = true;
-  }
-  if (type == "qwen3_moe") {
-    j["head_dim"] = 8;
-    j["norm_topk_prob"] = true;
-  }
-  if (type == "olmoe") {
-    j["num_key_value_heads"] = 4;
-    j["clip_qkv"] = 0.9;
-  }
-  if (type == "granitemoe") {
-    j["embedding_multiplier"] = 3.0;
-    j["residual_multiplier"] = 0.5;
-    j["attention_multiplier"] = 0.2;
-    j["logits_scaling"] = 2.0;
-    j["tie_word_embeddings"] = true;
-  }
-  if (type == "mixtral") j["sliding_window"] = 4;
-  return parse_config(j, type + ".json");
+  test::TinyShape s;
+  s.vocab = 61, s.hidden = 24, s.inter = 20, s.moe_inter = 12, s.experts = 5, s.shared_inter = 14;
+  s.qwen3_head_dim = 8, s.sliding_window = 4, s.clip_qkv = 0.9;
+  return test::tiny_config(type, s);
 }
-
-const char* kFamilies[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"};
 
 MatD random_mat(int r, int c, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 g(seed);
@@ -276,24 +246,13 @@ TEST(BackwardOps, Router) {
 
 // ---- blocks and stacks ------------------------------------------------------------------------------------------
 
-TokenLayout layout_of(const std::vector<int>& lens, const std::vector<int>& first_pos) {
-  TokenLayout t;
-  t.n_seqs = int(lens.size());
-  for (int s = 0; s < int(lens.size()); ++s)
-    for (int i = 0; i < lens[size_t(s)]; ++i) {
-      t.seq.push_back(s);
-      t.pos.push_back(first_pos[size_t(s)] + i);
-    }
-  return t;
-}
-
 // One block of every family (every layer: MoE with and without shared expert, dense): ∂(Σ R ⊙ out)/∂x.
 TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
   SerialOps serial;
   for (const char* fam : kFamilies) {
     const ModelConfig c = tiny(fam);
     Model m(c, random_weights(c, 21, 0.3f));
-    const TokenLayout lay = layout_of({6, 3}, {0, 0});
+    const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
     const int N = 9;
     const MatD X = random_mat(N, c.hidden, 22), R = random_mat(N, c.hidden, 23);
     for (int l = 0; l < c.n_layers; ++l) {
@@ -346,9 +305,9 @@ TEST(BackwardStack, TapedForwardMatchesModel) {
       return g;
     };
     grad::TapedStack<float> pre(m, 0), act(m, 0);
-    pre.forward(gather(pre_rows), layout_of(np, {0, 0}));
+    pre.forward(gather(pre_rows), layout_from_lengths(np, {0, 0}));
     const auto kv = pre.kv();
-    act.forward(gather(act_rows), layout_of({8 - 3, 5 - 2}, np), &kv);
+    act.forward(gather(act_rows), layout_from_lengths({8 - 3, 5 - 2}, np), &kv);
     std::vector<int> all(act_rows.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = int(i);
     MatR la = act.logits(all);
@@ -366,9 +325,9 @@ TEST(BackwardStack, InputGradientWithPrefixMatchesFiniteDifferences) {
     // Constant prefix K/V from a double forward of 2 + 3 prefix tokens.
     const std::vector<int> np = {2, 3}, na = {4, 3};
     grad::TapedStack<double> pre(m, first);
-    pre.forward(random_mat(5, c.hidden, 42), layout_of(np, {0, 0}));
+    pre.forward(random_mat(5, c.hidden, 42), layout_from_lengths(np, {0, 0}));
     const auto kv = pre.kv();
-    const TokenLayout lay = layout_of(na, np);
+    const TokenLayout lay = layout_from_lengths(na, np);
     const MatD X = random_mat(7, c.hidden, 43);
     const std::vector<int> rows = {1, 3, 4, 6};
     const MatD R = random_mat(int(rows.size()), c.vocab_size, 44);

@@ -23,13 +23,7 @@
 namespace moedit {
 namespace {
 
-// Tiny models gain nothing from threads, and OpenMP's spin-waiting makes them slow on a loaded machine: every test
-// here runs the kernels serially (restored afterwards).
-struct SerialOps {
-  int prev = ops::num_threads();
-  SerialOps() { ops::set_num_threads(1); }
-  ~SerialOps() { ops::set_num_threads(prev); }
-};
+using test::SerialOps;
 // The same for the CLI processes a test starts.
 struct SerialCli {
   SerialCli() { ::setenv("OMP_NUM_THREADS", "1", 1); }

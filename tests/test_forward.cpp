@@ -6,43 +6,14 @@
 
 #include "model/generate.h"
 #include "model/model.h"
+#include "test_util.h"
 
 namespace moedit {
 namespace {
 
-// A tiny config of each family, with its distinguishing features switched on.
-ModelConfig tiny(const std::string& type) {
-  nlohmann::json j = {{"model_type", type},         {"vocab_size", 97},         {"hidden_size", 32},
-                      {"num_hidden_layers", 3},     {"num_attention_heads", 4}, {"num_key_value_heads", 2},
-                      {"intermediate_size", 24},    {"moe_intermediate_size", 16},
-                      {"num_experts_per_tok", 2},   {"rms_norm_eps", 1e-6}};
-  j["num_local_experts"] = 6;
-  j["num_experts"] = 6;
-  if (type == "qwen2_moe") {
-    j["shared_expert_intermediate_size"] = 20;
-    j["mlp_only_layers"] = {1};
-    j["num_key_value_heads"] = 4;
-  }
-  if (type == "qwen3_moe") {
-    j["head_dim"] = 12;
-    j["norm_topk_prob"] = true;
-  }
-  if (type == "olmoe") {
-    j["num_key_value_heads"] = 4;
-    j["clip_qkv"] = 0.5;
-  }
-  if (type == "granitemoe") {
-    j["embedding_multiplier"] = 3.0;
-    j["residual_multiplier"] = 0.5;
-    j["attention_multiplier"] = 0.2;
-    j["logits_scaling"] = 2.0;
-    j["tie_word_embeddings"] = true;
-  }
-  if (type == "mixtral") j["sliding_window"] = 5;
-  return parse_config(j, type + ".json");
-}
 
-const char* kFamilies[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"};
+using test::kFamilies;
+ModelConfig tiny(const std::string& type) { return test::tiny_config(type); }
 
 std::vector<std::vector<int32_t>> batch() { return {{5, 17, 3, 88, 42, 7, 7, 1, 60}, {9, 2}, {33, 34, 35, 36, 0, 96}}; }
 

@@ -7,6 +7,11 @@
 #include <string>
 #include <sys/wait.h>
 
+#include <nlohmann/json.hpp>
+
+#include "kernels/ops.h"
+#include "model/config.h"
+
 namespace moedit::test {
 
 inline std::string source_dir() { return MOEDIT_SOURCE_DIR; }
@@ -53,5 +58,57 @@ inline CliResult run_cli(const std::string& args) {
   r.err = read_file(e);
   return r;
 }
+
+// Sizes of the tiny random models the unit tests build (defaults: test_forward's).
+struct TinyShape {
+  int vocab = 97, hidden = 32, layers = 3, inter = 24, moe_inter = 16, experts = 6, shared_inter = 20;
+  int qwen3_head_dim = 12, sliding_window = 5;
+  double clip_qkv = 0.5;
+};
+
+// A tiny config of each family with its distinguishing features switched on: Qwen2-MoE's shared expert and a dense
+// layer 1, Qwen3's explicit head_dim and normalised top-k, OLMoE's QKV clipping, Granite's four multipliers and tied
+// embeddings, Mixtral's sliding window.
+inline ModelConfig tiny_config(const std::string& type, const TinyShape& s = {}) {
+  nlohmann::json j = {{"model_type", type},          {"vocab_size", s.vocab},    {"hidden_size", s.hidden},
+                      {"num_hidden_layers", s.layers}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                      {"intermediate_size", s.inter}, {"moe_intermediate_size", s.moe_inter},
+                      {"num_experts_per_tok", 2},    {"rms_norm_eps", 1e-6}};
+  j["num_local_experts"] = s.experts;
+  j["num_experts"] = s.experts;
+  if (type == "qwen2_moe") {
+    j["shared_expert_intermediate_size"] = s.shared_inter;
+    j["mlp_only_layers"] = {1};
+    j["num_key_value_heads"] = 4;
+    j["qkv_bias"] = true;
+  }
+  if (type == "qwen3_moe") {
+    j["head_dim"] = s.qwen3_head_dim;
+    j["norm_topk_prob"] = true;
+  }
+  if (type == "olmoe") {
+    j["num_key_value_heads"] = 4;
+    j["clip_qkv"] = s.clip_qkv;
+  }
+  if (type == "granitemoe") {
+    j["embedding_multiplier"] = 3.0;
+    j["residual_multiplier"] = 0.5;
+    j["attention_multiplier"] = 0.2;
+    j["logits_scaling"] = 2.0;
+    j["tie_word_embeddings"] = true;
+  }
+  if (type == "mixtral") j["sliding_window"] = s.sliding_window;
+  return parse_config(j, type + ".json");
+}
+
+inline const char* const kFamilies[] = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"};
+
+// Tiny models gain nothing from threads, and OpenMP's spin-waiting makes them slow on a loaded machine: a test
+// holding one runs the kernels serially (restored afterwards).
+struct SerialOps {
+  int prev = ops::num_threads();
+  SerialOps() { ops::set_num_threads(1); }
+  ~SerialOps() { ops::set_num_threads(prev); }
+};
 
 }  // namespace moedit::test

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "model/errors.h"
+#include "model/files.h"
 #include "tracing/report.h"
 #include "tracing/svg.h"
 #include "tracing/trace.h"
@@ -45,13 +46,6 @@ std::string fmt(double v, int prec = 4) {
   return buf;
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  if (!f) throw std::runtime_error("cannot write " + path);
-  f << text;
-  if (!f) throw std::runtime_error("cannot write " + path);
-}
-
 std::string row_label(const TraceReport& r, int t) {
   std::string s = r.tokens[size_t(t)];
   if (t >= r.subject_begin && t < r.subject_end) s += "*";
@@ -60,10 +54,11 @@ std::string row_label(const TraceReport& r, int t) {
 
 }  // namespace
 
-nlohmann::json kind_json(const TraceReport& r, const KindResult& k) {
+namespace {
+// The fields every trace JSON of one fact carries.
+nlohmann::json fact_json(const TraceReport& r) {
   nlohmann::json j;
   j["schema"] = "moedit.trace/1";
-  j["kind"] = kind_name(k.kind);
   j["model"] = r.model;
   if (!r.id.empty()) j["id"] = r.id;
   j["prompt"] = r.prompt;
@@ -77,6 +72,13 @@ nlohmann::json kind_json(const TraceReport& r, const KindResult& k) {
   j["correct_prediction"] = r.correct_prediction;
   j["high_score"] = r.high_score;
   j["low_score"] = r.low_score;
+  return j;
+}
+}  // namespace
+
+nlohmann::json kind_json(const TraceReport& r, const KindResult& k) {
+  nlohmann::json j = fact_json(r);
+  j["kind"] = kind_name(k.kind);
   j["window"] = k.window;
   j["n_layers"] = r.n_layers;
   j["moe_layers"] = r.moe_layers;
@@ -110,19 +112,7 @@ nlohmann::json kind_json(const TraceReport& r, const KindResult& k) {
 }
 
 nlohmann::json report_json(const TraceReport& r) {
-  nlohmann::json j;
-  j["schema"] = "moedit.trace/1";
-  j["model"] = r.model;
-  if (!r.id.empty()) j["id"] = r.id;
-  j["prompt"] = r.prompt;
-  j["subject"] = r.subject;
-  j["input_ids"] = r.ids;
-  j["input_tokens"] = r.tokens;
-  j["subject_range"] = {r.subject_begin, r.subject_end};
-  j["answer"] = {{"id", r.answer}, {"text", r.answer_text}, {"source", r.answer_source}};
-  j["correct_prediction"] = r.correct_prediction;
-  j["high_score"] = r.high_score;
-  j["low_score"] = r.low_score;
+  nlohmann::json j = fact_json(r);
   j["mode"] = r.mode;
   j["stats"] = {{"restorations", r.stats.restorations}, {"computed", r.stats.computed},
                 {"shared_prefixes", r.stats.shared_prefixes}, {"batches", r.stats.batches},
@@ -213,7 +203,7 @@ std::vector<std::string> write_trace_outputs(const TraceReport& r, const std::st
   std::vector<std::pair<std::string, std::string>> figures;  // (caption, file)
   auto put = [&](const std::string& name, const std::string& text) {
     const std::string p = (fs::path(dir) / (prefix + name)).string();
-    write_text(p, text);
+    write_file_atomic(p, text);
     written.push_back(p);
     return prefix + name;
   };

@@ -11,6 +11,7 @@
 #include "datasets/counterfact.h"
 #include "model/errors.h"
 #include "model/tokenizer.h"
+#include "tracing/svg.h"
 
 namespace moedit {
 
@@ -472,21 +473,7 @@ std::string ConsistencyReport::table() const {
 
 // ---- SVG ----------------------------------------------------------------------------------------------------------
 
-namespace {
-std::string xml_escape(const std::string& s) {
-  std::string o;
-  for (char ch : s) {
-    switch (ch) {
-      case '&': o += "&amp;"; break;
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += ch;
-    }
-  }
-  return o;
-}
-}  // namespace
+using trace::svg::escape;
 
 std::string consistency_svg(const ConsistencyReport& rep, const std::string& title) {
   const int nL = int(rep.layers.size());
@@ -505,7 +492,7 @@ std::string consistency_svg(const ConsistencyReport& rep, const std::string& tit
                 W, Hh, W, Hh);
   o << buf << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"22\" font-size=\"14\" font-weight=\"bold\">", left);
-  o << buf << xml_escape(title) << "</text>\n";
+  o << buf << escape(title) << "</text>\n";
   std::snprintf(buf, sizeof buf,
                 "<text x=\"%.1f\" y=\"38\" fill=\"#555\" font-size=\"11\">bars: consistency rate (≥ %d of %d experts shared); "
                 "dashed: mean overlap |A∩B|/k; %d pairs</text>\n",

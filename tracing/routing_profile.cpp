@@ -10,6 +10,7 @@
 
 #include "datasets/counterfact.h"
 #include "model/errors.h"
+#include "model/files.h"
 #include "model/tokenizer.h"
 
 namespace moedit {
@@ -234,14 +235,7 @@ void ActivationProfile::write_npy(const std::string& path) const {
       const float v = float(f(i, e));
       bytes.append(reinterpret_cast<const char*>(&v), sizeof v);  // x86/ARM: little-endian
     }
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw InputError(path + ": cannot write");
-    out.write(bytes.data(), std::streamsize(bytes.size()));
-    if (!out) throw std::runtime_error(path + ": write failed");
-  }
-  std::filesystem::rename(tmp, path);
+  write_file_atomic(path, bytes);
 }
 
 std::string ActivationProfile::table() const {

@@ -1,0 +1,24 @@
+// Timing helpers shared by the benchmarks.
+#pragma once
+#include <algorithm>
+#include <chrono>
+
+namespace moedit::bench {
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// The fastest of `reps` runs of f, in seconds (the least disturbed by other load on the machine).
+template <typename F>
+double best_of(int reps, F&& f) {
+  double best = 1e300;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    f();
+    best = std::min(best, seconds_since(t0));
+  }
+  return best;
+}
+
+}  // namespace moedit::bench
