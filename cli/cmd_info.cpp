@@ -26,12 +26,24 @@ int dtype_bytes(const std::string& dt) {
   return 2;  // bfloat16 / float16 (and the usual default)
 }
 
-const char* router_name(RouterKind r, bool renorm) {
-  switch (r) {
-    case RouterKind::SoftmaxTopK: return renorm ? "softmax → top-k → renormalise" : "softmax → top-k";
+std::string router_name(const ModelConfig& c) {
+  std::string s;
+  switch (c.router) {
+    case RouterKind::SoftmaxTopK: s = "softmax → "; break;
     case RouterKind::TopKSoftmax: return "top-k on logits → softmax over k";
+    case RouterKind::SigmoidTopK: s = "sigmoid (+ selection bias) → "; break;
   }
-  return "?";
+  if (c.group_limit != GroupLimit::None)
+    s += "best " + std::to_string(c.topk_group) + " of " + std::to_string(c.n_group) + " groups (" +
+         (c.group_limit == GroupLimit::MaxScore ? "max" : "top-2 sum") + ") → ";
+  s += "top-k";
+  if (c.norm_topk_prob) s += " → renormalise";
+  if (c.routed_scaling != 1.f) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, " → ×%g", double(c.routed_scaling));
+    s += buf;
+  }
+  return s;
 }
 }  // namespace
 
@@ -62,7 +74,8 @@ void register_info(CLI::App& app) {
         {"expert_intermediate_size", c.expert_width},
         {"dense_intermediate_size", c.dense_width},
         {"shared_expert_intermediate_size", c.shared_width},
-        {"router", router_name(c.arch->router, c.norm_topk_prob)},
+        {"router", router_name(c)},
+        {"num_shared_experts", c.n_shared_experts},
         {"tie_word_embeddings", c.tie_word_embeddings},
         {"rope_theta", c.rope_theta},
         {"rms_norm_eps", c.rms_eps},
@@ -82,8 +95,12 @@ void register_info(CLI::App& app) {
     std::printf("  hidden / vocab    %d / %d\n", c.hidden, c.vocab_size);
     std::printf("  attention         %d heads, %d kv heads, head_dim %d\n", c.n_heads, c.n_kv_heads, c.head_dim);
     std::printf("  experts           %d routed (top-%d, width %d), router: %s\n", c.n_experts, c.top_k,
-                c.expert_width, router_name(c.arch->router, c.norm_topk_prob));
-    if (c.shared_width) std::printf("  shared expert     width %d\n", c.shared_width);
+                c.expert_width, router_name(c).c_str());
+    if (c.arch->attention == AttentionKind::MLA)
+      std::printf("  MLA               q_lora %d, kv_lora %d, nope/rope/v head dims %d/%d/%d\n", c.q_lora_rank,
+                  c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);
+    if (c.shared_width)
+      std::printf("  shared experts    %d (width %d in all)\n", c.n_shared_experts, c.shared_width);
     std::printf("  parameters        %s total, %s active per token\n", human(double(total), "").c_str(),
                 human(double(active), "").c_str());
     std::printf("  memory            %s as stored (%s), %s in fp32 compute\n",

@@ -1,6 +1,8 @@
 // Backward passes and the taped block stack (see model/backward.h).
 #include "model/backward.h"
 
+#include "model/errors.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -134,10 +136,10 @@ void rmsnorm_backward(const T* x, const float* w, const T* dy, T* dx, int rows, 
 
 template <class T>
 void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
-          const float* inv_freq, bool transpose) {
+          const float* inv_freq, bool transpose, float scaling) {
   if constexpr (std::is_same_v<T, float>) {
     if (!transpose) {
-      ops::rope_neox(x, rows, row_stride, n_heads, head_stride, rot_dim, pos, inv_freq);
+      ops::rope_neox(x, rows, row_stride, n_heads, head_stride, rot_dim, pos, inv_freq, scaling);
       return;
     }
   }
@@ -146,8 +148,8 @@ void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_
   for (int r = 0; r < rows; ++r) {
     for (int i = 0; i < half; ++i) {
       const float ang = float(pos[r]) * inv_freq[i];  // as ops::rope_neox
-      cs[2 * size_t(i)] = std::cos(ang);
-      cs[2 * size_t(i) + 1] = std::sin(ang);
+      cs[2 * size_t(i)] = std::cos(ang) * scaling;
+      cs[2 * size_t(i) + 1] = std::sin(ang) * scaling;
     }
     for (int h = 0; h < n_heads; ++h) {
       T* v = x + size_t(r) * row_stride + size_t(h) * head_stride;
@@ -273,8 +275,59 @@ void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_str
 
 // ---- routing ----------------------------------------------------------------------------------------------------
 
+namespace {
+
+// How the selected scores become weights: renormalised (norm), times routed_scaling_factor (scale); DeepSeek adds
+// 1e-20 to the renormalising sum. DeepSeek v1/V2 (remote code) renormalise *instead of* scaling, and only for k > 1.
+struct WeightMode {
+  bool norm, scale;
+  double eps;
+};
+WeightMode weight_mode(const ModelConfig& c) {
+  const bool replaces = c.arch->norm_replaces_scaling;
+  const bool norm = c.norm_topk_prob && !(replaces && c.top_k == 1);
+  return {norm, !(norm && replaces) && c.routed_scaling != 1.f, c.arch->deepseek_router ? 1e-20 : 0.0};
+}
+
+// Selection scores with group-limited routing applied: experts outside the topk_group best groups get 0
+// (MaxScore: group score = max) or −inf (TopTwoSum: group score = sum of the two largest).
 template <class T>
-void route(const ModelConfig& c, const T* z, int* ids, T* w) {
+void limit_groups(const ModelConfig& c, T* x) {
+  if (c.group_limit == GroupLimit::None) return;
+  const int G = c.n_group, per = c.n_experts / G;
+  std::vector<T> gs(static_cast<size_t>(G));
+  for (int g = 0; g < G; ++g) {
+    const T* v = x + size_t(g) * per;
+    if (c.group_limit == GroupLimit::MaxScore) {
+      gs[size_t(g)] = *std::max_element(v, v + per);
+    } else {
+      T a = -std::numeric_limits<T>::infinity(), b = a;  // two largest
+      for (int i = 0; i < per; ++i)
+        if (v[i] > a) {
+          b = a;
+          a = v[i];
+        } else if (v[i] > b) {
+          b = v[i];
+        }
+      gs[size_t(g)] = a + b;
+    }
+  }
+  std::vector<int> order(static_cast<size_t>(G));
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + c.topk_group, order.end(), [&](int a, int b) {
+    return gs[size_t(a)] > gs[size_t(b)] || (gs[size_t(a)] == gs[size_t(b)] && a < b);
+  });
+  std::vector<bool> keep(static_cast<size_t>(G), false);
+  for (int i = 0; i < c.topk_group; ++i) keep[size_t(order[size_t(i)])] = true;
+  const T masked = c.group_limit == GroupLimit::MaxScore ? T(0) : -std::numeric_limits<T>::infinity();
+  for (int g = 0; g < G; ++g)
+    if (!keep[size_t(g)]) std::fill(x + size_t(g) * per, x + size_t(g + 1) * per, masked);
+}
+
+}  // namespace
+
+template <class T>
+void route(const ModelConfig& c, const T* z, int* ids, T* w, const float* bias) {
   const int E = c.n_experts, k = c.top_k;
   std::vector<T> p(z, z + E);
   auto topk = [&](const T* x) {
@@ -284,58 +337,67 @@ void route(const ModelConfig& c, const T* z, int* ids, T* w) {
                       [x](int a, int b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
     std::copy(order.begin(), order.begin() + k, ids);
   };
-  switch (c.arch->router) {
-    case RouterKind::SoftmaxTopK: {
-      softmax(p.data(), E);
-      topk(p.data());
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += (w[j] = p[size_t(ids[j])]);
-      if (c.norm_topk_prob)
-        for (int j = 0; j < k; ++j) w[j] /= sum;
-      break;
-    }
-    case RouterKind::TopKSoftmax: {
-      topk(p.data());
-      for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
-      softmax(w, k);
-      break;
-    }
+  if (c.router == RouterKind::TopKSoftmax) {
+    topk(p.data());
+    for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
+    softmax(w, k);
+  } else {
+    // scores p (softmax or sigmoid); selection on p (+ bias), group-limited; weights from p
+    if (c.router == RouterKind::SoftmaxTopK) softmax(p.data(), E);
+    else
+      for (auto& v : p) v = sigmoid_t(v);
+    std::vector<T> sel(p);
+    if (bias)
+      for (int e = 0; e < E; ++e) sel[size_t(e)] += T(bias[e]);
+    limit_groups(c, sel.data());
+    topk(sel.data());
+    for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
   }
-  if (c.routed_scaling != 1.f)
+  const WeightMode mode = weight_mode(c);
+  if (mode.norm && c.router != RouterKind::TopKSoftmax) {
+    T sum = 0;
+    for (int j = 0; j < k; ++j) sum += w[j];
+    sum += T(mode.eps);
+    for (int j = 0; j < k; ++j) w[j] /= sum;
+  }
+  if (mode.scale)
     for (int j = 0; j < k; ++j) w[j] *= T(c.routed_scaling);
 }
 
 template <class T>
 void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* dw_in, T* dz) {
   const int E = c.n_experts, k = c.top_k;
+  const WeightMode mode = weight_mode(c);
   std::vector<T> dw(dw_in, dw_in + k);
-  for (auto& d : dw) d *= T(c.routed_scaling);
+  if (mode.scale)
+    for (auto& d : dw) d *= T(c.routed_scaling);
   std::fill(dz, dz + E, T(0));
-  switch (c.arch->router) {
-    case RouterKind::SoftmaxTopK: {
-      std::vector<T> p(z, z + E), dp(static_cast<size_t>(E), T(0));
-      softmax(p.data(), E);
-      if (c.norm_topk_prob) {  // w_j = p_j / S, S = Σ_sel p:  dp_i = dw_i/S − (Σ_j dw_j p_j)/S²
-        T S = 0, dot = 0;
-        for (int j = 0; j < k; ++j) {
-          S += p[size_t(ids[j])];
-          dot += dw[size_t(j)] * p[size_t(ids[j])];
-        }
-        for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)] / S - dot / (S * S);
-      } else {
-        for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)];
-      }
-      softmax_backward(p.data(), dp.data(), E, dz);
-      break;
+  if (c.router == RouterKind::TopKSoftmax) {
+    std::vector<T> sm(static_cast<size_t>(k)), dsel(static_cast<size_t>(k));
+    for (int j = 0; j < k; ++j) sm[size_t(j)] = z[ids[j]];
+    softmax(sm.data(), k);
+    softmax_backward(sm.data(), dw.data(), k, dsel.data());
+    for (int j = 0; j < k; ++j) dz[ids[j]] = dsel[size_t(j)];
+    return;
+  }
+  std::vector<T> p(z, z + E), dp(static_cast<size_t>(E), T(0));
+  if (c.router == RouterKind::SoftmaxTopK) softmax(p.data(), E);
+  else
+    for (auto& v : p) v = sigmoid_t(v);
+  if (mode.norm) {  // w_j = p_j / S, S = Σ_sel p + eps:  dp_i = dw_i/S − (Σ_j dw_j p_j)/S²
+    T S = T(mode.eps), dot = 0;
+    for (int j = 0; j < k; ++j) {
+      S += p[size_t(ids[j])];
+      dot += dw[size_t(j)] * p[size_t(ids[j])];
     }
-    case RouterKind::TopKSoftmax: {
-      std::vector<T> sm(static_cast<size_t>(k)), dsel(static_cast<size_t>(k));
-      for (int j = 0; j < k; ++j) sm[size_t(j)] = z[ids[j]];
-      softmax(sm.data(), k);
-      softmax_backward(sm.data(), dw.data(), k, dsel.data());
-      for (int j = 0; j < k; ++j) dz[ids[j]] = dsel[size_t(j)];
-      break;
-    }
+    for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)] / S - dot / (S * S);
+  } else {
+    for (int j = 0; j < k; ++j) dp[size_t(ids[j])] = dw[size_t(j)];
+  }
+  if (c.router == RouterKind::SoftmaxTopK) {
+    softmax_backward(p.data(), dp.data(), E, dz);
+  } else {
+    for (int e = 0; e < E; ++e) dz[e] = dp[size_t(e)] * p[size_t(e)] * (T(1) - p[size_t(e)]);
   }
 }
 
@@ -395,6 +457,9 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
   const int N = int(x.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
   const float rm = c.residual_multiplier;
   if (int(layout.seq.size()) != N) throw std::logic_error("block_forward: layout and rows disagree");
+  if (c.arch->attention == AttentionKind::MLA)  // no backward for multi-head latent attention yet
+    throw InputError(c.source + ": gradients through MLA attention (model_type " + c.model_type +
+                     ") are not implemented; ROME edits need them for the layers above the edited one");
 
   tp.x_in = x;
   tp.a1.resize(N, H);
@@ -425,8 +490,8 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
     k = k.cwiseMax(-cl).cwiseMin(cl);
     v = v.cwiseMax(-cl).cwiseMin(cl);
   }
-  rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), m.inv_freq().data(), false);
-  rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), m.inv_freq().data(), false);
+  rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
+  rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
 
   // Attention per segment (one sequence's rows), keys = prefix ‖ this call's rows.
   tp.seg_begin.clear();
@@ -492,7 +557,8 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
     linear(tp.a2.data(), N, H, f.router.data(), E, tp.z.data());
     tp.ids.resize(N, kk);
     tp.w.resize(N, kk);
-    for (int t = 0; t < N; ++t) route(c, tp.z.row(t).data(), tp.ids.row(t).data(), tp.w.row(t).data());
+    for (int t = 0; t < N; ++t)
+      route(c, tp.z.row(t).data(), tp.ids.row(t).data(), tp.w.row(t).data(), ptr_or_null(f.router_bias));
     tp.tok.assign(size_t(E), {});
     tp.slot.assign(size_t(E), {});
     for (int t = 0; t < N; ++t)
@@ -608,8 +674,8 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
     const int b = tp.seg_begin[g], e = tp.seg_end[g], np = int(tp.kf[g].rows()) - (e - b);
     for (int r = b; r < e; ++r) pos[size_t(r)] = np + (r - b);
   }
-  rope(dq.data(), N, Hq * D, Hq, D, D, pos.data(), m.inv_freq().data(), true);
-  rope(dk.data(), N, Hkv * D, Hkv, D, D, pos.data(), m.inv_freq().data(), true);
+  rope(dq.data(), N, Hq * D, Hq, D, D, pos.data(), m.inv_freq().data(), true, c.rope_attn_factor);
+  rope(dk.data(), N, Hkv * D, Hkv, D, D, pos.data(), m.inv_freq().data(), true, c.rope_attn_factor);
   if (c.clip_qkv > 0.f) {
     const T cl = T(c.clip_qkv);
     auto mask = [cl](MatT<T>& d, const MatT<T>& pre) {
@@ -718,7 +784,7 @@ PrefixKV<T> TapedStack<T>::kv() const {
   template void linear_backward<T>(const T*, int, int, const float*, int, T*, bool, const T*, T*, T*);            \
   template void rmsnorm<T>(const T*, const float*, T*, int, int, float);                                          \
   template void rmsnorm_backward<T>(const T*, const float*, const T*, T*, int, int, float, bool, T*);             \
-  template void rope<T>(T*, int, int, int, int, int, const int*, const float*, bool);                             \
+  template void rope<T>(T*, int, int, int, int, int, const int*, const float*, bool, float);                     \
   template void softmax<T>(T*, int);                                                                              \
   template void softmax_backward<T>(const T*, const T*, int, T*);                                                 \
   template void swiglu<T>(const T*, int, int, T*);                                                                \
@@ -727,7 +793,7 @@ PrefixKV<T> TapedStack<T>::kv() const {
                              T*, int, T*);                                                                        \
   template void attention_backward<T>(const T*, int, int, const T*, int, const T*, int, int,                      \
                                       const ops::AttnShape&, const T*, const T*, int, T*, T*, T*);                \
-  template void route<T>(const ModelConfig&, const T*, int*, T*);                                                 \
+  template void route<T>(const ModelConfig&, const T*, int*, T*, const float*);                                   \
   template void route_backward<T>(const ModelConfig&, const T*, const int*, const T*, T*);                        \
   template void log_softmax<T>(const T*, int, T*);                                                                \
   template struct PrefixKV<T>;                                                                                    \

@@ -51,10 +51,10 @@ void rmsnorm_backward(const T* x, const float* w, const T* dy, T* dx, int rows, 
                       bool accumulate, T* dw = nullptr);
 
 // Rotate-half RoPE in place (ops::rope_neox layout and angles, cos/sin computed in fp32 as the forward does);
-// transpose = true applies the transposed rotation (the backward: rotation by −angle).
+// transpose = true applies the transposed rotation (the backward: rotation by −angle); cos/sin scaled by scaling.
 template <class T>
 void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
-          const float* inv_freq, bool transpose);
+          const float* inv_freq, bool transpose, float scaling = 1.f);
 
 // Softmax in place (ops::softmax_inplace semantics, -inf → 0) and its backward dz = p ⊙ (dp − Σ p·dp).
 template <class T>
@@ -78,9 +78,10 @@ void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_str
                         int n_k, const ops::AttnShape& s, const T* probs, const T* dout, int dout_stride, T* dq,
                         T* dk, T* dv);
 
-// Model::route for one token's router logits z[E]: ids[k] (top-k order) and weights w[k].
+// Model::route for one token's router logits z[E]: ids[k] (top-k order) and weights w[k]. bias [E] (or null):
+// DeepSeek-V3's selection-only e_score_correction_bias. The one implementation of every router kind.
 template <class T>
-void route(const ModelConfig& c, const T* z, int* ids, T* w);
+void route(const ModelConfig& c, const T* z, int* ids, T* w, const float* bias = nullptr);
 // Backward with the selection fixed: dz[E] (=) from dw[k].
 template <class T>
 void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* dw, T* dz);

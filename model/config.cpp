@@ -53,6 +53,85 @@ struct Fields {
 
 constexpr int64_t kMaxDim = 1 << 20;
 
+std::string str_field(const Fields& f, const std::string& key) {
+  if (!f.has(key) || !f.j[key].is_string()) f.bad(key, "must be a string");
+  return f.j[key].get<std::string>();
+}
+
+// DeepSeek routers: scoring function, group-limited selection, scaling.
+void parse_deepseek_router(const Fields& f, ModelConfig& c) {
+  const std::string scoring = str_field(f, "scoring_func");
+  if (scoring == "softmax") c.router = RouterKind::SoftmaxTopK;
+  else if (scoring == "sigmoid") c.router = RouterKind::SigmoidTopK;
+  else f.bad("scoring_func", "'" + scoring + "' is not supported (softmax, sigmoid)");
+  const std::string method = f.has("topk_method") ? str_field(f, "topk_method") : "greedy";
+  if (method == "greedy") c.group_limit = GroupLimit::None;
+  else if (method == "group_limited_greedy") c.group_limit = GroupLimit::MaxScore;
+  else if (method == "noaux_tc") c.group_limit = GroupLimit::TopTwoSum;
+  else f.bad("topk_method", "'" + method + "' is not supported (greedy, group_limited_greedy, noaux_tc)");
+  if (c.group_limit != GroupLimit::None) {
+    c.n_group = int(f.integer("n_group", 1, c.n_experts));
+    if (c.n_experts % c.n_group != 0)
+      f.bad("n_group", "= " + std::to_string(c.n_group) + " does not divide the number of experts (" +
+                           std::to_string(c.n_experts) + ")");
+    const int per = c.n_experts / c.n_group;
+    if (c.group_limit == GroupLimit::TopTwoSum && per < 2)
+      f.bad("n_group", "= " + std::to_string(c.n_group) + " leaves fewer than 2 experts per group (noaux_tc)");
+    c.topk_group = int(f.integer("topk_group", 1, c.n_group));
+    if (c.topk_group * per < c.top_k)
+      f.bad("topk_group", "= " + std::to_string(c.topk_group) + " keeps " + std::to_string(c.topk_group * per) +
+                              " experts, fewer than num_experts_per_tok = " + std::to_string(c.top_k));
+  }
+  if (f.has("routed_scaling_factor")) c.routed_scaling = float(f.number("routed_scaling_factor", 0.0, 1e6));
+}
+
+double yarn_mscale(double factor, double m) { return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0; }
+
+// rope_scaling / rope_parameters: linear or yarn (transformers' _compute_yarn_parameters).
+void parse_rope_scaling(const json& rope, const std::string& src, ModelConfig& c) {
+  const std::string type = rope.contains("rope_type") && rope["rope_type"].is_string()
+                               ? rope["rope_type"].get<std::string>()
+                           : rope.contains("type") && rope["type"].is_string() ? rope["type"].get<std::string>()
+                                                                                : "default";
+  const Fields r{rope, src};
+  auto positive = [&](const char* key) {
+    if (!rope.contains(key) || !rope[key].is_number() || !(rope[key].get<double>() > 0))
+      throw InputError(src + ": field 'rope_scaling." + key + "' must be a positive number");
+    return rope[key].get<double>();
+  };
+  auto optional = [&](const char* key, double fallback) {  // absent, null or 0 → fallback (HF: `x or default`)
+    if (!rope.contains(key) || rope[key].is_null()) return fallback;
+    if (!rope[key].is_number()) throw InputError(src + ": field 'rope_scaling." + std::string(key) + "' must be a number");
+    const double v = rope[key].get<double>();
+    return v == 0.0 ? fallback : v;
+  };
+  c.rope_scaling_type = type;
+  if (type == "linear") {
+    c.rope_linear_factor = float(positive("factor"));
+  } else if (type == "yarn") {
+    ModelConfig::Yarn& y = c.yarn;
+    y.on = true;
+    const bool has_orig = rope.contains("original_max_position_embeddings") &&
+                          !rope["original_max_position_embeddings"].is_null();
+    y.original_max = has_orig ? int(r.integer("original_max_position_embeddings", 1, int64_t(1) << 30))
+                              : c.max_position_embeddings;
+    if (y.original_max <= 0)
+      throw InputError(src + ": field 'rope_scaling.original_max_position_embeddings' is missing");
+    y.factor = rope.contains("factor") && !rope["factor"].is_null()
+                   ? positive("factor")
+                   : double(c.max_position_embeddings) / double(y.original_max);
+    y.beta_fast = optional("beta_fast", 32.0);
+    y.beta_slow = optional("beta_slow", 1.0);
+    const double ms = optional("mscale", 0.0), ms_all = optional("mscale_all_dim", 0.0);
+    double att = (ms != 0.0 && ms_all != 0.0) ? yarn_mscale(y.factor, ms) / yarn_mscale(y.factor, ms_all)
+                                              : yarn_mscale(y.factor, 1.0);
+    if (rope.contains("attention_factor") && !rope["attention_factor"].is_null()) att = positive("attention_factor");
+    c.rope_attn_factor = float(att);
+  } else if (type != "default") {
+    throw InputError(src + ": field 'rope_scaling' type '" + type + "' is not supported (default, linear, yarn)");
+  }
+}
+
 }  // namespace
 
 int ModelConfig::n_moe_layers() const { return int(std::count(moe_layer.begin(), moe_layer.end(), true)); }
@@ -112,7 +191,20 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
   if (c.n_heads % c.n_kv_heads != 0)
     f.bad("num_key_value_heads", "= " + std::to_string(c.n_kv_heads) + " does not divide num_attention_heads = " +
                                      std::to_string(c.n_heads));
-  if (arch->reads_head_dim && f.has("head_dim")) {
+  if (arch->attention == AttentionKind::MLA) {
+    if (c.n_kv_heads != c.n_heads)
+      f.bad("num_key_value_heads", "= " + std::to_string(c.n_kv_heads) +
+                                       " must equal num_attention_heads for multi-head latent attention");
+    c.q_lora_rank = f.has("q_lora_rank") ? int(f.integer("q_lora_rank", 1, kMaxDim)) : 0;
+    c.kv_lora_rank = int(f.integer("kv_lora_rank", 1, kMaxDim));
+    c.qk_nope_dim = int(f.integer("qk_nope_head_dim", 0, 65536));
+    c.qk_rope_dim = int(f.integer("qk_rope_head_dim", 2, 65536));
+    c.v_head_dim = int(f.integer("v_head_dim", 1, 65536));
+    c.head_dim = c.qk_rope_dim;  // the rotary dim, as transformers sets it
+    c.rope_interleave =
+        arch->rope_interleave_key.empty() || f.boolean(std::string(arch->rope_interleave_key));
+    if (c.head_dim % 2 != 0) f.bad("qk_rope_head_dim", "must be even for rotary embeddings");
+  } else if (arch->reads_head_dim && f.has("head_dim")) {
     c.head_dim = int(f.integer("head_dim", 1, 65536));
   } else {
     if (c.hidden % c.n_heads != 0)
@@ -138,22 +230,33 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
                       ? int(f.integer(std::string(arch->dense_width_key), 1, kMaxDim))
                       : c.expert_width;
   c.norm_topk_prob = arch->renorm_always || (f.has("norm_topk_prob") && f.boolean("norm_topk_prob"));
-  if (arch->shared != SharedExpertKind::None)
-    c.shared_width = int(f.integer("shared_expert_intermediate_size", 1, kMaxDim));
+  if (!arch->shared_width_key.empty()) {
+    c.shared_width = int(f.integer(std::string(arch->shared_width_key), 1, kMaxDim));
+    c.n_shared_experts = 1;
+  } else if (!arch->shared_count_key.empty() && f.has(std::string(arch->shared_count_key))) {
+    c.n_shared_experts = int(f.integer(std::string(arch->shared_count_key), 0, 4096));  // 0 / null: none
+    c.shared_width = c.n_shared_experts * c.expert_width;
+  }
+  c.router = arch->router;
+  if (arch->deepseek_router) parse_deepseek_router(f, c);
 
   c.rms_eps = float(f.number("rms_norm_eps", 0.0, 1.0));
   c.rope_theta = float(f.number("rope_theta", 1e-6, 1e30));
-  if (!rope.empty()) {
-    std::string type = rope.contains("rope_type") && rope["rope_type"].is_string() ? rope["rope_type"].get<std::string>()
-                       : rope.contains("type") && rope["type"].is_string()     ? rope["type"].get<std::string>()
-                                                                               : "default";
-    if (type == "linear") {
-      if (!rope.contains("factor") || !rope["factor"].is_number() || !(rope["factor"].get<double>() > 0))
-        throw InputError(src + ": field 'rope_scaling.factor' must be a positive number");
-      c.rope_linear_factor = float(rope["factor"].get<double>());
-    } else if (type != "default") {
-      throw InputError(src + ": field 'rope_scaling' type '" + type + "' is not supported (default, linear)");
+  c.max_position_embeddings = f.has("max_position_embeddings")
+                                  ? int(f.integer("max_position_embeddings", 1, int64_t(1) << 30))
+                                  : 0;
+  if (!rope.empty()) parse_rope_scaling(rope, src, c);
+  c.attn_scale = 1.f / std::sqrt(float(c.head_dim));
+  if (arch->attention == AttentionKind::MLA) {
+    // softmax scale qk_dim^-0.5, times mscale(F, mscale_all_dim)² under RoPE scaling (transformers'
+    // yarn_apply_mscale; the DeepSeek remote code does the same).
+    double scale = 1.0 / std::sqrt(double(c.qk_dim()));
+    if (c.rope_scaling_type != "default" && rope.contains("mscale_all_dim") && rope["mscale_all_dim"].is_number() &&
+        rope["mscale_all_dim"].get<double>() != 0.0 && rope.contains("factor") && rope["factor"].is_number()) {
+      const double m = yarn_mscale(rope["factor"].get<double>(), rope["mscale_all_dim"].get<double>());
+      scale *= m * m;
     }
+    c.attn_scale = float(scale);
   }
   if (arch->has_sliding_window && f.has("sliding_window"))
     c.sliding_window = int(f.integer("sliding_window", 1, INT32_MAX));
@@ -164,7 +267,6 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
   c.qkv_bias = !arch->qkv_bias_key.empty() && f.has(std::string(arch->qkv_bias_key)) &&
                f.boolean(std::string(arch->qkv_bias_key));
   c.tie_word_embeddings = f.has("tie_word_embeddings") && f.boolean("tie_word_embeddings");
-  c.attn_scale = 1.f / std::sqrt(float(c.head_dim));
   if (arch->multipliers) {
     c.embedding_multiplier = float(f.number("embedding_multiplier", -1e9, 1e9));
     c.residual_multiplier = float(f.number("residual_multiplier", -1e9, 1e9));
@@ -172,10 +274,6 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
     if (c.logits_scaling == 0.f) f.bad("logits_scaling", "must not be 0");
     c.attn_scale = float(f.number("attention_multiplier", -1e9, 1e9));
   }
-  if (f.has("routed_scaling_factor")) c.routed_scaling = float(f.number("routed_scaling_factor", 0.0, 1e6));
-  c.max_position_embeddings = f.has("max_position_embeddings")
-                                  ? int(f.integer("max_position_embeddings", 1, int64_t(1) << 30))
-                                  : 0;
   auto token_id = [&](const char* key) {
     if (!f.has(key)) return -1;
     const json& v = j[key];
@@ -201,6 +299,10 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
     }
     for (int l = 0; l < c.n_layers; ++l)
       c.moe_layer[size_t(l)] = std::find(only.begin(), only.end(), l) == only.end() && (l + 1) % step == 0;
+  } else if (arch->dense_rule == DenseLayerRule::FirstKDense) {
+    const int first = int(f.integer("first_k_dense_replace", 0, 1 << 20));
+    const int freq = int(f.integer("moe_layer_freq", 1, 1 << 20));
+    for (int l = 0; l < c.n_layers; ++l) c.moe_layer[size_t(l)] = l >= first && l % freq == 0;
   }
   return c;
 }
@@ -208,16 +310,23 @@ ModelConfig parse_config(const json& file_json, const std::string& src) {
 namespace {
 int64_t layer_params(const ModelConfig& c, int l, bool active) {
   const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
-  int64_t p = 2 * H;                              // input + post-attention norms
-  p += H * Hq * D + 2 * H * Hkv * D + Hq * D * H;  // q, k, v, o
+  int64_t p = 2 * H;  // input + post-attention norms
+  if (c.arch->attention == AttentionKind::MLA) {
+    const int64_t qk = c.qk_dim(), rq = c.q_lora_rank, rkv = c.kv_lora_rank;
+    p += rq ? H * rq + rq + rq * Hq * qk : H * Hq * qk;                  // q_proj, or q_a_proj + norm + q_b_proj
+    p += H * (rkv + c.qk_rope_dim) + rkv + rkv * Hq * (c.qk_nope_dim + c.v_head_dim);  // kv_a (+ norm), kv_b
+    p += Hq * c.v_head_dim * H;                                          // o_proj
+  } else {
+    p += H * Hq * D + 2 * H * Hkv * D + Hq * D * H;  // q, k, v, o
+  }
   if (c.qkv_bias) p += (Hq + 2 * Hkv) * D;
   if (c.arch->qk_norm == QKNorm::PerHead) p += 2 * D;
   if (c.arch->qk_norm == QKNorm::WholeProjection) p += (Hq + Hkv) * D;
   if (!c.is_moe(l)) return p + 3 * H * c.dense_width;
   p += int64_t(c.n_experts) * H;  // router
   p += int64_t(active ? c.top_k : c.n_experts) * 3 * H * c.expert_width;
-  if (c.arch->shared != SharedExpertKind::None) p += 3 * H * c.shared_width;
-  if (c.arch->shared == SharedExpertKind::SigmoidGated) p += H;
+  p += 3 * H * c.shared_width;
+  if (c.shared_width && c.arch->shared == SharedExpertKind::SigmoidGated) p += H;
   return p;
 }
 }  // namespace

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/backward.h"
 #include "model/errors.h"
 #include "model/safetensors.h"
 
@@ -90,14 +91,38 @@ std::shared_ptr<Model> Model::load(const std::string& path) {
   return m;
 }
 
-Model::Model(ModelConfig cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)) {
-  // inv_freq[i] = 1 / theta^(2i/d), computed in fp32 as transformers does; linear scaling divides positions.
-  const int d = cfg_.head_dim;
-  inv_freq_.resize(size_t(d / 2));
-  for (int i = 0; i < d / 2; ++i)
-    inv_freq_[size_t(i)] =
-        1.f / std::pow(cfg_.rope_theta, float(2 * i) / float(d)) / cfg_.rope_linear_factor;
+namespace {
+// RoPE inverse frequencies [d/2] in fp32 as transformers computes them: default 1/θ^(2i/d) (linear scaling divides),
+// or YaRN (_compute_yarn_parameters): a ramp between interpolated (÷factor) and original frequencies.
+std::vector<float> rope_inv_freq(const ModelConfig& c) {
+  const int d = c.head_dim;
+  std::vector<float> inv(size_t(d / 2));
+  const ModelConfig::Yarn& y = c.yarn;
+  double low = 0, high = 0;
+  if (y.on) {
+    auto corr = [&](double rot) {
+      return d * std::log(double(y.original_max) / (rot * 2 * M_PI)) / (2 * std::log(double(c.rope_theta)));
+    };
+    low = std::max(std::floor(corr(y.beta_fast)), 0.0);
+    high = std::min(std::ceil(corr(y.beta_slow)), double(d - 1));
+    if (low == high) high += 0.001;
+  }
+  for (int i = 0; i < d / 2; ++i) {
+    const float pos_freq = std::pow(c.rope_theta, float(2 * i) / float(d));
+    if (!y.on) {
+      inv[size_t(i)] = 1.f / pos_freq / c.rope_linear_factor;
+      continue;
+    }
+    const float extrapolation = 1.f / pos_freq, interpolation = 1.f / (float(y.factor) * pos_freq);
+    const float ramp = std::clamp((float(i) - float(low)) / (float(high) - float(low)), 0.f, 1.f);
+    const float extra = 1.f - ramp;
+    inv[size_t(i)] = interpolation * (1.f - extra) + extrapolation * extra;
+  }
+  return inv;
 }
+}  // namespace
+
+Model::Model(ModelConfig cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)), inv_freq_(rope_inv_freq(cfg_)) {}
 
 MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, const Hooks* hooks) const {
   const int N = int(ids.size()), H = cfg_.hidden;
@@ -114,35 +139,80 @@ MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, co
   return x;
 }
 
+void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, MatR& k, MatR& v) const {
+  const AttnWeights& at = w_.layers[size_t(l)].attn;
+  const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads, dn = cfg_.qk_nope_dim, dr = cfg_.qk_rope_dim,
+            dv = cfg_.v_head_dim, dq = dn + dr, rkv = cfg_.kv_lora_rank, rq = cfg_.q_lora_rank;
+  constexpr float kLatentEps = 1e-6f;  // q_a_layernorm / kv_a_layernorm are built without the config's eps
+  q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
+  if (rq) {
+    MatR qa(N, rq);
+    ops::linear(a.data(), N, H, at.wq_a.data(), rq, qa.data(), at.bq_a.size() ? at.bq_a.data() : nullptr);
+    ops::rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kLatentEps);
+    ops::linear(qa.data(), N, rq, at.wq_b.data(), Hq * dq, q.data());
+  } else {
+    ops::linear(a.data(), N, H, at.wq.data(), Hq * dq, q.data());
+  }
+  MatR ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
+  ops::linear(a.data(), N, H, at.wkv_a.data(), rkv + dr, ckv.data(), at.bkv_a.size() ? at.bkv_a.data() : nullptr);
+  MatR lat = ckv.leftCols(rkv);  // [N, rkv]
+  ops::rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kLatentEps);
+  MatR kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
+  ops::linear(lat.data(), N, rkv, at.wkv_b.data(), Hq * (dn + dv), kv.data());
+  // RoPE on each query head's rope part and on the single k_pe head (not normalised).
+  ops::rope_neox(q.data() + dn, N, Hq * dq, Hq, dq, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+  ops::rope_neox(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+  k.resize(N, Hq * dq);
+  v.resize(N, Hq * dv);
+  for (int t = 0; t < N; ++t)
+    for (int h = 0; h < Hq; ++h) {
+      const float* src = kv.data() + size_t(t) * Hq * (dn + dv) + size_t(h) * (dn + dv);
+      float* kd = k.data() + size_t(t) * Hq * dq + size_t(h) * dq;
+      std::copy(src, src + dn, kd);
+      std::copy(ckv.data() + size_t(t) * (rkv + dr) + rkv, ckv.data() + size_t(t + 1) * (rkv + dr), kd + dn);
+      std::copy(src + dn, src + dn + dv, v.data() + size_t(t) * Hq * dv + size_t(h) * dv);
+    }
+}
+
 MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const {
   const AttnWeights& at = w_.layers[size_t(l)].attn;
-  const int N = int(a.rows()), H = cfg_.hidden, D = cfg_.head_dim, Hq = cfg_.n_heads, Hkv = cfg_.n_kv_heads;
-  MatR q(N, Hq * D), k(N, Hkv * D), v(N, Hkv * D);  // [N, heads·D]
-  ops::linear(a.data(), N, H, at.wq.data(), Hq * D, q.data(), at.bq.size() ? at.bq.data() : nullptr);
-  ops::linear(a.data(), N, H, at.wk.data(), Hkv * D, k.data(), at.bk.size() ? at.bk.data() : nullptr);
-  ops::linear(a.data(), N, H, at.wv.data(), Hkv * D, v.data(), at.bv.size() ? at.bv.data() : nullptr);
-  switch (cfg_.arch->qk_norm) {
-    case QKNorm::None: break;
-    case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
-      ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
-      ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
-      break;
-    case QKNorm::WholeProjection:
-      ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
-      ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
-      break;
+  const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads;
+  MatR q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
+  ops::AttnShape shape{Hq, cfg_.n_kv_heads, cfg_.head_dim, cfg_.head_dim, cfg_.attn_scale, cfg_.sliding_window};
+  if (cfg_.arch->attention == AttentionKind::MLA) {
+    mla_qkv(l, a, layout, q, k, v);
+    shape = {Hq, Hq, cfg_.qk_dim(), cfg_.v_head_dim, cfg_.attn_scale, 0};
+  } else {
+    const int D = cfg_.head_dim, Hkv = cfg_.n_kv_heads;
+    q.resize(N, Hq * D);
+    k.resize(N, Hkv * D);
+    v.resize(N, Hkv * D);
+    ops::linear(a.data(), N, H, at.wq.data(), Hq * D, q.data(), at.bq.size() ? at.bq.data() : nullptr);
+    ops::linear(a.data(), N, H, at.wk.data(), Hkv * D, k.data(), at.bk.size() ? at.bk.data() : nullptr);
+    ops::linear(a.data(), N, H, at.wv.data(), Hkv * D, v.data(), at.bv.size() ? at.bv.data() : nullptr);
+    switch (cfg_.arch->qk_norm) {
+      case QKNorm::None: break;
+      case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
+        ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
+        ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
+        break;
+      case QKNorm::WholeProjection:
+        ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
+        ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
+        break;
+    }
+    if (cfg_.clip_qkv > 0.f) {
+      const float c = cfg_.clip_qkv;
+      q = q.cwiseMax(-c).cwiseMin(c);
+      k = k.cwiseMax(-c).cwiseMin(c);
+      v = v.cwiseMax(-c).cwiseMin(c);
+    }
+    ops::rope_neox(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+    ops::rope_neox(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
   }
-  if (cfg_.clip_qkv > 0.f) {
-    const float c = cfg_.clip_qkv;
-    q = q.cwiseMax(-c).cwiseMin(c);
-    k = k.cwiseMax(-c).cwiseMin(c);
-    v = v.cwiseMax(-c).cwiseMin(c);
-  }
-  ops::rope_neox(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data());
-  ops::rope_neox(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data());
+  const int qw = int(q.cols()), kw = int(k.cols()), vw = int(v.cols()), ow = Hq * shape.Dv;
 
-  MatR o(N, Hq * D);
-  const ops::AttnShape shape{Hq, Hkv, D, D, cfg_.attn_scale, cfg_.sliding_window};
+  MatR o(N, ow);
   // Tokens of one sequence are contiguous in the packed batch.
   int start = 0;
   while (start < N) {
@@ -153,54 +223,30 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
     if (cache) {
       auto& kc = cache->k_[size_t(l)][size_t(s)];
       auto& vc = cache->v_[size_t(l)][size_t(s)];
-      if (int(kc.size()) != p0 * Hkv * D)
-        throw std::logic_error("KV cache length does not match the token positions");
-      kc.insert(kc.end(), k.data() + size_t(start) * Hkv * D, k.data() + size_t(end) * Hkv * D);
-      vc.insert(vc.end(), v.data() + size_t(start) * Hkv * D, v.data() + size_t(end) * Hkv * D);
-      ops::attention(q.data() + size_t(start) * Hq * D, n, Hq * D, p0, kc.data(), Hkv * D, vc.data(), Hkv * D,
-                     p0 + n, shape, o.data() + size_t(start) * Hq * D, Hq * D);
+      if (int(kc.size()) != p0 * kw) throw std::logic_error("KV cache length does not match the token positions");
+      kc.insert(kc.end(), k.data() + size_t(start) * kw, k.data() + size_t(end) * kw);
+      vc.insert(vc.end(), v.data() + size_t(start) * vw, v.data() + size_t(end) * vw);
+      ops::attention(q.data() + size_t(start) * qw, n, qw, p0, kc.data(), kw, vc.data(), vw, p0 + n, shape,
+                     o.data() + size_t(start) * ow, ow);
     } else {
       if (p0 != 0) throw std::logic_error("positions must start at 0 without a KV cache");
-      ops::attention(q.data() + size_t(start) * Hq * D, n, Hq * D, 0, k.data() + size_t(start) * Hkv * D, Hkv * D,
-                     v.data() + size_t(start) * Hkv * D, Hkv * D, n, shape, o.data() + size_t(start) * Hq * D,
-                     Hq * D);
+      ops::attention(q.data() + size_t(start) * qw, n, qw, 0, k.data() + size_t(start) * kw, kw,
+                     v.data() + size_t(start) * vw, vw, n, shape, o.data() + size_t(start) * ow, ow);
     }
     start = end;
   }
   MatR out(N, H);
-  ops::linear(o.data(), N, Hq * D, at.wo.data(), H, out.data(), at.bo.size() ? at.bo.data() : nullptr);
+  ops::linear(o.data(), N, ow, at.wo.data(), H, out.data(), at.bo.size() ? at.bo.data() : nullptr);
   return out;
 }
 
-void Model::route(const MatR& z, LayerRouting& r) const {
-  const int N = int(z.rows()), E = cfg_.n_experts, k = cfg_.top_k;
+void Model::route(const MatR& z, LayerRouting& r, int layer) const {
+  const int N = int(z.rows()), k = cfg_.top_k;
   r.ids.resize(N, k);
   r.weights.resize(N, k);
-  std::vector<float> p(static_cast<size_t>(E));
-  for (int t = 0; t < N; ++t) {
-    int* ids = r.ids.row(t).data();
-    float* w = r.weights.row(t).data();
-    std::copy(z.row(t).data(), z.row(t).data() + E, p.begin());
-    switch (cfg_.arch->router) {
-      case RouterKind::SoftmaxTopK: {
-        ops::softmax_inplace(p.data(), E);
-        ops::topk(p.data(), E, k, ids);
-        float sum = 0.f;
-        for (int j = 0; j < k; ++j) sum += (w[j] = p[size_t(ids[j])]);
-        if (cfg_.norm_topk_prob)
-          for (int j = 0; j < k; ++j) w[j] /= sum;
-        break;
-      }
-      case RouterKind::TopKSoftmax: {
-        ops::topk(p.data(), E, k, ids);
-        for (int j = 0; j < k; ++j) w[j] = p[size_t(ids[j])];
-        ops::softmax_inplace(w, k);
-        break;
-      }
-    }
-    if (cfg_.routed_scaling != 1.f)
-      for (int j = 0; j < k; ++j) w[j] *= cfg_.routed_scaling;
-  }
+  const VecF* bias = layer >= 0 ? &w_.layers[size_t(layer)].ffn.router_bias : nullptr;
+  const float* b = bias && bias->size() ? bias->data() : nullptr;
+  for (int t = 0; t < N; ++t) grad::route<float>(cfg_, z.row(t).data(), r.ids.row(t).data(), r.weights.row(t).data(), b);
 }
 
 MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* hooks, LayerRouting* routing) const {
@@ -216,7 +262,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
   if (hooked) hooks->run(hook_names::router_logits(l), z, {hook_names::router_logits(l), l, -1, layout, nullptr});
   LayerRouting local;
   LayerRouting& r = routing ? *routing : local;
-  route(z, r);
+  route(z, r, l);
   if (hooked) {
     MatR ids = r.ids.cast<float>();
     hooks->run(hook_names::expert_ids(l), ids, {hook_names::expert_ids(l), l, -1, layout, nullptr});
@@ -271,12 +317,30 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     for (int j = 0; j < int(tok[size_t(e)].size()); ++j) y.row(tok[size_t(e)][size_t(j)]) += out[size_t(e)].row(j);
 
   if (f.has_shared) {
-    MatR s = swiglu(f.shared, a);
+    const int Is = f.shared.I;
+    MatR key(N, Is), s(N, H);
+    swiglu_key(f.shared, 0, a.data(), N, key.data());
+    ops::linear(key.data(), N, Is, f.shared.down_of(0), H, s.data());
+    Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
     if (f.shared_gate.size()) {
-      const Eigen::VectorXf g = a * f.shared_gate;  // [N]
-      for (int t = 0; t < N; ++t) s.row(t) *= ops::sigmoid(g[t]);
+      g = a * f.shared_gate;  // [N]
+      for (int t = 0; t < N; ++t) s.row(t) *= (g[t] = ops::sigmoid(g[t]));
     }
-    if (hooked) hooks->run(hook_names::shared_out(l), s, {hook_names::shared_out(l), l, -1, layout, nullptr});
+    if (hooked) {
+      // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
+      CMapMatR dn(f.shared.down_of(0), H, Is);
+      for (int j = 0; j < cfg_.n_shared_experts; ++j) {
+        const std::string name = hook_names::shared_expert_out(l, j);
+        if (!hooks->has(name)) continue;
+        const auto [b, e] = cfg_.shared_slice(j);
+        MatR out = key.middleCols(b, e - b) * dn.middleCols(b, e - b).transpose();
+        if (g.size()) out.array().colwise() *= g.array();
+        const MatR before = out;
+        hooks->run(name, out, {name, l, j, layout, nullptr});
+        s += out - before;
+      }
+      hooks->run(hook_names::shared_out(l), s, {hook_names::shared_out(l), l, -1, layout, nullptr});
+    }
     y += s;
   }
   return y;
@@ -288,7 +352,7 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
   if (!f.moe) return swiglu(f.experts, a);
   MatR z = a * f.router.transpose();
   LayerRouting r;
-  route(z, r);
+  route(z, r, l);
   MatR y = MatR::Zero(N, H);
   const int I = f.experts.I;
   for (int t = 0; t < N; ++t) {

@@ -31,17 +31,27 @@ struct ExpertBank {
 };
 
 struct AttnWeights {
-  MatR wq, wk, wv, wo;     // [Hq·D, H], [Hkv·D, H] ×2, [H, Hq·D]
+  MatR wq, wk, wv, wo;     // [Hq·D, H], [Hkv·D, H] ×2, [H, Hq·D]  (MLA: wq [Hq·dq, H] or empty, wo [H, Hq·dv])
   VecF bq, bk, bv, bo;     // empty when absent
   VecF q_norm, k_norm;     // per-head [D] or whole-projection [Hq·D]/[Hkv·D]; empty when absent
+  // MLA (dq = qk_nope + qk_rope, dr = qk_rope). Rotary rows (each head's last dr rows of wq / wq_b, the last dr rows
+  // of wkv_a) are stored de-interleaved when rope_interleave is set ([x0,x2,…,x1,x3,…]), so rotate-half RoPE
+  // applies; q·k is unchanged because q and k are permuted alike.
+  MatR wq_a, wq_b;         // [q_lora, H], [Hq·dq, q_lora] (q_lora_rank > 0)
+  VecF q_a_norm;           // [q_lora]
+  MatR wkv_a;              // [kv_lora + dr, H]
+  VecF bq_a, bkv_a;        // attention_bias: [q_lora], [kv_lora + dr]; empty when absent
+  VecF kv_a_norm;          // [kv_lora]
+  MatR wkv_b;              // [Hq·(dn + dv), kv_lora]
 };
 
 struct FFNWeights {
   bool moe = false;
   MatR router;             // [E, H] (MoE layers)
+  VecF router_bias;        // [E] selection-only bias (DeepSeek-V3 e_score_correction_bias), empty otherwise
   ExpertBank experts;      // routed experts (MoE) or the dense MLP (E = 1)
   bool has_shared = false;
-  ExpertBank shared;       // E = 1
+  ExpertBank shared;       // E = 1, I = shared_width: every shared expert side by side (config.shared_slice)
   VecF shared_gate;        // [H] (sigmoid-gated shared expert), empty otherwise
 };
 
@@ -112,7 +122,7 @@ class Model {
   const Weights& weights() const { return w_; }
   Weights& mutable_weights() { return w_; }
   const std::string& path() const { return path_; }
-  // RoPE inverse frequencies [head_dim/2] (theta and linear scaling applied), as the forward uses them.
+  // RoPE inverse frequencies [head_dim/2] (theta, linear or yarn scaling applied), as the forward uses them.
   const std::vector<float>& inv_freq() const { return inv_freq_; }
 
   // Runs the sequences (token ids) as one packed batch.
@@ -129,11 +139,14 @@ class Model {
   // Reference MoE: the per-token loop (tests only; no hooks).
   MatR ffn_reference(int l, const MatR& a) const;
 
-  // Routing for router logits z [N, E]: ids/weights [N, k] in top-k order.
-  void route(const MatR& z, LayerRouting& r) const;
+  // Routing for router logits z [N, E]: ids/weights [N, k] in top-k order; layer ≥ 0 applies that layer's
+  // selection bias (DeepSeek-V3).
+  void route(const MatR& z, LayerRouting& r, int layer = -1) const;
 
  private:
   MatR attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const;
+  // MLA projections: q [N, Hq·dq], k [N, Hq·dq], v [N, Hq·dv], RoPE applied.
+  void mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, MatR& k, MatR& v) const;
 
   ModelConfig cfg_;
   Weights w_;

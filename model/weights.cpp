@@ -21,15 +21,37 @@ const TensorView& expect(const TensorStore& st, const std::string& name, const s
   return t;
 }
 
+// Block size of FP8 weight scales (quantization_config.weight_block_size; DeepSeek-V3: 128 × 128).
+struct Fp8Blocks {
+  int64_t rows = 128, cols = 128;
+};
+thread_local Fp8Blocks g_fp8;
+
+// A tensor of the expected shape into out (fp32). An F8_E4M3 matrix "<x>.weight" is dequantised with its
+// "<x>.weight_scale_inv" [ceil(out/br), ceil(in/bc)]: W[i, j] = fp8(W)[i, j] · scale_inv[i / br, j / bc].
+void load_into(const TensorStore& st, const std::string& name, const std::vector<int64_t>& shape, float* out) {
+  const TensorView& t = expect(st, name, shape);
+  t.to_f32(out);
+  if (t.dtype != DType::F8_E4M3) return;
+  const std::string sname = name + "_scale_inv";
+  if (shape.size() != 2 || !st.has(sname))
+    throw InputError(t.file + ": FP8 tensor '" + name + "' has no 2-D companion '" + sname + "'");
+  const int64_t R = shape[0], C = shape[1], br = g_fp8.rows, bc = g_fp8.cols;
+  const int64_t sr = (R + br - 1) / br, sc = (C + bc - 1) / bc;
+  const std::vector<float> scale = expect(st, sname, {sr, sc}).to_f32();
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) out[i * C + j] *= scale[size_t((i / br) * sc + j / bc)];
+}
+
 MatR load_matrix(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols) {
   MatR m(rows, cols);
-  expect(st, name, {rows, cols}).to_f32(m.data());
+  load_into(st, name, {rows, cols}, m.data());
   return m;
 }
 
 VecF load_vector(const TensorStore& st, const std::string& name, int64_t n) {
   VecF v(n);
-  expect(st, name, {n}).to_f32(v.data());
+  load_into(st, name, {n}, v.data());
   return v;
 }
 
@@ -49,9 +71,9 @@ void load_swiglu_into(const TensorStore& st, ExpertBank& b, int e, const std::st
                       const std::string& down) {
   const int64_t I = b.I, H = b.H;
   float* gu = b.gate_up.data() + size_t(e) * 2 * I * H;
-  expect(st, gate, {I, H}).to_f32(gu);
-  expect(st, up, {I, H}).to_f32(gu + I * H);
-  expect(st, down, {H, I}).to_f32(b.down_of(e));
+  load_into(st, gate, {I, H}, gu);
+  load_into(st, up, {I, H}, gu + I * H);
+  load_into(st, down, {H, I}, b.down_of(e));
 }
 
 ExpertBank load_dense_mlp(const TensorStore& st, const std::string& prefix, int I, int H) {
@@ -59,6 +81,44 @@ ExpertBank load_dense_mlp(const TensorStore& st, const std::string& prefix, int 
   b.resize(1, I, H);
   load_swiglu_into(st, b, 0, prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight");
   return b;
+}
+
+// Interleaved-pair RoPE ([x0,x1,x2,x3,…] pairs (2i, 2i+1)) → rotate-half layout ([x0,x2,…,x1,x3,…]): permutes the
+// dr rows starting at `first` of every block of `stride` rows (one block per head).
+template <class M>
+void deinterleave_rows(M& w, int first, int dr, int stride) {
+  const M old = w;
+  for (int64_t b = 0; b < int64_t(w.rows()) / stride; ++b)
+    for (int i = 0; i < dr / 2; ++i) {
+      w.row(b * stride + first + i) = old.row(b * stride + first + 2 * i);
+      w.row(b * stride + first + dr / 2 + i) = old.row(b * stride + first + 2 * i + 1);
+    }
+}
+
+// DeepSeek MLA projections (see AttnWeights).
+void load_mla(const ModelConfig& c, const TensorStore& st, const std::string& ap, AttnWeights& at) {
+  const int64_t H = c.hidden, Hq = c.n_heads, dq = c.qk_dim(), rq = c.q_lora_rank, rkv = c.kv_lora_rank,
+                dr = c.qk_rope_dim;
+  MatR& wq = rq ? at.wq_b : at.wq;
+  if (rq) {
+    at.wq_a = load_matrix(st, ap + "q_a_proj.weight", rq, H);
+    at.bq_a = load_vector_if(st, ap + "q_a_proj.bias", rq);
+    at.q_a_norm = load_vector(st, ap + "q_a_layernorm.weight", rq);
+    at.wq_b = load_matrix(st, ap + "q_b_proj.weight", Hq * dq, rq);
+  } else {
+    at.wq = load_matrix(st, ap + "q_proj.weight", Hq * dq, H);
+  }
+  at.wkv_a = load_matrix(st, ap + "kv_a_proj_with_mqa.weight", rkv + dr, H);
+  at.bkv_a = load_vector_if(st, ap + "kv_a_proj_with_mqa.bias", rkv + dr);
+  at.kv_a_norm = load_vector(st, ap + "kv_a_layernorm.weight", rkv);
+  at.wkv_b = load_matrix(st, ap + "kv_b_proj.weight", Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
+  at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * c.v_head_dim);
+  at.bo = load_vector_if(st, ap + "o_proj.bias", H);
+  if (c.rope_interleave) {
+    deinterleave_rows(wq, c.qk_nope_dim, int(dr), int(dq));
+    deinterleave_rows(at.wkv_a, int(rkv), int(dr), int(rkv + dr));
+    if (at.bkv_a.size()) deinterleave_rows(at.bkv_a, int(rkv), int(dr), int(rkv + dr));
+  }
 }
 
 }  // namespace
@@ -74,6 +134,17 @@ void ExpertBank::resize(int e, int i, int h) {
 Weights load_weights(const ModelConfig& c, const TensorStore& st) {
   const ArchSpec& a = *c.arch;
   const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
+  g_fp8 = {};
+  if (c.raw.contains("quantization_config") && c.raw["quantization_config"].is_object()) {
+    const auto& q = c.raw["quantization_config"];
+    if (q.contains("weight_block_size")) {
+      const auto& b = q["weight_block_size"];
+      if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
+          b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1)
+        throw InputError(c.source + ": field 'quantization_config.weight_block_size' must be two positive integers");
+      g_fp8 = {b[0].get<int64_t>(), b[1].get<int64_t>()};
+    }
+  }
   Weights w;
   w.embed = load_matrix(st, "model.embed_tokens.weight", V, H);
   if (!c.tie_word_embeddings) w.lm_head = load_matrix(st, "lm_head.weight", V, H);
@@ -87,22 +158,26 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
 
     AttnWeights& at = L.attn;
     const std::string ap = p + "self_attn.";
-    at.wq = load_matrix(st, ap + "q_proj.weight", Hq * D, H);
-    at.wk = load_matrix(st, ap + "k_proj.weight", Hkv * D, H);
-    at.wv = load_matrix(st, ap + "v_proj.weight", Hkv * D, H);
-    at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * D);
-    if (c.qkv_bias) {
-      at.bq = load_vector(st, ap + "q_proj.bias", Hq * D);
-      at.bk = load_vector(st, ap + "k_proj.bias", Hkv * D);
-      at.bv = load_vector(st, ap + "v_proj.bias", Hkv * D);
-    }
-    at.bo = load_vector_if(st, ap + "o_proj.bias", H);
-    if (a.qk_norm == QKNorm::PerHead) {
-      at.q_norm = load_vector(st, ap + "q_norm.weight", D);
-      at.k_norm = load_vector(st, ap + "k_norm.weight", D);
-    } else if (a.qk_norm == QKNorm::WholeProjection) {
-      at.q_norm = load_vector(st, ap + "q_norm.weight", Hq * D);
-      at.k_norm = load_vector(st, ap + "k_norm.weight", Hkv * D);
+    if (a.attention == AttentionKind::MLA) {
+      load_mla(c, st, ap, at);
+    } else {
+      at.wq = load_matrix(st, ap + "q_proj.weight", Hq * D, H);
+      at.wk = load_matrix(st, ap + "k_proj.weight", Hkv * D, H);
+      at.wv = load_matrix(st, ap + "v_proj.weight", Hkv * D, H);
+      at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * D);
+      if (c.qkv_bias) {
+        at.bq = load_vector(st, ap + "q_proj.bias", Hq * D);
+        at.bk = load_vector(st, ap + "k_proj.bias", Hkv * D);
+        at.bv = load_vector(st, ap + "v_proj.bias", Hkv * D);
+      }
+      at.bo = load_vector_if(st, ap + "o_proj.bias", H);
+      if (a.qk_norm == QKNorm::PerHead) {
+        at.q_norm = load_vector(st, ap + "q_norm.weight", D);
+        at.k_norm = load_vector(st, ap + "k_norm.weight", D);
+      } else if (a.qk_norm == QKNorm::WholeProjection) {
+        at.q_norm = load_vector(st, ap + "q_norm.weight", Hq * D);
+        at.k_norm = load_vector(st, ap + "k_norm.weight", Hkv * D);
+      }
     }
 
     FFNWeights& f = L.ffn;
@@ -125,12 +200,13 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
     }
     const int E = c.n_experts, I = c.expert_width;
     f.router = load_matrix(st, router, E, H);
+    if (!a.router_bias.empty()) f.router_bias = load_vector(st, mp + std::string(a.router_bias), E);
     f.experts.resize(E, I, int(H));
     bool packed = false;
     for (const auto& [gu, dn] : a.packed) {
       if (!st.has(mp + std::string(gu))) continue;
-      expect(st, mp + std::string(gu), {E, 2 * I, H}).to_f32(f.experts.gate_up.data());
-      expect(st, mp + std::string(dn), {E, H, I}).to_f32(f.experts.down.data());
+      load_into(st, mp + std::string(gu), {E, 2 * I, H}, f.experts.gate_up.data());
+      load_into(st, mp + std::string(dn), {E, H, I}, f.experts.down.data());
       packed = true;
       break;
     }
@@ -142,7 +218,7 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
         load_swiglu_into(st, f.experts, e, mp + with_expert(a.expert_gate, e), mp + with_expert(a.expert_up, e),
                          mp + with_expert(a.expert_down, e));
     }
-    if (a.shared != SharedExpertKind::None) {
+    if (c.shared_width > 0) {
       f.has_shared = true;
       f.shared = load_dense_mlp(st, mp + std::string(a.shared_module) + ".", c.shared_width, int(H));
       if (a.shared == SharedExpertKind::SigmoidGated) {
@@ -188,10 +264,25 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
     LayerWeights& L = w.layers[size_t(l)];
     L.ln_in = ones(H);
     L.ln_post = ones(H);
-    L.attn.wq = mat(Hq * D, H);
-    L.attn.wk = mat(Hkv * D, H);
-    L.attn.wv = mat(Hkv * D, H);
-    L.attn.wo = mat(H, Hq * D);
+    if (c.arch->attention == AttentionKind::MLA) {
+      const int64_t dq = c.qk_dim(), rq = c.q_lora_rank, rkv = c.kv_lora_rank;
+      if (rq) {
+        L.attn.wq_a = mat(rq, H);
+        L.attn.q_a_norm = ones(rq);
+        L.attn.wq_b = mat(Hq * dq, rq);
+      } else {
+        L.attn.wq = mat(Hq * dq, H);
+      }
+      L.attn.wkv_a = mat(rkv + c.qk_rope_dim, H);
+      L.attn.kv_a_norm = ones(rkv);
+      L.attn.wkv_b = mat(Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
+      L.attn.wo = mat(H, Hq * c.v_head_dim);
+    } else {
+      L.attn.wq = mat(Hq * D, H);
+      L.attn.wk = mat(Hkv * D, H);
+      L.attn.wv = mat(Hkv * D, H);
+      L.attn.wo = mat(H, Hq * D);
+    }
     if (c.qkv_bias) {
       L.attn.bq = mat(Hq * D, 1).col(0);
       L.attn.bk = mat(Hkv * D, 1).col(0);
@@ -213,10 +304,11 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
       continue;
     }
     f.router = mat(c.n_experts, H);
+    if (!c.arch->router_bias.empty()) f.router_bias = mat(c.n_experts, 1).col(0);
     f.experts.resize(c.n_experts, c.expert_width, int(H));
     fill(f.experts.gate_up);
     fill(f.experts.down);
-    if (c.arch->shared != SharedExpertKind::None) {
+    if (c.shared_width > 0) {
       f.has_shared = true;
       f.shared.resize(1, c.shared_width, int(H));
       fill(f.shared.gate_up);

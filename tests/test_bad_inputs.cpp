@@ -56,7 +56,7 @@ std::vector<BadInput> cases() {
        [](const TempDir& d) {
          return config_case(d, R"({"model_type":"olmoe","rope_scaling":{"type":"dynamic","factor":2}})");
        },
-       "field 'rope_scaling' type 'dynamic' is not supported (default, linear)"},
+       "field 'rope_scaling' type 'dynamic' is not supported (default, linear, yarn)"},
       {"missing_tensor",
        [](const TempDir& d) {
          write_file(d / "config.json", kTinyConfig);

@@ -212,7 +212,88 @@ FIXTURES = [
         init=dict(emb_std=0.03, out_gain=6.0, final_norm_scale=40.0),
         checks=["multipliers"],
     ),
+    # ---- DeepSeek (MLA attention, yarn RoPE, ungated shared experts, first_k_dense_replace) ----
+    dict(
+        name="deepseek_v2",
+        about="DeepSeek-V2(-Lite) style: MLA with plain q_proj (q_lora_rank null), kv_lora 16, nope/rope/v head dims "
+        "8/8/12, interleaved-pair RoPE with yarn (factor 4, mscale = mscale_all_dim = 0.707: softmax scale "
+        "correction), softmax `greedy` router top-3 of 8, 2 ungated shared experts, first_k_dense_replace=1 "
+        "(layer 0 dense), per-expert layout, bf16, Hub-style `rope_scaling`",
+        model_type="deepseek_v2", dtype="bfloat16", layout="hub", shards=1, seed=10010,
+        config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=12,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                    n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1, topk_method="greedy",
+                    n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+                    max_position_embeddings=256, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                         original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=0.707, mscale_all_dim=0.707)),
+        cfg_edit=dict(rope_style="rope_scaling"),
+        init=dict(emb_std=0.5),
+    ),
+    dict(
+        name="deepseek_v2_group",
+        about="DeepSeek-V2 style: MLA with q_lora_rank 12 (q_a_proj, q_a_layernorm, q_b_proj), "
+        "`group_limited_greedy` (4 groups of 3, keep 2; group score = max), top-3 of 12, "
+        "routed_scaling_factor 1.75, 1 shared expert, yarn factor 8 with mscale 1 / mscale_all_dim 0.8, "
+        "first_k_dense_replace=1, f32, v5 `rope_parameters`",
+        model_type="deepseek_v2", dtype="float32", layout="hub", shards=1, seed=11011,
+        config=dict(vocab_size=112, hidden_size=32, intermediate_size=40, moe_intermediate_size=10,
+                    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=12,
+                    kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8, n_routed_experts=12,
+                    n_shared_experts=1, num_experts_per_tok=3, first_k_dense_replace=1,
+                    topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.75,
+                    norm_topk_prob=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                         original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=1.0, mscale_all_dim=0.8)),
+        cfg_edit=dict(rope_style="keep"),
+        init=dict(emb_std=0.5),
+    ),
+    dict(
+        name="deepseek_v3",
+        about="DeepSeek-V3 style: MLA with q_lora_rank 12, sigmoid router with e_score_correction_bias (F32, used "
+        "for selection only), `noaux_tc` (4 groups of 4, keep 2, group score = top-2 sum), top-4 of 16, "
+        "norm_topk_prob=true, routed_scaling_factor 2.5, 1 shared expert, first_k_dense_replace=1, yarn factor 4 "
+        "(mscale = mscale_all_dim = 1), rope_interleave=true, bf16",
+        model_type="deepseek_v3", dtype="bfloat16", layout="hub", shards=1, seed=12012,
+        config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=8,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=16,
+                    n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                    max_position_embeddings=256, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                         original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=1.0, mscale_all_dim=1.0)),
+        cfg_edit=dict(rope_style="rope_scaling", extra={"topk_method": "noaux_tc", "scoring_func": "sigmoid"}),
+        init=dict(emb_std=0.5, router_bias_std=0.05),
+    ),
+    dict(
+        name="deepseek_v3_fp8",
+        about="DeepSeek-V3 style with FP8 weights: every Linear weight of attention, experts, shared and dense MLPs "
+        "stored F8_E4M3 with an F32 `weight_scale_inv` per 8x8 block (quantization_config.weight_block_size "
+        "[8, 8]; reference = HF on the dequantised weights), plain q_proj, rope_interleave=false (rotate-half), "
+        "2 shared experts, noaux_tc 2 groups of 4 keep 1, top-2 of 8, norm_topk_prob=false, "
+        "first_k_dense_replace=2, f32 otherwise",
+        model_type="deepseek_v3", dtype="float32", layout="hub", shards=1, seed=13013,
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
+                    kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                    n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=2, n_group=2, topk_group=1,
+                    routed_scaling_factor=1.5, norm_topk_prob=False, rope_interleave=False,
+                    max_position_embeddings=256, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=2.0,
+                                         original_max_position_embeddings=128, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=1.0, mscale_all_dim=1.0)),
+        cfg_edit=dict(rope_style="rope_scaling", extra={"topk_method": "noaux_tc", "scoring_func": "sigmoid"}),
+        init=dict(emb_std=0.5, router_bias_std=0.05),
+        fp8=dict(block=[8, 8]),
+    ),
 ]
+
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "deepseek")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -220,7 +301,8 @@ FIXTURES = [
 # --------------------------------------------------------------------------------------------------------
 def family_router(model_type: str) -> str:
     return {"mixtral": "softmax_renorm", "qwen2_moe": "softmax", "qwen3_moe": "softmax", "olmoe": "softmax",
-            "granitemoe": "topk_softmax"}[model_type]
+            "granitemoe": "topk_softmax", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek",
+            "deepseek": "deepseek"}[model_type]
 
 
 def init_weights(model, cfg, gen: torch.Generator, init: dict) -> None:
@@ -243,7 +325,7 @@ def init_weights(model, cfg, gen: torch.Generator, init: dict) -> None:
                 t = 0.7 + 0.6 * torch.rand(shape, generator=gen, dtype=torch.float64)
                 if name == "model.norm.weight":
                     t = t * init.get("final_norm_scale", 1.0)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") and "correction" not in name:
                 t = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.2
             elif name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
                 t = torch.randn(shape, generator=gen, dtype=torch.float64) * (router_gain / math.sqrt(H))
@@ -251,7 +333,7 @@ def init_weights(model, cfg, gen: torch.Generator, init: dict) -> None:
                 t = torch.randn(shape, generator=gen, dtype=torch.float64) * (1.5 / math.sqrt(H))
             else:
                 gain = 1.0
-                if "q_proj" in name or "k_proj" in name:
+                if any(n in name for n in ("q_proj", "k_proj", "q_b_proj", "kv_b_proj")):
                     gain = qk_gain
                 elif "v_proj" in name:
                     gain = v_gain
@@ -259,6 +341,9 @@ def init_weights(model, cfg, gen: torch.Generator, init: dict) -> None:
                     gain = out_gain
                 t = torch.randn(shape, generator=gen, dtype=torch.float64) * (gain / math.sqrt(shape[-1]))
             p.copy_(t.to(p.dtype))
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias: small, so selection != ranking
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * init.get("router_bias_std", 0.0))
 
 
 _EXPERT_RE = re.compile(
@@ -333,7 +418,14 @@ def edit_config(c: dict, edit: dict) -> dict:
     c = dict(c)
     style = edit.get("rope_style", "rope_parameters")
     theta = c["rope_parameters"]["rope_theta"]
-    assert c["rope_parameters"].get("rope_type", "default") == "default"
+    assert style in ("rope_scaling", "keep") or c["rope_parameters"].get("rope_type", "default") == "default"
+    if style == "rope_scaling":  # Hub (remote-code) style: top-level rope_theta, rope_scaling {"type": ...}
+        rp = dict(c.pop("rope_parameters"))
+        rp.pop("rope_theta")
+        rp["type"] = rp.pop("rope_type")
+        c["rope_theta"] = float(theta)
+        c["rope_scaling"] = dict(sorted(rp.items()))
+    c.update(edit.get("extra", {}))
     if style in ("rope_theta", "rope_theta_int"):
         c.pop("rope_parameters")
         c["rope_theta"] = int(theta) if style == "rope_theta_int" else float(theta)
@@ -357,9 +449,41 @@ def routers_of(model):
     """(layer index, router module) for every MoE router; the router returns (logits, weights, indices)."""
     out = []
     for name, mod in model.named_modules():
-        if type(mod).__name__.endswith("TopKRouter"):
+        if type(mod).__name__.lower().endswith("topkrouter"):
             out.append((int(re.search(r"layers\.(\d+)\.", name).group(1)), mod))
     return out
+
+
+def own_topk_deepseek(model_type: str, logits: torch.Tensor, k: int, cfg, bias):
+    """DeepSeek routers from shared/spec/architectures.md §6 (fp32): V2 softmax, greedy or group-limited (group
+    score = max, other groups -> 0); V3 sigmoid + selection bias, noaux_tc (group score = top-2 sum, other groups
+    -> -inf), weights from the unbiased scores, renormalised if norm_topk_prob, x routed_scaling_factor.
+    The gap is the smaller of the k-th/(k+1)-th selection-score gap and the group-selection gap."""
+    z = logits.float()
+    E = z.shape[-1]
+    v3 = model_type == "deepseek_v3"
+    s = z.sigmoid() if v3 else torch.softmax(z, -1, dtype=torch.float)
+    sel = s + bias.float() if v3 else s.clone()
+    method = "noaux_tc" if v3 else cfg.topk_method
+    ggap = torch.full_like(sel[:, 0], float("inf")).double()
+    if method != "greedy":
+        G = cfg.n_group
+        grp = sel.view(-1, G, E // G)
+        gs = grp.topk(2, -1).values.sum(-1) if v3 else grp.max(-1).values
+        keep = gs.topk(cfg.topk_group, -1).indices
+        mask = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, keep, True)
+        sel = sel.masked_fill(~mask.repeat_interleave(E // G, 1), float("-inf") if v3 else 0.0)
+        if G > cfg.topk_group:
+            g = gs.double().sort(-1, descending=True).values
+            ggap = g[:, cfg.topk_group - 1] - g[:, cfg.topk_group]
+    idx = sel.topk(k, -1).indices
+    w = s.gather(1, idx)
+    if v3 and cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * cfg.routed_scaling_factor
+    srt = sel.double().sort(-1, descending=True).values
+    gap = torch.minimum(srt[:, k - 1] - srt[:, k], ggap)
+    return idx, w, gap
 
 
 def own_topk(model_type: str, logits: torch.Tensor, k: int, norm_topk_prob: bool):
@@ -386,9 +510,9 @@ def run_reference(model, ids: torch.Tensor, model_type: str):
     """One sequence through HF (float64 model).  Returns logits [S,V] and per-layer routing."""
     cfg = model.config
     L, k = cfg.num_hidden_layers, cfg.num_experts_per_tok
-    E = getattr(cfg, "num_local_experts", None) or cfg.num_experts
-    rec = {}
-    hooks = [mod.register_forward_hook(lambda m, i, o, l=l: rec.__setitem__(l, o)) for l, mod in routers_of(model)]
+    E = cfg_num_experts(cfg)
+    rec, mods = {}, dict(routers_of(model))
+    hooks = [mod.register_forward_hook(lambda m, i, o, l=l: rec.__setitem__(l, o)) for l, mod in mods.items()]
     try:
         out = model(ids[None], use_cache=False)
     finally:
@@ -400,9 +524,17 @@ def run_reference(model, ids: torch.Tensor, model_type: str):
     ew = torch.zeros(L, S, k, dtype=torch.float64)
     min_gap = float("inf")
     for l, (logits_l, w_l, idx_l) in rec.items():
-        own_idx, own_w, gap = own_topk(model_type, logits_l, k, bool(getattr(cfg, "norm_topk_prob", False)))
-        assert torch.equal(own_idx.sort(-1).values, idx_l.sort(-1).values), "own top-k set != HF"
-        assert torch.equal(own_w.double(), w_l.double()), "own routing weights != HF"
+        if family_router(model_type) == "deepseek":
+            bias = getattr(mods[l], "e_score_correction_bias", torch.zeros(E))
+            own_idx, own_w, gap = own_topk_deepseek(model_type, logits_l, k, cfg, bias)
+            order_own, order_hf = own_idx.argsort(-1), idx_l.argsort(-1)
+            assert torch.equal(own_idx.gather(-1, order_own), idx_l.gather(-1, order_hf)), "own top-k set != HF"
+            assert torch.allclose(own_w.double().gather(-1, order_own), w_l.double().gather(-1, order_hf),
+                                  rtol=1e-6, atol=0), "own routing weights != HF"
+        else:
+            own_idx, own_w, gap = own_topk(model_type, logits_l, k, bool(getattr(cfg, "norm_topk_prob", False)))
+            assert torch.equal(own_idx.sort(-1).values, idx_l.sort(-1).values), "own top-k set != HF"
+            assert torch.equal(own_w.double(), w_l.double()), "own routing weights != HF"
         min_gap = min(min_gap, gap.min().item())
         order = idx_l.argsort(dim=-1)
         rl[l] = logits_l.double()
@@ -438,6 +570,13 @@ def read_tensors(folder: str) -> dict:
         with safetensors.safe_open(os.path.join(folder, f), "pt") as fh:
             for k in fh.keys():
                 sd[k] = fh.get_tensor(k).double()
+    # FP8 checkpoints: W = fp8(W) * weight_scale_inv[i // br, j // bc]
+    q = json.load(open(os.path.join(folder, "config.json"))).get("quantization_config") or {}
+    br, bc = q.get("weight_block_size", (128, 128))
+    for k in [k for k in sd if k.endswith("_scale_inv")]:
+        s = sd.pop(k)
+        w = sd[k[: -len("_scale_inv")]]
+        sd[k[: -len("_scale_inv")]] = w * s.repeat_interleave(br, 0)[: w.shape[0]].repeat_interleave(bc, 1)[:, : w.shape[1]]
     return sd
 
 
@@ -459,8 +598,23 @@ def indep_forward(folder: str, ids: torch.Tensor):
     clip = c.get("clip_qkv") if mt == "olmoe" else None
     norm_topk = True if mt == "mixtral" else bool(c.get("norm_topk_prob", False))
 
-    def rms(x, w):
-        return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+    def rms(x, w, e=None):
+        return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + (eps if e is None else e)))
+
+    mla = mt in ("deepseek_v2", "deepseek_v3")
+    rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+
+    def mscale(f, m):
+        return 0.1 * m * math.log(f) + 1.0 if f > 1 else 1.0
+
+    rot_att, mla_scale = 1.0, None
+    if mla:  # MLA: rotary dim = qk_rope_head_dim; softmax scale dq^-0.5 x mscale(F, mscale_all_dim)^2
+        dn, dr, dv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+        hd = dr
+        mla_scale = (dn + dr) ** -0.5
+        if rtype != "default" and rp.get("mscale_all_dim"):
+            mla_scale *= mscale(rp["factor"], rp["mscale_all_dim"]) ** 2
 
     def swiglu(x, g, u, d):
         return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
@@ -468,8 +622,27 @@ def indep_forward(folder: str, ids: torch.Tensor):
     S = ids.shape[0]
     pos = torch.arange(S, dtype=torch.float64)
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    if rtype == "yarn":  # shared/spec/architectures.md section 6, in float64
+        F, L0 = rp["factor"], rp["original_max_position_embeddings"]
+        bf, bs = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+        def corr(r):
+            return hd * math.log(L0 / (r * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = max(math.floor(corr(bf)), 0), min(math.ceil(corr(bs)), hd - 1)
+        high = high + 0.001 if low == high else high
+        extra = 1 - ((torch.arange(hd // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        inv = inv / F * (1 - extra) + inv * extra
+        ms, ms_all = rp.get("mscale"), rp.get("mscale_all_dim")
+        rot_att = mscale(F, ms) / mscale(F, ms_all) if ms and ms_all else mscale(F, 1)
     ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)  # [S, hd]
-    cos, sin = ang.cos(), ang.sin()
+    cos, sin = ang.cos() * rot_att, ang.sin() * rot_att
+    interleave = mt == "deepseek_v2" or c.get("rope_interleave", True)
+
+    def rope_pairs(x):  # interleaved pairs (2i, 2i+1) rotated by angle i
+        a, b = x[..., 0::2], x[..., 1::2]
+        cs, sn = cos[:, : hd // 2], sin[:, : hd // 2]
+        return torch.stack([a * cs - b * sn, a * sn + b * cs], -1).flatten(-2)
 
     def rope(x):  # [heads, S, hd]
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -480,12 +653,7 @@ def indep_forward(folder: str, ids: torch.Tensor):
     if window is not None:
         visible = visible & (j_idx > i_idx - window)
 
-    h = sd["model.embed_tokens.weight"][ids] * emb_mult
-    routing = {}
-    for l in range(L):
-        p = f"model.layers.{l}."
-        a = p + "self_attn."
-        x = rms(h, sd[p + "input_layernorm.weight"])
+    def llama_attention(x, a):  # Mixtral/Qwen/OLMoE/Granite/DeepSeek-v1 attention -> o_proj output
         q, kk, v = (x @ sd[a + f"{n}_proj.weight"].T + sd.get(a + f"{n}_proj.bias", 0.0) for n in "qkv")
         if mt == "olmoe":  # whole-projection q/k norm, then optional clip
             q, kk = rms(q, sd[a + "q_norm.weight"]), rms(kk, sd[a + "k_norm.weight"])
@@ -502,43 +670,102 @@ def indep_forward(folder: str, ids: torch.Tensor):
         sc = (q @ kk.transpose(1, 2)) * scale
         sc = sc.masked_fill(~visible, float("-inf"))
         att = torch.softmax(sc, -1) @ v  # [nh, S, hd]
-        h = h + res_mult * (att.transpose(0, 1).reshape(S, nh * hd) @ sd[a + "o_proj.weight"].T)
+        return att.transpose(0, 1).reshape(S, nh * hd) @ sd[a + "o_proj.weight"].T
 
-        x = rms(h, sd[p + "post_attention_layernorm.weight"])
-        m = p + ("block_sparse_moe." if any(kx.startswith(p + "block_sparse_moe.") for kx in sd) else "mlp.")
+    def mla_attention(x, a):  # DeepSeek-V2/V3 multi-head latent attention -> o_proj output
+        if a + "q_a_proj.weight" in sd:
+            q = rms(x @ sd[a + "q_a_proj.weight"].T, sd[a + "q_a_layernorm.weight"], 1e-6) @ sd[a + "q_b_proj.weight"].T
+        else:
+            q = x @ sd[a + "q_proj.weight"].T
+        q = q.view(S, nh, dn + dr).transpose(0, 1)  # [nh, S, dq]
+        ckv = x @ sd[a + "kv_a_proj_with_mqa.weight"].T
+        r = ckv.shape[-1] - dr
+        lat = rms(ckv[:, :r], sd[a + "kv_a_layernorm.weight"], 1e-6)
+        kv = (lat @ sd[a + "kv_b_proj.weight"].T).view(S, nh, dn + dv).transpose(0, 1)
+        rot = rope_pairs if interleave else rope
+        qf = torch.cat([q[..., :dn], rot(q[..., dn:])], -1)
+        kf = torch.cat([kv[..., :dn], rot(ckv[:, r:]).expand(nh, S, dr)], -1)
+        sc = (qf @ kf.transpose(1, 2)) * mla_scale
+        sc = sc.masked_fill(~visible, float("-inf"))
+        att = torch.softmax(sc, -1) @ kv[..., dn:]  # [nh, S, dv]
+        return att.transpose(0, 1).reshape(S, nh * dv) @ sd[a + "o_proj.weight"].T
+
+    def route_ds(z, m):  # DeepSeek routers (spec section 6 / section 8)
+        E = z.shape[-1]
+        v3 = mt == "deepseek_v3"
+        sc = torch.sigmoid(z) if v3 else torch.softmax(z, -1)
+        sel = sc + sd[m + "gate.e_score_correction_bias"] if v3 else sc.clone()
+        method = "noaux_tc" if v3 else c.get("topk_method", "greedy")
+        if method != "greedy":
+            G, kg = c["n_group"], c["topk_group"]
+            grp = sel.view(S, G, E // G)
+            gs = grp.topk(2, -1).values.sum(-1) if v3 else grp.max(-1).values
+            mask = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(kg, -1).indices, True)
+            sel = sel.masked_fill(~mask.repeat_interleave(E // G, 1), float("-inf") if v3 else 0.0)
+        idx = sel.topk(k, -1).indices
+        w = sc.gather(1, idx)
+        rsf = c.get("routed_scaling_factor", 1.0)
+        if v3:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) if norm_topk else w
+            return idx, w * rsf
+        if norm_topk and k > 1:  # remote v1/V2 code: renormalise instead of scaling
+            return idx, w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * rsf
+
+    def ffn(x, m):  # -> (output, routing or None)
         wr = sd.get(m + "gate.weight", sd.get(m + "router.layer.weight"))
         if wr is None:  # dense layer
-            y = swiglu(x, sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"])
+            return swiglu(x, sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"]), None
+        E = wr.shape[0]
+        if m + "experts.gate_up_proj" in sd:
+            gu, dn_ = sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"]
+        elif m + "input_linear.weight" in sd:
+            gu, dn_ = sd[m + "input_linear.weight"], sd[m + "output_linear.weight"]
         else:
-            E = wr.shape[0]
-            if m + "experts.gate_up_proj" in sd:
-                gu, dn = sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"]
-            elif m + "input_linear.weight" in sd:
-                gu, dn = sd[m + "input_linear.weight"], sd[m + "output_linear.weight"]
-            else:
-                names = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-                gu = torch.stack([torch.cat([sd[m + f"experts.{e}.{names[0]}.weight"],
-                                             sd[m + f"experts.{e}.{names[1]}.weight"]]) for e in range(E)])
-                dn = torch.stack([sd[m + f"experts.{e}.{names[2]}.weight"] for e in range(E)])
-            I = dn.shape[-1]
-            z = x @ wr.T
-            if mt == "granitemoe":
-                vals, idx = z.topk(k, -1)
-                w = torch.softmax(vals, -1)
-            else:
-                vals, idx = torch.softmax(z, -1).topk(k, -1)
-                w = vals / vals.sum(-1, keepdim=True) if norm_topk else vals
-            y = torch.zeros_like(x)
-            for t in range(S):
-                for j in range(k):
-                    e = idx[t, j].item()
-                    y[t] += w[t, j] * swiglu(x[t], gu[e, :I], gu[e, I:], dn[e])
-            if m + "shared_expert.gate_proj.weight" in sd:
-                s = swiglu(x, sd[m + "shared_expert.gate_proj.weight"], sd[m + "shared_expert.up_proj.weight"],
-                           sd[m + "shared_expert.down_proj.weight"])
-                y = y + torch.sigmoid(x @ sd[m + "shared_expert_gate.weight"].T) * s
-            order = idx.argsort(-1)
-            routing[l] = (idx.gather(-1, order), w.gather(-1, order))
+            names = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+            gu = torch.stack([torch.cat([sd[m + f"experts.{e}.{names[0]}.weight"],
+                                         sd[m + f"experts.{e}.{names[1]}.weight"]]) for e in range(E)])
+            dn_ = torch.stack([sd[m + f"experts.{e}.{names[2]}.weight"] for e in range(E)])
+        I = dn_.shape[-1]
+        z = x @ wr.T
+        if mt == "granitemoe":
+            vals, idx = z.topk(k, -1)
+            w = torch.softmax(vals, -1)
+        elif mt in DEEPSEEK:
+            idx, w = route_ds(z, m)
+        else:
+            vals, idx = torch.softmax(z, -1).topk(k, -1)
+            w = vals / vals.sum(-1, keepdim=True) if norm_topk else vals
+        y = torch.zeros_like(x)
+        for t in range(S):
+            for j in range(k):
+                e = idx[t, j].item()
+                y[t] += w[t, j] * swiglu(x[t], gu[e, :I], gu[e, I:], dn_[e])
+        if m + "shared_expert.gate_proj.weight" in sd:
+            s = swiglu(x, sd[m + "shared_expert.gate_proj.weight"], sd[m + "shared_expert.up_proj.weight"],
+                       sd[m + "shared_expert.down_proj.weight"])
+            y = y + torch.sigmoid(x @ sd[m + "shared_expert_gate.weight"].T) * s
+        if m + "shared_experts.gate_proj.weight" in sd:  # DeepSeek: ungated
+            y = y + swiglu(x, sd[m + "shared_experts.gate_proj.weight"], sd[m + "shared_experts.up_proj.weight"],
+                           sd[m + "shared_experts.down_proj.weight"])
+        order = idx.argsort(-1)
+        return y, (idx.gather(-1, order), w.gather(-1, order))
+
+    h = sd["model.embed_tokens.weight"][ids] * emb_mult
+    routing = {}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        a = p + "self_attn."
+        x = rms(h, sd[p + "input_layernorm.weight"])
+        if mla:
+            h = h + mla_attention(x, a)
+        else:
+            h = h + res_mult * llama_attention(x, a)
+        x = rms(h, sd[p + "post_attention_layernorm.weight"])
+        m = p + ("block_sparse_moe." if any(kx.startswith(p + "block_sparse_moe.") for kx in sd) else "mlp.")
+        y, r = ffn(x, m)
+        if r is not None:
+            routing[l] = r
         h = h + res_mult * y
     h = rms(h, sd["model.norm.weight"])
     wl = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
@@ -583,15 +810,67 @@ def build_attempt(fx: dict, seed: int, stage: str):
         assert sorted(mem) == sorted(sd), f"fused names differ: {set(mem) ^ set(sd)}"
         for kname in sd:
             assert torch.equal(sd[kname], mem[kname]), kname
-    for v in sd.values():
-        assert v.dtype == DTYPES[fx["dtype"]], v.dtype
+    for kname, v in sd.items():  # DeepSeek-V3's selection bias is an fp32 buffer, as on the Hub
+        assert v.dtype == (torch.float32 if kname.endswith("e_score_correction_bias") else DTYPES[fx["dtype"]]), kname
+    if "fp8" in fx:
+        sd, FP8_PARTS[stage] = quantize_fp8(sd, fx["fp8"]["block"])
     os.makedirs(stage, exist_ok=True)
     files = write_weights(sd, stage, fx["shards"])
     cfg_json = edit_config(saved_cfg, fx.get("cfg_edit", {}))
     with open(os.path.join(stage, "config.json"), "w") as f:
         json.dump(cfg_json, f, indent=2)
         f.write("\n")
+    if "fp8" in fx:  # the model is now the dequantised checkpoint (stage holds it in f32 until write_fp8)
+        model = load_folder(stage)
     return model, ids, ["config.json"] + files, hub_names, saved_cfg
+
+
+FP8_PARTS: dict = {}
+_FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight")
+
+
+def quantize_fp8(sd: dict, block) -> tuple[dict, dict]:
+    """DeepSeek-V3 block FP8: every 2-D Linear weight W [R, C] (not embeddings, lm_head, norms, routers) becomes
+    q = fp8_e4m3(W / s) with s = max|W_block| / 448 per (br x bc) block, stored with weight_scale_inv = s.
+    Returns (sd with W replaced by the exact dequantisation q * s in f32, {name: (q, s)})."""
+    br, bc = block
+    out, parts = {}, {}
+    for name, w in sd.items():
+        if w.dim() != 2 or not name.endswith(".weight") or any(x in name for x in _FP8_SKIP):
+            out[name] = w
+            continue
+        R, C = w.shape
+        w32 = w.float()
+        s = torch.zeros((R + br - 1) // br, (C + bc - 1) // bc, dtype=torch.float32)
+        for i in range(s.shape[0]):
+            for j in range(s.shape[1]):
+                s[i, j] = w32[i * br:(i + 1) * br, j * bc:(j + 1) * bc].abs().max() / 448.0
+        full = s.repeat_interleave(br, 0)[:R].repeat_interleave(bc, 1)[:, :C]
+        q = (w32 / full).to(torch.float8_e4m3fn)
+        deq = q.float() * full
+        assert torch.equal((deq / full).to(torch.float8_e4m3fn).float(), q.float())
+        out[name] = deq.to(w.dtype)
+        assert torch.equal(out[name].float(), deq), f"{name}: dequantised values not exact in the model dtype"
+        parts[name] = (q, s)
+    return out, parts
+
+
+def write_fp8(stage: str, parts: dict, block) -> None:
+    """Rewrites the (single-file) checkpoint in `stage` with the FP8 tensors + weight_scale_inv and adds
+    quantization_config to config.json, as DeepSeek-V3 ships."""
+    path = os.path.join(stage, "model.safetensors")
+    sd = safetensors.torch.load_file(path)
+    for name, (q, s) in parts.items():
+        sd[name] = q
+        sd[name + "_scale_inv"] = s
+    safetensors.torch.save_file(dict(sorted(sd.items())), path, metadata={"format": "pt"})
+    cp = os.path.join(stage, "config.json")
+    c = json.load(open(cp))
+    c["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": list(block)}
+    with open(cp, "w") as f:
+        json.dump(dict(sorted(c.items())), f, indent=2)
+        f.write("\n")
 
 
 def special_checks(fx, folder, loaded, ids, log):
@@ -714,6 +993,8 @@ def make_fixture(fx: dict, out_root: str) -> dict:
                 combos = {tuple(r) for b in range(len(ids)) for r in tensors[f"expert_ids.{b}"][l].tolist()}
                 used = {e for cmb in combos for e in cmb}
                 assert len(combos) >= 3 and len(used) >= min(cfg_num_experts(cfg), 4), (l, combos)
+            if "fp8" in fx:  # the final checkpoint: FP8 + scales (the independent forward dequantises it)
+                write_fp8(stage, FP8_PARTS.pop(stage), fx["fp8"]["block"])
             # independent float64 re-implementation from the written files
             max_dl, max_dw = 0.0, 0.0
             for b, x in enumerate(ids):
@@ -752,7 +1033,8 @@ def make_fixture(fx: dict, out_root: str) -> dict:
 
 
 def cfg_num_experts(cfg) -> int:
-    return getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts")
+    return (getattr(cfg, "n_routed_experts", None) or getattr(cfg, "num_local_experts", None)
+            or getattr(cfg, "num_experts"))
 
 
 def write_readme(out_root: str, results: list[dict]) -> None:

@@ -1,0 +1,129 @@
+// DeepSeek routers (group-limited selection, sigmoid + selection bias, renormalise-instead-of-scale) and their
+// gradients, and the explicit error for gradients through MLA. Forward parity is in test_parity.cpp
+// (fixtures deepseek_v1, deepseek_v2, deepseek_v2_group, deepseek_v3, deepseek_v3_fp8).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "model/backward.h"
+#include "model/errors.h"
+#include "test_util.h"
+
+namespace moedit {
+namespace {
+
+ModelConfig router_config(const std::string& type, const nlohmann::json& extra) {
+  nlohmann::json j = {{"model_type", type},       {"num_hidden_layers", 2},   {"hidden_size", 16},
+                      {"num_attention_heads", 2}, {"num_key_value_heads", 2}, {"n_routed_experts", 8},    {"num_experts_per_tok", 2},
+                      {"moe_intermediate_size", 4}, {"kv_lora_rank", 4},      {"qk_nope_head_dim", 4},
+                      {"qk_rope_head_dim", 4},    {"v_head_dim", 4},          {"q_lora_rank", nullptr}};
+  for (auto it = extra.begin(); it != extra.end(); ++it) j[it.key()] = it.value();
+  return parse_config(j, "config.json");
+}
+
+TEST(DeepSeekRouter, GroupLimitedSelection) {
+  // 4 groups of 2: scores chosen so the best single expert (7) sits in a group whose top-2 sum loses.
+  const std::vector<double> z = {2.0, 1.9, -3.0, -3.0, 1.0, 1.5, -4.0, 2.2};
+  std::vector<int> ids(2);
+  std::vector<double> w(2);
+  // V2 group_limited_greedy keeps groups by their max: groups 3 (2.2) and 0 (2.0) → experts 7, 0.
+  const ModelConfig v2 = router_config("deepseek_v2", {{"topk_method", "group_limited_greedy"}, {"n_group", 4},
+                                                       {"topk_group", 2}});
+  grad::route(v2, z.data(), ids.data(), w.data());
+  EXPECT_EQ(ids, (std::vector<int>{7, 0}));
+  // V3 noaux_tc keeps groups by their top-2 sum (sigmoid scores): groups 0 and 2 → experts 0, 1; 7 is masked.
+  const ModelConfig v3 = router_config("deepseek_v3", {{"n_group", 4}, {"topk_group", 2}, {"norm_topk_prob", true},
+                                                       {"routed_scaling_factor", 2.5}});
+  grad::route(v3, z.data(), ids.data(), w.data());
+  EXPECT_EQ(ids, (std::vector<int>{0, 1}));
+  const double s0 = 1 / (1 + std::exp(-2.0)), s1 = 1 / (1 + std::exp(-1.9));
+  EXPECT_NEAR(w[0], 2.5 * s0 / (s0 + s1), 1e-12);
+  // The selection bias moves the choice but not the weights: +1 on expert 4 makes group 2 win expert 4.
+  std::vector<float> bias(8, 0.f);
+  bias[4] = 1.f;
+  grad::route(v3, z.data(), ids.data(), w.data(), bias.data());
+  EXPECT_EQ(ids, (std::vector<int>{4, 0}));
+  const double s4 = 1 / (1 + std::exp(-1.0));
+  EXPECT_NEAR(w[0], 2.5 * s4 / (s4 + s0), 1e-12);
+}
+
+TEST(DeepSeekRouter, NormReplacesScalingInV2) {
+  // Remote DeepSeek-V2 code: with norm_topk_prob the weights are renormalised and NOT multiplied by the factor.
+  const std::vector<double> z = {0.3, -1.0, 2.0, 0.5, 0.1, -0.2, 1.1, 0.0};
+  std::vector<int> ids(2);
+  std::vector<double> w(2);
+  const ModelConfig n = router_config("deepseek_v2", {{"norm_topk_prob", true}, {"routed_scaling_factor", 16.0}});
+  grad::route(n, z.data(), ids.data(), w.data());
+  EXPECT_NEAR(w[0] + w[1], 1.0, 1e-12);
+  const ModelConfig s = router_config("deepseek_v2", {{"routed_scaling_factor", 16.0}});
+  std::vector<double> w2(2);
+  grad::route(s, z.data(), ids.data(), w2.data());
+  EXPECT_GT(w2[0] + w2[1], 1.0);  // softmax mass × 16
+}
+
+// Gradients with the selection fixed, against central differences.
+TEST(DeepSeekRouter, BackwardMatchesFiniteDifferences) {
+  std::vector<float> bias = {0.1f, -0.2f, 0.05f, 0.f, 0.3f, -0.1f, 0.f, 0.2f};
+  const std::vector<double> z0 = {0.4, -0.7, 1.3, 0.2, -0.5, 0.9, -1.1, 0.6}, r = {0.7, -1.3};
+  for (const ModelConfig& c :
+       {router_config("deepseek_v3", {{"n_group", 2}, {"topk_group", 1}, {"norm_topk_prob", true}}),
+        router_config("deepseek_v3", {{"n_group", 4}, {"topk_group", 2}, {"norm_topk_prob", false},
+                                      {"routed_scaling_factor", 1.5}}),
+        router_config("deepseek_v2", {{"topk_method", "group_limited_greedy"}, {"n_group", 2}, {"topk_group", 1},
+                                      {"norm_topk_prob", true}}),
+        router_config("deepseek_v2", {{"routed_scaling_factor", 3.0}})}) {
+    const float* b = c.router == RouterKind::SigmoidTopK ? bias.data() : nullptr;
+    std::vector<int> ids(2), ids2(2);
+    std::vector<double> w(2), dz(8);
+    grad::route(c, z0.data(), ids.data(), w.data(), b);
+    grad::route_backward(c, z0.data(), ids.data(), r.data(), dz.data());
+    for (int e = 0; e < 8; ++e) {
+      const double h = 1e-6;
+      std::vector<double> zp = z0, zm = z0, wp(2), wm(2);
+      zp[size_t(e)] += h;
+      zm[size_t(e)] -= h;
+      grad::route(c, zp.data(), ids2.data(), wp.data(), b);
+      ASSERT_EQ(ids2, ids);
+      grad::route(c, zm.data(), ids2.data(), wm.data(), b);
+      const double fd = ((wp[0] - wm[0]) * r[0] + (wp[1] - wm[1]) * r[1]) / (2 * h);
+      EXPECT_NEAR(dz[size_t(e)], fd, 1e-7) << c.model_type << " expert " << e;
+    }
+  }
+}
+
+TEST(DeepSeekMla, GradientsRaiseAClearError) {
+  const auto m = Model::load(test::fixture("models/deepseek_v2"));
+  grad::TapedStack<float> stack(*m, 1);
+  TokenLayout lay;
+  lay.n_seqs = 1;
+  lay.seq = {0, 0};
+  lay.pos = {0, 1};
+  try {
+    stack.forward(MatR::Zero(2, m->config().hidden), lay);
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("gradients through MLA attention"), std::string::npos) << e.what();
+  }
+}
+
+TEST(DeepSeekFp8, BadBlockSizeNamesTheField) {
+  test::TempDir d;
+  for (const char* f : {"model.safetensors"})
+    std::filesystem::copy_file(test::fixture("models/deepseek_v3_fp8/") + f, d / f);
+  auto cfg = nlohmann::json::parse(std::ifstream(test::fixture("models/deepseek_v3_fp8/config.json")));
+  cfg["quantization_config"]["weight_block_size"] = {8};
+  test::write_file(d / "config.json", cfg.dump());
+  try {
+    Model::load(d.path.string());
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("field 'quantization_config.weight_block_size'"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moedit
