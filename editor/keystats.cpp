@@ -88,6 +88,20 @@ uint64_t key_weights_hash(const Model& m, int layer) {
   return h;
 }
 
+int shared_expert_count(const Model& m, int layer) {
+  const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
+  return f.moe && f.has_shared ? std::max(1, m.config().n_shared_experts) : 0;
+}
+
+std::string expert_label(int id, int n_shared) {
+  if (!is_shared_expert(id)) return std::to_string(id);
+  return n_shared > 1 ? "shared" + std::to_string(shared_index(id)) : std::string("shared");
+}
+
+nlohmann::json expert_json(int id, int n_shared) {
+  return is_shared_expert(id) ? nlohmann::json(expert_label(id, n_shared)) : nlohmann::json(id);
+}
+
 // ---- computing ----------------------------------------------------------------------------------------------------
 
 std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
@@ -98,12 +112,19 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
   require_input(c.is_moe(layer), "layer " + std::to_string(layer) + " is a dense layer, not an MoE layer");
   const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
   const int E = c.n_experts, I = f.experts.I, H = c.hidden;
-  const bool shared = f.has_shared;
-  const int n_out = E + (shared ? 1 : 0);
+  const int n_shared = shared_expert_count(m, layer);
+  const bool shared = n_shared > 0;
+  const int n_out = E + n_shared;
+  auto slice = [&](int j) {  // shared expert j's columns of the shared key
+    return n_shared == 1 ? std::pair<int, int>{0, f.shared.I} : c.shared_slice(j);
+  };
   std::vector<Eigen::MatrixXd> acc(static_cast<size_t>(n_out));
   std::vector<int64_t> count(static_cast<size_t>(n_out), 0);
   for (int e = 0; e < E; ++e) acc[size_t(e)] = Eigen::MatrixXd::Zero(I, I);
-  if (shared) acc[size_t(E)] = Eigen::MatrixXd::Zero(f.shared.I, f.shared.I);
+  for (int j = 0; j < n_shared; ++j) {
+    const auto [b, e] = slice(j);
+    acc[size_t(E + j)] = Eigen::MatrixXd::Zero(e - b, e - b);
+  }
 
   int64_t total = 0, done = 0;
   for (const auto& s : seqs) total += int64_t(s.size());
@@ -142,8 +163,12 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
       ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), H, c.rms_eps);
       MatR gu(x.rows(), 2 * f.shared.I);
       ops::linear(a2.data(), int(a2.rows()), H, f.shared.gate_up_of(0), 2 * f.shared.I, gu.data());
-      blocks[size_t(E)].resize(x.rows(), f.shared.I);
-      ops::silu_mul(gu.data(), int(x.rows()), f.shared.I, blocks[size_t(E)].data());
+      MatR key(x.rows(), f.shared.I);
+      ops::silu_mul(gu.data(), int(x.rows()), f.shared.I, key.data());
+      for (int j = 0; j < n_shared; ++j) {
+        const auto [b, e] = slice(j);
+        blocks[size_t(E + j)] = key.middleCols(b, e - b);
+      }
     }
 #pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
     for (int e = 0; e < n_out; ++e) {
@@ -161,7 +186,7 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
   for (int e = 0; e < n_out; ++e) {
     SecondMoment& s = out[size_t(e)];
     s.layer = layer;
-    s.expert = e < E ? e : kSharedExpert;
+    s.expert = e < E ? e : shared_expert_id(e - E);
     s.count = count[size_t(e)];
     Eigen::MatrixXd full = 0.5 * (acc[size_t(e)] + acc[size_t(e)].transpose());
     if (s.count > 0) full /= double(s.count);
@@ -292,13 +317,16 @@ struct KeyStatsCache::Impl {
            "-s" + std::to_string(opt.seq_len) + "-n" +
            (opt.max_tokens > 0 ? std::to_string(opt.max_tokens) : std::string("all"));
   }
-  static std::string file_name(int expert) {
-    return expert == kSharedExpert ? "shared.safetensors" : "expert" + std::to_string(expert) + ".safetensors";
+  // expert<E>, shared (a single shared expert) or shared<j> (one of several): distinct names, distinct entries.
+  std::string file_name(int expert) const {
+    const std::string stem = is_shared_expert(expert) ? expert_label(expert, m.config().n_shared_experts)
+                                                      : "expert" + std::to_string(expert);
+    return stem + ".safetensors";
   }
   std::vector<int> experts_of(int layer) const {
     std::vector<int> v;
     for (int e = 0; e < m.config().n_experts; ++e) v.push_back(e);
-    if (m.weights().layers[size_t(layer)].ffn.has_shared) v.push_back(kSharedExpert);
+    for (int j = 0; j < shared_expert_count(m, layer); ++j) v.push_back(shared_expert_id(j));
     return v;
   }
   std::shared_ptr<const SecondMoment> load(int layer, int expert) {
@@ -342,7 +370,8 @@ KeyStatsCache::~KeyStatsCache() = default;
 
 std::shared_ptr<const SecondMoment> KeyStatsCache::get(int layer, int expert) {
   const ModelConfig& c = impl_->m.config();
-  require_input(expert == kSharedExpert || (expert >= 0 && expert < c.n_experts),
+  require_input((is_shared_expert(expert) && shared_index(expert) < std::max(1, c.n_shared_experts)) ||
+                    (expert >= 0 && expert < c.n_experts),
                 "expert " + std::to_string(expert) + " is out of range [0, " + std::to_string(c.n_experts) + ")");
   if (auto s = impl_->load(layer, expert)) return s;
   impl_->compute(layer);

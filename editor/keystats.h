@@ -1,6 +1,7 @@
 // Per-expert key statistics for ROME's rank-one update: C = E[k kᵀ] (uncentered second moment) of the keys
 // k = silu(W_gate x) ⊙ (W_up x) entering one expert's down-projection at one MoE layer — over the tokens routed to
-// that expert (every token for a shared expert).
+// that expert (every token for a shared expert). Several shared experts (DeepSeek: one MLP of width n·I in the
+// checkpoint) each get their own C over their slice of the shared key (ModelConfig::shared_slice).
 //
 // Streaming: token windows run through blocks 0..L only (ForwardOptions::stop_after_layer); routed keys are read
 // at blocks.{L}.moe.experts.{e}.hook_key, shared-expert keys are recomputed from the block's FFN input
@@ -10,7 +11,8 @@
 //
 // Disk cache (KeyStatsCache): one safetensors file per expert,
 //   <cache>/<key-weights hash>/layer<L>/<corpus hash>-s<seq_len>-n<max_tokens|all>/expert<E>.safetensors
-//   (shared.safetensors for the shared expert), tensor "mom2" [I, I] F32, metadata: count, tokens, layer, expert,
+//   (shared.safetensors for a single shared expert; shared<j>.safetensors for shared expert j of several), tensor
+//   "mom2" [I, I] F32, metadata: count, tokens, layer, expert,
 //   model_hash, corpus_hash, corpus, seq_len, max_tokens.
 // The model hash covers exactly the weights the keys at L depend on (embeddings, layers < L, and layer L's norms,
 // attention, router and gate/up projections — not its down projections, so editing layer L keeps its cache valid)
@@ -23,25 +25,37 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "model/model.h"
 
 namespace moedit {
 
 class Tokenizer;
 
-constexpr int kSharedExpert = -1;  // expert id of the shared expert in statistics and edits
+// Expert ids in statistics and edits: routed experts 0..E−1; shared expert j is kSharedExpert − j (−1, −2, …), its
+// key the slice ModelConfig::shared_slice(j) of the shared block's key (the whole block when there is one).
+constexpr int kSharedExpert = -1;
+constexpr int shared_expert_id(int j) { return kSharedExpert - j; }
+constexpr bool is_shared_expert(int id) { return id <= kSharedExpert; }
+constexpr int shared_index(int id) { return kSharedExpert - id; }
+// Shared experts a layer's shared block holds (0 without one).
+int shared_expert_count(const Model& m, int layer);
+// "shared" (n_shared ≤ 1: a single shared expert), "shared<j>" (one of several), or the routed expert's number.
+std::string expert_label(int id, int n_shared);
+nlohmann::json expert_json(int id, int n_shared);  // the label (a string) for shared experts, else the number
 
 struct SecondMoment {
   int layer = -1;
-  int expert = 0;      // kSharedExpert for the shared expert
+  int expert = 0;      // shared_expert_id(j) for shared expert j
   int64_t count = 0;   // keys accumulated (tokens routed to the expert)
   MatR mom2;           // [I, I] E[k kᵀ] (zero matrix when count = 0)
 };
 
 using KeyStatsProgress = std::function<void(int64_t tokens_done, int64_t tokens_total)>;
 
-// Second moments of every routed expert (index e) and, when the layer has one, the shared expert (last entry,
-// expert = kSharedExpert) at MoE layer `layer`, over the given token sequences (each runs from position 0).
+// Second moments of every routed expert (index e) and, when the layer has them, each shared expert j (entry E + j,
+// expert = shared_expert_id(j)) at MoE layer `layer`, over the given token sequences (each runs from position 0).
 // Sequences are packed into forward batches of about batch_tokens tokens. InputError for a dense layer.
 std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
                                             int batch_tokens = 4096, const KeyStatsProgress& progress = {});
@@ -79,9 +93,9 @@ class KeyStatsCache {
  public:
   KeyStatsCache(const Model& m, const Tokenizer& tok, KeyStatsOptions opt);
   ~KeyStatsCache();
-  // The moment of one expert (kSharedExpert: the shared expert).
+  // The moment of one expert (shared_expert_id(j): shared expert j).
   std::shared_ptr<const SecondMoment> get(int layer, int expert);
-  // Every expert of the layer (routed 0..E-1, then shared if any); computes on a miss or when force.
+  // Every expert of the layer (routed 0..E-1, then the shared ones if any); computes on a miss or when force.
   std::vector<std::shared_ptr<const SecondMoment>> layer(int layer, bool force = false);
   // Cache folder of a layer; whether the layer was loaded from disk (vs computed) on its last request.
   std::string layer_dir(int layer);

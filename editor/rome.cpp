@@ -62,6 +62,15 @@ MatR ffn_inputs(const Model& m, int layer, const MatR& resid_pre, const MatR& at
 }
 
 // Keys k = silu(x·Gᵀ) ⊙ (x·Uᵀ) of expert e of a bank for rows x [n, H] → [n, I].
+// [begin, end) of shared expert `expert` (an id ≤ kSharedExpert) in the shared block's intermediate dimension.
+std::pair<int, int> shared_columns(const Model& m, int layer, int expert) {
+  const int n = shared_expert_count(m, layer);
+  require_input(shared_index(expert) < n, "layer " + std::to_string(layer) + " has no shared expert " +
+                                              std::to_string(shared_index(expert)));
+  return n == 1 ? std::pair<int, int>{0, m.weights().layers[size_t(layer)].ffn.shared.I}
+                : m.config().shared_slice(shared_index(expert));
+}
+
 MatR bank_keys(const ExpertBank& b, int e, const MatR& x) {
   MatR gu(x.rows(), 2 * b.I), k(x.rows(), b.I);
   ops::linear(x.data(), int(x.rows()), b.H, b.gate_up_of(e), 2 * b.I, gu.data());
@@ -418,6 +427,8 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
                                                        std::to_string(c.n_experts) + " experts");
   if (opt.target.kind == TargetKind::Shared)
     require_input(f0.has_shared, "--target shared: this model has no shared expert (model_type " + c.model_type + ")");
+  const int n_shared = shared_expert_count(m, layer);
+  res.n_shared_experts = n_shared;
   require_input(!opt.mom2_adjustment || bool(opt.moments), "key statistics are required (mom2 adjustment is on)");
   validate(ids, c);
 
@@ -468,10 +479,10 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
       for (int j = 0; j < K; ++j) tg.push_back({res.routed[size_t(j)], res.routed_weights[size_t(j)], res.routed_weights[size_t(j)] / s2});
       break;
     }
-    case TargetKind::Shared: {
+    case TargetKind::Shared: {  // each shared expert j takes r_j = δ/(n·g): the minimum-norm split of Σ g·r_j = δ
       double g = 1.0;
       if (f0.shared_gate.size()) g = 1.0 / (1.0 + std::exp(-double(a2.row(0).dot(f0.shared_gate.transpose()))));
-      tg.push_back({kSharedExpert, g, 1.0 / g});
+      for (int j = 0; j < n_shared; ++j) tg.push_back({shared_expert_id(j), g, 1.0 / (g * n_shared)});
       break;
     }
   }
@@ -485,62 +496,69 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   // Rank-one updates.
   Weights& W = m.mutable_weights();
   FFNWeights& fw = W.layers[size_t(layer)].ffn;
-  for (const Tgt& t : tg) {
-    ExpertBank& bank = t.expert == kSharedExpert ? fw.shared : fw.experts;
-    const int e = t.expert == kSharedExpert ? 0 : t.expert, I = bank.I, H = bank.H;
-    ExpertUpdate up;
-    up.layer = layer;
-    up.expert = t.expert;
-    up.weight = t.weight;
-    up.r = (res.vstar.delta.cast<double>() * t.share).cast<float>();
-    const MatR keys = bank_keys(bank, e, a2);  // [templates, I]
-    const Eigen::VectorXd k = keys.row(0).transpose().cast<double>();
-    const Eigen::VectorXd kstar = keys.cast<double>().colwise().mean().transpose();
-    Eigen::VectorXd ck;
-    if (opt.mom2_adjustment) {
-      auto mom = opt.moments(layer, t.expert);
-      require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
-                    "key statistics for layer " + std::to_string(layer) + " expert " +
-                        (t.expert == kSharedExpert ? std::string("shared") : std::to_string(t.expert)) +
-                        " are missing or have the wrong size");
-      up.stats_count = mom->count;
-      Eigen::MatrixXd C = mom->mom2.cast<double>();
-      if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
-      Eigen::LLT<Eigen::MatrixXd> llt(C);
-      if (llt.info() == Eigen::Success) {
-        ck = llt.solve(kstar);
+  try {  // all or nothing: a failing target reverts the ones already applied
+    for (const Tgt& t : tg) {
+      const bool shared = is_shared_expert(t.expert);
+      ExpertBank& bank = shared ? fw.shared : fw.experts;
+      DownMap Wd = expert_down(m, layer, t.expert);
+      const int I = int(Wd.cols()), H = int(Wd.rows());
+      ExpertUpdate up;
+      up.layer = layer;
+      up.expert = t.expert;
+      up.weight = t.weight;
+      up.r = (res.vstar.delta.cast<double>() * t.share).cast<float>();
+      // [templates, I]: the expert's keys (shared expert j: its columns of the shared block's keys)
+      const MatR keys =
+          shared ? MatR(bank_keys(bank, 0, a2).middleCols(shared_columns(m, layer, t.expert).first, I))
+                 : bank_keys(bank, t.expert, a2);
+      const Eigen::VectorXd k = keys.row(0).transpose().cast<double>();
+      const Eigen::VectorXd kstar = keys.cast<double>().colwise().mean().transpose();
+      Eigen::VectorXd ck;
+      if (opt.mom2_adjustment) {
+        auto mom = opt.moments(layer, t.expert);
+        require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
+                      "key statistics for layer " + std::to_string(layer) + " expert " +
+                          expert_label(t.expert, n_shared) + " are missing or have the wrong size");
+        up.stats_count = mom->count;
+        Eigen::MatrixXd C = mom->mom2.cast<double>();
+        if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
+        Eigen::LLT<Eigen::MatrixXd> llt(C);
+        if (llt.info() == Eigen::Success) {
+          ck = llt.solve(kstar);
+        } else {
+          Eigen::LDLT<Eigen::MatrixXd> ldlt(C);
+          const auto d = ldlt.vectorD();
+          require_input(ldlt.info() == Eigen::Success && d.minCoeff() > 1e-12 * std::max(d.maxCoeff(), 1e-300),
+                        "the key statistics of layer " + std::to_string(layer) + " expert " +
+                            expert_label(t.expert, n_shared) + " are singular (" + std::to_string(mom->count) +
+                            " tokens for a key of size " + std::to_string(I) + "): use a larger corpus or --ridge");
+          ck = ldlt.solve(kstar);
+        }
       } else {
-        Eigen::LDLT<Eigen::MatrixXd> ldlt(C);
-        const auto d = ldlt.vectorD();
-        require_input(ldlt.info() == Eigen::Success && d.minCoeff() > 1e-12 * std::max(d.maxCoeff(), 1e-300),
-                      "the key statistics of layer " + std::to_string(layer) + " expert " +
-                          (t.expert == kSharedExpert ? std::string("shared") : std::to_string(t.expert)) +
-                          " are singular (" + std::to_string(mom->count) + " tokens for a key of size " +
-                          std::to_string(I) + "): use a larger corpus or --ridge");
-        ck = ldlt.solve(kstar);
+        ck = kstar;
       }
-    } else {
-      ck = kstar;
+      const double denom = ck.dot(opt.keys == KeyMode::Rome ? k : kstar);
+      if (!(std::abs(denom) > 0) || !std::isfinite(denom) || !ck.allFinite())
+        throw std::runtime_error("rank-one update: (C⁻¹k*)ᵀk is zero or not finite for expert " +
+                                 expert_label(t.expert, n_shared));
+      up.u = (ck / denom).cast<float>();
+      up.k = (opt.keys == KeyMode::Rome ? k : kstar).cast<float>();
+      up.k_star = kstar.cast<float>();
+      up.original.resize(size_t(H) * size_t(I));
+      Eigen::Map<MatR>(up.original.data(), H, I) = Wd;
+      Wd.noalias() += up.r * up.u.transpose();
+      res.updates.push_back(std::move(up));
     }
-    const double denom = ck.dot(opt.keys == KeyMode::Rome ? k : kstar);
-    if (!(std::abs(denom) > 0) || !std::isfinite(denom) || !ck.allFinite())
-      throw std::runtime_error("rank-one update: (C⁻¹k*)ᵀk is zero or not finite for expert " +
-                               std::to_string(t.expert));
-    up.u = (ck / denom).cast<float>();
-    up.k = (opt.keys == KeyMode::Rome ? k : kstar).cast<float>();
-    up.k_star = kstar.cast<float>();
-    float* dn = bank.down_of(e);
-    up.original.assign(dn, dn + size_t(H) * I);
-    Eigen::Map<MatR> Wd(dn, H, I);
-    Wd.noalias() += up.r * up.u.transpose();
-    res.updates.push_back(std::move(up));
+  } catch (...) {
+    revert(m, res);
+    throw;
   }
 
   // Which templates route through the edited experts.
   for (size_t i = 0; i < rows.size(); ++i) {
     int hits = 0;
     for (const Tgt& t : tg)
-      if (t.expert == kSharedExpert)
+      if (is_shared_expert(t.expert))
         ++hits;
       else
         for (int j = 0; j < K; ++j) hits += rt.ids(rows[i], j) == t.expert;
@@ -552,12 +570,18 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   return res;
 }
 
+DownMap expert_down(Model& m, int layer, int expert) {
+  FFNWeights& f = m.mutable_weights().layers[size_t(layer)].ffn;
+  if (!is_shared_expert(expert))
+    return DownMap(f.experts.down_of(expert), f.experts.H, f.experts.I, Eigen::OuterStride<>(f.experts.I));
+  const auto [b, e] = shared_columns(m, layer, expert);
+  return DownMap(f.shared.down_of(0) + b, f.shared.H, e - b, Eigen::OuterStride<>(f.shared.I));
+}
+
 void revert(Model& m, const EditResult& r) {
-  FFNWeights& f = m.mutable_weights().layers[size_t(r.layer)].ffn;
   for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) {
-    ExpertBank& bank = it->expert == kSharedExpert ? f.shared : f.experts;
-    float* dn = bank.down_of(it->expert == kSharedExpert ? 0 : it->expert);
-    std::copy(it->original.begin(), it->original.end(), dn);
+    DownMap dn = expert_down(m, r.layer, it->expert);
+    dn = CMapMatR(it->original.data(), dn.rows(), dn.cols());
   }
 }
 
@@ -735,7 +759,7 @@ std::vector<PromptScore> score_prompts(const Model& m, const Tokenizer& tok, con
           for (int j = 0; j < c.top_k; ++j) ps.experts.push_back(r.ids(row, j));
           for (const auto& [l, ex] : edited) {
             if (l != layer) continue;
-            if (ex == kSharedExpert)
+            if (is_shared_expert(ex))
               ps.edited_hits += has_shared ? 1 : 0;
             else
               ps.edited_hits += int(std::count(ps.experts.begin(), ps.experts.end(), ex));
@@ -804,7 +828,7 @@ nlohmann::json edit_json(const EditResult& r) {
   j["updates"] = nlohmann::json::array();
   for (const auto& u : r.updates) {
     j["updates"].push_back({{"layer", u.layer},
-                            {"expert", u.expert == kSharedExpert ? nlohmann::json("shared") : nlohmann::json(u.expert)},
+                            {"expert", expert_json(u.expert, r.n_shared_experts)},
                             {"weight", u.weight},
                             {"residual_norm", u.r.norm()},
                             {"update_norm", double(u.r.norm()) * double(u.u.norm())},

@@ -16,8 +16,11 @@
 //      dominant  the routed expert with the largest weight:          r = δ / w_e
 //      routed    every expert of the top-k, minimum-norm split of δ:  r_e = w_e·δ / Σ_j w_j²   (Σ w_e·r_e = δ)
 //      shared    the shared expert:                                   r = δ / g(x)  (ungated: r = δ)
+//                n > 1 shared experts (DeepSeek): each shared expert j's slice of the shared down-projection,
+//                minimum-norm split of δ over them: r_j = δ / (n·g(x))   (Σ_j g·r_j = δ; ungated g = 1)
 //      L:E       expert E of layer L (must be routed there):          r = δ / w_E
-// 3. Update per target expert: ΔW = r·(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k), C = E[k kᵀ] of that expert's keys (editor/keystats.h)
+// 3. Update per target expert: ΔW = r·(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k), C = E[k kᵀ] of that expert's keys (editor/keystats.h;
+//    shared expert j: W = W_down[:, slice_j], k = k[slice_j], C over its slice of every token's key)
 //    plus an optional ridge, solved by Cholesky (LDLT fallback) in fp64; k* = mean over the context templates of
 //    the expert's key at the subject's last token. KeyMode::Rome uses the bare-prompt key k in the denominator
 //    (ROME's code); KeyMode::Consistent uses k* there too (r-ROME), so W′k* = Wk* + r. Without mom2 adjustment
@@ -92,7 +95,7 @@ struct VStarOptions {
   bool cache_prefix = true;        // run only tokens at/after the subject in layers > L (exact; faster)
 };
 
-// Supplies C for (layer, expert); kSharedExpert for the shared expert.
+// Supplies C for (layer, expert); shared_expert_id(j) for shared expert j (kSharedExpert for a single one).
 using MomentSource = std::function<std::shared_ptr<const SecondMoment>(int layer, int expert)>;
 
 struct EditOptions {
@@ -170,13 +173,13 @@ VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const V
 
 struct ExpertUpdate {
   int layer = -1;
-  int expert = 0;               // kSharedExpert for the shared expert
+  int expert = 0;               // shared_expert_id(j) for shared expert j
   double weight = 1.0;          // routing weight (or shared gate) at the bare prompt's subject token
   VecF r;                       // residual in the expert's output space [H]
   VecF u;                       // C⁻¹k* / ((C⁻¹k*)ᵀ k) [I]: ΔW = r·uᵀ
   VecF k;                       // the denominator's key
   VecF k_star;                  // template-averaged key
-  std::vector<float> original;  // the down-projection [H, I] before the update (bit-exact revert)
+  std::vector<float> original;  // the down-projection [H, I] (expert_down) before the update (bit-exact revert)
   int64_t stats_count = 0;      // tokens behind C (0 without mom2 adjustment)
 };
 
@@ -185,6 +188,7 @@ struct EditResult {
   EditTarget target;
   VStarResult vstar;
   std::vector<ExpertUpdate> updates;  // applied in this order
+  int n_shared_experts = 0;           // shared experts at the edited layer (expert_label)
   std::vector<int> routed;            // top-k experts at the bare prompt's subject token (top-k order)
   std::vector<float> routed_weights;
   std::vector<int> template_hits;     // per template: edited experts in its subject token's top-k
@@ -193,6 +197,11 @@ struct EditResult {
   double seconds = 0;                 // wall time of the whole edit (v*, keys, solve, apply)
   double vstar_seconds = 0;
 };
+
+// The down-projection an expert id's edit changes: routed e → W_down^e [H, I]; shared expert j → the columns
+// shared_slice(j) of the shared block's [H, n·I] (the whole block for a single shared expert).
+using DownMap = Eigen::Map<MatR, 0, Eigen::OuterStride<>>;
+DownMap expert_down(Model& m, int layer, int expert);
 
 // The whole edit on ids: v*, keys, C⁻¹k*, ΔW applied in place.
 EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt);

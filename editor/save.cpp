@@ -55,6 +55,14 @@ float round_trip(DType dt, float v) {
   }
 }
 
+// Edited (layer, expert) pairs → the down-projection tensors to write: every shared expert of a layer maps to the
+// one shared block (kSharedExpert), written whole from the model's current weights.
+std::set<std::pair<int, int>> edited_tensors(const std::vector<std::pair<int, int>>& edited) {
+  std::set<std::pair<int, int>> out;
+  for (const auto& [l, e] : edited) out.insert({l, is_shared_expert(e) ? kSharedExpert : e});
+  return out;
+}
+
 const float* down_data(const Model& m, int layer, int expert) {
   const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
   return expert == kSharedExpert ? f.shared.down_of(0) : f.experts.down_of(expert);
@@ -67,7 +75,7 @@ DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& st, i
                 "layer " + std::to_string(layer) + " is not an MoE layer");
   const std::string mp = moe_prefix(c, st, layer);
   DownProjLocation loc;
-  if (expert == kSharedExpert) {
+  if (is_shared_expert(expert)) {  // every shared expert lives in the shared block's one tensor
     require_input(!c.arch->shared_module.empty(), "this architecture has no shared expert");
     loc.tensor = mp + std::string(c.arch->shared_module) + ".down_proj.weight";
     return loc;
@@ -108,7 +116,7 @@ void save_edited_checkpoint(const Model& m, const std::string& source_dir, const
     int slice, layer, expert;
   };
   std::map<std::string, std::vector<Patch>> patches;
-  for (const auto& [l, e] : edited) {
+  for (const auto& [l, e] : edited_tensors(edited)) {
     const DownProjLocation loc = locate_down_proj(c, store, l, e);
     const TensorView& t = store.get(loc.tensor);
     const ExpertBank& b = e == kSharedExpert ? m.weights().layers[size_t(l)].ffn.shared
@@ -179,7 +187,7 @@ std::vector<std::string> round_to_checkpoint_dtype(Model& m, const std::string& 
                                                    const std::vector<std::pair<int, int>>& edited) {
   TensorStore store(source_dir);
   std::set<std::string> seen;
-  for (const auto& [l, e] : edited) {
+  for (const auto& [l, e] : edited_tensors(edited)) {
     const DownProjLocation loc = locate_down_proj(m.config(), store, l, e);
     const DType dt = store.get(loc.tensor).dtype;
     seen.insert(dtype_name(dt));

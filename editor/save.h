@@ -18,7 +18,8 @@
 namespace moedit {
 
 // Where an expert's down projection lives in a checkpoint: tensor name, and the slice of a packed [E, H, I]
-// tensor (−1: a whole [H, I] tensor). expert = kSharedExpert (−1) for the shared expert.
+// tensor (−1: a whole [H, I] tensor). A shared expert id (editor/keystats.h: kSharedExpert − j) gives the shared
+// block's one down_proj tensor [H, n·I]: saving writes that tensor whole (all its shared experts' slices).
 struct DownProjLocation {
   std::string tensor;
   int slice = -1;

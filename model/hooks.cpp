@@ -66,6 +66,9 @@ std::string router_logits(int l) { return "blocks." + std::to_string(l) + ".moe.
 std::string expert_ids(int l) { return "blocks." + std::to_string(l) + ".moe.hook_expert_ids"; }
 std::string expert_weights(int l) { return "blocks." + std::to_string(l) + ".moe.hook_expert_weights"; }
 std::string shared_out(int l) { return "blocks." + std::to_string(l) + ".moe.hook_shared_out"; }
+std::string shared_expert_out(int l, int j) {
+  return "blocks." + std::to_string(l) + ".moe.shared_experts." + std::to_string(j) + ".hook_out";
+}
 std::string expert_out(int l, int e) {
   return "blocks." + std::to_string(l) + ".moe.experts." + std::to_string(e) + ".hook_out";
 }

@@ -9,7 +9,11 @@
 //   blocks.{l}.moe.experts.{e}.hook_key      [n_e, I] input of expert e's down_proj (the ROME key), rows = tokens
 //                                                     routed to e
 //   blocks.{l}.moe.experts.{e}.hook_out      [n_e, H] expert e's weighted contribution w_e·E_e(x)
-//   blocks.{l}.moe.hook_shared_out           [N, H]  shared-expert contribution (gate included)
+//   blocks.{l}.moe.shared_experts.{j}.hook_out [N, H] shared expert j's contribution g·W_down[:, slice_j]·k[slice_j]
+//                                                     (ModelConfig::shared_slice; gate included). Computed only when
+//                                                     a hook is registered under the name; a change made here is
+//                                                     added to the shared output (capturing leaves it bit-identical)
+//   blocks.{l}.moe.hook_shared_out           [N, H]  shared-expert contribution (gate included; all shared experts)
 //   blocks.{l}.hook_moe_out                  [N, H]  whole FFN/MoE output (shared part included; dense layers too)
 //   blocks.{l}.hook_resid_post               [N, H]  residual stream leaving layer l
 //   hook_final_norm                          [N, H]  after the final RMSNorm
@@ -89,6 +93,7 @@ std::string router_logits(int l);
 std::string expert_ids(int l);
 std::string expert_weights(int l);
 std::string shared_out(int l);
+std::string shared_expert_out(int l, int j);
 std::string expert_out(int l, int e);
 std::string expert_key(int l, int e);
 inline const char* embed() { return "hook_embed"; }

@@ -200,15 +200,30 @@ Bare run_bare(const Model& m, int layer, const std::vector<int32_t>& ids) {
   return b;
 }
 
+// A fixture model with key statistics at `layer` (random corpus), its weights and its bare-prompt run before editing
+// fixed_ids() (subject token s of the bare prompt).
+struct EditSetup {
+  std::shared_ptr<Model> m;
+  std::vector<SecondMoment> stats;
+  Weights before;
+  Bare pre;
+  EditIds ids = fixed_ids();
+  int s = ids.subject_last[0];
+};
+EditSetup edit_setup(const std::string& fx, int layer) {
+  EditSetup e;
+  e.m = Model::load(fixture_model(fx));
+  e.stats = compute_key_stats(*e.m, layer, random_corpus(40, 32, e.m->config().vocab_size, 3));
+  e.before = e.m->weights();
+  e.pre = run_bare(*e.m, layer, e.ids.prompts[0]);
+  return e;
+}
+
 TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
   SerialOps serial;
-  auto m = Model::load(fixture_model("qwen2_moe"));
   const int layer = 1;
-  const EditIds ids = fixed_ids();
-  auto stats = compute_key_stats(*m, layer, random_corpus(40, 32, m->config().vocab_size, 3));
-  const Weights before = m->weights();
-  const Bare pre = run_bare(*m, layer, ids.prompts[0]);
-  const int s = ids.subject_last[0];
+  EditSetup setup = edit_setup("qwen2_moe", layer);
+  auto& [m, stats, before, pre, ids, s] = setup;
   for (const std::string tgt : {"dominant", "routed", "shared", "1:X", "consistent"}) {
     EditOptions opt;
     opt.layer = layer;
@@ -267,6 +282,62 @@ TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
     const Bare back = run_bare(*m, layer, ids.prompts[0]);
     EXPECT_TRUE((back.logits.array() == pre.logits.array()).all()) << tgt;
   }
+}
+
+// DeepSeek v1 (2 ungated shared experts of width 12, one MLP in the checkpoint): --target shared edits each shared
+// expert's slice of the shared down-projection with r_j = δ/2 and C_j over that slice's keys; W′_j k_j = W_j k_j + r_j,
+// the other weights stay, the MoE output at the subject token moves by δ, revert is bit-exact, labels name each one.
+TEST(Edit, SharedTargetEditsEverySharedExpertSlice) {
+  SerialOps serial;
+  const int layer = 2;
+  EditSetup setup = edit_setup("deepseek_v1", layer);
+  auto& [m, stats, before, pre, ids, s] = setup;
+  const int H = m->config().hidden, W = before.layers[size_t(layer)].ffn.shared.I;
+  EditOptions opt;
+  opt.layer = layer;
+  opt.moments = moments_from(stats);
+  opt.target = parse_edit_target("shared");
+  EditResult r = apply_edit_ids(*m, ids, opt);
+  ASSERT_EQ(r.updates.size(), 2u);
+  const Eigen::MatrixXd W1 = CMapMatR(m->weights().layers[size_t(layer)].ffn.shared.down_of(0), H, W).cast<double>();
+  const Eigen::MatrixXd W0 = CMapMatR(before.layers[size_t(layer)].ffn.shared.down_of(0), H, W).cast<double>();
+  for (int j = 0; j < 2; ++j) {
+    const ExpertUpdate& u = r.updates[size_t(j)];
+    EXPECT_EQ(u.expert, shared_expert_id(j));
+    EXPECT_EQ(u.stats_count, 40 * 32);  // every token's key
+    EXPECT_LE(rel(u.r.cast<double>(), 0.5 * r.vstar.delta.cast<double>()), 1e-6);  // minimum-norm split, ungated
+    const auto [b, e] = m->config().shared_slice(j);
+    ASSERT_EQ(u.k.size(), e - b);
+    const Eigen::VectorXd k = u.k.cast<double>();
+    const double err = rel(W1.middleCols(b, e - b) * k, W0.middleCols(b, e - b) * k + u.r.cast<double>());
+    std::printf("  [exact] shared expert %d: |W'k - (Wk + r)| / |Wk + r| = %.2e, |r| = %.3f\n", j, err, u.r.norm());
+    EXPECT_LE(err, 1e-5);
+    // Rank one within the slice: ΔW_j = r_j u_jᵀ.
+    const Eigen::MatrixXd dW = W1.middleCols(b, e - b) - W0.middleCols(b, e - b);
+    EXPECT_LE((dW - u.r.cast<double>() * u.u.cast<double>().transpose()).norm(), 1e-5 * dW.norm());
+  }
+  EXPECT_EQ(m->weights().layers[size_t(layer)].ffn.experts.down, before.layers[size_t(layer)].ffn.experts.down);
+  const Bare post = run_bare(*m, layer, ids.prompts[0]);
+  const Eigen::VectorXd moved = (post.moe_out.row(s) - pre.moe_out.row(s)).transpose().cast<double>();
+  std::printf("  [shared split] |Δ moe_out - δ| / |δ| = %.2e\n", rel(moved, r.vstar.delta.cast<double>()));
+  EXPECT_LE(rel(moved, r.vstar.delta.cast<double>()), 1e-4);
+  const nlohmann::json j = edit_json(r);
+  EXPECT_EQ(j["updates"][0]["expert"], "shared0");
+  EXPECT_EQ(j["updates"][1]["expert"], "shared1");
+  revert(*m, r);
+  EXPECT_EQ(m->weights().layers[size_t(layer)].ffn.shared.down, before.layers[size_t(layer)].ffn.shared.down);
+  const Bare back = run_bare(*m, layer, ids.prompts[0]);
+  EXPECT_TRUE((back.logits.array() == pre.logits.array()).all());
+  // Statistics of one shared expert's slice are required (a whole-block matrix is the wrong size).
+  opt.moments = [&](int l, int e) -> std::shared_ptr<const SecondMoment> {
+    auto full = std::make_shared<SecondMoment>();
+    full->layer = l;
+    full->expert = e;
+    full->mom2 = MatR::Identity(W, W);
+    return full;
+  };
+  EXPECT_THROW(apply_edit_ids(*m, ids, opt), InputError);
+  EXPECT_EQ(m->weights().layers[size_t(layer)].ffn.shared.down, before.layers[size_t(layer)].ffn.shared.down);
 }
 
 TEST(Edit, SequentialEditsRevertInReverseOrder) {
@@ -341,20 +412,20 @@ TEST(Edit, BadRequestsFailWithClearMessages) {
 
 // ---- key statistics -------------------------------------------------------------------------------------------------
 
-TEST(KeyStats, MatchPerTokenReferenceAndCache) {
-  SerialOps serial;
-  auto m = Model::load(fixture_model("qwen2_moe"));
-  const int layer = 1;
+// Key statistics against a per-token reference (every shared expert over its slice of the shared key); returns them.
+std::vector<SecondMoment> expect_stats_match_reference(const std::shared_ptr<Model>& m, int layer) {
   const auto corpus = random_corpus(12, 20, m->config().vocab_size, 9);
   auto stats = compute_key_stats(*m, layer, corpus, 64);  // several batches
-  ASSERT_EQ(int(stats.size()), m->config().n_experts + 1);
+  const int NS = std::max(1, m->config().n_shared_experts);
+  EXPECT_EQ(int(stats.size()), m->config().n_experts + NS);
+  if (int(stats.size()) != m->config().n_experts + NS) return stats;
   // Reference: run each sequence alone, take every token's FFN input, route it, and accumulate keys one by one.
   const FFNWeights& f = m->weights().layers[size_t(layer)].ffn;
-  const int E = m->config().n_experts, I = f.experts.I;
-  std::vector<Eigen::MatrixXd> ref(size_t(E) + 1);
-  std::vector<int64_t> cnt(size_t(E) + 1, 0);
+  const int E = m->config().n_experts, I = f.experts.I, IS = f.shared.I / NS;
+  std::vector<Eigen::MatrixXd> ref(size_t(E + NS));
+  std::vector<int64_t> cnt(size_t(E + NS), 0);
   for (int e = 0; e < E; ++e) ref[size_t(e)] = Eigen::MatrixXd::Zero(I, I);
-  ref[size_t(E)] = Eigen::MatrixXd::Zero(f.shared.I, f.shared.I);
+  for (int j = 0; j < NS; ++j) ref[size_t(E + j)] = Eigen::MatrixXd::Zero(IS, IS);
   for (const auto& s : corpus) {
     Hooks h;
     auto pre = h.capture(hook_names::resid_pre(layer));
@@ -380,18 +451,30 @@ TEST(KeyStats, MatchPerTokenReferenceAndCache) {
         ++cnt[size_t(e)];
       }
       const auto k = key(f.shared, 0);
-      ref[size_t(E)] += k * k.transpose();
-      ++cnt[size_t(E)];
+      for (int j = 0; j < NS; ++j) {
+        const auto kj = k.segment(j * IS, IS);
+        ref[size_t(E + j)] += kj * kj.transpose();
+        ++cnt[size_t(E + j)];
+      }
     }
   }
-  for (int e = 0; e <= E; ++e) {
-    EXPECT_EQ(stats[size_t(e)].count, cnt[size_t(e)]) << e;
-    EXPECT_EQ(stats[size_t(e)].expert, e < E ? e : kSharedExpert);
+  for (int e = 0; e < E + NS; ++e) {
+    EXPECT_EQ(stats[size_t(e)].count, cnt[size_t(e)]) << m->config().model_type << " " << e;
+    EXPECT_EQ(stats[size_t(e)].expert, e < E ? e : shared_expert_id(e - E));
     if (cnt[size_t(e)] == 0) continue;
     const Eigen::MatrixXd want = ref[size_t(e)] / double(cnt[size_t(e)]);
-    EXPECT_LE((stats[size_t(e)].mom2.cast<double>() - want).norm(), 1e-5 * want.norm()) << e;
+    EXPECT_LE((stats[size_t(e)].mom2.cast<double>() - want).norm(), 1e-5 * want.norm())
+        << m->config().model_type << " " << e;
   }
+  return stats;
+}
 
+TEST(KeyStats, MatchPerTokenReferenceAndCache) {
+  SerialOps serial;
+  expect_stats_match_reference(Model::load(fixture_model("deepseek_v1")), 2);  // two shared experts
+  auto m = Model::load(fixture_model("qwen2_moe"));  // one shared expert: the whole shared block
+  const int layer = 1;
+  const auto stats = expect_stats_match_reference(m, layer);
   // Files round-trip exactly.
   test::TempDir tmp;
   write_moment_file(tmp / "x/e.safetensors", stats[2], {{"k", "v"}});
@@ -437,6 +520,22 @@ TEST(KeyStats, DiskCacheComputesOnceThenLoads) {
   KeyStatsCache c3(*m, tok, o);
   EXPECT_NE(c3.layer_dir(1), c2.layer_dir(1));
   EXPECT_THROW(c3.get(2, 0), InputError);  // dense layer
+  // Several shared experts (DeepSeek v1: 2 of width 12): one file each, loaded back one by one.
+  const std::string ds_dir = model_with_tokenizer(tmp, "deepseek_v1");
+  auto ds = Model::load(ds_dir);
+  const Tokenizer ds_tok = Tokenizer::from_file(ds_dir);
+  KeyStatsCache d1(*ds, ds_tok, o), d2(*ds, ds_tok, o);
+  const auto all = d1.layer(2);
+  ASSERT_EQ(all.size(), 8u + 2u);
+  for (int j = 0; j < 2; ++j) {
+    EXPECT_TRUE(fs::exists(d1.layer_dir(2) + "/shared" + std::to_string(j) + ".safetensors")) << j;
+    const auto sj = d2.get(2, shared_expert_id(j));
+    EXPECT_EQ(sj->mom2.rows(), 12);
+    EXPECT_TRUE((sj->mom2.array() == all[size_t(8 + j)]->mom2.array()).all()) << j;
+  }
+  EXPECT_TRUE(d2.loaded_from_disk(2));
+  EXPECT_FALSE(fs::exists(d1.layer_dir(2) + "/shared.safetensors"));
+  EXPECT_THROW(d2.get(2, shared_expert_id(2)), InputError);
 }
 
 // ---- text level, save ---------------------------------------------------------------------------------------------
@@ -468,10 +567,10 @@ TEST(Edit, TemplatesAreDeterministicAndIdsFollowRome) {
 
 TEST(Edit, SaveReloadGivesBitIdenticalLogits) {
   SerialOps serial;
-  for (const std::string fx : {"olmoe", "mixtral_fused", "qwen2_moe", "qwen2_moe_fused_norm"}) {
+  for (const std::string fx : {"olmoe", "mixtral_fused", "qwen2_moe", "qwen2_moe_fused_norm", "deepseek_v1"}) {
     test::TempDir tmp;
     auto m = Model::load(fixture_model(fx));
-    const int layer = fx == "qwen2_moe_fused_norm" ? 1 : 0;
+    const int layer = fx == "qwen2_moe_fused_norm" ? 1 : fx == "deepseek_v1" ? 2 : 0;
     const std::string src_hash = [&] {
       std::string all;
       for (const auto& e : fs::directory_iterator(fixture_model(fx))) all += test::read_file(e.path().string());
@@ -514,6 +613,12 @@ TEST(Edit, SaveReloadGivesBitIdenticalLogits) {
     EXPECT_THROW(save_edited_checkpoint(*m, fixture_model(fx), tmp / "out", edited), InputError);
     save_edited_checkpoint(*m, fixture_model(fx), tmp / "out", edited, {true});
     EXPECT_THROW(save_edited_checkpoint(*m, fixture_model(fx), fixture_model(fx), edited, {true}), InputError);
+    if (fx == "deepseek_v1") {  // both shared experts' slices live in (and are written to) one tensor
+      EXPECT_EQ(edited.size(), 2u);
+      EXPECT_EQ(changed, 1);
+      EXPECT_EQ(locate_down_proj(m->config(), s1, layer, shared_expert_id(1)).tensor,
+                "model.layers.2.mlp.shared_experts.down_proj.weight");
+    }
     std::printf("  [save] %s: stored dtype %s, %d tensor(s) changed\n", fx.c_str(), dtypes.front().c_str(), changed);
   }
 }

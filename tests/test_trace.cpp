@@ -49,6 +49,11 @@ double max_abs_diff(const trace::KindResult& a, const trace::KindResult& b) {
     EXPECT_EQ(a.experts[i].expert, b.experts[i].expert);
     d = std::max(d, std::abs(a.experts[i].score - b.experts[i].score));
   }
+  EXPECT_EQ(a.shared_experts.size(), b.shared_experts.size());
+  for (size_t i = 0; i < std::min(a.shared_experts.size(), b.shared_experts.size()); ++i) {
+    EXPECT_EQ(a.shared_experts[i].expert, b.shared_experts[i].expert);
+    d = std::max(d, std::abs(a.shared_experts[i].score - b.shared_experts[i].score));
+  }
   // The dominant expert of one run is a best expert of the other (ties — experts that restore nothing — may
   // break differently under float rounding).
   EXPECT_EQ(a.dominant.size(), b.dominant.size());
@@ -224,7 +229,9 @@ TEST(Trace, MatchesTransformersReference) {
 
 TEST(Trace, CachedEqualsNaiveOnEveryFixtureAndKind) {
   const OneThread one_thread;
-  for (const char* fx : kFixtures) {
+  std::vector<std::string> fixtures(std::begin(kFixtures), std::end(kFixtures));
+  fixtures.insert(fixtures.end(), {"deepseek_v1", "deepseek_v2"});  // two shared experts: each restored alone too
+  for (const std::string& fx : fixtures) {
     auto m = fixture_model(fx);
     trace::TraceInput in;
     in.ids = prompt_ids(*m, 9, 1);
@@ -233,7 +240,7 @@ TEST(Trace, CachedEqualsNaiveOnEveryFixtureAndKind) {
     trace::TraceOptions o;
     o.samples = 4;
     o.window = 2;
-    o.expert_all_tokens = std::string(fx) == "qwen2_moe";
+    o.expert_all_tokens = fx == "qwen2_moe";
     o.batch_rows = 100;  // several batches with mixed start layers/tokens
     const trace::TraceReport c = trace::trace_ids(*m, in, o);
     o.naive = true;
@@ -242,8 +249,14 @@ TEST(Trace, CachedEqualsNaiveOnEveryFixtureAndKind) {
     EXPECT_EQ(c.low_score, n.low_score);
     for (size_t k = 0; k < c.kinds.size(); ++k)
       EXPECT_LE(max_abs_diff(c.kinds[k], n.kinds[k]), 1e-6) << fx << " " << trace::kind_name(c.kinds[k].kind);
-    // Shared appears exactly for the Qwen2-MoE fixtures.
-    EXPECT_EQ(c.find(Kind::Shared) != nullptr, std::string(fx).rfind("qwen2", 0) == 0) << fx;
+    // Shared appears exactly for the Qwen2-MoE and DeepSeek fixtures; each of DeepSeek's 2 shared experts is also
+    // restored alone at every (token, MoE layer) cell.
+    const trace::KindResult* sh = c.find(Kind::Shared);
+    EXPECT_EQ(sh != nullptr, fx.rfind("qwen2", 0) == 0 || fx.rfind("deepseek", 0) == 0) << fx;
+    if (sh)
+      EXPECT_EQ(sh->shared_experts.size(),
+                fx.rfind("deepseek", 0) == 0 ? 9u * size_t(m->config().n_moe_layers()) * 2u : 0u)
+          << fx;
   }
 }
 
@@ -381,6 +394,118 @@ TEST(Trace, EveryExpertPlusSharedEqualsTheMoeBlock) {
     }
     EXPECT_GT(pairs, 2);
   }
+}
+
+Tokenizer char_tokenizer();  // below
+
+// Several shared experts (DeepSeek, 2 of width 12 side by side in one MLP): the per-expert hook points split the
+// shared output exactly (hand computation in double), capturing them leaves the forward bit-identical, and restoring
+// every shared expert alone at once equals restoring the shared block (and, with every routed expert, the MoE
+// block) in both modes, while one shared expert alone is a different restoration.
+TEST(Trace, SharedExpertsOneByOneTogetherEqualTheSharedBlock) {
+  const OneThread one_thread;
+  for (const char* fx : {"deepseek_v1", "deepseek_v2"}) {
+    auto m = fixture_model(fx);
+    const ModelConfig& c = m->config();
+    ASSERT_EQ(c.n_shared_experts, 2) << fx;
+    const std::vector<int32_t> ids = prompt_ids(*m, 9, 4);
+    int l0 = 0;
+    while (!c.is_moe(l0)) ++l0;
+    Hooks h;
+    auto in = h.capture(hook_names::resid_pre(l0));
+    auto att = h.capture(hook_names::attn_out(l0));
+    auto whole = h.capture(hook_names::shared_out(l0));
+    auto s0 = h.capture(hook_names::shared_expert_out(l0, 0)), s1 = h.capture(hook_names::shared_expert_out(l0, 1));
+    ForwardOptions fo;
+    fo.hooks = &h;
+    const MatR hooked = m->forward({ids}, fo).logits, plain = m->forward({ids}).logits;
+    EXPECT_TRUE((hooked.array() == plain.array()).all()) << fx;
+    // By hand: a = post-attention norm of the residual, key = silu(gate a) ⊙ up a, out_j = W_down[:, j]·key[j].
+    const FFNWeights& f = m->weights().layers[size_t(l0)].ffn;
+    const int H = c.hidden, W = f.shared.I;
+    MatR x = in->value + att->value, a(x.rows(), H);
+    ops::rmsnorm(x.data(), m->weights().layers[size_t(l0)].ln_post.data(), a.data(), int(x.rows()), H, c.rms_eps);
+    const Eigen::MatrixXd gu = a.cast<double>() * CMapMatR(f.shared.gate_up_of(0), 2 * W, H).cast<double>().transpose();
+    const Eigen::MatrixXd key = (gu.leftCols(W).array() / (1 + (-gu.leftCols(W).array()).exp())) * gu.rightCols(W).array();
+    const Eigen::MatrixXd dn = CMapMatR(f.shared.down_of(0), H, W).cast<double>();
+    for (int j = 0; j < 2; ++j) {
+      const auto [b, e] = c.shared_slice(j);
+      const Eigen::MatrixXd want = key.middleCols(b, e - b) * dn.middleCols(b, e - b).transpose();
+      const MatR& got = (j == 0 ? s0 : s1)->value;
+      EXPECT_LE((got.cast<double>() - want).norm(), 1e-5 * want.norm()) << fx << " shared expert " << j;
+    }
+    EXPECT_LE((s0->value + s1->value - whole->value).norm(), 1e-5 * whole->value.norm()) << fx;
+
+    trace::Tracer tr = make_tracer(*m, ids, 1, 4, 6);
+    std::vector<Restoration> rs;
+    for (int t : {3, 5, 8})
+      for (int l = 0; l < c.n_layers; ++l) {
+        if (!c.is_moe(l)) continue;
+        Restoration every;
+        for (int e = 0; e < c.n_experts; ++e) every.push_back({Kind::Expert, t, l, e});
+        every.push_back({Kind::Shared, t, l, 0});
+        every.push_back({Kind::Shared, t, l, 1});
+        rs.push_back({{Kind::Shared, t, l, 0}, {Kind::Shared, t, l, 1}});
+        rs.push_back({{Kind::Shared, t, l}});
+        rs.push_back(every);
+        rs.push_back({{Kind::Moe, t, l}});
+        rs.push_back({{Kind::Shared, t, l, 0}});
+      }
+    for (bool naive : {false, true}) {
+      const std::vector<double> p = tr.run(rs, naive);
+      double d = 0, spread = 0, alone = 0;
+      for (size_t i = 0; i < p.size(); i += 5) {
+        d = std::max({d, std::abs(p[i] - p[i + 1]), std::abs(p[i + 2] - p[i + 3])});
+        spread = std::max(spread, std::abs(p[i + 1] - tr.low_score()));
+        alone = std::max(alone, std::abs(p[i + 4] - p[i + 1]));
+      }
+      std::printf("  [shared experts] %s %s: |both alone - block| <= %.1e, block moves p by up to %.3f, "
+                  "expert 0 alone differs by up to %.3f\n", fx, naive ? "naive" : "cached", d, spread, alone);
+      EXPECT_LE(d, 1e-6) << fx;
+      EXPECT_GT(spread, 1e-3) << fx << ": restorations should move p(answer)";
+      EXPECT_GT(alone, 1e-4) << fx << ": one shared expert alone is not the block";
+    }
+    EXPECT_THROW(tr.run({{{Kind::Shared, 3, l0, 2}}}, false), InputError);  // only 2 shared experts
+  }
+  // Reported: trace_shared.json lists every shared expert alone; the per-expert bars show them next to "shared".
+  auto m = fixture_model("deepseek_v1");
+  trace::TraceOptions o{.kinds = {Kind::Expert, Kind::Shared}, .samples = 3};
+  const trace::TraceReport r =
+      trace::trace_ids(*m, {.ids = prompt_ids(*m, 6, 2), .subject_begin = 1, .subject_end = 3}, o);
+  test::TempDir tmp;
+  trace::write_trace_outputs(r, tmp.path.string());
+  const nlohmann::json js = nlohmann::json::parse(test::read_file(tmp / "trace_shared.json"));
+  EXPECT_EQ(js["n_shared_experts"], 2);
+  ASSERT_EQ(js["shared_experts"].size(), 6u * 2u * 2u);  // 6 tokens × 2 MoE layers × 2 shared experts
+  const nlohmann::json& e = js["shared_experts"][3];
+  EXPECT_EQ(e["expert"], 1);
+  EXPECT_DOUBLE_EQ(e["score"].get<double>(), r.find(Kind::Shared)->shared_experts[3].score);
+  const std::string bars = test::read_file(tmp / "trace_expert.svg");
+  EXPECT_NE(bars.find("shared expert 1 alone: p="), std::string::npos);
+  EXPECT_NE(bars.find(">s0<"), std::string::npos);
+  // Dataset mode: per MoE layer, the average indirect effect of each shared expert alone (one fact: its own).
+  const Tokenizer tok = char_tokenizer();
+  test::write_file(tmp / "cf.json", R"([{"case_id": 3, "requested_rewrite": {"prompt": "{} had a home in",
+      "subject": "Ann Lee", "target_true": {"str": "Nice"}}}])");  // characters < 112, the fixture's vocabulary
+  trace::DatasetOptions d;
+  d.out_dir = tmp / "out";
+  d.only_correct = false;
+  d.plots = 0;
+  const trace::DatasetSummary ds = trace::trace_dataset(*m, tok, tmp / "cf.json", o, d);
+  ASSERT_EQ(ds.traced, 1) << ds.json["skipped"];
+  const nlohmann::json fact = nlohmann::json::parse(test::read_file(tmp / "out/cases/3_shared.json"));
+  const int last_subject = fact["subject_range"][1].get<int>() - 1;
+  int checked = 0;
+  for (const auto& row : ds.json["expert_last_subject"]) {
+    ASSERT_EQ(row["shared_expert_aie"].size(), 2u);
+    for (const auto& x : fact["shared_experts"])
+      if (x["token"] == last_subject && x["layer"] == row["layer"]) {
+        EXPECT_NEAR(row["shared_expert_aie"][x["expert"].get<size_t>()].get<double>(),
+                    x["score"].get<double>() - fact["low_score"].get<double>(), 1e-12);
+        ++checked;
+      }
+  }
+  EXPECT_EQ(checked, 4);  // 2 MoE layers × 2 shared experts
 }
 
 // The expert restoration, recomputed by hand at the last layer: final residual = corrupted final residual +

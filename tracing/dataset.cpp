@@ -110,6 +110,7 @@ struct ExpertAcc {  // per layer at one token position
   std::map<int, std::vector<Avg>> rank;     // layer → per rank [1]
   std::map<int, std::map<int, Avg>> by_id;  // layer → expert → [1]
   std::map<int, Avg> shared;
+  std::map<int, std::map<int, Avg>> shared_alone;  // layer → shared expert j (restored alone) → [1]
 };
 
 std::vector<double> row_of(const nlohmann::json& scores, int r) {
@@ -247,6 +248,9 @@ DatasetSummary trace_dataset(const Model& m, const Tokenizer& tok, const std::st
           const std::vector<double> row = row_of(rj["kinds"]["shared"]["scores"], tok_pos);
           for (int l = 0; l < int(row.size()); ++l)
             if (std::isfinite(row[size_t(l)])) ea->shared[l].add({row[size_t(l)] - low});
+          for (const auto& x : rj["kinds"]["shared"].value("shared_experts", nlohmann::json::array()))
+            if (x["token"].get<int>() == tok_pos)
+              ea->shared_alone[x["layer"].get<int>()][x["expert"].get<int>()].add({x["score"].get<double>() - low});
         }
       }
     }
@@ -315,6 +319,11 @@ DatasetSummary trace_dataset(const Model& m, const Tokenizer& tok, const std::st
       for (const Avg& a : ea.rank.at(l)) rk.push_back(jnum(a.mean(0)));
       r["rank_aie"] = rk;
       r["shared_aie"] = ea.shared.count(l) ? jnum(ea.shared.at(l).mean(0)) : nlohmann::json(nullptr);
+      if (ea.shared_alone.count(l)) {  // several shared experts: each restored alone, by index j
+        nlohmann::json sa = nlohmann::json::array();
+        for (const auto& [sj, a] : ea.shared_alone.at(l)) sa.push_back(jnum(a.mean(0)));
+        r["shared_expert_aie"] = sa;
+      }
       std::vector<std::pair<int, const Avg*>> ids;
       for (const auto& [id, a] : ea.by_id.at(l)) ids.emplace_back(id, &a);
       std::sort(ids.begin(), ids.end(), [](const auto& a, const auto& b) {

@@ -104,6 +104,15 @@ nlohmann::json kind_json(const TraceReport& r, const KindResult& k) {
     }
     j["dominant"] = dom;
   }
+  if (k.kind == Kind::Shared) {
+    j["n_shared_experts"] = r.n_shared_experts;
+    if (!k.shared_experts.empty()) {
+      nlohmann::json sx = nlohmann::json::array();
+      for (const SharedExpertScore& e : k.shared_experts)
+        sx.push_back({{"token", e.token}, {"layer", e.layer}, {"expert", e.expert}, {"score", e.score}});
+      j["shared_experts"] = sx;
+    }
+  }
   j["noise"] = {{"rule", r.noise_rule},     {"scale", r.noise_scale}, {"embedding_std", r.embedding_std},
                 {"source", r.noise_source}, {"samples", r.samples},   {"seed", r.seed},
                 {"replace", r.replace},     {"generator", "numpy.random.RandomState(seed)"}};
@@ -154,7 +163,7 @@ std::string kind_svg(const TraceReport& r, const KindResult& k) {
 
 std::string expert_bars_svg(const TraceReport& r, const KindResult& k) {
   svg::BarChart c;
-  c.title = "Restoring one routed expert (or the shared expert) alone";
+  c.title = "Restoring one routed expert (or the shared experts, and each shared expert) alone";
   const KindResult* sh = r.find(Kind::Shared);
   double mx = std::max(r.high_score, r.low_score);
   for (const auto& e : k.experts) mx = std::max(mx, e.score);
@@ -182,7 +191,15 @@ std::string expert_bars_svg(const TraceReport& r, const KindResult& k) {
         const double v = sh->scores[si][size_t(l)];
         mx = std::max(mx, v);
         g.bars.push_back({"shared", v, svg::color(svg::Palette::Oranges, 0.6),
-                          "layer " + std::to_string(l) + " shared expert: p=" + fmt(v)});
+                          "layer " + std::to_string(l) + " shared expert" + (sh->shared_experts.empty() ? "" : "s") +
+                              ": p=" + fmt(v)});
+        for (const SharedExpertScore& se : sh->shared_experts) {
+          if (se.token != t || se.layer != l) continue;
+          mx = std::max(mx, se.score);
+          g.bars.push_back({"s" + std::to_string(se.expert), se.score, svg::color(svg::Palette::Oranges, 0.4),
+                            "layer " + std::to_string(l) + " shared expert " + std::to_string(se.expert) +
+                                " alone: p=" + fmt(se.score)});
+        }
       }
       p.groups.push_back(std::move(g));
     }

@@ -16,6 +16,7 @@
 #include <numeric>
 #include <tuple>
 
+#include "datasets/counterfact.h"
 #include "model/errors.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -242,6 +243,7 @@ struct Tracer::Impl {
 
   // clean run
   std::vector<MatR> resid_post, attn, moe, shared;                       // [L] × [S, H]
+  std::vector<std::vector<MatR>> shared_expert;                          // [L][n_shared] × [S, H] (n_shared > 1)
   std::vector<std::vector<std::shared_ptr<Hooks::Capture>>> expert_cap;  // [L][E]
   std::vector<std::vector<std::vector<int>>> expert_row;                 // [L][E][S] capture row or −1
 
@@ -337,6 +339,9 @@ struct Tracer::Impl {
       const FFNWeights& w = m.weights().layers[size_t(p.layer)].ffn;
       if (p.kind == Kind::Shared && !(w.moe && w.has_shared))
         throw InputError("layer " + std::to_string(p.layer) + " has no shared expert");
+      if (p.kind == Kind::Shared && p.expert >= 0 && p.expert >= int(shared_expert[size_t(p.layer)].size()))
+        throw InputError("layer " + std::to_string(p.layer) + " has no shared expert " + std::to_string(p.expert) +
+                         " (restoring one shared expert alone needs n_shared_experts > 1)");
       if (p.kind == Kind::Expert && (!w.moe || p.expert < 0 || p.expert >= c.n_experts))
         throw InputError("layer " + std::to_string(p.layer) + " has no routed expert " + std::to_string(p.expert));
     }
@@ -357,7 +362,10 @@ struct Tracer::Impl {
       case Kind::Resid: return resid_post[size_t(p.layer)].row(p.token).data();
       case Kind::Attn: return attn[size_t(p.layer)].row(p.token).data();
       case Kind::Moe: return moe[size_t(p.layer)].row(p.token).data();
-      case Kind::Shared: return shared[size_t(p.layer)].row(p.token).data();
+      case Kind::Shared:
+        return (p.expert < 0 ? shared[size_t(p.layer)] : shared_expert[size_t(p.layer)][size_t(p.expert)])
+            .row(p.token)
+            .data();
       case Kind::Expert: {
         const int row = expert_row[size_t(p.layer)][size_t(p.expert)][size_t(p.token)];
         return row < 0 ? nullptr : expert_cap[size_t(p.layer)][size_t(p.expert)]->value.row(row).data();
@@ -371,7 +379,8 @@ struct Tracer::Impl {
       case Kind::Resid: return hook_names::resid_post(p.layer);
       case Kind::Attn: return hook_names::attn_out(p.layer);
       case Kind::Moe: return hook_names::moe_out(p.layer);
-      case Kind::Shared: return hook_names::shared_out(p.layer);
+      case Kind::Shared:
+        return p.expert < 0 ? hook_names::shared_out(p.layer) : hook_names::shared_expert_out(p.layer, p.expert);
       case Kind::Expert: return hook_names::moe_out(p.layer);
     }
     return {};
@@ -405,7 +414,9 @@ struct Tracer::Impl {
         }
       }
     // Expert hooks first: they record this run's contribution, then hook_moe_out swaps it for the clean one.
-    for (auto& [l, t] : exp) {
+    for (auto& entry : exp) {  // (no structured binding: lambdas capture t, which clang < 16 rejects)
+      const int l = entry.first;
+      const auto& t = entry.second;
       std::vector<int> experts;
       for (const auto& p : t->patches) experts.push_back(p.e);
       std::sort(experts.begin(), experts.end());
@@ -432,8 +443,8 @@ struct Tracer::Impl {
         }
       });
     }
-    for (auto& [name, t] : rep)
-      hooks.add(name, [t, ns](Eigen::Ref<MatR> act, const HookContext& ctx) {
+    for (auto& entry : rep)
+      hooks.add(entry.first, [t = entry.second, ns](Eigen::Ref<MatR> act, const HookContext& ctx) {
         for (int i = 0; i < int(act.rows()); ++i) {
           const int tok = ctx.token(i), seq = ctx.layout.seq[size_t(tok)], pos = ctx.layout.pos[size_t(tok)];
           for (const auto& [tp, row] : t->by_r[size_t(seq / ns)])
@@ -682,6 +693,7 @@ Tracer::Tracer(const Model& m, std::vector<int32_t> ids, int subject_begin, int 
   // Clean run: capture every site any kind may restore.
   Hooks h;
   std::vector<std::shared_ptr<Hooks::Capture>> rp, at, mo, sh(size_t(I.L));
+  std::vector<std::vector<std::shared_ptr<Hooks::Capture>>> she(size_t(I.L));
   I.expert_cap.assign(size_t(I.L), {});
   for (int l = 0; l < I.L; ++l) {
     rp.push_back(h.capture(hook_names::resid_post(l)));
@@ -690,6 +702,8 @@ Tracer::Tracer(const Model& m, std::vector<int32_t> ids, int subject_begin, int 
     const FFNWeights& w = m.weights().layers[size_t(l)].ffn;
     if (w.moe) {
       if (w.has_shared) sh[size_t(l)] = h.capture(hook_names::shared_out(l));
+      for (int j = 0; w.has_shared && c.n_shared_experts > 1 && j < c.n_shared_experts; ++j)
+        she[size_t(l)].push_back(h.capture(hook_names::shared_expert_out(l, j)));
       for (int ex = 0; ex < c.n_experts; ++ex) I.expert_cap[size_t(l)].push_back(h.capture(hook_names::expert_out(l, ex)));
     }
   }
@@ -708,12 +722,14 @@ Tracer::Tracer(const Model& m, std::vector<int32_t> ids, int subject_begin, int 
   I.attn.resize(size_t(I.L));
   I.moe.resize(size_t(I.L));
   I.shared.resize(size_t(I.L));
+  I.shared_expert.resize(size_t(I.L));
   I.expert_row.assign(size_t(I.L), {});
   for (int l = 0; l < I.L; ++l) {
     I.resid_post[size_t(l)] = std::move(rp[size_t(l)]->value);
     I.attn[size_t(l)] = std::move(at[size_t(l)]->value);
     I.moe[size_t(l)] = std::move(mo[size_t(l)]->value);
     if (sh[size_t(l)]) I.shared[size_t(l)] = std::move(sh[size_t(l)]->value);
+    for (const auto& cap : she[size_t(l)]) I.shared_expert[size_t(l)].push_back(std::move(cap->value));
     for (const auto& cap : I.expert_cap[size_t(l)]) {
       std::vector<int> rows(size_t(I.S), -1);
       for (int r = 0; r < int(cap->tokens.size()); ++r) rows[size_t(cap->tokens[size_t(r)])] = r;
@@ -972,6 +988,7 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
     rep.moe_layers.push_back(w.moe);
     rep.shared_layers.push_back(w.moe && w.has_shared);
   }
+  rep.n_shared_experts = m.config().n_shared_experts;
   rep.replace = opt.replace;
   rep.seed = opt.seed;
 
@@ -1037,8 +1054,11 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
   // Build every restoration of every kind, run them together, then scatter the scores.
   const double nan = std::numeric_limits<double>::quiet_NaN();
   struct Slot {
-    int kind_index, row, layer, expert_index;  // expert_index ≥ 0: into KindResult::experts
+    int kind_index, row, layer;
+    int expert_index = -1;         // ≥ 0: into KindResult::experts
+    int shared_expert_index = -1;  // ≥ 0: into KindResult::shared_experts
   };
+  const int shared_alone = rep.n_shared_experts > 1 ? rep.n_shared_experts : 0;  // shared experts restored alone
   std::vector<Restoration> rs;
   std::vector<Slot> slots;
   bool any_shared = false;
@@ -1082,10 +1102,15 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
           } else if (k == Kind::Shared) {
             if (!rep.shared_layers[size_t(l)]) continue;
             r.push_back({k, t, l, -1});
+            for (int j = 0; j < shared_alone; ++j) {
+              slots.push_back({ki, ri, l, -1, int(kr.shared_experts.size())});
+              rs.push_back({Patch{k, t, l, j}});
+              kr.shared_experts.push_back({t, l, j, 0.0});
+            }
           } else {
             r.push_back({k, t, l, -1});
           }
-          slots.push_back({ki, ri, l, -1});
+          slots.push_back({ki, ri, l});
           rs.push_back(std::move(r));
         }
     }
@@ -1098,7 +1123,9 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
   for (size_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
     KindResult& kr = rep.kinds[size_t(s.kind_index)];
-    if (s.expert_index >= 0) {
+    if (s.shared_expert_index >= 0) {
+      kr.shared_experts[size_t(s.shared_expert_index)].score = p[i];
+    } else if (s.expert_index >= 0) {
       ExpertScore& es = kr.experts[size_t(s.expert_index)];
       es.score = p[i];
       double& best = kr.scores[size_t(s.row)][size_t(s.layer)];
@@ -1115,10 +1142,6 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
 }
 
 // ================================================================================================ text level
-
-std::string bundled_counterfact_path() {
-  return std::string(MOEDIT_SOURCE_DIR) + "/datasets/data/counterfact/counterfact_preknown.json";
-}
 
 std::vector<std::string> counterfact_subjects(const std::string& path) {
   std::vector<std::string> out;

@@ -11,7 +11,10 @@
 //   Resid   blocks.{l}.hook_resid_post at token t (ROME's "hidden state" = output of block l)
 //   Attn    blocks.{l}.hook_attn_out at token t
 //   Moe     blocks.{l}.hook_moe_out at token t (whole FFN/MoE output, shared part included)
-//   Shared  blocks.{l}.moe.hook_shared_out at token t
+//   Shared  blocks.{l}.moe.hook_shared_out at token t (all shared experts together), or, with Patch::expert = j,
+//           shared expert j alone at blocks.{l}.moe.shared_experts.{j}.hook_out: its contribution
+//           g·W_down[:, slice_j]·k[slice_j] (ModelConfig::shared_slice) replaced by the clean one (models with
+//           n_shared_experts > 1). Restoring every shared expert alone at once restores the shared output.
 //   Expert  routed expert e's contribution w_e·E_e(x) at token t: MoE output − (this run's contribution of e at t,
 //           0 if t is not routed to e here) + (clean contribution of e at t, 0 if t was not routed to e in the
 //           clean run). Restoring every expert and the shared expert at (t, l) restores the MoE output at (t, l).
@@ -56,7 +59,7 @@ struct Patch {
   Kind kind = Kind::Resid;
   int token = 0;
   int layer = 0;
-  int expert = -1;  // Expert patches only
+  int expert = -1;  // Expert: the routed expert; Shared: −1 = the whole shared block, j ≥ 0 = shared expert j alone
 };
 using Restoration = std::vector<Patch>;  // empty: restore nothing (gives low_score)
 
@@ -200,6 +203,11 @@ struct ExpertScore {
   double score = 0;    // p(answer) with this expert's clean contribution restored
 };
 
+struct SharedExpertScore {
+  int token = 0, layer = 0, expert = 0;  // expert: shared expert j (slice j of the shared block)
+  double score = 0;                      // p(answer) with shared expert j's clean contribution restored alone
+};
+
 struct KindResult {
   Kind kind = Kind::Resid;
   int window = 1;
@@ -209,6 +217,8 @@ struct KindResult {
   // (scores then holds the dominant expert's score).
   std::vector<ExpertScore> experts;
   std::vector<std::vector<int>> dominant;    // [rows][layers] expert id, −1 where none
+  // Shared kind with n_shared_experts > 1: every shared expert restored alone at every (row, shared layer).
+  std::vector<SharedExpertScore> shared_experts;
 };
 
 struct TraceReport {
@@ -222,6 +232,7 @@ struct TraceReport {
   double high_score = 0, low_score = 0;
   int n_layers = 0;
   std::vector<bool> moe_layers, shared_layers;
+  int n_shared_experts = 0;  // shared experts per shared layer (config)
   // noise
   std::string noise_rule, noise_source;
   double noise_scale = 0;  // σ (gaussian) or F (uniform); 0 with a noise file
@@ -254,7 +265,6 @@ std::pair<int, int> locate_subject(const Tokenizer& tok, const std::string& prom
 double subject_embedding_std(const Model& m, const Tokenizer& tok, const std::vector<std::string>& subjects);
 // requested_rewrite.subject of each record of a CounterFact file (empty if the file is absent).
 std::vector<std::string> counterfact_subjects(const std::string& path);
-std::string bundled_counterfact_path();
 
 // ---- outputs (tracing/output.cpp) -------------------------------------------------------------------------------
 
