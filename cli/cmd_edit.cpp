@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/editor_flags.h"
+#include "datasets/counterfact.h"
 #include "editor/keystats.h"
 #include "editor/rome.h"
 #include "editor/save.h"
@@ -27,40 +29,11 @@ namespace {
 struct EditArgs {
   std::string model, subject, prompt, target_new, target_true, requests, target = "dominant", layer = "auto";
   std::vector<std::string> paraphrases, neighbors;
-  std::string keys = "rome", templates_file, kl_prompt = "{} is a", save, corpus, cache_dir;
-  bool no_mom2 = false, json = false, overwrite = false, independent = false, no_prefix_cache = false, quiet = false;
-  double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0;
-  int steps = 20, limit = -1, seq_len = 256;
-  int64_t stats_tokens = 0;
-  uint64_t template_seed = 1;
+  std::string save;
+  bool json = false, overwrite = false, independent = false, quiet = false;
+  int limit = -1;
+  EditorFlags editor;
 };
-
-std::vector<std::string> read_templates(const std::string& path) {
-  std::ifstream in(path);
-  require_input(bool(in), "templates file '" + path + "' cannot be read");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::string> out;
-  const auto first = text.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && text[first] == '[') {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-      throw InputError(path + ": malformed JSON (" + std::string(e.what()) + ")");
-    }
-    for (const auto& v : j) {
-      require_input(v.is_string(), path + ": expected a list of strings");
-      out.push_back(v.get<std::string>());
-    }
-  } else {
-    std::string line;
-    std::istringstream ls(text);
-    while (std::getline(ls, line))
-      if (!line.empty()) out.push_back(line);
-  }
-  require_input(!out.empty(), path + ": no templates");
-  return out;
-}
 
 // --layer auto: the MoE layer with the largest indirect effect of restoring its (single) MoE block at the
 // subject's last token (tracing/trace.h, ROME's noise s3, 10 samples), answer = target_true when given.
@@ -72,7 +45,7 @@ int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, dou
   o.kinds = {trace::Kind::Moe};
   o.window = 1;
   if (*embedding_std < 0) {  // ROME's noise scale: 3 × std of the (bundled CounterFact) subject embeddings, once
-    auto subjects = trace::counterfact_subjects(trace::bundled_counterfact_path());
+    auto subjects = trace::counterfact_subjects(bundled_counterfact_path());
     if (subjects.empty()) subjects = {req.subject};
     *embedding_std = trace::subject_embedding_std(m, tok, subjects);
   }
@@ -127,21 +100,8 @@ void run_edit(const EditArgs& a) {
   }
   for (const auto& r : reqs) normalized_prompt(r);  // every request validated before any work
 
-  EditOptions opt;
+  EditOptions opt = editor_options(a.editor);
   opt.target = parse_edit_target(a.target);
-  opt.keys = parse_key_mode(a.keys);
-  opt.mom2_adjustment = !a.no_mom2;
-  require_input(a.ridge >= 0, "--ridge must be ≥ 0");
-  opt.ridge = a.ridge;
-  opt.v.steps = a.steps;
-  opt.v.lr = a.lr;
-  opt.v.weight_decay = a.weight_decay;
-  opt.v.kl_factor = a.kl_factor;
-  opt.v.clamp_norm_factor = a.clamp;
-  opt.v.cache_prefix = !a.no_prefix_cache;
-  opt.template_seed = a.template_seed;
-  opt.kl_prompt = a.kl_prompt;
-  if (!a.templates_file.empty()) opt.templates = read_templates(a.templates_file);
   bool auto_l = false;
   if (opt.target.kind == TargetKind::Expert) {
     if (a.layer != "auto") {
@@ -178,11 +138,7 @@ void run_edit(const EditArgs& a) {
                                                          std::to_string(c.n_experts) + " experts");
   }
   const Tokenizer tok = Tokenizer::from_file(a.model);
-  KeyStatsOptions so;
-  if (!a.cache_dir.empty()) so.cache_dir = a.cache_dir;
-  if (!a.corpus.empty()) so.corpus = a.corpus;
-  so.max_tokens = a.stats_tokens;
-  so.seq_len = a.seq_len;
+  KeyStatsOptions so = key_stats_options(a.editor);
   const bool tty = ::isatty(2);
   if (tty && !a.quiet)
     so.progress = [](int64_t done, int64_t total) {
@@ -193,7 +149,7 @@ void run_edit(const EditArgs& a) {
   KeyStatsCache stats(*m, tok, so);
   std::set<std::pair<int, int>> warned;
   std::set<int> announced;
-  opt.moments = [&stats, &a, &warned, &announced](int layer, int expert) {
+  opt.moments = [&stats, &a, &warned, &announced, n_shared = m->config().n_shared_experts](int layer, int expert) {
     auto s = stats.get(layer, expert);
     if (!a.quiet && !stats.loaded_from_disk(layer) && announced.insert(layer).second)
       std::fprintf(stderr, "moedit: computed key statistics for layer %d over %lld corpus tokens (cached in %s)\n",
@@ -202,7 +158,7 @@ void run_edit(const EditArgs& a) {
       std::fprintf(stderr,
                    "moedit: warning: layer %d expert %s saw %lld corpus tokens, fewer than 2x its key size (%lld); "
                    "its statistics are poorly conditioned (larger corpus or --ridge)\n",
-                   layer, expert == kSharedExpert ? "shared" : std::to_string(expert).c_str(),
+                   layer, expert_label(expert, n_shared).c_str(),
                    static_cast<long long>(s->count), static_cast<long long>(s->mom2.rows()));
     return s;
   };
@@ -258,9 +214,10 @@ void run_edit(const EditArgs& a) {
       std::printf("[%zu/%zu]%s %s → %s  layer %d, %s:", i + 1, reqs.size(),
                   req.case_id.empty() ? "" : (" case " + req.case_id).c_str(), req.subject.c_str(),
                   req.target_new.c_str(), r.layer, target_name(r.target).c_str());
-      for (const auto& u : r.updates)
-        std::printf(" %s(w=%.3f)", u.expert == kSharedExpert ? "shared" : ("E" + std::to_string(u.expert)).c_str(),
-                    u.weight);
+      for (const auto& u : r.updates) {
+        const std::string who = (is_shared_expert(u.expert) ? "" : "E") + expert_label(u.expert, r.n_shared_experts);
+        std::printf(" %s(w=%.3f)", who.c_str(), u.weight);
+      }
       std::printf("  v*: loss %.3f → %.3f in %d steps, %.2fs; templates routed %.0f%%\n", r.vstar.loss.front(),
                   r.vstar.loss.back(), r.vstar.updates, r.seconds, 100 * r.template_route_share);
       print_score("rewrite", rep.rewrite, has_true, false);
@@ -320,23 +277,7 @@ void register_edit(CLI::App& app) {
   cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();
   cmd->add_option("--layer", a.layer, "MoE layer to edit, or auto (largest MoE indirect effect in a causal trace)")
       ->capture_default_str();
-  cmd->add_option("--keys", a.keys, "rome (C⁻¹k* over the bare prompt's k) | consistent (k* in both, r-ROME)")
-      ->capture_default_str();
-  cmd->add_flag("--no-mom2", a.no_mom2, "No key statistics: C = I");
-  cmd->add_option("--ridge", a.ridge, "Add ridge·mean(diag C) to C's diagonal")->capture_default_str();
-  cmd->add_option("--steps", a.steps, "v* optimisation steps")->capture_default_str()->check(CLI::Range(1, 10000));
-  cmd->add_option("--lr", a.lr, "v* Adam learning rate")->capture_default_str();
-  cmd->add_option("--weight-decay", a.weight_decay, "v* weight decay")->capture_default_str();
-  cmd->add_option("--kl-factor", a.kl_factor, "v* KL factor")->capture_default_str();
-  cmd->add_option("--clamp-norm-factor", a.clamp, "‖δ‖ ≤ factor·‖MoE output‖")->capture_default_str();
-  cmd->add_flag("--no-prefix-cache", a.no_prefix_cache, "Recompute every token in each v* step (slower, same result)");
-  cmd->add_option("--templates", a.templates_file, "Context templates (JSON list or one per line, each with {})");
-  cmd->add_option("--template-seed", a.template_seed, "Seed of the sampled context templates")->capture_default_str();
-  cmd->add_option("--kl-prompt", a.kl_prompt, "KL prompt")->capture_default_str();
-  cmd->add_option("--corpus", a.corpus, "Corpus for key statistics (default: bundled WikiText-2 test)");
-  cmd->add_option("--cache-dir", a.cache_dir, "Key statistics cache (default: $MOEDIT_CACHE or ~/.cache/moedit)");
-  cmd->add_option("--stats-tokens", a.stats_tokens, "Cap on corpus tokens for key statistics (0: all)");
-  cmd->add_option("--seq-len", a.seq_len, "Corpus window length for key statistics")->capture_default_str();
+  add_editor_flags(cmd, a.editor);
   cmd->add_option("--save", a.save, "Write the edited model as a Hugging Face checkpoint folder");
   cmd->add_flag("--overwrite", a.overwrite, "Replace an existing --save folder");
   cmd->add_flag("--quiet", a.quiet, "No progress messages");

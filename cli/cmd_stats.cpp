@@ -66,8 +66,8 @@ void run_stats(const StatsArgs& a) {
     for (const auto& s : st) {
       const int64_t dim = s->mom2.rows();
       const bool low = s->count < 2 * dim;
-      const std::string name = s->expert == kSharedExpert ? "shared" : std::to_string(s->expert);
-      lj["experts"].push_back({{"expert", s->expert == kSharedExpert ? nlohmann::json("shared") : nlohmann::json(s->expert)},
+      const std::string name = expert_label(s->expert, m->config().n_shared_experts);
+      lj["experts"].push_back({{"expert", expert_json(s->expert, m->config().n_shared_experts)},
                                {"tokens", s->count},
                                {"key_size", dim},
                                {"trace", s->mom2.trace()},

@@ -1,0 +1,190 @@
+// moedit eval MODEL --dataset FILE --layer L --out DIR [--limit N] [--target dominant|routed|shared|L:E]
+//              [--resume] [--shard i/n] [--sequential N] [--snippets FILE [--idf-corpus FILE]] [editor options]
+// moedit eval merge DIR... --out DIR
+// CounterFact-style evaluation of ROME edits (eval/run.h): per-case JSON, summary.json/.md, distributions.svg.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+
+#include "cli/commands.h"
+#include "cli/editor_flags.h"
+#include "editor/keystats.h"
+#include "eval/run.h"
+#include "model/errors.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+
+namespace moedit::cli {
+
+namespace {
+
+struct EvalArgs {
+  std::string model, dataset, format = "auto", out, target = "dominant", shard = "0/1", snippets, idf_corpus;
+  int layer = -1, limit = -1, sequential = 0, generation_interval = 1, gen_len = 100, gen_top_k = 5;
+  uint64_t gen_seed = 1;
+  bool resume = false, quiet = false;
+  EditorFlags editor;
+  std::vector<std::string> merge_dirs;
+  std::string merge_out;
+};
+
+std::pair<int, int> parse_shard(const std::string& s) {
+  const auto slash = s.find('/');
+  try {
+    require_input(slash != std::string::npos, "");
+    const int i = std::stoi(s.substr(0, slash)), n = std::stoi(s.substr(slash + 1));
+    require_input(n >= 1 && i >= 0 && i < n, "");
+    return {i, n};
+  } catch (const std::exception&) {
+    throw InputError("--shard '" + s + "': expected i/n with 0 <= i < n");
+  }
+}
+
+std::vector<std::string> corpus_lines(const std::string& path) {
+  std::ifstream in(path);
+  require_input(bool(in), "--idf-corpus '" + path + "' cannot be read");
+  std::vector<std::string> docs;
+  for (std::string line; std::getline(in, line);)
+    if (line.find_first_not_of(" \t\r") != std::string::npos) docs.push_back(line);
+  require_input(!docs.empty(), "--idf-corpus '" + path + "' holds no documents");
+  return docs;
+}
+
+std::string duration(double s) {
+  char buf[32];
+  if (s >= 3600)
+    std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
+  return buf;
+}
+
+void run(const EvalArgs& a) {
+  require_input(!a.dataset.empty(), "--dataset FILE is required");
+  require_input(!a.out.empty(), "--out DIR is required");
+  const auto records = load_eval_records(a.dataset, parse_dataset_format(a.format));
+  require_input(!records.empty(), a.dataset + ": no records");
+  eval::RunOptions o;
+  o.out_dir = a.out;
+  o.limit = a.limit;
+  std::tie(o.shard, o.n_shards) = parse_shard(a.shard);
+  o.resume = a.resume;
+  require_input(a.sequential >= 0, "--sequential N needs N >= 1");
+  o.sequential_every = a.sequential;
+  require_input(a.generation_interval >= 0, "--generation-interval must be >= 0");
+  o.generation_interval = a.generation_interval;
+  o.gen = {a.gen_len, a.gen_top_k, a.gen_seed};
+
+  EditOptions& e = o.edit;
+  e = editor_options(a.editor);
+  e.target = parse_edit_target(a.target);
+  e.layer = e.target.kind == TargetKind::Expert ? e.target.layer : a.layer;
+  require_input(e.layer >= 0, "--layer L is required (the MoE layer to edit)");
+
+  std::optional<AttributeSnippets> snips;
+  std::unique_ptr<eval::TfIdf> tfidf;
+  if (!a.snippets.empty()) {
+    snips = AttributeSnippets::load(a.snippets);
+    // IDF: the named corpus (one document per line), else ROME's own fallback, a refit on every snippet text.
+    tfidf = std::make_unique<eval::TfIdf>(a.idf_corpus.empty() ? snips->all_texts() : corpus_lines(a.idf_corpus));
+    o.snippets = &*snips;
+    o.tfidf = tfidf.get();
+  } else {
+    require_input(a.idf_corpus.empty(), "--idf-corpus needs --snippets (the reference score's snippets)");
+  }
+
+  o.settings = {{"model", a.model},
+                {"dataset", a.dataset},
+                {"format", a.format},
+                {"limit", a.limit},
+                {"shard", a.shard},
+                {"target", a.target},
+                {"layer", e.layer},
+                {"editor", editor_settings(a.editor)},
+                {"sequential", a.sequential},
+                {"generation", {{"interval", a.generation_interval},
+                                {"max_out_len", a.gen_len},
+                                {"top_k", a.gen_top_k},
+                                {"seed", a.gen_seed}}},
+                {"snippets", a.snippets},
+                {"idf_corpus", a.snippets.empty() ? "" : a.idf_corpus.empty() ? "snippets" : a.idf_corpus}};
+
+  auto m = Model::load(a.model);
+  const ModelConfig& c = m->config();
+  require_input(e.layer < c.n_layers && c.is_moe(e.layer),
+                "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
+  const Tokenizer tok = Tokenizer::from_file(a.model);
+  KeyStatsCache stats(*m, tok, key_stats_options(a.editor));
+  e.moments = [&stats](int layer, int expert) { return stats.get(layer, expert); };
+
+  if (::isatty(2) && !a.quiet) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto first = std::make_shared<int>(-1);  // cases already done when the clock started (resume)
+    o.progress = [t0, first](int done, int total) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (*first < 0) *first = done - 1;
+      const int fresh = done - *first;
+      const double per = fresh > 0 ? s / fresh : 0;
+      const int w = 30, filled = total ? w * done / total : w;
+      std::fprintf(stderr, "\reval [%s%s] %d/%d  %.2f s/case  ETA %s ", std::string(size_t(filled), '#').c_str(),
+                   std::string(size_t(w - filled), '.').c_str(), done, total, per,
+                   duration(per * (total - done)).c_str());
+      if (done == total) std::fprintf(stderr, "\n");
+    };
+  }
+  const auto res = eval::run_eval(*m, tok, records, o);
+  if (a.quiet) return;
+  std::printf("%d cases evaluated, %d already done (--resume); results in %s\n", res.evaluated, res.skipped,
+              a.out.c_str());
+  std::ifstream md(a.out + "/summary.md");
+  std::printf("%s", std::string(std::istreambuf_iterator<char>(md), std::istreambuf_iterator<char>()).c_str());
+}
+
+void register_eval(CLI::App& app) {
+  auto* cmd = app.add_subcommand("eval", "CounterFact-style evaluation of ROME edits (ES/PS/NS, magnitudes, fluency)");
+  static EvalArgs a;
+  add_model_arg(cmd, a.model);
+  cmd->add_option("--dataset", a.dataset, "CounterFact / MEMIT mcf / zsRE / EasyEdit JSON list");
+  cmd->add_option("--format", a.format, "auto | counterfact | mcf | zsre | easyedit")->capture_default_str();
+  cmd->add_option("--out", a.out, "Output directory (cases/, summary.json, summary.md, distributions.svg)");
+  cmd->add_option("--limit", a.limit, "Only the first N records");
+  cmd->add_option("--shard", a.shard, "Evaluate shard i of n (records i, i+n, ...); merge with `moedit eval merge`")
+      ->capture_default_str();
+  cmd->add_flag("--resume", a.resume, "Skip the cases already written to --out");
+  cmd->add_option("--sequential", a.sequential,
+                  "Accumulate edits (no revert); re-score all edited cases every N edits");
+  cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();
+  cmd->add_option("--layer", a.layer, "MoE layer to edit");
+  cmd->add_option("--generation-interval", a.generation_interval,
+                  "Generate (fluency, reference score) for cases with case_id % N == 0; 0: never")
+      ->capture_default_str();
+  cmd->add_option("--gen-length", a.gen_len, "Generated length, prompt included (ROME: 100)")->capture_default_str();
+  cmd->add_option("--gen-top-k", a.gen_top_k, "Top-k sampling of the generations")->capture_default_str();
+  cmd->add_option("--gen-seed", a.gen_seed, "Seed of the generations")->capture_default_str();
+  cmd->add_option("--snippets", a.snippets, "ROME's attribute_snippets.json (enables reference and essence scores)");
+  cmd->add_option("--idf-corpus", a.idf_corpus, "TF-IDF corpus, one document per line (default: the snippets)");
+  add_editor_flags(cmd->add_option_group("editor", "Editor options (as in `moedit edit`)"), a.editor);
+  cmd->add_flag("--quiet", a.quiet, "No progress bar, no table");
+  cmd->callback([] {
+    if (!a.merge_dirs.empty()) return;  // the merge subcommand ran
+    run(a);
+  });
+
+  auto* merge = cmd->add_subcommand("merge", "Merge the run directories of shards into one");
+  merge->add_option("dirs", a.merge_dirs, "Run directories")->required();
+  merge->add_option("--out", a.merge_out, "Output directory")->required();
+  merge->callback([] {
+    const auto s = eval::merge_runs(a.merge_dirs, a.merge_out);
+    std::printf("merged %d cases into %s\n", s.value("num_cases", 0), a.merge_out.c_str());
+  });
+}
+
+}  // namespace
+
+MOEDIT_COMMAND(70, register_eval)
+
+}  // namespace moedit::cli

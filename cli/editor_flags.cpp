@@ -1,0 +1,106 @@
+#include "cli/editor_flags.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "datasets/counterfact.h"
+#include "model/errors.h"
+
+namespace moedit::cli {
+
+namespace {
+
+std::vector<std::string> read_templates(const std::string& path) {
+  std::ifstream in(path);
+  require_input(bool(in), "templates file '" + path + "' cannot be read");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> out;
+  const auto first = text.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && text[first] == '[') {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError(path + ": malformed JSON (" + std::string(e.what()) + ")");
+    }
+    for (const auto& v : j) {
+      require_input(v.is_string(), path + ": expected a list of strings");
+      out.push_back(v.get<std::string>());
+    }
+  } else {
+    std::string line;
+    std::istringstream ls(text);
+    while (std::getline(ls, line))
+      if (!line.empty()) out.push_back(line);
+  }
+  require_input(!out.empty(), path + ": no templates");
+  return out;
+}
+
+}  // namespace
+
+void add_editor_flags(CLI::App* cmd, EditorFlags& f) {
+  cmd->add_option("--keys", f.keys, "rome (C⁻¹k* over the bare prompt's k) | consistent (k* in both, r-ROME)")
+      ->capture_default_str();
+  cmd->add_flag("--no-mom2", f.no_mom2, "No key statistics: C = I");
+  cmd->add_option("--ridge", f.ridge, "Add ridge·mean(diag C) to C's diagonal")->capture_default_str();
+  cmd->add_option("--steps", f.steps, "v* optimisation steps")->capture_default_str()->check(CLI::Range(1, 10000));
+  cmd->add_option("--lr", f.lr, "v* Adam learning rate")->capture_default_str();
+  cmd->add_option("--weight-decay", f.weight_decay, "v* weight decay")->capture_default_str();
+  cmd->add_option("--kl-factor", f.kl_factor, "v* KL factor")->capture_default_str();
+  cmd->add_option("--clamp-norm-factor", f.clamp, "‖δ‖ ≤ factor·‖MoE output‖")->capture_default_str();
+  cmd->add_flag("--no-prefix-cache", f.no_prefix_cache, "Recompute every token in each v* step (slower, same result)");
+  cmd->add_option("--templates", f.templates_file, "Context templates (JSON list or one per line, each with {})");
+  cmd->add_option("--template-seed", f.template_seed, "Seed of the sampled context templates")->capture_default_str();
+  cmd->add_option("--kl-prompt", f.kl_prompt, "KL prompt")->capture_default_str();
+  cmd->add_option("--corpus", f.corpus, "Corpus for key statistics (default: bundled WikiText-2 test)");
+  cmd->add_option("--cache-dir", f.cache_dir, "Key statistics cache (default: $MOEDIT_CACHE or ~/.cache/moedit)");
+  cmd->add_option("--stats-tokens", f.stats_tokens, "Cap on corpus tokens for key statistics (0: all)");
+  cmd->add_option("--seq-len", f.seq_len, "Corpus window length for key statistics")->capture_default_str();
+}
+
+EditOptions editor_options(const EditorFlags& f) {
+  EditOptions opt;
+  opt.keys = parse_key_mode(f.keys);
+  opt.mom2_adjustment = !f.no_mom2;
+  require_input(f.ridge >= 0, "--ridge must be ≥ 0");
+  opt.ridge = f.ridge;
+  opt.v.steps = f.steps;
+  opt.v.lr = f.lr;
+  opt.v.weight_decay = f.weight_decay;
+  opt.v.kl_factor = f.kl_factor;
+  opt.v.clamp_norm_factor = f.clamp;
+  opt.v.cache_prefix = !f.no_prefix_cache;
+  opt.template_seed = f.template_seed;
+  opt.kl_prompt = f.kl_prompt;
+  if (!f.templates_file.empty()) opt.templates = read_templates(f.templates_file);
+  return opt;
+}
+
+KeyStatsOptions key_stats_options(const EditorFlags& f) {
+  KeyStatsOptions so;
+  if (!f.cache_dir.empty()) so.cache_dir = f.cache_dir;
+  if (!f.corpus.empty()) so.corpus = f.corpus;
+  so.max_tokens = f.stats_tokens;
+  so.seq_len = f.seq_len;
+  return so;
+}
+
+nlohmann::json editor_settings(const EditorFlags& f) {
+  return {{"keys", f.keys},
+          {"mom2_adjustment", !f.no_mom2},
+          {"ridge", f.ridge},
+          {"v_steps", f.steps},
+          {"v_lr", f.lr},
+          {"v_weight_decay", f.weight_decay},
+          {"kl_factor", f.kl_factor},
+          {"clamp_norm_factor", f.clamp},
+          {"templates", f.templates_file},
+          {"template_seed", f.template_seed},
+          {"kl_prompt", f.kl_prompt},
+          {"stats_corpus", f.corpus.empty() ? bundled_wikitext_path() : f.corpus},
+          {"stats_tokens", f.stats_tokens},
+          {"stats_seq_len", f.seq_len}};
+}
+
+}  // namespace moedit::cli

@@ -1,0 +1,30 @@
+// The editor's command-line options, shared by `moedit edit` and `moedit eval`: v* hyperparameters, key mode,
+// mom2 adjustment, context templates and the key-statistics corpus/cache.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "editor/keystats.h"
+#include "editor/rome.h"
+
+namespace moedit::cli {
+
+struct EditorFlags {
+  std::string keys = "rome", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
+  bool no_mom2 = false, no_prefix_cache = false;
+  double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0;
+  int steps = 20, seq_len = 256;
+  int64_t stats_tokens = 0;
+  uint64_t template_seed = 1;
+};
+
+void add_editor_flags(CLI::App* cmd, EditorFlags& f);
+// The options the flags set (layer, target and moments are the caller's); InputError for bad values.
+EditOptions editor_options(const EditorFlags& f);
+KeyStatsOptions key_stats_options(const EditorFlags& f);
+nlohmann::json editor_settings(const EditorFlags& f);  // for run records (eval's settings.json)
+
+}  // namespace moedit::cli
