@@ -4,6 +4,8 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libcli11-dev
       libgtest-dev libgmock-dev libpcre2-dev libutf8proc-dev libbrotli-dev)
+# `bash tools/setup.sh --sanitize` adds clang with its sanitizer and libFuzzer runtimes (tools/test_sanitize.sh).
+if [ "${1:-}" = "--sanitize" ]; then PKGS+=(clang libclang-rt-dev libomp-dev); fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
