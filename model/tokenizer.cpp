@@ -526,6 +526,13 @@ class Loader {
     if (it == obj.end()) fail(join(path, key), "missing");
     return *it;
   }
+  // Calls f(item, item_path) for each entry of the list obj[key] (a "Sequence" stage's members).
+  template <typename F>
+  void each_in_list(const json& obj, const char* key, const std::string& path, F&& f) const {
+    const json& list = need(obj, key, path);
+    if (!list.is_array()) fail(join(path, key), "expected a list");
+    for (size_t i = 0; i < list.size(); ++i) f(list[i], join(path, key) + "[" + std::to_string(i) + "]");
+  }
   static std::string join(const std::string& path, const std::string& key) {
     return path.empty() ? key : path + "." + key;
   }
@@ -602,10 +609,7 @@ class Loader {
     std::string t = type_of(j, path);
     NormStep st;
     if (t == "Sequence") {
-      const json& list = need(j, "normalizers", path);
-      if (!list.is_array()) fail(join(path, "normalizers"), "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        normalizer(list[i], join(path, "normalizers") + "[" + std::to_string(i) + "]", out);
+      each_in_list(j, "normalizers", path, [&](const json& item, const std::string& at) { normalizer(item, at, out); });
       return;
     } else if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
       st.kind = NormStep::Unicode;
@@ -633,10 +637,7 @@ class Loader {
     std::string t = type_of(j, path);
     PreStep st;
     if (t == "Sequence") {
-      const json& list = need(j, "pretokenizers", path);
-      if (!list.is_array()) fail(join(path, "pretokenizers"), "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        pre_tokenizer(list[i], join(path, "pretokenizers") + "[" + std::to_string(i) + "]", out);
+      each_in_list(j, "pretokenizers", path, [&](const json& item, const std::string& at) { pre_tokenizer(item, at, out); });
       return;
     } else if (t == "ByteLevel") {
       st.kind = PreStep::ByteLevel;
@@ -681,10 +682,7 @@ class Loader {
     std::string t = type_of(j, path);
     PostStep st;
     if (t == "Sequence") {
-      const json& list = need(j, "processors", path);
-      if (!list.is_array()) fail(join(path, "processors"), "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        post_processor(list[i], join(path, "processors") + "[" + std::to_string(i) + "]", out);
+      each_in_list(j, "processors", path, [&](const json& item, const std::string& at) { post_processor(item, at, out); });
       return;
     } else if (t == "ByteLevel") {
       st.kind = PostStep::ByteLevel;
@@ -766,10 +764,7 @@ class Loader {
     std::string t = type_of(j, path);
     DecStep st;
     if (t == "Sequence") {
-      const json& list = need(j, "decoders", path);
-      if (!list.is_array()) fail(join(path, "decoders"), "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        decoder(list[i], join(path, "decoders") + "[" + std::to_string(i) + "]", out);
+      each_in_list(j, "decoders", path, [&](const json& item, const std::string& at) { decoder(item, at, out); });
       return;
     } else if (t == "ByteLevel") {
       st.kind = DecStep::ByteLevel;
