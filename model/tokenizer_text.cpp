@@ -390,6 +390,18 @@ static inline unsigned char_len_at(const char* s, size_t i) {
   return utf8_len_of_lead(static_cast<unsigned char>(s[i]));
 }
 
+// Appends v's bytes from `from` on (with their alignments) to the rewritten text and returns it as a View.
+static View finish_rewrite(const View& v, size_t from, std::string* str, std::vector<Align>* al) {
+  str->append(v.s + from, v.n - from);
+  al->insert(al->end(), v.al + from, v.al + v.n);
+  View r;
+  r.s = str->data();
+  r.al = al->data();
+  r.n = static_cast<uint32_t>(str->size());
+  r.shift = v.shift;
+  return r;
+}
+
 View transform(const View& v, uint32_t nb, uint32_t ne, const std::vector<CharChange>& dest, size_t initial_offset,
                Arena& arena) {
   auto [str, al] = arena.make();
@@ -427,14 +439,7 @@ View transform(const View& v, uint32_t nb, uint32_t ne, const std::vector<CharCh
     utf8_append(*str, cc.c);
     al->insert(al->end(), str->size() - before, a);
   }
-  str->append(v.s + ne, v.n - ne);
-  al->insert(al->end(), v.al + ne, v.al + v.n);
-  View r;
-  r.s = str->data();
-  r.al = al->data();
-  r.n = static_cast<uint32_t>(str->size());
-  r.shift = v.shift;
-  return r;
+  return finish_rewrite(v, ne, str, al);
 }
 
 View prepend(const View& v, std::string_view s, Arena& arena) {
@@ -478,14 +483,7 @@ View replace(const View& v, const Pattern& pat, std::string_view content, Arena&
     al->insert(al->end(), content.size(), a);
     last_end = sp.e;
   }
-  str->append(v.s + last_end, v.n - last_end);
-  al->insert(al->end(), v.al + last_end, v.al + v.n);
-  View r;
-  r.s = str->data();
-  r.al = al->data();
-  r.n = static_cast<uint32_t>(str->size());
-  r.shift = v.shift;
-  return r;
+  return finish_rewrite(v, last_end, str, al);
 }
 
 View lrstrip(const View& v, bool left, bool right, Arena& arena) {
