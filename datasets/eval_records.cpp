@@ -54,7 +54,8 @@ struct Fields {
   std::string optional_str(const char* key) const { return has(key) ? str(key) : std::string(); }
   // A string, or a non-empty list of strings whose first entry is taken (zsRE's answers, EasyEdit's lists).
   std::string first_str(const char* key) const {
-    if (has(key) && r[key].is_array()) {
+    if (!has(key)) fail(key, "missing (expected a string or a non-empty list of strings)");
+    if (r[key].is_array()) {
       if (r[key].empty() || !r[key][0].is_string()) fail(key, "must be a string or a non-empty list of strings");
       return r[key][0].get<std::string>();
     }

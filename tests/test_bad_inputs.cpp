@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <functional>
 
+#include <nlohmann/json.hpp>
+
 #include "model/safetensors.h"
 #include "test_util.h"
 
@@ -30,6 +32,24 @@ std::string config_case(const TempDir& d, const std::string& json) {
 }
 
 std::string fixture_model() { return test::fixture("models/qwen2_moe"); }
+
+// The bundled demo model: the smallest checkpoint with a tokenizer (text-level commands need one).
+std::string demo_model() { return test::source_dir() + "/models/moedit-demo"; }
+
+// A model folder whose tokenizer.json is the demo model's after `edit`, for `tokenize DIR --text hi`.
+std::string tokenizer_case(const TempDir& d, const std::function<void(nlohmann::json&)>& edit) {
+  for (const char* f : {"config.json", "model.safetensors"})
+    std::filesystem::copy_file(demo_model() + "/" + f, d / f);
+  auto j = nlohmann::json::parse(test::read_file(demo_model() + "/tokenizer.json"));
+  edit(j);
+  write_file(d / "tokenizer.json", j.dump());
+  return "tokenize " + d.path.string() + " --text hi";
+}
+
+// Flags for a one-fact text-level edit of the demo model; `extra` replaces or adds flags.
+std::string edit_case(const std::string& extra) {
+  return "edit " + demo_model() + " --subject Rome --target-new Paris " + extra;
+}
 
 std::vector<BadInput> cases() {
   std::vector<BadInput> v = {
@@ -119,6 +139,86 @@ std::vector<BadInput> cases() {
        },
        "field 'requested_rewrite.target_new.str' is empty"},
       {"unknown_flag", [](const TempDir&) { return "info --no-such-flag"; }, "The following argument was not expected: --no-such-flag"},
+      // tokenizer.json
+      {"tokenizer_not_json",
+       [](const TempDir& d) {
+         for (const char* f : {"config.json", "model.safetensors"})
+           std::filesystem::copy_file(demo_model() + "/" + f, d / f);
+         write_file(d / "tokenizer.json", "{\"model\": ");
+         return "tokenize " + d.path.string() + " --text hi";
+       },
+       "tokenizer.json: malformed JSON"},
+      {"tokenizer_not_bpe",
+       [](const TempDir& d) { return tokenizer_case(d, [](nlohmann::json& j) { j["model"]["type"] = "WordPiece"; }); },
+       "field 'model.type': unsupported model type 'WordPiece' (only BPE is supported)"},
+      {"tokenizer_merge_unknown_token",
+       [](const TempDir& d) {
+         return tokenizer_case(d, [](nlohmann::json& j) {
+           j["model"]["merges"].insert(j["model"]["merges"].begin(), nlohmann::json::array({"zzq", "qqz"}));
+         });
+       },
+       "field 'model.merges[0]': token 'zzq' is not in model.vocab"},
+      {"tokenizer_merge_result_unknown",
+       [](const TempDir& d) {
+         // "t" + "\u0120" (byte-level space) is not a token of the demo vocabulary.
+         return tokenizer_case(d, [](nlohmann::json& j) {
+           j["model"]["merges"].insert(j["model"]["merges"].begin(), nlohmann::json::array({"t", "\u0120"}));
+         });
+       },
+       "field 'model.merges[0]': merged token 't\u0120' is not in model.vocab"},
+      // trace
+      {"trace_subject_not_in_prompt",
+       [](const TempDir&) { return "trace " + demo_model() + " --prompt \"Rome is in\" --subject Paris"; },
+       "subject 'Paris' is not in the prompt 'Rome is in'"},
+      {"trace_unknown_kind",
+       [](const TempDir&) { return "trace " + demo_model() + " --prompt \"Rome is in\" --subject Rome --kinds foo"; },
+       "--kinds: unknown kind 'foo' (expected resid, attn, moe, expert or shared)"},
+      {"trace_bad_noise_rule",
+       [](const TempDir&) { return "trace " + demo_model() + " --prompt \"Rome is in\" --subject Rome --noise zz"; },
+       "--noise: 'zz' is not a noise rule (s<F>, u<F> or a non-negative σ, e.g. s3, u0.5, 0.1)"},
+      // edit
+      {"edit_subject_not_in_prompt",
+       [](const TempDir&) {
+         return "edit " + demo_model() + " --subject Paris --prompt \"Rome is in\" --target-new Berlin --layer 0";
+       },
+       "the subject 'Paris' is not in the prompt 'Rome is in' (write {} where the subject goes)"},
+      {"edit_empty_target",
+       [](const TempDir&) {
+         return "edit " + demo_model() + " --subject Rome --prompt \"{} is in\" --target-new \"\" --layer 0";
+       },
+       "--target-new is empty"},
+      {"edit_unknown_expert", [](const TempDir&) { return edit_case("--prompt \"{} is in\" --target 0:99"); },
+       "expert 99 does not exist: layer 0 has 8 experts"},
+      {"edit_layer_out_of_range", [](const TempDir&) { return edit_case("--prompt \"{} is in\" --layer 9"); },
+       "layer 9 is out of range [0, 4)"},
+      {"edit_request_without_subject",
+       [](const TempDir& d) {
+         write_file(d / "req.json", R"([{"prompt": "{} is in", "target_new": {"str": "Paris"}}])");
+         return "edit " + demo_model() + " --layer 0 --requests " + (d / "req.json");
+       },
+       "req.json[0]: field 'subject' is missing"},
+      // eval and key statistics
+      {"zsre_record_without_answers",
+       [](const TempDir& d) {
+         write_file(d / "z.json", R"([{"subject": "Paris", "src": "Where is Paris?", "rephrase": "Paris is where?"}])");
+         return "eval " + demo_model() + " --layer 0 --format zsre --dataset " + (d / "z.json") + " --out " + (d / "o");
+       },
+       "z.json: record 0: field 'answers' missing (expected a string or a non-empty list of strings)"},
+      {"eval_bad_shard",
+       [](const TempDir& d) {
+         return "eval " + demo_model() + " --layer 0 --shard 3/2 --dataset " +
+                test::source_dir() + "/datasets/data/counterfact/counterfact_preknown.json --out " + (d / "o");
+       },
+       "--shard '3/2': expected i/n with 0 <= i < n"},
+      {"eval_layer_not_moe",
+       [](const TempDir& d) {
+         return "eval " + demo_model() + " --layer 7 --dataset " + test::source_dir() +
+                "/datasets/data/counterfact/counterfact_preknown.json --out " + (d / "o");
+       },
+       "--layer 7 is not an MoE layer of this model"},
+      {"stats_corpus_missing",
+       [](const TempDir& d) { return "stats " + demo_model() + " --layer 0 --corpus " + (d / "nofile.txt"); },
+       "nofile.txt' cannot be read"},
   };
   return v;
 }
