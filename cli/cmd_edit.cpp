@@ -35,41 +35,12 @@ struct EditArgs {
   EditorFlags editor;
 };
 
-// --layer auto: the MoE layer with the largest indirect effect of restoring its (single) MoE block at the
-// subject's last token (tracing/trace.h, ROME's noise s3, 10 samples), answer = target_true when given.
+// --layer auto: the MoE layer whose MoE block has the largest indirect effect at the subject's last token.
 int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, double* embedding_std,
                nlohmann::json* info) {
-  std::string prompt = normalized_prompt(req);
-  prompt.replace(prompt.find("{}"), 2, req.subject);
-  trace::TraceOptions o;
-  o.kinds = {trace::Kind::Moe};
-  o.window = 1;
-  if (*embedding_std < 0) {  // ROME's noise scale: 3 × std of the (bundled CounterFact) subject embeddings, once
-    auto subjects = trace::counterfact_subjects(bundled_counterfact_path());
-    if (subjects.empty()) subjects = {req.subject};
-    *embedding_std = trace::subject_embedding_std(m, tok, subjects);
-  }
-  o.embedding_std = *embedding_std;
-  trace::TraceRequest tr{prompt, req.subject, req.target_true, "", req.case_id};
-  const trace::TraceReport rep = trace::trace_fact(m, tok, tr, o);
-  const trace::KindResult* k = rep.find(trace::Kind::Moe);
-  require_input(k != nullptr, "--layer auto: the trace produced no MoE scores");
-  const int tok_idx = rep.subject_end - 1;
-  int best = -1;
-  double best_ie = -std::numeric_limits<double>::infinity();
-  for (size_t r = 0; r < k->rows.size(); ++r) {
-    if (k->rows[r] != tok_idx) continue;
-    for (int l = 0; l < int(k->scores[r].size()); ++l) {
-      const double s = k->scores[r][size_t(l)];
-      if (!m.config().is_moe(l) || std::isnan(s)) continue;
-      if (s - rep.low_score > best_ie) {
-        best_ie = s - rep.low_score;
-        best = l;
-      }
-    }
-  }
-  require_input(best >= 0, "--layer auto: no MoE layer scored at the subject's last token");
-  if (info) *info = {{"layer", best}, {"indirect_effect", best_ie}, {"low_score", rep.low_score}, {"high_score", rep.high_score}};
+  const std::vector<double> effects = moe_layer_effects(m, tok, req, embedding_std);
+  const int best = best_effect_layer(effects);
+  if (info) *info = {{"layer", best}, {"indirect_effect", effects[size_t(best)]}};
   return best;
 }
 

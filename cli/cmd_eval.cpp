@@ -1,4 +1,4 @@
-// moedit eval MODEL --dataset FILE --layer L --out DIR [--limit N] [--target dominant|routed|shared|L:E]
+// moedit eval MODEL --dataset FILE --layer L|auto --out DIR [--limit N] [--target dominant|routed|shared|L:E]
 //              [--resume] [--shard i/n] [--sequential N] [--snippets FILE [--idf-corpus FILE]] [editor options]
 // moedit eval merge DIR... --out DIR
 // CounterFact-style evaluation of ROME edits (eval/run.h): per-case JSON, summary.json/.md, distributions.svg.
@@ -23,8 +23,8 @@ namespace moedit::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, dataset, format = "auto", out, target = "dominant", shard = "0/1", snippets, idf_corpus;
-  int layer = -1, limit = -1, sequential = 0, generation_interval = 1, gen_len = 100, gen_top_k = 5;
+  std::string model, dataset, format = "auto", out, target = "dominant", shard = "0/1", snippets, idf_corpus, layer;
+  int auto_cases = 50, limit = -1, sequential = 0, generation_interval = 1, gen_len = 100, gen_top_k = 5;
   uint64_t gen_seed = 1;
   bool resume = false, quiet = false;
   EditorFlags editor;
@@ -82,8 +82,20 @@ void run(const EvalArgs& a) {
   EditOptions& e = o.edit;
   e = editor_options(a.editor);
   e.target = parse_edit_target(a.target);
-  e.layer = e.target.kind == TargetKind::Expert ? e.target.layer : a.layer;
-  require_input(e.layer >= 0, "--layer L is required (the MoE layer to edit)");
+  const bool auto_layer = e.target.kind != TargetKind::Expert && a.layer == "auto";
+  if (e.target.kind == TargetKind::Expert) {
+    e.layer = e.target.layer;
+  } else if (!auto_layer) {
+    require_input(!a.layer.empty(), "--layer L|auto is required (the MoE layer to edit)");
+    try {
+      size_t used = 0;
+      e.layer = std::stoi(a.layer, &used);
+      if (used != a.layer.size()) throw std::invalid_argument(a.layer);
+    } catch (const std::exception&) {
+      throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
+    }
+  }
+  require_input(a.auto_cases >= 1, "--auto-layer-cases must be >= 1");
 
   std::optional<AttributeSnippets> snips;
   std::unique_ptr<eval::TfIdf> tfidf;
@@ -103,7 +115,7 @@ void run(const EvalArgs& a) {
                 {"limit", a.limit},
                 {"shard", a.shard},
                 {"target", a.target},
-                {"layer", e.layer},
+                {"layer", auto_layer ? nlohmann::json("auto") : nlohmann::json(e.layer)},
                 {"editor", editor_settings(a.editor)},
                 {"sequential", a.sequential},
                 {"generation", {{"interval", a.generation_interval},
@@ -115,9 +127,25 @@ void run(const EvalArgs& a) {
 
   auto m = Model::load(a.model);
   const ModelConfig& c = m->config();
-  require_input(e.layer < c.n_layers && c.is_moe(e.layer),
-                "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
   const Tokenizer tok = Tokenizer::from_file(a.model);
+  if (auto_layer) {
+    // One layer for the whole run (as ROME's evaluations use): the largest mean indirect effect of the MoE block at
+    // the subject's last token over the dataset's first --auto-layer-cases records (the same for every shard).
+    std::vector<double> mean(size_t(c.n_layers), 0.0);
+    double embedding_std = -1;
+    const size_t n = std::min(records.size(), size_t(a.auto_cases));
+    for (size_t i = 0; i < n; ++i) {
+      const auto eff = moe_layer_effects(*m, tok, eval::edit_request(records[i]), &embedding_std);
+      for (size_t l = 0; l < mean.size(); ++l) mean[l] += eff[l] / double(n);
+    }
+    e.layer = best_effect_layer(mean);
+    o.settings["layer_auto"] = {{"layer", e.layer}, {"cases", n}, {"mean_indirect_effect", mean}};
+    if (!a.quiet)
+      std::fprintf(stderr, "moedit: --layer auto: layer %d (mean MoE indirect effect %.4f at the subject's last token "
+                           "over %zu cases)\n", e.layer, mean[size_t(e.layer)], n);
+  }
+  require_input(e.layer >= 0 && e.layer < c.n_layers && c.is_moe(e.layer),
+                "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
   KeyStatsCache stats(*m, tok, key_stats_options(a.editor));
   e.moments = [&stats](int layer, int expert) { return stats.get(layer, expert); };
 
@@ -158,7 +186,10 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--sequential", a.sequential,
                   "Accumulate edits (no revert); re-score all edited cases every N edits");
   cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();
-  cmd->add_option("--layer", a.layer, "MoE layer to edit");
+  cmd->add_option("--layer", a.layer,
+                  "MoE layer to edit, or auto: the layer whose MoE block has the largest mean indirect effect at the "
+                  "subject's last token in causal traces of the first --auto-layer-cases records");
+  cmd->add_option("--auto-layer-cases", a.auto_cases, "Records traced for --layer auto")->capture_default_str();
   cmd->add_option("--generation-interval", a.generation_interval,
                   "Generate (fluency, reference score) for cases with case_id % N == 0; 0: never")
       ->capture_default_str();

@@ -1,10 +1,14 @@
 #include "cli/editor_flags.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
+#include "cli/common.h"
 #include "datasets/counterfact.h"
 #include "model/errors.h"
+#include "tracing/trace.h"
 
 namespace moedit::cli {
 
@@ -101,6 +105,41 @@ nlohmann::json editor_settings(const EditorFlags& f) {
           {"stats_corpus", f.corpus.empty() ? bundled_wikitext_path() : f.corpus},
           {"stats_tokens", f.stats_tokens},
           {"stats_seq_len", f.seq_len}};
+}
+
+std::vector<double> moe_layer_effects(const Model& m, const Tokenizer& tok, const EditRequest& req,
+                                      double* embedding_std) {
+  std::string prompt = normalized_prompt(req);
+  prompt.replace(prompt.find("{}"), 2, req.subject);
+  trace::TraceOptions o;
+  o.kinds = {trace::Kind::Moe};
+  o.window = 1;
+  if (*embedding_std < 0) {
+    auto subjects = trace::counterfact_subjects(bundled_counterfact_path());
+    if (subjects.empty()) subjects = {req.subject};
+    *embedding_std = trace::subject_embedding_std(m, tok, subjects);
+  }
+  o.embedding_std = *embedding_std;
+  trace::TraceRequest tr{prompt, req.subject, req.target_true, "", req.case_id};
+  const trace::TraceReport rep = trace::trace_fact(m, tok, tr, o);
+  const trace::KindResult* k = rep.find(trace::Kind::Moe);
+  require_input(k != nullptr, "--layer auto: the trace produced no MoE scores");
+  std::vector<double> effects(size_t(m.config().n_layers), std::numeric_limits<double>::quiet_NaN());
+  for (size_t r = 0; r < k->rows.size(); ++r) {
+    if (k->rows[r] != rep.subject_end - 1) continue;
+    for (int l = 0; l < int(k->scores[r].size()) && l < m.config().n_layers; ++l)
+      if (m.config().is_moe(l) && !std::isnan(k->scores[r][size_t(l)]))
+        effects[size_t(l)] = k->scores[r][size_t(l)] - rep.low_score;
+  }
+  return effects;
+}
+
+int best_effect_layer(const std::vector<double>& effects) {
+  int best = -1;
+  for (int l = 0; l < int(effects.size()); ++l)
+    if (!std::isnan(effects[size_t(l)]) && (best < 0 || effects[size_t(l)] > effects[size_t(best)])) best = l;
+  require_input(best >= 0, "--layer auto: no MoE layer scored at the subject's last token");
+  return best;
 }
 
 }  // namespace moedit::cli

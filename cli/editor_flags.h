@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -26,5 +27,14 @@ void add_editor_flags(CLI::App* cmd, EditorFlags& f);
 EditOptions editor_options(const EditorFlags& f);
 KeyStatsOptions key_stats_options(const EditorFlags& f);
 nlohmann::json editor_settings(const EditorFlags& f);  // for run records (eval's settings.json)
+
+// --layer auto. The indirect effect at the subject's last token of restoring each layer's (whole) MoE block in a
+// causal trace (tracing/trace.h, ROME's noise: 3 x the std of the bundled CounterFact subject embeddings, computed
+// once into *embedding_std when it is < 0; 10 samples): one entry per layer, NaN for dense layers. The answer is
+// target_true when given, else the model's own prediction.
+std::vector<double> moe_layer_effects(const Model& m, const Tokenizer& tok, const EditRequest& req,
+                                      double* embedding_std);
+// The layer with the largest effect; InputError when no MoE layer was scored.
+int best_effect_layer(const std::vector<double>& effects);
 
 }  // namespace moedit::cli

@@ -74,11 +74,6 @@ json requested_rewrite(const EvalRecord& r) {
           {"target_true", {{"str", r.target_true}, {"id", r.target_true_id}}}};
 }
 
-EditRequest edit_request(const EvalRecord& r) {
-  return {r.prompt, r.subject, r.target_new, r.target_true, r.paraphrase_prompts, r.neighborhood_prompts,
-          std::to_string(r.case_id)};
-}
-
 // FNV-1a over the down-projections (routed and shared) of the given layers.
 uint64_t fingerprint(const Model& m, const std::set<int>& layers) {
   uint64_t h = 1469598103934665603ULL;
@@ -225,6 +220,11 @@ json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*
 }
 
 }  // namespace
+
+EditRequest edit_request(const EvalRecord& r) {
+  return {r.prompt, r.subject, r.target_new, r.target_true, r.paraphrase_prompts, r.neighborhood_prompts,
+          std::to_string(r.case_id)};
+}
 
 json write_reports(const std::string& dir, const json& settings, const std::vector<int>* case_ids) {
   const auto cases = read_cases(dir, case_ids);

@@ -42,6 +42,9 @@ struct RunOptions {
   std::function<void(int done, int total)> progress;  // cases finished (skipped ones included) of this shard
 };
 
+// The edit a record asks for (its rewrite, paraphrases and neighbours; case_id as the request id).
+EditRequest edit_request(const EvalRecord& r);
+
 struct RunResult {
   nlohmann::json summary;
   int evaluated = 0, skipped = 0;

@@ -268,6 +268,25 @@ json summary_without_time(const std::string& dir) {
   return s;
 }
 
+TEST(EvalRun, LayerAutoEditsTheLayerWithTheLargestMeanMoeEffect) {
+  TempDir tmp;
+  const auto r = test::run_cli("eval " + demo_dir() + " --dataset " + bundled_cf() +
+                               " --layer auto --auto-layer-cases 3 --limit 1 --no-mom2 --steps 2 --generation-interval 0"
+                               " --quiet --out " + (tmp / "o"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const json s = json::parse(test::read_file(tmp / "o/settings.json"));
+  EXPECT_EQ(s["layer"], "auto");
+  const json& a = s["layer_auto"];
+  EXPECT_EQ(a["cases"], 3);
+  const auto mean = a["mean_indirect_effect"].get<std::vector<double>>();
+  ASSERT_EQ(mean.size(), 4u);  // the demo model: 4 MoE layers, each scored
+  for (const double v : mean) EXPECT_TRUE(std::isfinite(v));
+  const int best = int(std::max_element(mean.begin(), mean.end()) - mean.begin());
+  EXPECT_EQ(a["layer"], best);
+  const json c0 = json::parse(test::read_file(eval::case_path(tmp / "o", load_eval_records(bundled_cf())[0].case_id)));
+  EXPECT_EQ(c0["moe"]["layer"], best);  // the edit used that layer
+}
+
 TEST(EvalRun, ResumeAfterInterruptionAndMergedShardsEqualOneRun) {
   TempDir tmp;
   const auto full = test::run_cli(run_args(tmp / "full", "--limit 3"));
