@@ -38,7 +38,7 @@ seeds() {
     fuzz_index) files=(tests/fixtures/models/*/model.safetensors.index.json) ;;
     fuzz_config) files=(tests/fixtures/configs/*/config.json tests/fixtures/models/*/config.json
                         "$SHARED"/configs/*/config.json models/moedit-demo/config.json) ;;
-    fuzz_counterfact | fuzz_zsre)
+    fuzz_counterfact)
       python3 - "$d" "$SHARED" <<'EOF' 2>/dev/null || true
 import json, os, sys
 out, shared = sys.argv[1], sys.argv[2]
@@ -47,6 +47,26 @@ recs = json.load(open(src, encoding="utf-8"))
 for i in range(0, 40, 4):
     with open(os.path.join(out, f"cf{i}.json"), "w", encoding="utf-8") as f:
         json.dump(recs[i:i + 2], f, ensure_ascii=False)
+EOF
+      ;;
+    fuzz_eval_records)  # first byte: the format (0 auto, 1 zsre, 2 easyedit, 3 counterfact)
+      python3 - "$d" <<'EOF' 2>/dev/null || true
+import json, os, sys
+out = sys.argv[1]
+recs = json.load(open("datasets/data/counterfact/counterfact_preknown.json", encoding="utf-8"))
+for i in range(0, 20, 4):
+    r = recs[i]
+    rw = r["requested_rewrite"]
+    s, prompt = rw["subject"], rw["prompt"].replace("{}", rw["subject"])
+    zsre = [{"subject": s, "src": prompt + "?", "pred": rw["target_true"]["str"], "rephrase": r["paraphrase_prompts"][0],
+             "alt": rw["target_new"]["str"], "answers": [rw["target_new"]["str"]], "loc": "nq question: who is it",
+             "loc_ans": "nobody", "cond": "x"}]
+    easy = [{"prompt": prompt, "subject": s, "target_new": rw["target_new"]["str"],
+             "ground_truth": rw["target_true"]["str"], "rephrase_prompt": r["paraphrase_prompts"][1],
+             "locality_prompt": r["neighborhood_prompts"][0], "locality_ground_truth": rw["target_true"]["str"]}]
+    for tag, fmt, obj in (("zsre", 1, zsre), ("easy", 2, easy), ("auto", 0, easy), ("cf", 3, recs[i:i + 1])):
+        with open(os.path.join(out, f"{tag}{i}.bin"), "wb") as f:
+            f.write(bytes([fmt]) + json.dumps(obj, ensure_ascii=False).encode())
 EOF
       ;;
     fuzz_tokenizer_load) files=(models/moedit-demo/tokenizer.json) ;;

