@@ -10,6 +10,19 @@ expert, so both ROME/MEMIT editing targets exist) and its own byte-level BPE tok
     (true facts about other subjects); duplicates removed;
   * English: WikiText-2 raw test split (datasets/data/wikitext-2/wiki.test.raw), in 128-token chunks.
 
+Subject bottleneck (--bottleneck-layer B, default 1). Trained plainly, a 4-layer model recalls a fact at the
+prompt's last token: its first attention layer reads the subject's token embeddings and the last token's MLPs
+do the lookup, so nothing about the fact lives at the subject's last token, where ROME edits (large LMs store
+facts there; ROME, Meng et al. 2022, §2). To give the demo model that structure, fact sentences are trained
+with a per-layer attention mask: positions after the subject cannot see the subject at layers <= B and see
+only its last token above B, so everything the model knows about the subject has to be written into the
+subject's last token by layers <= B and read from there. The mask is applied to a sentence with probability
+--bottleneck-p (then --bottleneck-late-p from --bottleneck-late-from of the epochs on, so the model also
+learns to ignore the subject tokens it can see when run without the mask); WikiText chunks are never
+masked. The saved model is a plain Qwen2-MoE checkpoint and runs without any mask. Subject spans: the
+record's subject for rewrite and paraphrase prompts; for neighborhood and attribute prompts the part a
+relation template (the rewrite and paraphrase templates of that relation) leaves over (unmasked if none fits).
+
 Both files are read from the project copies under datasets/data/. Everything is seeded (python, numpy,
 torch, batch order); with the same thread count and library versions the run is repeatable.
 
@@ -147,10 +160,52 @@ def tokenize_facts(tok, facts, eot_id: int, log):
     return out, mismatches
 
 
-def make_fact_examples(tok_facts, target_weight: float, prompt_weight: float):
-    """Each example: (input ids, labels, loss weights); labels[i] is the token after position i."""
+def prompt_subjects(records, items) -> dict[str, str]:
+    """prompt -> subject: the record's subject for rewrite/paraphrase prompts; for neighborhood/attribute
+    prompts the middle that the longest-fitting template of the record's relation leaves over."""
+    by_case = {r["case_id"]: r for r in records}
+    templates: dict[str, set] = {}
+    for r in records:
+        rw = r["requested_rewrite"]
+        templates.setdefault(rw["relation_id"], set()).add(rw["prompt"])
+        for p in r["paraphrase_prompts"]:
+            i = p.rfind(rw["subject"])
+            if i >= 0:
+                templates[rw["relation_id"]].add("{}" + p[i + len(rw["subject"]):])
+    out = {}
+    for kind, cid, prompt, _ in items:
+        rw = by_case[cid]["requested_rewrite"]
+        if kind in ("rewrite", "paraphrase"):
+            out.setdefault(prompt, rw["subject"])
+            continue
+        best = None
+        for t in templates.get(rw["relation_id"], ()):
+            a, b = t.split("{}", 1)
+            if prompt.startswith(a) and prompt.endswith(b) and len(prompt) > len(a) + len(b):
+                if best is None or len(a) + len(b) > best[0]:
+                    best = (len(a) + len(b), prompt[len(a):len(prompt) - len(b)])
+        if best:
+            out.setdefault(prompt, best[1].strip())
+    return out
+
+
+def subject_token_span(tok, prompt: str, subject: str | None):
+    """(first, last) token index of the last occurrence of `subject` in encode(prompt), or None."""
+    if not subject:
+        return None
+    i = prompt.rfind(subject)
+    if i < 0:
+        return None
+    enc = tok.encode(prompt, add_special_tokens=False)
+    idx = [k for k, (a, b) in enumerate(enc.offsets) if a < i + len(subject) and b > i]
+    return (idx[0], idx[-1]) if idx else None
+
+
+def make_fact_examples(tok_facts, target_weight: float, prompt_weight: float, spans=None):
+    """Each example: (input ids, labels, loss weights, subject token span or None); labels[i] is the token
+    after position i."""
     ex = []
-    for ip, it, eot in tok_facts:
+    for n, (ip, it, eot) in enumerate(tok_facts):
         seq = ip + it + [eot]
         x = seq[:-1]
         y = seq[1:]
@@ -159,7 +214,7 @@ def make_fact_examples(tok_facts, target_weight: float, prompt_weight: float):
         w[len(ip) - 1] = target_weight * 2.0
         # weight-0 positions are context only: no logits are computed there (saves the lm_head cost)
         y = [t if wi > 0 else -100 for t, wi in zip(y, w)]
-        ex.append((x, y, w))
+        ex.append((x, y, w, spans[n] if spans else None))
     return ex
 
 
@@ -179,19 +234,30 @@ def fact_batches(examples, batch_tokens: int, rng: np.random.Generator):
     return [("fact", b) for b in batches]
 
 
-def collate_facts(examples, idxs, pad_id: int):
+def collate_facts(examples, idxs, pad_id: int, mask_p: float = 0.0, rng: np.random.Generator | None = None):
+    """x, y, w [B, L]; masks None or (low, high) bool [B, 1, L, L] (True: may attend): the subject-bottleneck
+    masks for layers <= B and > B, applied to each sentence with a subject span with probability mask_p."""
     L = max(len(examples[i][0]) for i in idxs)
     B = len(idxs)
     x = torch.full((B, L), pad_id, dtype=torch.long)
     y = torch.full((B, L), -100, dtype=torch.long)
     w = torch.zeros((B, L), dtype=torch.float32)
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    low = causal.repeat(B, 1, 1, 1)
+    high = causal.repeat(B, 1, 1, 1)
+    masked = 0
     for r, i in enumerate(idxs):
-        xi, yi, wi = examples[i]
+        xi, yi, wi, span = examples[i]
         n = len(xi)
         x[r, :n] = torch.tensor(xi)
         y[r, :n] = torch.tensor(yi)
         w[r, :n] = torch.tensor(wi)
-    return x, y, w
+        if span is not None and mask_p > 0 and rng.random() < mask_p:
+            s0, s1 = span
+            low[r, 0, s1 + 1 :, s0 : s1 + 1] = False  # after the subject: no subject token at layers <= B
+            high[r, 0, s1 + 1 :, s0:s1] = False  # above B: the subject's last token only
+            masked += 1
+    return x, y, w, ((low, high) if masked else None)
 
 
 def wiki_batches(wiki_ids: list[int], ctx: int, batch_seqs: int, frac: float, rng: np.random.Generator):
@@ -244,11 +310,34 @@ def build_model(args, vocab_size: int, eot_id: int):
     return Qwen2MoeForCausalLM(cfg)
 
 
-def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int):
+def forward_bottleneck(model, x, masks, bottleneck: int):
+    """The decoder stack with mask masks[0] at layers <= bottleneck and masks[1] above; returns the final
+    normed hidden states [B, L, H] and the router logits of every layer (as output_router_logits gives)."""
+    m = model.model
+    h = m.embed_tokens(x)
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    pe = m.rotary_emb(h, pos)
+    router_logits = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: router_logits.append(out[0]))
+             for layer in m.layers]
+    try:
+        for i, layer in enumerate(m.layers):
+            h = layer(h, attention_mask=masks[0] if i <= bottleneck else masks[1], position_ids=pos,
+                      position_embeddings=pe)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return m.norm(h), tuple(router_logits)
+
+
+def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int, masks=None, bottleneck: int = -1):
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
-    out = model.model(input_ids=x, output_router_logits=True)
-    h = out.last_hidden_state
+    if masks is None:
+        out = model.model(input_ids=x, output_router_logits=True)
+        h, router_logits = out.last_hidden_state, out.router_logits
+    else:
+        h, router_logits = forward_bottleneck(model, x, masks, bottleneck)
     sel = y != -100
     logits = model.lm_head(h[sel])
     ce = F.cross_entropy(logits.float(), y[sel], reduction="none")
@@ -256,7 +345,7 @@ def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int):
     loss = (ce * ws).sum() / ws.sum()
     # Switch-style balance loss over the loss positions: every real token of a WikiText chunk, and for a
     # fact sentence (prompt weight 0) the positions that predict the answer tokens and <|endoftext|>.
-    aux = load_balancing_loss_func(out.router_logits, num_experts, topk, sel.long())
+    aux = load_balancing_loss_func(router_logits, num_experts, topk, sel.long())
     return loss + aux_coef * aux, ce.mean().item(), float(aux)
 
 
@@ -305,6 +394,13 @@ def main() -> int:
     ap.add_argument("--prompt-weight", type=float, default=0.0,
                     help="loss weight of the prompt tokens of fact sentences (0: context only)")
     ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--bottleneck-layer", type=int, default=1,
+                    help="subject bottleneck (see above): last layer at which later positions cannot see the subject "
+                         "(-1: off, plain training)")
+    ap.add_argument("--bottleneck-p", type=float, default=1.0, help="share of fact sentences masked, early epochs")
+    ap.add_argument("--bottleneck-late-p", type=float, default=0.5, help="share masked in the late epochs")
+    ap.add_argument("--bottleneck-late-from", type=float, default=0.6,
+                    help="fraction of the epochs after which --bottleneck-late-p applies")
     args = ap.parse_args()
 
     if args.quick:
@@ -357,7 +453,11 @@ def main() -> int:
     log(f"distinct targets {sum(len(v) for v in firsts.values())}, distinct first tokens {len(firsts)}; "
         f"first tokens shared by several targets: {[sorted(v) for v in shared_first.values()][:10]}")
 
-    examples = make_fact_examples(tok_facts, args.target_weight, args.prompt_weight)
+    subjects = prompt_subjects(records, items)
+    spans = [subject_token_span(tok, p, subjects.get(p)) for p, _, _ in facts]
+    log(f"subject spans: {sum(s is not None for s in spans)} / {len(facts)} training sentences "
+        f"(bottleneck layer {args.bottleneck_layer})")
+    examples = make_fact_examples(tok_facts, args.target_weight, args.prompt_weight, spans)
 
     # ---- model
     seed_everything(args.seed)
@@ -395,6 +495,10 @@ def main() -> int:
     history = []
     for epoch in range(1, args.epochs + 1):
         te = time.time()
+        mask_p = 0.0
+        if args.bottleneck_layer >= 0:
+            late = epoch > args.bottleneck_late_from * args.epochs
+            mask_p = args.bottleneck_late_p if late else args.bottleneck_p
         batches = fact_batches(examples, args.batch_tokens, rng) + wiki_batches(
             wiki_ids, args.ctx, wiki_batch_seqs, args.wiki_frac, rng
         )
@@ -403,14 +507,18 @@ def main() -> int:
         aux_sum, ntok = 0.0, 0
         for bi in perm:
             kind, payload = batches[bi]
+            masks = None
             if kind == "fact":
-                x, y, w = collate_facts(examples, payload, eot_id)
+                x, y, w, masks = collate_facts(examples, payload, eot_id, mask_p, rng)
             else:
                 x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
             x, y, w = x.to(args.device), y.to(args.device), w.to(args.device)
+            if masks is not None:
+                masks = tuple(m.to(args.device) for m in masks)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, args.experts, args.topk)
+            loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, args.experts, args.topk, masks,
+                                      args.bottleneck_layer)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip > 0:
@@ -430,7 +538,8 @@ def main() -> int:
             "tok_per_s": ntok / dt,
             "elapsed_s": time.time() - t_start,
         }
-        msg = (f"epoch {epoch}/{args.epochs} step {step} lr {lr_at(step):.2e} fact_ce {rec['fact_ce']:.4f} "
+        rec["mask_p"] = mask_p
+        msg = (f"epoch {epoch}/{args.epochs} mask_p {mask_p:.2f} step {step} lr {lr_at(step):.2e} fact_ce {rec['fact_ce']:.4f} "
                f"wiki_ce {rec['wiki_ce']:.4f} aux {rec['aux']:.4f} {rec['tok_per_s']:.0f} tok/s "
                f"epoch {dt:.0f}s total {rec['elapsed_s']:.0f}s")
         if epoch % args.eval_every == 0 or epoch == args.epochs:
