@@ -74,27 +74,10 @@ void run_edit(const EditArgs& a) {
   EditOptions opt = editor_options(a.editor);
   opt.target = parse_edit_target(a.target);
   bool auto_l = false;
-  if (opt.target.kind == TargetKind::Expert) {
-    if (a.layer != "auto") {
-      int l = -1;
-      try {
-        l = std::stoi(a.layer);
-      } catch (const std::exception&) {
-        throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
-      }
-      opt.layer = l;
-    }
-  } else if (a.layer == "auto") {
-    auto_l = true;
-  } else {
-    try {
-      size_t used = 0;
-      opt.layer = std::stoi(a.layer, &used);
-      if (used != a.layer.size()) throw std::invalid_argument(a.layer);
-    } catch (const std::exception&) {
-      throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
-    }
-  }
+  if (a.layer == "auto")
+    auto_l = opt.target.kind != TargetKind::Expert;  // an explicit L:E names its layer
+  else
+    opt.layer = parse_layer_index(a.layer);
 
   auto m = Model::load(a.model);
   const ModelConfig& c = m->config();

@@ -87,13 +87,7 @@ void run(const EvalArgs& a) {
     e.layer = e.target.layer;
   } else if (!auto_layer) {
     require_input(!a.layer.empty(), "--layer L|auto is required (the MoE layer to edit)");
-    try {
-      size_t used = 0;
-      e.layer = std::stoi(a.layer, &used);
-      if (used != a.layer.size()) throw std::invalid_argument(a.layer);
-    } catch (const std::exception&) {
-      throw InputError("--layer '" + a.layer + "': expected a layer index or auto");
-    }
+    e.layer = parse_layer_index(a.layer);
   }
   require_input(a.auto_cases >= 1, "--auto-layer-cases must be >= 1");
 

@@ -134,6 +134,16 @@ std::vector<double> moe_layer_effects(const Model& m, const Tokenizer& tok, cons
   return effects;
 }
 
+int parse_layer_index(const std::string& s) {
+  try {
+    size_t used = 0;
+    const int l = std::stoi(s, &used);
+    if (used == s.size()) return l;
+  } catch (const std::exception&) {
+  }
+  throw InputError("--layer '" + s + "': expected a layer index or auto");
+}
+
 int best_effect_layer(const std::vector<double>& effects) {
   int best = -1;
   for (int l = 0; l < int(effects.size()); ++l)

@@ -34,6 +34,8 @@ nlohmann::json editor_settings(const EditorFlags& f);  // for run records (eval'
 // target_true when given, else the model's own prediction.
 std::vector<double> moe_layer_effects(const Model& m, const Tokenizer& tok, const EditRequest& req,
                                       double* embedding_std);
+// A --layer value that is not "auto": the layer index; InputError for anything else.
+int parse_layer_index(const std::string& s);
 // The layer with the largest effect; InputError when no MoE layer was scored.
 int best_effect_layer(const std::vector<double>& effects);
 
