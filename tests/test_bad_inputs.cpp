@@ -36,14 +36,19 @@ std::string fixture_model() { return test::fixture("models/qwen2_moe"); }
 // The bundled demo model: the smallest checkpoint with a tokenizer (text-level commands need one).
 std::string demo_model() { return test::source_dir() + "/models/moedit-demo"; }
 
-// A model folder whose tokenizer.json is the demo model's after `edit`, for `tokenize DIR --text hi`.
-std::string tokenizer_case(const TempDir& d, const std::function<void(nlohmann::json&)>& edit) {
+// The demo model's config and weights with `tokenizer_json` as tokenizer.json; the `tokenize DIR --text hi` flags.
+std::string tokenizer_text_case(const TempDir& d, const std::string& tokenizer_json) {
   for (const char* f : {"config.json", "model.safetensors"})
     std::filesystem::copy_file(demo_model() + "/" + f, d / f);
+  write_file(d / "tokenizer.json", tokenizer_json);
+  return "tokenize " + d.path.string() + " --text hi";
+}
+
+// As above, with the demo model's own tokenizer.json after `edit`.
+std::string tokenizer_case(const TempDir& d, const std::function<void(nlohmann::json&)>& edit) {
   auto j = nlohmann::json::parse(test::read_file(demo_model() + "/tokenizer.json"));
   edit(j);
-  write_file(d / "tokenizer.json", j.dump());
-  return "tokenize " + d.path.string() + " --text hi";
+  return tokenizer_text_case(d, j.dump());
 }
 
 // Flags for a one-fact text-level edit of the demo model; `extra` replaces or adds flags.
@@ -140,13 +145,7 @@ std::vector<BadInput> cases() {
        "field 'requested_rewrite.target_new.str' is empty"},
       {"unknown_flag", [](const TempDir&) { return "info --no-such-flag"; }, "The following argument was not expected: --no-such-flag"},
       // tokenizer.json
-      {"tokenizer_not_json",
-       [](const TempDir& d) {
-         for (const char* f : {"config.json", "model.safetensors"})
-           std::filesystem::copy_file(demo_model() + "/" + f, d / f);
-         write_file(d / "tokenizer.json", "{\"model\": ");
-         return "tokenize " + d.path.string() + " --text hi";
-       },
+      {"tokenizer_not_json", [](const TempDir& d) { return tokenizer_text_case(d, "{\"model\": "); },
        "tokenizer.json: malformed JSON"},
       {"tokenizer_not_bpe",
        [](const TempDir& d) { return tokenizer_case(d, [](nlohmann::json& j) { j["model"]["type"] = "WordPiece"; }); },
