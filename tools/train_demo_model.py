@@ -242,9 +242,10 @@ def collate_facts(examples, idxs, pad_id: int, mask_p: float = 0.0, rng: np.rand
     x = torch.full((B, L), pad_id, dtype=torch.long)
     y = torch.full((B, L), -100, dtype=torch.long)
     w = torch.zeros((B, L), dtype=torch.float32)
-    causal = torch.ones((L, L), dtype=torch.bool).tril()
-    low = causal.repeat(B, 1, 1, 1)
-    high = causal.repeat(B, 1, 1, 1)
+    if mask_p > 0:  # built only when some sentence may be masked
+        causal = torch.ones((L, L), dtype=torch.bool).tril()
+        low = causal.repeat(B, 1, 1, 1)
+        high = causal.repeat(B, 1, 1, 1)
     masked = 0
     for r, i in enumerate(idxs):
         xi, yi, wi, span = examples[i]
