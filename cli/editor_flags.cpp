@@ -46,6 +46,10 @@ std::vector<std::string> read_templates(const std::string& path) {
 void add_editor_flags(CLI::App* cmd, EditorFlags& f) {
   cmd->add_option("--keys", f.keys, "rome (C⁻¹k* over the bare prompt's k) | consistent (k* in both, r-ROME)")
       ->capture_default_str();
+  cmd->add_option("--objective", f.objective,
+                  "v*: rome (δ at the subject's last token) | exact (δ where the update puts it: every token routed "
+                  "through the edited expert, scaled by gate·uᵀk — the edited model's loss)")
+      ->capture_default_str();
   cmd->add_flag("--no-mom2", f.no_mom2, "No key statistics: C = I");
   cmd->add_option("--ridge", f.ridge, "Add ridge·mean(diag C) to C's diagonal")->capture_default_str();
   cmd->add_option("--steps", f.steps, "v* optimisation steps")->capture_default_str()->check(CLI::Range(1, 10000));
@@ -75,6 +79,7 @@ EditOptions editor_options(const EditorFlags& f) {
   opt.v.kl_factor = f.kl_factor;
   opt.v.clamp_norm_factor = f.clamp;
   opt.v.cache_prefix = !f.no_prefix_cache;
+  opt.v.objective = parse_objective(f.objective);
   opt.template_seed = f.template_seed;
   opt.kl_prompt = f.kl_prompt;
   if (!f.templates_file.empty()) opt.templates = read_templates(f.templates_file);
@@ -92,6 +97,7 @@ KeyStatsOptions key_stats_options(const EditorFlags& f) {
 
 nlohmann::json editor_settings(const EditorFlags& f) {
   return {{"keys", f.keys},
+          {"v_objective", f.objective},
           {"mom2_adjustment", !f.no_mom2},
           {"ridge", f.ridge},
           {"v_steps", f.steps},

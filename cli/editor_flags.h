@@ -14,7 +14,7 @@
 namespace moedit::cli {
 
 struct EditorFlags {
-  std::string keys = "rome", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
+  std::string keys = "rome", objective = "rome", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
   bool no_mom2 = false, no_prefix_cache = false;
   double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0;
   int steps = 20, seq_len = 256;

@@ -71,6 +71,11 @@ std::pair<int, int> shared_columns(const Model& m, int layer, int expert) {
                 : m.config().shared_slice(shared_index(expert));
 }
 
+// The shared expert's gate g(x) = σ(x·w_g) at one FFN input row (1 when the family has no shared gate).
+double shared_gate(const FFNWeights& f, const Eigen::Ref<const Eigen::RowVectorXf>& x) {
+  return f.shared_gate.size() ? 1.0 / (1.0 + std::exp(-double(x.dot(f.shared_gate.transpose())))) : 1.0;
+}
+
 MatR bank_keys(const ExpertBank& b, int e, const MatR& x) {
   MatR gu(x.rows(), 2 * b.I), k(x.rows(), b.I);
   ops::linear(x.data(), int(x.rows()), b.H, b.gate_up_of(e), 2 * b.I, gu.data());
@@ -156,6 +161,12 @@ std::string target_name(const EditTarget& t) {
   return "?";
 }
 
+VStarObjective parse_objective(const std::string& s) {
+  if (s == "rome") return VStarObjective::Rome;
+  if (s == "exact") return VStarObjective::Exact;
+  throw InputError("--objective '" + s + "': expected rome or exact");
+}
+
 KeyMode parse_key_mode(const std::string& s) {
   if (s == "rome") return KeyMode::Rome;
   if (s == "consistent" || s == "r-rome") return KeyMode::Consistent;
@@ -235,7 +246,8 @@ int first_above(const Model& m, int layer) {
 }  // namespace
 
 template <class T>
-VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt)
+VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
+                              const DeltaSpread& spread)
     : m_(m), layer_(layer), opt_(opt), ids_(ids), stack_(m, first_above(m, layer)) {
   const ModelConfig& c = m.config();
   validate(ids, c);
@@ -253,23 +265,46 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   const int ns = int(seqs.size());
 
   // Layers ≤ L once.
+  const bool exact = opt.objective == VStarObjective::Exact;
+  require_input(!exact || bool(spread), "the exact v* objective needs the edit's spread");
   Hooks h;
   auto mo = h.capture(hook_names::moe_out(layer));
+  auto pre = exact ? h.capture(hook_names::resid_pre(layer)) : nullptr;
+  auto att = exact ? h.capture(hook_names::attn_out(layer)) : nullptr;
   ForwardOptions fo;
   fo.hooks = &h;
   fo.stop_after_layer = layer;
-  fo.record_routing = false;
+  fo.record_routing = exact;
   ForwardOutput f = m.forward(seqs, fo);
   const auto off = offsets(seqs);
   target_init_ = mo->value.row(off[0] + idx[0]).transpose();
   ti_norm2_ = T(target_init_.squaredNorm());
   require_input(ti_norm2_ > 0, "the MoE output at the subject's last token is zero");
 
-  // Active rows: tokens at or after each sequence's subject token (all tokens without cache_prefix).
+  // s_t per packed row: Rome 1 at each subject-last row; Exact the edit's spread.
+  const int N = int(f.hidden.rows());
+  VecF scale = VecF::Zero(N);
+  if (exact) {
+    std::vector<int> all(static_cast<size_t>(N));
+    for (int i = 0; i < N; ++i) all[size_t(i)] = i;
+    scale = spread(ffn_inputs(m, layer, pre->value, att->value, all), f.routing[size_t(layer)]);
+    require_input(scale.size() == N && scale.allFinite(), "the edit's spread must give one finite factor per token");
+  } else {
+    for (int s = 0; s < ns; ++s) scale[off[size_t(s)] + idx[size_t(s)]] = 1.f;
+  }
+
+  // Active rows: from each sequence's subject token, or its first token δ reaches if earlier (all tokens without
+  // cache_prefix); the earlier tokens' K/V are constants.
   const size_t nsz = static_cast<size_t>(ns);
   std::vector<int> np(nsz), na(nsz), pre_rows, act_rows, act_off(nsz);
   for (int s = 0; s < ns; ++s) {
-    np[size_t(s)] = opt.cache_prefix ? idx[size_t(s)] : 0;
+    int first = idx[size_t(s)];
+    for (int p = 0; p < idx[size_t(s)]; ++p)
+      if (scale[off[size_t(s)] + p] != 0.f) {
+        first = p;
+        break;
+      }
+    np[size_t(s)] = opt.cache_prefix ? first : 0;
     na[size_t(s)] = int(seqs[size_t(s)].size()) - np[size_t(s)];
     act_off[size_t(s)] = int(act_rows.size());
     for (int p = 0; p < int(seqs[size_t(s)].size()); ++p)
@@ -287,16 +322,20 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
     pre.forward(gather(pre_rows), layout_from_lengths(np, std::vector<int>(size_t(ns), 0)));
     prefix_ = pre.kv();
   }
-  delta_rows_.resize(size_t(ns));
-  for (int s = 0; s < ns; ++s) delta_rows_[size_t(s)] = act_off[size_t(s)] + idx[size_t(s)] - np[size_t(s)];
+  for (int i = 0; i < int(act_rows.size()); ++i)
+    if (scale[act_rows[size_t(i)]] != 0.f) {
+      delta_rows_.push_back(i);
+      delta_scale_.push_back(T(scale[act_rows[size_t(i)]]));
+    }
+  auto act_row = [&](int s, int p) { return act_off[size_t(s)] + p - np[size_t(s)]; };
   tmpl_rows_.assign(size_t(nt), {});
   for (int i = 0; i < nt; ++i)
     for (int j = 0; j < nT; ++j) {
       const int pos = int(ids.prompts[size_t(i)].size()) - 1 + j;
       tmpl_rows_[size_t(i)].push_back(int(logit_rows_.size()));
-      logit_rows_.push_back(act_off[size_t(i)] + pos - np[size_t(i)]);
+      logit_rows_.push_back(act_row(i, pos));
     }
-  logit_rows_.push_back(delta_rows_[size_t(nt)]);  // the KL row: the KL prompt's subject token
+  logit_rows_.push_back(act_row(nt, idx[size_t(nt)]));  // the KL row: the KL prompt's subject token
 
   // p_0 at δ = 0.
   stack_.forward(base_, lay_, prefix_.k.empty() ? nullptr : &prefix_);
@@ -321,7 +360,7 @@ typename VStarProblem<T>::Value VStarProblem<T>::eval(const VecT<T>& delta) {
   const T rm = T(c.residual_multiplier);
   delta_ = delta;
   MatT<T> x = base_;
-  for (int r : delta_rows_) x.row(r) += rm * delta.transpose();
+  for (size_t i = 0; i < delta_rows_.size(); ++i) x.row(delta_rows_[i]) += (rm * delta_scale_[i]) * delta.transpose();
   stack_.forward(std::move(x), lay_, prefix_.k.empty() ? nullptr : &prefix_);
   const MatT<T> lg = stack_.logits(logit_rows_);
   const int V = int(lg.cols()), nt = int(tmpl_rows_.size()), nT = int(ids_.target.size());
@@ -363,7 +402,7 @@ VecT<T> VStarProblem<T>::grad() const {
   const T rm = T(m_.config().residual_multiplier);
   const MatT<T> dx = stack_.backward(dlogits_);
   VecT<T> g = VecT<T>::Zero(delta_.size());
-  for (int r : delta_rows_) g += rm * dx.row(r).transpose();
+  for (size_t i = 0; i < delta_rows_.size(); ++i) g += (rm * delta_scale_[i]) * dx.row(delta_rows_[i]).transpose();
   const T n = delta_.norm();
   if (n > 0) g += T(opt_.weight_decay) / (n * ti_norm2_) * delta_;
   return g;
@@ -372,9 +411,10 @@ VecT<T> VStarProblem<T>::grad() const {
 template class VStarProblem<float>;
 template class VStarProblem<double>;
 
-VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt) {
+VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
+                          const DeltaSpread& spread) {
   require_input(opt.steps >= 1, "--steps must be at least 1");
-  VStarProblem<float> P(m, layer, ids, opt);
+  VStarProblem<float> P(m, layer, ids, opt, spread);
   const int H = P.hidden();
   VStarResult r;
   r.target_init = P.target_init();
@@ -480,74 +520,94 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
       break;
     }
     case TargetKind::Shared: {  // each shared expert j takes r_j = δ/(n·g): the minimum-norm split of Σ g·r_j = δ
-      double g = 1.0;
-      if (f0.shared_gate.size()) g = 1.0 / (1.0 + std::exp(-double(a2.row(0).dot(f0.shared_gate.transpose()))));
+      const double g = shared_gate(f0, a2.row(0));
       for (int j = 0; j < n_shared; ++j) tg.push_back({shared_expert_id(j), g, 1.0 / (g * n_shared)});
       break;
     }
   }
   for (const Tgt& t : tg) require_input(std::isfinite(t.share) && t.weight > 0, "routing weight of the target is zero");
 
-  // v*
+  // Keys and C⁻¹k* per target expert (ROME's compute_u), before v*: the exact objective needs them.
+  const FFNWeights& fw = m.weights().layers[size_t(layer)].ffn;
+  auto expert_keys = [&](int expert, const MatR& x) {  // [rows, I] (shared expert j: its columns of the shared keys)
+    if (!is_shared_expert(expert)) return bank_keys(fw.experts, expert, x);
+    const auto [b, e] = shared_columns(m, layer, expert);
+    return MatR(bank_keys(fw.shared, 0, x).middleCols(b, e - b));
+  };
+  for (const Tgt& t : tg) {
+    const MatR keys = expert_keys(t.expert, a2);  // [templates, I]
+    const int I = int(keys.cols());
+    ExpertUpdate up;
+    up.layer = layer;
+    up.expert = t.expert;
+    up.weight = t.weight;
+    const Eigen::VectorXd k = keys.row(0).transpose().cast<double>();
+    const Eigen::VectorXd kstar = keys.cast<double>().colwise().mean().transpose();
+    Eigen::VectorXd ck;
+    if (opt.mom2_adjustment) {
+      auto mom = opt.moments(layer, t.expert);
+      require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
+                    "key statistics for layer " + std::to_string(layer) + " expert " +
+                        expert_label(t.expert, n_shared) + " are missing or have the wrong size");
+      up.stats_count = mom->count;
+      Eigen::MatrixXd C = mom->mom2.cast<double>();
+      if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
+      Eigen::LLT<Eigen::MatrixXd> llt(C);
+      if (llt.info() == Eigen::Success) {
+        ck = llt.solve(kstar);
+      } else {
+        Eigen::LDLT<Eigen::MatrixXd> ldlt(C);
+        const auto d = ldlt.vectorD();
+        require_input(ldlt.info() == Eigen::Success && d.minCoeff() > 1e-12 * std::max(d.maxCoeff(), 1e-300),
+                      "the key statistics of layer " + std::to_string(layer) + " expert " +
+                          expert_label(t.expert, n_shared) + " are singular (" + std::to_string(mom->count) +
+                          " tokens for a key of size " + std::to_string(I) + "): use a larger corpus or --ridge");
+        ck = ldlt.solve(kstar);
+      }
+    } else {
+      ck = kstar;
+    }
+    const double denom = ck.dot(opt.keys == KeyMode::Rome ? k : kstar);
+    if (!(std::abs(denom) > 0) || !std::isfinite(denom) || !ck.allFinite())
+      throw std::runtime_error("rank-one update: (C⁻¹k*)ᵀk is zero or not finite for expert " +
+                               expert_label(t.expert, n_shared));
+    up.u = (ck / denom).cast<float>();
+    up.k = (opt.keys == KeyMode::Rome ? k : kstar).cast<float>();
+    up.k_star = kstar.cast<float>();
+    res.updates.push_back(std::move(up));
+  }
+
+  // v*; the exact objective spreads δ as the updates will: s_t = Σ_j gate_j(t)·share_j·u_jᵀk_j(t).
+  const DeltaSpread spread = [&](const MatR& x, const LayerRouting& routing) {
+    VecF s = VecF::Zero(x.rows());
+    for (size_t j = 0; j < tg.size(); ++j) {
+      const VecF uk = expert_keys(tg[j].expert, x) * res.updates[j].u;  // [rows]
+      for (int i = 0; i < int(x.rows()); ++i) {
+        double gate = 0;
+        if (is_shared_expert(tg[j].expert)) {
+          gate = shared_gate(fw, x.row(i));
+        } else {
+          for (int q = 0; q < K; ++q)
+            if (routing.ids(i, q) == tg[j].expert) gate = routing.weights(i, q);
+        }
+        s[i] += float(gate * tg[j].share * double(uk[i]));
+      }
+    }
+    return s;
+  };
   const auto tv = Clock::now();
-  res.vstar = compute_vstar(m, layer, ids, opt.v);
+  res.vstar = compute_vstar(m, layer, ids, opt.v, spread);
   res.vstar_seconds = since(tv);
 
-  // Rank-one updates.
-  Weights& W = m.mutable_weights();
-  FFNWeights& fw = W.layers[size_t(layer)].ffn;
+  // Rank-one updates: ΔW = r·uᵀ, r = share·δ.
   try {  // all or nothing: a failing target reverts the ones already applied
-    for (const Tgt& t : tg) {
-      const bool shared = is_shared_expert(t.expert);
-      ExpertBank& bank = shared ? fw.shared : fw.experts;
-      DownMap Wd = expert_down(m, layer, t.expert);
-      const int I = int(Wd.cols()), H = int(Wd.rows());
-      ExpertUpdate up;
-      up.layer = layer;
-      up.expert = t.expert;
-      up.weight = t.weight;
-      up.r = (res.vstar.delta.cast<double>() * t.share).cast<float>();
-      // [templates, I]: the expert's keys (shared expert j: its columns of the shared block's keys)
-      const MatR keys =
-          shared ? MatR(bank_keys(bank, 0, a2).middleCols(shared_columns(m, layer, t.expert).first, I))
-                 : bank_keys(bank, t.expert, a2);
-      const Eigen::VectorXd k = keys.row(0).transpose().cast<double>();
-      const Eigen::VectorXd kstar = keys.cast<double>().colwise().mean().transpose();
-      Eigen::VectorXd ck;
-      if (opt.mom2_adjustment) {
-        auto mom = opt.moments(layer, t.expert);
-        require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
-                      "key statistics for layer " + std::to_string(layer) + " expert " +
-                          expert_label(t.expert, n_shared) + " are missing or have the wrong size");
-        up.stats_count = mom->count;
-        Eigen::MatrixXd C = mom->mom2.cast<double>();
-        if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
-        Eigen::LLT<Eigen::MatrixXd> llt(C);
-        if (llt.info() == Eigen::Success) {
-          ck = llt.solve(kstar);
-        } else {
-          Eigen::LDLT<Eigen::MatrixXd> ldlt(C);
-          const auto d = ldlt.vectorD();
-          require_input(ldlt.info() == Eigen::Success && d.minCoeff() > 1e-12 * std::max(d.maxCoeff(), 1e-300),
-                        "the key statistics of layer " + std::to_string(layer) + " expert " +
-                            expert_label(t.expert, n_shared) + " are singular (" + std::to_string(mom->count) +
-                            " tokens for a key of size " + std::to_string(I) + "): use a larger corpus or --ridge");
-          ck = ldlt.solve(kstar);
-        }
-      } else {
-        ck = kstar;
-      }
-      const double denom = ck.dot(opt.keys == KeyMode::Rome ? k : kstar);
-      if (!(std::abs(denom) > 0) || !std::isfinite(denom) || !ck.allFinite())
-        throw std::runtime_error("rank-one update: (C⁻¹k*)ᵀk is zero or not finite for expert " +
-                                 expert_label(t.expert, n_shared));
-      up.u = (ck / denom).cast<float>();
-      up.k = (opt.keys == KeyMode::Rome ? k : kstar).cast<float>();
-      up.k_star = kstar.cast<float>();
-      up.original.resize(size_t(H) * size_t(I));
-      Eigen::Map<MatR>(up.original.data(), H, I) = Wd;
+    for (size_t j = 0; j < tg.size(); ++j) {
+      ExpertUpdate& up = res.updates[j];
+      DownMap Wd = expert_down(m, layer, up.expert);
+      up.r = (res.vstar.delta.cast<double>() * tg[j].share).cast<float>();
+      up.original.resize(size_t(Wd.rows()) * size_t(Wd.cols()));
+      Eigen::Map<MatR>(up.original.data(), Wd.rows(), Wd.cols()) = Wd;
       Wd.noalias() += up.r * up.u.transpose();
-      res.updates.push_back(std::move(up));
     }
   } catch (...) {
     revert(m, res);
@@ -580,6 +640,7 @@ DownMap expert_down(Model& m, int layer, int expert) {
 
 void revert(Model& m, const EditResult& r) {
   for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) {
+    if (it->original.empty()) continue;  // not applied (an edit that failed part-way)
     DownMap dn = expert_down(m, r.layer, it->expert);
     dn = CMapMatR(it->original.data(), dn.rows(), dn.cols());
   }

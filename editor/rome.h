@@ -85,6 +85,14 @@ EditRequest parse_request(const nlohmann::json& j, const std::string& where);
 // A JSON list of the above (or a single object).
 std::vector<EditRequest> load_requests(const std::string& path);
 
+// Where δ enters the v* objective. Rome: at each prompt's subject last token only (ROME's compute_v). Exact: where
+// the rank-one update will put it — at every token t of every prompt (target tokens included), scaled by
+// s_t = Σ_j gate_j(t)·share_j·u_jᵀk_j(t) over the target experts j (gate: routing weight, 0 when j is not in t's
+// top-k; shared gate for a shared expert), so the objective is the edited model's loss exactly: it sees the edit's
+// spill-over onto the prompt's other tokens and the templates whose subject token does not route through j.
+enum class VStarObjective { Rome, Exact };
+VStarObjective parse_objective(const std::string& s);  // "rome" | "exact"
+
 struct VStarOptions {
   int steps = 20;                  // v_num_grad_steps
   double lr = 0.5;                 // v_lr (Adam, betas 0.9/0.999, eps 1e-8)
@@ -93,6 +101,7 @@ struct VStarOptions {
   double clamp_norm_factor = 4.0;
   double early_stop_loss = 5e-2;
   bool cache_prefix = true;        // run only tokens at/after the subject in layers > L (exact; faster)
+  VStarObjective objective = VStarObjective::Rome;
 };
 
 // Supplies C for (layer, expert); shared_expert_id(j) for shared expert j (kSharedExpert for a single one).
@@ -126,11 +135,18 @@ struct EditIds {
 // InputError for empty prompts/target, indices out of range, ids outside the vocabulary.
 void validate(const EditIds& ids, const ModelConfig& c);
 
+// VStarObjective::Exact: given the FFN input of layer L [N, H] and its routing for every row of the packed batch
+// (prompts ∘ target[:-1] per template, then the KL prompt), the factor s_t [N] with which δ reaches each row's MoE
+// output.
+using DeltaSpread = std::function<VecF(const MatR& ffn_in, const LayerRouting& routing)>;
+
 // The v* objective at a given δ (ROME's loss), forward and gradient; templated for float64 checks.
 template <class T>
 class VStarProblem {
  public:
-  VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt);
+  // `spread` is required with VStarObjective::Exact and ignored otherwise.
+  VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
+               const DeltaSpread& spread = nullptr);
   struct Value {
     T loss = 0, nll = 0, kl = 0, wd = 0;
     T p_target = 0;  // mean over templates of exp(−mean NLL of the target tokens)
@@ -151,7 +167,8 @@ class VStarProblem {
   MatT<T> base_;                          // active rows' input of layer L+1 at δ = 0
   TokenLayout lay_;
   grad::PrefixKV<T> prefix_;
-  std::vector<int> delta_rows_;           // per sequence: its subject-last row among the active rows
+  std::vector<int> delta_rows_;           // active rows δ reaches (Rome: each sequence's subject-last row)
+  std::vector<T> delta_scale_;            // the factor s_t of each (Rome: 1)
   std::vector<int> logit_rows_;           // rows given to logits(): templates' target positions, then the KL row
   std::vector<std::vector<int>> tmpl_rows_;  // per template: indices into logit_rows_
   VecT<T> kl_init_;                       // log p_0 at the KL row
@@ -167,7 +184,8 @@ struct VStarResult {
   int updates = 0;   // Adam steps taken
   int64_t tokens_per_step = 0;
 };
-VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt);
+VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
+                          const DeltaSpread& spread = nullptr);
 
 // ---- edits --------------------------------------------------------------------------------------------------------
 

@@ -154,6 +154,57 @@ TEST(VStar, LossGradientMatchesFiniteDifferences) {
   }
 }
 
+// The exact objective: δ reaches every row with a factor s_t (here a fixed pattern with zeros, non-zero rows before
+// some subject tokens and a zero at one subject token), gradient against finite differences, prefix cache exact.
+TEST(VStar, ExactObjectiveGradientMatchesFiniteDifferences) {
+  SerialOps serial;
+  auto m = Model::load(fixture_model("qwen2_moe"));
+  const int layer = 0;
+  int calls = 0;
+  const DeltaSpread spread = [&](const MatR& x, const LayerRouting& routing) {
+    ++calls;
+    EXPECT_EQ(x.cols(), m->config().hidden);
+    EXPECT_EQ(routing.ids.rows(), x.rows());
+    VecF f(x.rows());
+    for (int i = 0; i < int(x.rows()); ++i) f[i] = i % 3 == 2 ? 0.f : 0.3f + 0.1f * float(i % 7);
+    return f;
+  };
+  VStarOptions opt;
+  opt.objective = VStarObjective::Exact;
+  VStarProblem<double> P(*m, layer, fixed_ids(), opt, spread);
+  EXPECT_EQ(calls, 1);
+  const int H = P.hidden();
+  Eigen::VectorXd delta = Eigen::VectorXd::LinSpaced(H, -1, 1);
+  delta *= 0.5 * double(P.target_init().norm()) / delta.norm();
+  P.eval(delta);
+  const Eigen::VectorXd grad = P.grad();
+  Eigen::VectorXd fd(H);
+  const double h = 1e-5 * std::max(1.0, delta.norm());
+  for (int i = 0; i < H; ++i) {
+    Eigen::VectorXd d = delta;
+    d[i] += h;
+    const double fp = P.eval(d).loss;
+    d[i] -= 2 * h;
+    fd[i] = (fp - P.eval(d).loss) / (2 * h);
+  }
+  const double err = rel(grad, fd);
+  std::printf("  [fd] exact objective dloss/ddelta: relative error %.2e (|g| = %.3e)\n", err, fd.norm());
+  EXPECT_LE(err, 1e-4);
+  EXPECT_GT(fd.norm(), 1e-6);
+
+  VStarOptions nocache = opt;
+  nocache.cache_prefix = false;
+  VStarProblem<double> Q(*m, layer, fixed_ids(), nocache, spread);
+  const auto v = P.eval(delta), w = Q.eval(delta);
+  EXPECT_NEAR(w.loss, v.loss, 1e-9 * std::abs(v.loss));
+  EXPECT_LE(rel(Q.grad(), P.grad()), 1e-9);
+  // δ reaches rows before the subject tokens, so more rows run than with ROME's objective.
+  VStarProblem<double> R(*m, layer, fixed_ids(), VStarOptions{});
+  EXPECT_GT(P.tokens_per_step(), R.tokens_per_step());
+  EXPECT_LT(P.tokens_per_step(), Q.tokens_per_step());
+  EXPECT_THROW(VStarProblem<double>(*m, layer, fixed_ids(), opt), InputError);  // exact needs the spread
+}
+
 TEST(VStar, FloatMatchesDoubleAndOptimises) {
   SerialOps serial;
   auto m = Model::load(fixture_model("qwen2_moe"));
@@ -281,6 +332,72 @@ TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
     }
     const Bare back = run_bare(*m, layer, ids.prompts[0]);
     EXPECT_TRUE((back.logits.array() == pre.logits.array()).all()) << tgt;
+  }
+}
+
+// With the exact objective v*'s last loss is the edited model's own loss: the NLL of the target after every template
+// and the KL at the KL prompt, measured by plain forwards of the edited model. With ROME's objective it is not.
+TEST(Edit, ExactObjectiveIsTheEditedModelsLoss) {
+  SerialOps serial;
+  struct Case {
+    std::string fx;
+    int layer;
+    std::string target;
+  };
+  for (const Case& c : {Case{"qwen2_moe", 1, "dominant"}, Case{"qwen2_moe", 1, "routed"},
+                        Case{"qwen2_moe", 1, "shared"}, Case{"deepseek_v1", 2, "shared"}}) {
+    for (const VStarObjective obj : {VStarObjective::Exact, VStarObjective::Rome}) {
+      EditSetup setup = edit_setup(c.fx, c.layer);
+      auto& [m, stats, before, pre, ids, s] = setup;
+      // [templates] target NLL and the KL prompt's next-token log-probabilities of the current model.
+      auto measure = [&](Model& model) {
+        std::vector<std::vector<int32_t>> seqs;
+        for (const auto& p : ids.prompts) {
+          auto q = p;
+          q.insert(q.end(), ids.target.begin(), ids.target.end() - 1);
+          seqs.push_back(q);
+        }
+        const ForwardOutput f = model.forward(seqs, {});
+        const ForwardOutput k = model.forward({ids.kl_prompt}, {});
+        double nll = 0;
+        int row0 = 0;
+        for (size_t i = 0; i < seqs.size(); ++i) {
+          double t = 0;
+          for (size_t j = 0; j < ids.target.size(); ++j) {
+            const Eigen::VectorXd lg = f.logits.row(row0 + int(ids.prompts[i].size() + j) - 1).transpose().cast<double>();
+            t += std::log((lg.array() - lg.maxCoeff()).exp().sum()) + lg.maxCoeff() - lg[ids.target[j]];
+          }
+          nll += t / double(ids.target.size());
+          row0 += int(seqs[i].size());
+        }
+        const Eigen::VectorXd lk = k.logits.row(ids.kl_subject_last).transpose().cast<double>();
+        const Eigen::VectorXd logp = lk.array() - (std::log((lk.array() - lk.maxCoeff()).exp().sum()) + lk.maxCoeff());
+        return std::make_pair(nll / double(seqs.size()), logp);
+      };
+      const auto [nll0, logp0] = measure(*m);
+      EditOptions opt;
+      opt.layer = c.layer;
+      opt.moments = moments_from(stats);
+      opt.target = parse_edit_target(c.target);
+      opt.v.objective = obj;
+      opt.v.steps = 6;
+      opt.v.lr = 0.2;
+      EditResult r = apply_edit_ids(*m, ids, opt);
+      const auto [nll1, logp1] = measure(*m);
+      const double kl = opt.v.kl_factor * (logp1.array().exp() * (logp1 - logp0).array()).sum();
+      const double dn = std::abs(nll1 - r.vstar.nll.back()), dk = std::abs(kl - r.vstar.kl.back());
+      std::printf("  [exact objective] %s %s %s: edited NLL %.6f vs v* %.6f, KL %.3e vs %.3e (unedited NLL %.4f)\n",
+                  c.fx.c_str(), c.target.c_str(), obj == VStarObjective::Exact ? "exact" : "rome", nll1,
+                  r.vstar.nll.back(), kl, r.vstar.kl.back(), nll0);
+      if (obj == VStarObjective::Exact) {
+        EXPECT_LE(dn, 1e-4 * std::max(1.0, nll1)) << c.fx << " " << c.target;
+        EXPECT_LE(dk, 1e-4 * std::max(1e-2, kl)) << c.fx << " " << c.target;
+      } else {  // ROME's objective misses the spill-over onto the other tokens
+        EXPECT_GT(dn + dk, 1e-3) << c.fx << " " << c.target;
+      }
+      EXPECT_GT(std::abs(nll1 - nll0), 1e-3);  // the edit did something
+      revert(*m, r);
+    }
   }
 }
 
