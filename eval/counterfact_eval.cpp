@@ -52,9 +52,9 @@ std::vector<TargetScore> score_targets(const Model& m, const std::vector<TargetQ
       TargetScore& s = out[i];
       for (size_t j = 0; j < q.target.size(); ++j) {
         const float* lg = f.logits.row(long(row0 + int64_t(q.prompt.size() + j) - 1)).data();
-        const float mx = *std::max_element(lg, lg + V);
-        double z = 0;
-        for (int v = 0; v < V; ++v) z += std::exp(double(lg[v]) - mx);
+        const Eigen::Map<const Eigen::ArrayXf> la(lg, V);
+        const float mx = la.maxCoeff();
+        const double z = (la.cast<double>() - double(mx)).exp().sum();  // vectorised, in fp64 as before
         s.nll += std::log(z) + mx - lg[q.target[j]];
         s.correct.push_back(argmax(lg, V) == q.target[j]);
       }
@@ -183,12 +183,16 @@ namespace {
 
 // One top-k draw: softmax over the k largest logits (ties → lower id first), one discrete_distribution draw.
 int32_t sample_top_k(const float* lg, int V, int k, std::mt19937_64& rng) {
-  std::vector<int32_t> ids(static_cast<size_t>(V));
-  std::iota(ids.begin(), ids.end(), 0);
-  const auto before = [lg](int32_t a, int32_t b) { return lg[a] > lg[b] || (lg[a] == lg[b] && a < b); };
+  // The k largest, largest first, in one pass over ascending ids: a later equal logit never displaces an earlier one.
   k = std::min(k, V);
-  std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), before);
-  std::sort(ids.begin(), ids.begin() + k, before);
+  std::vector<int32_t> ids(static_cast<size_t>(k));
+  int have = 0;
+  for (int32_t v = 0; v < V; ++v) {
+    if (have == k && !(lg[v] > lg[ids[size_t(k - 1)]])) continue;
+    int p = have < k ? have++ : k - 1;
+    for (; p > 0 && lg[v] > lg[ids[size_t(p - 1)]]; --p) ids[size_t(p)] = ids[size_t(p - 1)];
+    ids[size_t(p)] = v;
+  }
   std::vector<double> w(static_cast<size_t>(k));
   for (int j = 0; j < k; ++j) w[size_t(j)] = std::exp(double(lg[ids[size_t(j)]]) - double(lg[ids[0]]));
   std::discrete_distribution<int> pick(w.begin(), w.end());

@@ -209,11 +209,11 @@ void swiglu_backward(const T* gu, const T* dkey, int rows, int I, T* dgu) {
     const T* g = gu + size_t(r) * 2 * I;
     const T* dk = dkey + size_t(r) * I;
     T* o = dgu + size_t(r) * 2 * I;
-    for (int i = 0; i < I; ++i) {
-      const T s = sigmoid_t(g[i]);
-      o[i] = dk[i] * g[I + i] * s * (T(1) + g[i] * (T(1) - s));
-      o[I + i] = dk[i] * g[i] * s;
-    }
+    using A = Eigen::Array<T, Eigen::Dynamic, 1>;
+    Eigen::Map<const A> ga(g, I), ua(g + I, I), dka(dk, I);
+    const A sg = T(1) / (T(1) + (-ga).exp());  // σ(g), vectorised
+    Eigen::Map<A>(o, I) = dka * ua * sg * (T(1) + ga * (T(1) - sg));
+    Eigen::Map<A>(o + I, I) = dka * ga * sg;
   }
 }
 
@@ -403,12 +403,11 @@ void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* d
 
 template <class T>
 void log_softmax(const T* x, int n, T* out) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
-  T s = 0;
-  for (int i = 0; i < n; ++i) s += std::exp(x[i] - m);
-  const T lse = m + std::log(s);
-  for (int i = 0; i < n; ++i) out[i] = x[i] - lse;
+  using A = Eigen::Array<T, Eigen::Dynamic, 1>;
+  Eigen::Map<const A> xa(x, n);
+  const T m = xa.maxCoeff();
+  const T lse = m + std::log((xa - m).exp().sum());  // vectorised exp
+  Eigen::Map<A>(out, n) = xa - lse;
 }
 
 // ---- blocks -----------------------------------------------------------------------------------------------------
