@@ -11,6 +11,9 @@
 //    updates), projecting ‖δ‖ ≤ clamp_norm_factor·‖target_init‖ after each step. Layers < L run once (cached); each
 //    step runs layers > L on the tokens at or after each prompt's subject token only (the earlier tokens' K/V are
 //    constants — cache_prefix), forward and backward (model/backward.h).
+//    VStarObjective::Exact instead adds s_t·δ at every token t, s_t being the factor with which the rank-one updates
+//    of step 3 (computed first, as ROME's compute_u) will move t's MoE output per unit of δ: the loss is then the
+//    edited model's own loss (spill-over onto the prompt's other tokens, templates not routed through the expert).
 // 2. Targets: the experts whose down-projection absorbs δ, with residuals r_e in their output space, measured at
 //    the bare prompt's subject last token:
 //      dominant  the routed expert with the largest weight:          r = δ / w_e

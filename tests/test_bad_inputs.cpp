@@ -190,6 +190,9 @@ std::vector<BadInput> cases() {
        "expert 99 does not exist: layer 0 has 8 experts"},
       {"edit_layer_out_of_range", [](const TempDir&) { return edit_case("--prompt \"{} is in\" --layer 9"); },
        "layer 9 is out of range [0, 4)"},
+      {"edit_unknown_objective",
+       [](const TempDir&) { return edit_case("--prompt \"{} is in\" --layer 0 --objective best"); },
+       "--objective 'best': expected rome or exact"},
       {"edit_request_without_subject",
        [](const TempDir& d) {
          write_file(d / "req.json", R"([{"prompt": "{} is in", "target_new": {"str": "Paris"}}])");
