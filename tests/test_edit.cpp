@@ -108,6 +108,20 @@ std::string model_with_tokenizer(const test::TempDir& tmp, const std::string& fi
 
 // ---- ∂loss/∂δ -----------------------------------------------------------------------------------------------------
 
+// Central differences of the v* loss at δ, one coordinate at a time.
+Eigen::VectorXd fd_gradient(VStarProblem<double>& P, const Eigen::VectorXd& delta) {
+  Eigen::VectorXd fd(delta.size());
+  const double h = 1e-5 * std::max(1.0, delta.norm());
+  for (int i = 0; i < int(delta.size()); ++i) {
+    Eigen::VectorXd d = delta;
+    d[i] += h;
+    const double fp = P.eval(d).loss;
+    d[i] -= 2 * h;
+    fd[i] = (fp - P.eval(d).loss) / (2 * h);
+  }
+  return fd;
+}
+
 TEST(VStar, LossGradientMatchesFiniteDifferences) {
   SerialOps serial;
   for (const std::string fx : {"qwen2_moe", "granitemoe", "qwen3_moe", "olmoe_clip"}) {
@@ -123,16 +137,7 @@ TEST(VStar, LossGradientMatchesFiniteDifferences) {
     delta *= 0.5 * double(P.target_init().norm()) / delta.norm();
     P.eval(delta);
     const Eigen::VectorXd grad = P.grad();
-    Eigen::VectorXd fd(H);
-    const double h = 1e-5 * std::max(1.0, delta.norm());
-    for (int i = 0; i < H; ++i) {
-      Eigen::VectorXd d = delta;
-      d[i] += h;
-      const double fp = P.eval(d).loss;
-      d[i] -= 2 * h;
-      const double fm = P.eval(d).loss;
-      fd[i] = (fp - fm) / (2 * h);
-    }
+    const Eigen::VectorXd fd = fd_gradient(P, delta);
     const double err = rel(grad, fd);
     std::printf("  [fd] dloss/ddelta %s layer %d: relative error %.2e (|g| = %.3e, H = %d)\n", fx.c_str(), layer, err,
                 fd.norm(), H);
@@ -178,15 +183,7 @@ TEST(VStar, ExactObjectiveGradientMatchesFiniteDifferences) {
   delta *= 0.5 * double(P.target_init().norm()) / delta.norm();
   P.eval(delta);
   const Eigen::VectorXd grad = P.grad();
-  Eigen::VectorXd fd(H);
-  const double h = 1e-5 * std::max(1.0, delta.norm());
-  for (int i = 0; i < H; ++i) {
-    Eigen::VectorXd d = delta;
-    d[i] += h;
-    const double fp = P.eval(d).loss;
-    d[i] -= 2 * h;
-    fd[i] = (fp - P.eval(d).loss) / (2 * h);
-  }
+  const Eigen::VectorXd fd = fd_gradient(P, delta);
   const double err = rel(grad, fd);
   std::printf("  [fd] exact objective dloss/ddelta: relative error %.2e (|g| = %.3e)\n", err, fd.norm());
   EXPECT_LE(err, 1e-4);
