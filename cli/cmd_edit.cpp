@@ -185,13 +185,20 @@ void run_edit(const EditArgs& a) {
       applied.push_back(std::move(r));
   }
   if (n_true > 0) {
+    // A rate over no prompts is absent (null / "—"), never 0.
+    auto rate = [](double hits, int n) { return n ? nlohmann::json(hits / n) : nlohmann::json(nullptr); };
+    auto pct = [](double hits, int n) {
+      char b[32];
+      std::snprintf(b, sizeof b, "%.1f%%", 100 * hits / n);
+      return n ? std::string(b) : std::string("— (none given)");
+    };
     out["summary"] = {{"requests", n_true},
                       {"efficacy", double(es) / n_true},
-                      {"paraphrase", ps_n ? ps / ps_n : 0.0},
-                      {"neighborhood", ns_n ? ns / ns_n : 0.0}};
+                      {"paraphrase", rate(ps, ps_n)},
+                      {"neighborhood", rate(ns, ns_n)}};
     if (!a.json)
-      std::printf("summary over %d requests: efficacy %.1f%%, paraphrase %.1f%%, neighborhood %.1f%%\n", n_true,
-                  100.0 * es / n_true, ps_n ? 100 * ps / ps_n : 0.0, ns_n ? 100 * ns / ns_n : 0.0);
+      std::printf("summary over %d requests: efficacy %s, paraphrase %s, neighborhood %s\n", n_true,
+                  pct(es, n_true).c_str(), pct(ps, ps_n).c_str(), pct(ns, ns_n).c_str());
   }
   out["templates"] = templates;
   if (!a.save.empty()) {
