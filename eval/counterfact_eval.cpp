@@ -203,7 +203,7 @@ int32_t sample_top_k(const float* lg, int V, int k, std::mt19937_64& rng) {
 
 std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, const std::vector<std::string>& prompts,
                                         const GenerationOptions& opt, int case_id) {
-  std::vector<std::vector<int32_t>> seqs, step;
+  std::vector<std::vector<int32_t>> seqs;
   std::vector<std::mt19937_64> rngs;
   size_t longest = 0;
   for (size_t j = 0; j < prompts.size(); ++j) {
@@ -211,22 +211,29 @@ std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, co
     longest = std::max(longest, seqs.back().size());
     rngs.emplace_back(opt.seed * 1000003ULL + uint64_t(int64_t(case_id)) * 1009ULL + j);
   }
-  // All prompts decode together: one packed forward per step, sequence j continuing its own KV cache row.
+  // Prompts decode in fixed groups of kGenerationGroup (one packed forward per step and group, sequence j continuing
+  // its own KV-cache row); the groups run on separate threads. The grouping never depends on the thread count, so
+  // the texts do not either. Every prompt gets the same number of new tokens (max_out_len − the longest prompt).
   const int new_tokens = std::max(0, opt.max_out_len - int(longest));
-  KVCache cache;
-  ForwardOptions fo;
-  fo.cache = &cache;
-  fo.logits_all = false;
-  fo.record_routing = false;
-  step = seqs;
   const int V = m.config().vocab_size;
-  for (int t = 0; t < new_tokens && !seqs.empty(); ++t) {
-    const ForwardOutput f = m.forward(step, fo);  // logits [n_prompts, V]
-    for (size_t j = 0; j < seqs.size(); ++j) {
-      const int32_t next = opt.top_k > 0 ? sample_top_k(f.logits.row(long(j)).data(), V, opt.top_k, rngs[j])
-                                         : int32_t(argmax(f.logits.row(long(j)).data(), V));
-      seqs[j].push_back(next);
-      step[j] = {next};
+  const int n_groups = int((seqs.size() + kGenerationGroup - 1) / kGenerationGroup);
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (n_groups > 1)
+  for (int g = 0; g < n_groups; ++g) {
+    const size_t j0 = size_t(g) * kGenerationGroup, j1 = std::min(seqs.size(), j0 + kGenerationGroup);
+    KVCache cache;
+    ForwardOptions fo;
+    fo.cache = &cache;
+    fo.logits_all = false;
+    fo.record_routing = false;
+    std::vector<std::vector<int32_t>> step(seqs.begin() + long(j0), seqs.begin() + long(j1));
+    for (int t = 0; t < new_tokens; ++t) {
+      const ForwardOutput f = m.forward(step, fo);  // logits [group size, V]
+      for (size_t j = j0; j < j1; ++j) {
+        const float* lg = f.logits.row(long(j - j0)).data();
+        const int32_t next = opt.top_k > 0 ? sample_top_k(lg, V, opt.top_k, rngs[j]) : int32_t(argmax(lg, V));
+        seqs[j].push_back(next);
+        step[j - j0] = {next};
+      }
     }
   }
   std::vector<std::string> out;

@@ -80,6 +80,8 @@ struct CaseMetrics {
 };
 CaseMetrics case_metrics(const Model& m, const Tokenizer& tok, const EvalRecord& rec, const CaseMetricsOptions& opt);
 
+// Prompts decoded together in one batch (their groups run on separate threads).
+constexpr size_t kGenerationGroup = 5;
 // ROME's generate_fast as described above; returns the texts (prompt included).
 std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, const std::vector<std::string>& prompts,
                                         const GenerationOptions& opt, int case_id);

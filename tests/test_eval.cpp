@@ -139,6 +139,29 @@ TEST(EvalScoring, TeacherForcedNllAndArgmaxMatchTheLogits) {
               std::exp(s.nll * double(ids.size() - 1) / double(ids.size())), 1e-9);
 }
 
+// Generation decodes the prompts in fixed groups on separate threads: the texts do not depend on the thread count.
+TEST(EvalScoring, GenerationDoesNotDependOnTheThreadCount) {
+  auto m = Model::load(demo_dir());
+  const Tokenizer tok = Tokenizer::from_file(demo_dir());
+  std::vector<std::string> prompts;
+  for (const char* p : {"Danielle Darrieux", "The capital of France is", "Toko Yasuda plays", "Autonomous", "Apple",
+                        "In 1990,", "The Eiffel Tower is in"})
+    prompts.push_back(p);
+  ASSERT_GT(prompts.size(), eval::kGenerationGroup);  // two groups
+  eval::GenerationOptions g;
+  g.max_out_len = 30;
+  ops::set_num_threads(1);
+  const auto one = eval::generate_texts(*m, tok, prompts, g, 7);
+  ops::set_num_threads(2);
+  const auto two = eval::generate_texts(*m, tok, prompts, g, 7);
+  ops::set_num_threads(0);
+  EXPECT_EQ(one, two);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(one[i].rfind(prompts[i], 0), 0u) << one[i];
+    EXPECT_GT(one[i].size(), prompts[i].size() + 10) << one[i];
+  }
+}
+
 TEST(EvalScoring, CaseMetricsAgreeWithTheEditorReport) {
   auto m = Model::load(demo_dir());
   const Tokenizer tok = Tokenizer::from_file(demo_dir());
