@@ -848,8 +848,11 @@ TEST(EditCrossCheck, MatchesPyTorchReference) {
     const MatR got = logits_of(i), want = ref_logits("pre.logits." + std::to_string(i), got.rows());
     EXPECT_LE((got - want).cwiseAbs().maxCoeff(), 1e-4 * want.cwiseAbs().maxCoeff());
   }
-  for (const std::string kind : {"dominant", "routed", "shared"}) {
-    opt.target = parse_edit_target(kind);
+  for (const std::string kind :
+       {"dominant", "routed", "shared", "dominant_exact", "routed_exact", "shared_exact"}) {
+    const bool exact = kind.size() > 6 && kind.substr(kind.size() - 6) == "_exact";
+    opt.target = parse_edit_target(exact ? kind.substr(0, kind.size() - 6) : kind);
+    opt.v.objective = exact ? VStarObjective::Exact : VStarObjective::Rome;
     EditResult r = apply_edit_ids(*m, ids, opt);
     // Same experts, same δ, same loss curve, same post-edit logits.
     const auto want_experts = ints(kind + ".experts");

@@ -13,7 +13,10 @@ Same method as moedit, step by step, but with autograd for the v* gradient and H
     as moedit stores it;
   * targets at the bare prompt's subject token: dominant r = delta / w_e; routed r_e = w_e delta / sum w^2;
     shared r = delta / sigmoid(x . w_gate);
-  * Delta W = r (C^-1 k*)^T / ((C^-1 k*)^T k), k* = template mean, k = bare-prompt key (ROME's key choice).
+  * Delta W = r (C^-1 k*)^T / ((C^-1 k*)^T k), k* = template mean, k = bare-prompt key (ROME's key choice);
+  * objective "exact" (moedit's --objective exact): u = C^-1 k* / ((C^-1 k*)^T k) and the shares r = share * delta
+    first, then v* adds s_t * delta at every position t of every sequence, s_t = sum_j gate_j(t) share_j u_j^T k_j(t)
+    (gate: t's routing weight for expert j, 0 outside its top-k; the shared gate for the shared expert).
 
 Modes
   --make-fixture   (default) runs the three target kinds on tests/fixtures/models/qwen2_moe (float64, fixed ids)
@@ -115,7 +118,9 @@ def key_stats(model, layer, corpus):
     return stats
 
 
-def compute_vstar(model, layer, req, steps=20, lr=0.5, weight_decay=0.5, kl_factor=0.0625, clamp=4.0):
+def compute_vstar(model, layer, req, steps=20, lr=0.5, weight_decay=0.5, kl_factor=0.0625, clamp=4.0, spread=None):
+    """spread: None (ROME: delta at each sequence's subject token) or a function of the sequences giving, per
+    sequence, the factor of delta at each of its positions (the exact objective)."""
     prompts, subj, target = req["prompts"], req["subject_last"], req["target"]
     seqs = [p + target[:-1] for p in prompts] + [req["kl_prompt"]]
     lookup = subj + [req["kl_subject_last"]]
@@ -133,10 +138,17 @@ def compute_vstar(model, layer, req, steps=20, lr=0.5, weight_decay=0.5, kl_fact
     dtype = next(model.parameters()).dtype
     delta = torch.zeros(model.config.hidden_size, dtype=dtype, requires_grad=True)
     state = {"init": None}
+    S = None
+    if spread is not None:
+        S = torch.zeros(len(seqs), L, dtype=dtype)
+        for i, f in enumerate(spread(seqs)):
+            S[i, : len(f)] = f
 
     def hook(mod, args, out):
         if state["init"] is None:
             state["init"] = out[0, lookup[0]].detach().clone()
+        if S is not None:
+            return out + S.unsqueeze(2) * delta
         out = out.clone()
         for i, idx in enumerate(lookup):
             out[i, idx] = out[i, idx] + delta
@@ -176,36 +188,52 @@ def compute_vstar(model, layer, req, steps=20, lr=0.5, weight_decay=0.5, kl_fact
     return delta.detach(), state["init"], losses
 
 
-def apply_edit(model, layer, req, kind, stats):
-    """v*, keys, rank-one update(s) applied in place; returns (delta, losses, [(e, original down)])."""
+def apply_edit(model, layer, req, kind, stats, objective="rome"):
+    """Keys, u, v*, rank-one update(s) applied in place; returns (delta, losses, [(e, original down)])."""
     cfg = model.config
     block = moe_block(model, layer)
-    delta, _, losses = compute_vstar(model, layer, req)
     xs = [x[i] for x, i in zip(moe_inputs(model, layer, req["prompts"]), req["subject_last"])]
     xs = torch.stack(xs)
     ids, ws = router(block, xs[:1], cfg)
     ids, ws = ids[0].tolist(), ws[0]
     if kind == "dominant":
-        targets = [(ids[0], delta / ws[0])]
+        shares = [(ids[0], 1 / ws[0])]
     elif kind == "routed":
         s2 = (ws * ws).sum()
-        targets = [(e, ws[j] * delta / s2) for j, e in enumerate(ids)]
+        shares = [(e, ws[j] / s2) for j, e in enumerate(ids)]
     elif kind == "shared":
         g = torch.sigmoid(xs[0] @ block.shared_expert_gate.weight[0])
-        targets = [(-1, delta / g)]
+        shares = [(-1, 1 / g)]
     else:
         raise ValueError(kind)
-    saved = []
+    us = []
     with torch.no_grad():
-        for e, r in targets:
+        for e, _ in shares:
             k_all = keys_of(block, e, xs)
             k, kstar = k_all[0], k_all.mean(0)
             ck = torch.linalg.solve(stats[e], kstar)
-            u = ck / (ck @ k)
+            us.append(ck / (ck @ k))
+
+    def spread(seqs):
+        out = []
+        with torch.no_grad():
+            for x in moe_inputs(model, layer, seqs):
+                rid, rw = router(block, x, cfg)
+                f = torch.zeros(x.shape[0], dtype=x.dtype)
+                for (e, share), u in zip(shares, us):
+                    gate = torch.sigmoid(x @ block.shared_expert_gate.weight[0]) if e < 0 else (rw * (rid == e)).sum(-1)
+                    f = f + gate * share * (keys_of(block, e, x) @ u)
+                out.append(f)
+        return out
+
+    delta, _, losses = compute_vstar(model, layer, req, spread=spread if objective == "exact" else None)
+    saved = []
+    with torch.no_grad():
+        for (e, share), u in zip(shares, us):
             t, idx = down_param(block, e)
             w = t if idx is None else t[idx]
             saved.append((e, w.detach().clone()))
-            w += torch.outer(r, u)
+            w += torch.outer(share * delta, u)
     return delta, losses, saved
 
 
@@ -260,8 +288,9 @@ def make_fixture(args):
     with torch.no_grad():
         for i, s in enumerate(evals):
             out[f"pre.logits.{i}"] = model(torch.tensor([s])).logits[0].float()
-    for kind in ("dominant", "routed", "shared"):
-        delta, losses, saved = apply_edit(model, layer, req, kind, stats)
+    for kind, objective in [(k, o) for o in ("rome", "exact") for k in ("dominant", "routed", "shared")]:
+        delta, losses, saved = apply_edit(model, layer, req, kind, stats, objective)
+        kind = kind if objective == "rome" else kind + "_exact"
         out[f"{kind}.delta"] = delta.float()
         out[f"{kind}.loss"] = torch.tensor(losses, dtype=torch.float64)
         out[f"{kind}.experts"] = torch.tensor([e for e, _ in saved], dtype=torch.int64)
