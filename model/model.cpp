@@ -280,9 +280,11 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
   for (int e = 0; e < E; ++e)
     if (!tok[size_t(e)].empty()) active.push_back(e);
 
-  // Phase 1: keys per expert (one grouped GEMM per active expert, in parallel).
+  // Phase 1: keys per expert (one grouped GEMM per active expert, in parallel when there is enough work: a parallel
+  // region costs more than a decoding step's few expert rows).
   std::vector<MatR> key(static_cast<size_t>(E)), out(static_cast<size_t>(E));
-#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
+  const bool par = !omp_in_parallel() && 2.0 * N * k * 3.0 * H * I > 4e6;
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
   for (int i = 0; i < int(active.size()); ++i) {
     const int e = active[size_t(i)];
     const auto& ts = tok[size_t(e)];
@@ -298,7 +300,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
       hooks->run(name, key[size_t(e)], {name, l, e, layout, &tok[size_t(e)]});
     }
   // Phase 2: down projection, scaled by each token's routing weight.
-#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
   for (int i = 0; i < int(active.size()); ++i) {
     const int e = active[size_t(i)];
     const int n = int(tok[size_t(e)].size());
