@@ -27,8 +27,12 @@ namespace {
 // 3 rows: 1.4x; the demo model's shapes — the expert GEMMs of batched decoding get 2–3 rows each). 1 row is Eigen's
 // GEMV. 4–7 rows would still gain 1.2–1.4x, but the lane-wise sums round differently from the GEMM's, and a batched
 // forward would then drift from separate forwards by more than the 1e-6 (of the largest logit) the parity tests
-// hold it to; so only where Eigen is far off.
+// hold it to; so only where Eigen is far off — and for weight matrices too large for L2 (a vocabulary head: 4096 x
+// 128 floats = 2 MB), which the GEMM would stream from memory twice per call (pack, then multiply) while the dot
+// products stream it once: up to 7 rows there (decoding batches of kGenerationGroup = 5).
 constexpr int kFewRowsMax = 3;
+constexpr int kFewRowsMaxLarge = 7;
+constexpr size_t kLargeWeightBytes = size_t(1) << 20;
 
 template <int R>  // R = 1 or 2 rows of X
 void dot_block(const float* X, int in, const float* w0, float* Y, int out) {
@@ -84,7 +88,8 @@ void linear(const float* X, int n, int in, const float* W, int out, float* Y, co
 #pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
   for (int b = 0; b < nblocks; ++b) {
     const int c0 = b * block, c1 = std::min(out, c0 + block);
-    if (n >= 2 && n <= kFewRowsMax) {
+    const bool large = size_t(c1 - c0) * size_t(in) * sizeof(float) >= kLargeWeightBytes;
+    if (n >= 2 && n <= (large ? kFewRowsMaxLarge : kFewRowsMax)) {
       linear_few_rows(X, n, in, W, c0, c1, out, Y);
     } else {
       CMapMatR w(W + size_t(c0) * in, c1 - c0, in);
