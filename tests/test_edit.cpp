@@ -345,7 +345,8 @@ TEST(Edit, ExactObjectiveIsTheEditedModelsLoss) {
                         Case{"qwen2_moe", 1, "shared"}, Case{"deepseek_v1", 2, "shared"}}) {
     for (const VStarObjective obj : {VStarObjective::Exact, VStarObjective::Rome}) {
       EditSetup setup = edit_setup(c.fx, c.layer);
-      auto& [m, stats, before, pre, ids, s] = setup;
+      auto& m = setup.m;
+      const EditIds& ids = setup.ids;  // a plain reference: clang 14 cannot capture structured bindings
       // [templates] target NLL and the KL prompt's next-token log-probabilities of the current model.
       auto measure = [&](Model& model) {
         std::vector<std::vector<int32_t>> seqs;
@@ -374,7 +375,7 @@ TEST(Edit, ExactObjectiveIsTheEditedModelsLoss) {
       const auto [nll0, logp0] = measure(*m);
       EditOptions opt;
       opt.layer = c.layer;
-      opt.moments = moments_from(stats);
+      opt.moments = moments_from(setup.stats);
       opt.target = parse_edit_target(c.target);
       opt.v.objective = obj;
       opt.v.steps = 6;
