@@ -21,62 +21,6 @@ using StridedMat = Eigen::Map<MatR, 0, Stride>;
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 void set_num_threads(int n) { g_threads = n; }
 
-namespace {
-// Y[:, o0:o1] = X·W[o0:o1]ᵀ for 2–3 rows of X: dot products of two X rows with four weight rows at a time. Eigen's
-// GEMM packs both operands on every call, which for so few rows costs more than the products (2 rows: 4.5x slower,
-// 3 rows: 1.4x; the demo model's shapes — the expert GEMMs of batched decoding get 2–3 rows each). 1 row is Eigen's
-// GEMV. 4–7 rows would still gain 1.2–1.4x, but the lane-wise sums round differently from the GEMM's, and a batched
-// forward would then drift from separate forwards by more than the 1e-6 (of the largest logit) the parity tests
-// hold it to; so only where Eigen is far off — and for weight matrices too large for L2 (a vocabulary head: 4096 x
-// 128 floats = 2 MB), which the GEMM would stream from memory twice per call (pack, then multiply) while the dot
-// products stream it once: up to 7 rows there (decoding batches of kGenerationGroup = 5).
-constexpr int kFewRowsMax = 3;
-constexpr int kFewRowsMaxLarge = 7;
-constexpr size_t kLargeWeightBytes = size_t(1) << 20;
-
-template <int R>  // R = 1 or 2 rows of X
-void dot_block(const float* X, int in, const float* w0, float* Y, int out) {
-  const float *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-  const float* x = X;
-  const float* z = R == 2 ? X + in : X;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-  for (int h = 0; h < in; ++h) {
-    a0 += x[h] * w0[h];
-    a1 += x[h] * w1[h];
-    a2 += x[h] * w2[h];
-    a3 += x[h] * w3[h];
-    if constexpr (R == 2) {
-      b0 += z[h] * w0[h];
-      b1 += z[h] * w1[h];
-      b2 += z[h] * w2[h];
-      b3 += z[h] * w3[h];
-    }
-  }
-  Y[0] = a0, Y[1] = a1, Y[2] = a2, Y[3] = a3;
-  if constexpr (R == 2) Y[out] = b0, Y[out + 1] = b1, Y[out + 2] = b2, Y[out + 3] = b3;
-}
-
-void linear_few_rows(const float* X, int n, int in, const float* W, int o0, int o1, int out, float* Y) {
-  int o = o0;
-  for (; o + 4 <= o1; o += 4) {
-    int i = 0;
-    for (; i + 2 <= n; i += 2) dot_block<2>(X + size_t(i) * in, in, W + size_t(o) * in, Y + size_t(i) * out + o, out);
-    if (i < n) dot_block<1>(X + size_t(i) * in, in, W + size_t(o) * in, Y + size_t(i) * out + o, out);
-  }
-  for (; o < o1; ++o) {
-    const float* w0 = W + size_t(o) * in;
-    for (int i = 0; i < n; ++i) {
-      const float* x = X + size_t(i) * in;
-      float a0 = 0.f;
-#pragma omp simd reduction(+ : a0)
-      for (int h = 0; h < in; ++h) a0 += x[h] * w0[h];
-      Y[size_t(i) * out + o] = a0;
-    }
-  }
-}
-}  // namespace
-
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias) {
   // Y = X·Wᵀ. Split the output columns (W's rows) into blocks, one GEMM per block, so each thread streams its
   // own slice of W — the weights dominate memory traffic for the small n of decoding.
@@ -88,14 +32,9 @@ void linear(const float* X, int n, int in, const float* W, int out, float* Y, co
 #pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
   for (int b = 0; b < nblocks; ++b) {
     const int c0 = b * block, c1 = std::min(out, c0 + block);
-    const bool large = size_t(c1 - c0) * size_t(in) * sizeof(float) >= kLargeWeightBytes;
-    if (n >= 2 && n <= (large ? kFewRowsMaxLarge : kFewRowsMax)) {
-      linear_few_rows(X, n, in, W, c0, c1, out, Y);
-    } else {
-      CMapMatR w(W + size_t(c0) * in, c1 - c0, in);
-      StridedMat y(Y + c0, n, c1 - c0, Stride(out));
-      y.noalias() = x * w.transpose();
-    }
+    CMapMatR w(W + size_t(c0) * in, c1 - c0, in);
+    StridedMat y(Y + c0, n, c1 - c0, Stride(out));
+    y.noalias() = x * w.transpose();
     if (bias)
       for (int r = 0; r < n; ++r)
         for (int c = c0; c < c1; ++c) Y[size_t(r) * out + c] += bias[c];
