@@ -94,9 +94,10 @@ void silu_mul(const float* gu, int rows, int I, float* out) {
   for (int r = 0; r < rows; ++r) {
     const float* g = gu + size_t(r) * 2 * I;
     const float* u = g + I;
-    // silu(g)·u with Eigen's vectorised exp (the scalar expf loop was ~10 % of a v* step)
-    Eigen::Map<const Eigen::ArrayXf> ga(g, I), ua(u, I);
-    Eigen::Map<Eigen::ArrayXf>(out + size_t(r) * I, I) = ga / (1.f + (-ga).exp()) * ua;
+    // Scalar on purpose: Eigen's vectorised exp peels to the destination's alignment, so one element's result would
+    // depend on its row's address — and a token's activations on how it is batched (cached vs naive traces differ).
+    float* o = out + size_t(r) * I;
+    for (int i = 0; i < I; ++i) o[i] = silu(g[i]) * u[i];
   }
 }
 
