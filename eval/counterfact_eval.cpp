@@ -211,9 +211,10 @@ std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, co
     longest = std::max(longest, seqs.back().size());
     rngs.emplace_back(opt.seed * 1000003ULL + uint64_t(int64_t(case_id)) * 1009ULL + j);
   }
-  // Prompts decode in fixed groups of kGenerationGroup (one packed forward per step and group, sequence j continuing
-  // its own KV-cache row); the groups run on separate threads. The grouping never depends on the thread count, so
-  // the texts do not either. Every prompt gets the same number of new tokens (max_out_len − the longest prompt).
+  // Prompts decode in groups of kGenerationGroup (one packed forward per step and group, sequence j continuing its
+  // own KV-cache row); the groups run on separate threads. The kernels are batch-invariant, so a text depends only on
+  // its prompt, case and index, not on the grouping or the thread count. Every prompt gets the same number of new
+  // tokens (max_out_len − the longest prompt).
   const int new_tokens = std::max(0, opt.max_out_len - int(longest));
   const int V = m.config().vocab_size;
   const int n_groups = int((seqs.size() + kGenerationGroup - 1) / kGenerationGroup);

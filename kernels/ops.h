@@ -17,11 +17,17 @@ using CMapMatR = Eigen::Map<const MatR>;
 
 namespace ops {
 
+// Batch invariance: every op computes a row's (a token's) result by the same sequence of float operations whatever
+// the other rows of the call, its row's address, the tile covering it or the thread count — a sequence's logits are
+// bit for bit the same alone, in a batch, or decoded through a KV cache, and a prefix-cached causal trace equals the
+// naive one. Keep it so: no vectorised reductions or transcendentals whose rounding depends on alignment or size.
+
 // Number of OpenMP threads ops may use (default: all). Ops called inside a parallel region run serially.
 int num_threads();
 void set_num_threads(int n);
 
 // Y[n, out] = X[n, in] · W[out, in]ᵀ (+ bias[out]). Parallel over output-column blocks when the product is large.
+// Each element: eight FMA lane sums over k ≡ l (mod 8) in order of k, a fixed reduction tree, the k tail, the bias.
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias = nullptr);
 
 // y = w ⊙ (x · rsqrt(mean(x²) + eps)) for each of `rows` rows of length dim (x and y may alias).
@@ -42,7 +48,8 @@ void silu_mul(const float* gu, int rows, int I, float* out);
 // Causal attention for one sequence. q: [n_q, q_stride] with query head h at column h*Dk; query row i sits at
 // absolute position q_pos0 + i. k: [n_k, k_stride] (key head g at g*Dk), v: [n_k, v_stride] (g*Dv); key j is at
 // position j. Query head h uses kv head h / (Hq/Hkv). Key j is visible to query at position p iff j <= p and
-// (window <= 0 or p - window < j). Scores = q·k·scale, softmax in fp32, out[i, h*Dv ...] = P·v.
+// (window <= 0 or p - window < j). Scores = q·k·scale (linear's dot products), softmax in fp32, out[i, h*Dv ...] =
+// P·v summed over keys in order.
 struct AttnShape {
   int Hq, Hkv, Dk, Dv;
   float scale;

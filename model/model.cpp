@@ -325,7 +325,8 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     ops::linear(key.data(), N, Is, f.shared.down_of(0), H, s.data());
     Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
     if (f.shared_gate.size()) {
-      g = a * f.shared_gate;  // [N]
+      g.resize(N);  // a·gate, [N]: through ops::linear, so each token's gate is the same whatever its batch
+      ops::linear(a.data(), N, H, f.shared_gate.data(), 1, g.data());
       for (int t = 0; t < N; ++t) s.row(t) *= (g[t] = ops::sigmoid(g[t]));
     }
     if (hooked) {
@@ -335,7 +336,9 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
         const std::string name = hook_names::shared_expert_out(l, j);
         if (!hooks->has(name)) continue;
         const auto [b, e] = cfg_.shared_slice(j);
-        MatR out = key.middleCols(b, e - b) * dn.middleCols(b, e - b).transpose();
+        const MatR kj = key.middleCols(b, e - b), dj = dn.middleCols(b, e - b);  // contiguous slices for ops::linear
+        MatR out(N, H);
+        ops::linear(kj.data(), N, e - b, dj.data(), H, out.data());
         if (g.size()) out.array().colwise() *= g.array();
         const MatR before = out;
         hooks->run(name, out, {name, l, j, layout, nullptr});

@@ -139,7 +139,8 @@ TEST(EvalScoring, TeacherForcedNllAndArgmaxMatchTheLogits) {
               std::exp(s.nll * double(ids.size() - 1) / double(ids.size())), 1e-9);
 }
 
-// Generation decodes the prompts in fixed groups on separate threads: the texts do not depend on the thread count.
+// Generation decodes the prompts in groups on separate threads: the texts depend neither on the thread count nor on
+// which prompts share a batch.
 TEST(EvalScoring, GenerationDoesNotDependOnTheThreadCount) {
   auto m = Model::load(demo_dir());
   const Tokenizer tok = Tokenizer::from_file(demo_dir());
@@ -156,6 +157,11 @@ TEST(EvalScoring, GenerationDoesNotDependOnTheThreadCount) {
   const auto two = eval::generate_texts(*m, tok, prompts, g, 7);
   ops::set_num_threads(0);
   EXPECT_EQ(one, two);
+  // Nor on the batch (batch-invariant kernels): the first prompt alone, or the first two, give the same texts (the
+  // sampler's seed is per case and prompt index).
+  EXPECT_EQ(eval::generate_texts(*m, tok, {prompts[0]}, g, 7)[0], one[0]);
+  const std::vector<std::string> first_two(one.begin(), one.begin() + 2);
+  EXPECT_EQ(eval::generate_texts(*m, tok, {prompts[0], prompts[1]}, g, 7), first_two);
   for (size_t i = 0; i < prompts.size(); ++i) {
     EXPECT_EQ(one[i].rfind(prompts[i], 0), 0u) << one[i];
     EXPECT_GT(one[i].size(), prompts[i].size() + 10) << one[i];

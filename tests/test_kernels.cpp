@@ -1,6 +1,7 @@
-// Tier 1: each op against a scalar reference, tolerance scaled to magnitude.
+// Tier 1: each op against a scalar reference, tolerance scaled to magnitude; and batch invariance, bit for bit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -29,6 +30,33 @@ TEST(Kernels, LinearMatchesScalarLoop) {
         for (int i = 0; i < in; ++i) ref += double(X[size_t(r * in + i)]) * W[size_t(c * in + i)];
         ASSERT_NEAR(Y[size_t(r * out + c)], ref, 1e-5 * std::sqrt(double(in)) * 4) << n << "x" << in << "x" << out;
       }
+  }
+}
+
+// Batch invariance: a row's output is bit for bit the same whether it is computed alone, with any number of other
+// rows, from another address (misaligned), or with the columns split among threads.
+TEST(Kernels, LinearIsBatchInvariant) {
+  for (auto [n, in, out] : {std::tuple{11, 37, 29}, {7, 128, 4096}, {40, 256, 515}}) {
+    auto X = randn(size_t(n) * in, 4), W = randn(size_t(out) * in, 5), b = randn(size_t(out), 6);
+    std::vector<float> all(size_t(n) * out);
+    ops::set_num_threads(1);
+    ops::linear(X.data(), n, in, W.data(), out, all.data(), b.data());
+    for (int threads : {1, 2}) {
+      ops::set_num_threads(threads);
+      std::vector<float> par(size_t(n) * out);
+      ops::linear(X.data(), n, in, W.data(), out, par.data(), b.data());
+      EXPECT_EQ(par, all) << n << "x" << in << "x" << out << ", " << threads << " threads";
+      for (int r0 = 0; r0 < n; r0 += 3)
+        for (int len : {1, 2, 5}) {
+          if (r0 + len > n) continue;
+          std::vector<float> x(size_t(len) * in + 1), y(size_t(len) * out);  // +1: start one float in (misaligned)
+          std::copy(X.begin() + long(r0) * in, X.begin() + long(r0 + len) * in, x.begin() + 1);
+          ops::linear(x.data() + 1, len, in, W.data(), out, y.data(), b.data());
+          EXPECT_TRUE(std::equal(y.begin(), y.end(), all.begin() + long(r0) * out))
+              << n << "x" << in << "x" << out << ": rows " << r0 << "+" << len << ", " << threads << " threads";
+        }
+    }
+    ops::set_num_threads(0);
   }
 }
 
@@ -89,6 +117,22 @@ TEST(Kernels, AttentionMatchesNaiveCausalGqaWithWindow) {
           EXPECT_NEAR(out[size_t(i * Hq * D + h * D + c)], o, 1e-5) << "win " << win;
         }
       }
+    }
+  }
+}
+
+// Each query's output is the same computed with all queries or alone at its position (the KV-cached decode).
+TEST(Kernels, AttentionIsBatchInvariant) {
+  const int n = 9, Hq = 4, Hkv = 2, D = 20;
+  auto q = randn(n * Hq * D, 10), k = randn(n * Hkv * D, 11), v = randn(n * Hkv * D, 12);
+  for (int win : {0, 4}) {
+    const ops::AttnShape s{Hq, Hkv, D, D, 0.3f, win};
+    std::vector<float> all(n * Hq * D), one(Hq * D);
+    ops::attention(q.data(), n, Hq * D, 0, k.data(), Hkv * D, v.data(), Hkv * D, n, s, all.data(), Hq * D);
+    for (int i = 0; i < n; ++i) {
+      ops::attention(q.data() + i * Hq * D, 1, Hq * D, i, k.data(), Hkv * D, v.data(), Hkv * D, i + 1, s, one.data(),
+                     Hq * D);
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * Hq * D)) << "query " << i << ", window " << win;
     }
   }
 }

@@ -1,5 +1,9 @@
-// CPU kernels: Eigen for the GEMMs (single-threaded inside, EIGEN_DONT_PARALLELIZE), OpenMP across blocks.
+// CPU kernels: batch-invariant dot-product tiles (AVX2 + FMA, or the same arithmetic lane by lane) for Linear and the
+// attention scores, OpenMP across column blocks.
 #include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -12,32 +16,156 @@ namespace moedit::ops {
 
 namespace {
 int g_threads = 0;  // 0 = omp default
-
-using Stride = Eigen::OuterStride<>;
-using CStridedMat = Eigen::Map<const MatR, 0, Stride>;
-using StridedMat = Eigen::Map<MatR, 0, Stride>;
 }  // namespace
 
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 void set_num_threads(int n) { g_threads = n; }
 
+namespace {
+
+// Batch-invariant dot products. Every output element Y[r, c] is computed by one fixed sequence of operations that
+// depends only on row r of X, row c of W and `in`: eight lane sums over k ≡ l (mod 8), accumulated with FMAs in order
+// of k; reduced as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)); then the k tail in order (FMAs); then the bias. So a token's
+// activations do not depend on how many rows share the call, where its row sits in memory, which tile shape covers
+// it or how columns are split among threads: a causal trace with a prefix cache equals the naive trace exactly, and
+// a prompt scores the same alone or in a batch. Both operands are read in place (row-major, contiguous along k): no
+// packing, which is what made Eigen's GEMM slow for the few-row products of decoding.
+#if defined(__AVX2__) && defined(__FMA__)
+using Lanes = __m256;  // eight partial sums
+using Quad = __m128;   // four finished outputs
+inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+inline Lanes lanes_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+// The four sums of a, b, c, d in the order above (hadd pairs adjacent lanes within each 128-bit half).
+inline Quad reduce4(Lanes a, Lanes b, Lanes c, Lanes d) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a0123 b0123 c0123 d0123 | a4567 ...]
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+inline Quad quad_fma(float x, const float* w0, const float* w1, const float* w2, const float* w3, int k, Quad s) {
+  return _mm_fmadd_ps(_mm_set1_ps(x), _mm_setr_ps(w0[k], w1[k], w2[k], w3[k]), s);
+}
+inline void quad_store(Quad q, const float* bias, int nc, float* y) {
+  alignas(16) float v[4];
+  _mm_store_ps(v, q);
+  for (int c = 0; c < nc; ++c) y[c] = bias ? v[c] + bias[c] : v[c];
+}
+inline void quad_store4(Quad q, const float* bias, float* y) {
+  _mm_storeu_ps(y, bias ? _mm_add_ps(q, _mm_loadu_ps(bias)) : q);
+}
+#else  // the same arithmetic, one lane at a time
+struct Lanes {
+  float v[8];
+};
+struct Quad {
+  float v[4];
+};
+inline Lanes lanes_zero() { return Lanes{}; }
+inline Lanes lanes_load(const float* p) {
+  Lanes r;
+  std::copy(p, p + 8, r.v);
+  return r;
+}
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) {
+  for (int l = 0; l < 8; ++l) c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
+  return c;
+}
+inline float lanes_sum(const Lanes& a) {
+  const float* l = a.v;
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+inline Quad reduce4(Lanes a, Lanes b, Lanes c, Lanes d) {
+  return {{lanes_sum(a), lanes_sum(b), lanes_sum(c), lanes_sum(d)}};
+}
+inline Quad quad_fma(float x, const float* w0, const float* w1, const float* w2, const float* w3, int k, Quad s) {
+  return {{std::fma(x, w0[k], s.v[0]), std::fma(x, w1[k], s.v[1]), std::fma(x, w2[k], s.v[2]),
+           std::fma(x, w3[k], s.v[3])}};
+}
+inline void quad_store(Quad q, const float* bias, int nc, float* y) {
+  for (int c = 0; c < nc; ++c) y[c] = bias ? q.v[c] + bias[c] : q.v[c];
+}
+inline void quad_store4(Quad q, const float* bias, float* y) { quad_store(q, bias, 4, y); }
+#endif
+
+// Y[r, c] for the tile r < R, c < 4·C: rows of X from X (stride ldx), W rows from W (stride ldw), outputs to Y
+// (stride ldy). Full: all 4·C columns are real; otherwise only the first nc (< 4·C) are read and written. `next` (may
+// be null) is the W row after the tile's, prefetched while the tile runs.
+template <int R, int C, bool Full>
+void dot_tile(const float* X, size_t ldx, const float* W, size_t ldw, int in, int nc, float* Y, size_t ldy,
+              const float* bias, const float* next) {
+  constexpr int N = 4 * C;
+  const float* w[N];
+  for (int c = 0; c < N; ++c) w[c] = W + size_t(Full ? c : std::min(c, nc - 1)) * ldw;  // padding re-reads a real row
+  Lanes acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < N; ++c) acc[r][c] = lanes_zero();
+  const int in8 = in & ~7;
+  for (int k = 0; k < in8; k += 8) {
+    if (next && (k & 15) == 0)
+      for (int c = 0; c < N; ++c) __builtin_prefetch(next + size_t(c) * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      const Lanes x = lanes_load(X + r * ldx + k);
+      for (int c = 0; c < N; ++c) acc[r][c] = lanes_fma(x, lanes_load(w[c] + k), acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < C; ++q) {
+      const int c = 4 * q;
+      if (!Full && c >= nc) break;
+      Quad s = reduce4(acc[r][c], acc[r][c + 1], acc[r][c + 2], acc[r][c + 3]);
+      for (int k = in8; k < in; ++k) s = quad_fma(X[r * ldx + k], w[c], w[c + 1], w[c + 2], w[c + 3], k, s);
+      if (Full)
+        quad_store4(s, bias ? bias + c : nullptr, Y + r * ldy + c);
+      else
+        quad_store(s, bias ? bias + c : nullptr, std::min(4, nc - c), Y + r * ldy + c);
+    }
+}
+
+using TileFn = void (*)(const float*, size_t, const float*, size_t, int, int, float*, size_t, const float*,
+                       const float*);
+// kTiles[rows - 1][full]: up to 3 rows by 4 columns; kRowTile[full]: 1 row by 8 columns.
+constexpr TileFn kTiles[3][2] = {{&dot_tile<1, 1, false>, &dot_tile<1, 1, true>},
+                                 {&dot_tile<2, 1, false>, &dot_tile<2, 1, true>},
+                                 {&dot_tile<3, 1, false>, &dot_tile<3, 1, true>}};
+constexpr TileFn kRowTile[2] = {&dot_tile<1, 2, false>, &dot_tile<1, 2, true>};
+
+// Columns [c0, c1) of Y = X·Wᵀ (+ bias), all n rows; rows of X, W and Y are ldx, ldw and ldy floats apart. Rows in
+// panels whose slice of X fits in L2; per panel, column tiles outer (a tile's W rows stay in L1 while the panel's rows
+// pass them). A single row takes 8 columns at a time (fewer loads per FMA); more rows take 4 columns by up to 3 rows.
+void linear_columns(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, float* Y, size_t ldy,
+                    const float* bias, int c0, int c1) {
+  const int panel = std::max(3, int((256 * 1024) / (sizeof(float) * size_t(in))) / 3 * 3);
+  for (int p0 = 0; p0 < n; p0 += panel) {
+    const int p1 = std::min(n, p0 + panel);
+    const int tile_cols = p1 - p0 == 1 ? 8 : 4;
+    for (int c = c0; c < c1; c += tile_cols) {
+      const int nc = std::min(tile_cols, c1 - c);
+      const bool full = nc == tile_cols;
+      const float* next = c + 2 * tile_cols <= c1 ? W + size_t(c + tile_cols) * ldw : nullptr;
+      for (int r = p0; r < p1; r += 3) {
+        const int nr = std::min(3, p1 - r);
+        const TileFn f = tile_cols == 8 ? kRowTile[full] : kTiles[nr - 1][full];
+        f(X + size_t(r) * ldx, ldx, W + size_t(c) * ldw, ldw, in, nc, Y + size_t(r) * ldy + c, ldy,
+          bias ? bias + c : nullptr, r == p0 ? next : nullptr);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias) {
-  // Y = X·Wᵀ. Split the output columns (W's rows) into blocks, one GEMM per block, so each thread streams its
-  // own slice of W — the weights dominate memory traffic for the small n of decoding.
+  // Y = X·Wᵀ. With enough work, split the output columns (W's rows) into blocks, one per task, so each thread streams
+  // its own slice of W — the weights dominate memory traffic for the small n of decoding. Small products run here
+  // directly (an OpenMP region, even a one-thread one, costs about as much as a one-row expert product).
   const double flops = 2.0 * n * in * out;
   const int nt = (omp_in_parallel() || flops < 4e6) ? 1 : num_threads();
-  const int block = nt == 1 ? out : std::max(64, ((out + nt * 4 - 1) / (nt * 4) + 15) / 16 * 16);
+  if (nt == 1) return linear_columns(X, size_t(in), n, in, W, size_t(in), Y, size_t(out), bias, 0, out);
+  const int block = std::max(64, ((out + nt * 4 - 1) / (nt * 4) + 7) / 8 * 8);
   const int nblocks = (out + block - 1) / block;
-  CMapMatR x(X, n, in);
-#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
   for (int b = 0; b < nblocks; ++b) {
     const int c0 = b * block, c1 = std::min(out, c0 + block);
-    CMapMatR w(W + size_t(c0) * in, c1 - c0, in);
-    StridedMat y(Y + c0, n, c1 - c0, Stride(out));
-    y.noalias() = x * w.transpose();
-    if (bias)
-      for (int r = 0; r < n; ++r)
-        for (int c = c0; c < c1; ++c) Y[size_t(r) * out + c] += bias[c];
+    linear_columns(X, size_t(in), n, in, W, size_t(in), Y, size_t(out), bias, c0, c1);
   }
 }
 
@@ -111,19 +239,27 @@ void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k
     // Keys visible to the last query bound the work: [lo, hi).
     const int last_pos = q_pos0 + n_q - 1;
     const int hi = std::min(n_k, last_pos + 1);
-    CStridedMat qh(q + size_t(h) * s.Dk, n_q, s.Dk, Stride(q_stride));
-    CStridedMat kh(k + size_t(g) * s.Dk, hi, s.Dk, Stride(k_stride));
-    CStridedMat vh(v + size_t(g) * s.Dv, hi, s.Dv, Stride(v_stride));
-    MatR sc = (qh * kh.transpose()) * s.scale;  // [n_q, hi]
+    // Like Linear, batch-invariant: a query's scores are the same dot products however many queries share the call
+    // (a prefix-cached trace equals the naive one), and its output sums the visible keys' values in key order.
+    MatR sc(n_q, hi);  // scores, then probabilities [n_q, hi]
+    linear_columns(q + size_t(h) * s.Dk, size_t(q_stride), n_q, s.Dk, k + size_t(g) * s.Dk, size_t(k_stride),
+                   sc.data(), size_t(hi), nullptr, 0, hi);
     for (int i = 0; i < n_q; ++i) {
       const int p = q_pos0 + i;
       float* row = sc.data() + size_t(i) * hi;
       for (int j = 0; j < hi; ++j)
-        if (j > p || (s.window > 0 && j <= p - s.window)) row[j] = -std::numeric_limits<float>::infinity();
+        row[j] = (j > p || (s.window > 0 && j <= p - s.window)) ? -std::numeric_limits<float>::infinity()
+                                                                : row[j] * s.scale;
       softmax_inplace(row, hi);
+      float* o = out + size_t(i) * out_stride + size_t(h) * s.Dv;
+      std::fill(o, o + s.Dv, 0.f);
+      for (int j = 0; j < hi; ++j) {
+        const float pj = row[j];
+        if (pj == 0.f) continue;  // masked (or underflowed): adds exactly nothing
+        const float* vj = v + size_t(j) * v_stride + size_t(g) * s.Dv;
+        for (int d = 0; d < s.Dv; ++d) o[d] = std::fma(pj, vj[d], o[d]);
+      }
     }
-    StridedMat oh(out + size_t(h) * s.Dv, n_q, s.Dv, Stride(out_stride));
-    oh.noalias() = sc * vh;
   }
 }
 
