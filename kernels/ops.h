@@ -29,6 +29,10 @@ void set_num_threads(int n);
 // Y[n, out] = X[n, in] · W[out, in]ᵀ (+ bias[out]). Parallel over output-column blocks when the product is large.
 // Each element: eight FMA lane sums over k ≡ l (mod 8) in order of k, a fixed reduction tree, the k tail, the bias.
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias = nullptr);
+// The same on strided rows: row r of X at X + r·ldx, row c of W at W + c·ldw, row r of Y at Y + r·ldy (column slices
+// of larger matrices, read in place).
+void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, int out, float* Y, size_t ldy,
+            const float* bias = nullptr);
 
 // y = w ⊙ (x · rsqrt(mean(x²) + eps)) for each of `rows` rows of length dim (x and y may alias).
 void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps);

@@ -331,14 +331,13 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     }
     if (hooked) {
       // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
-      CMapMatR dn(f.shared.down_of(0), H, Is);
+      const float* dn = f.shared.down_of(0);  // [H, Is]
       for (int j = 0; j < cfg_.n_shared_experts; ++j) {
         const std::string name = hook_names::shared_expert_out(l, j);
         if (!hooks->has(name)) continue;
         const auto [b, e] = cfg_.shared_slice(j);
-        const MatR kj = key.middleCols(b, e - b), dj = dn.middleCols(b, e - b);  // contiguous slices for ops::linear
-        MatR out(N, H);
-        ops::linear(kj.data(), N, e - b, dj.data(), H, out.data());
+        MatR out(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, both slices read in place
+        ops::linear(key.data() + b, size_t(Is), N, e - b, dn + b, size_t(Is), H, out.data(), size_t(H));
         if (g.size()) out.array().colwise() *= g.array();
         const MatR before = out;
         hooks->run(name, out, {name, l, j, layout, nullptr});

@@ -154,18 +154,23 @@ void linear_columns(const float* X, size_t ldx, int n, int in, const float* W, s
 }  // namespace
 
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias) {
+  linear(X, size_t(in), n, in, W, size_t(in), out, Y, size_t(out), bias);
+}
+
+void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, int out, float* Y, size_t ldy,
+            const float* bias) {
   // Y = X·Wᵀ. With enough work, split the output columns (W's rows) into blocks, one per task, so each thread streams
   // its own slice of W — the weights dominate memory traffic for the small n of decoding. Small products run here
   // directly (an OpenMP region, even a one-thread one, costs about as much as a one-row expert product).
   const double flops = 2.0 * n * in * out;
   const int nt = (omp_in_parallel() || flops < 4e6) ? 1 : num_threads();
-  if (nt == 1) return linear_columns(X, size_t(in), n, in, W, size_t(in), Y, size_t(out), bias, 0, out);
+  if (nt == 1) return linear_columns(X, ldx, n, in, W, ldw, Y, ldy, bias, 0, out);
   const int block = std::max(64, ((out + nt * 4 - 1) / (nt * 4) + 7) / 8 * 8);
   const int nblocks = (out + block - 1) / block;
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
   for (int b = 0; b < nblocks; ++b) {
     const int c0 = b * block, c1 = std::min(out, c0 + block);
-    linear_columns(X, size_t(in), n, in, W, size_t(in), Y, size_t(out), bias, c0, c1);
+    linear_columns(X, ldx, n, in, W, ldw, Y, ldy, bias, c0, c1);
   }
 }
 
@@ -236,7 +241,7 @@ void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k
 #pragma omp parallel for schedule(dynamic) if (par)
   for (int h = 0; h < s.Hq; ++h) {
     const int g = h / group;
-    // Keys visible to the last query bound the work: [lo, hi).
+    // Keys visible to the last query bound the work: [0, hi).
     const int last_pos = q_pos0 + n_q - 1;
     const int hi = std::min(n_k, last_pos + 1);
     // Like Linear, batch-invariant: a query's scores are the same dot products however many queries share the call
