@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
   MatR x = MatR::Random(rows, H), gu(rows, 2 * I), key = MatR::Random(rows, I), y(rows, H);
   const ExpertBank& bank = m.weights().layers[0].ffn.experts;
   const double t_gemm = best_of(reps, [&] {
-    ops::linear(x.data(), rows, H, bank.gate_up_of(0), 2 * I, gu.data());
-    ops::linear(key.data(), rows, I, bank.down_of(0), H, y.data());
+    expert_gate_up(bank, 0, x.data(), size_t(H), rows, gu.data());
+    ops::linear(key.data(), size_t(I), rows, I, bank.down[0].kernel(), H, y.data(), size_t(H));
   });
 
   const double gf_moe = moe_flops / t_moe / 1e9, gf_gemm = moe_flops / t_gemm / 1e9;

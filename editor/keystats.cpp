@@ -64,25 +64,39 @@ uint64_t key_weights_hash(const Model& m, int layer) {
   const int dims[] = {c.vocab_size, c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.n_experts,
                       c.top_k, c.expert_width, c.shared_width, layer};
   h = hash_bytes(dims, sizeof dims, h);
-  auto add = [&h](const float* p, size_t n) { h = hash_bytes(p, n * sizeof(float), h); };
-  auto addm = [&](const MatR& x) { add(x.data(), size_t(x.size())); };
-  auto addv = [&](const VecF& x) { add(x.data(), size_t(x.size())); };
-  addm(w.embed);
+  // Values, not storage: a checkpoint view and its fp32 copy (an edit made and reverted) hash alike.
+  auto add = [&h](const void* p, size_t n) { h = hash_bytes(p, n, h); };
+  std::vector<float> row;
+  auto addw = [&](const Weight& x) {
+    row.resize(size_t(x.cols()));
+    for (int64_t r = 0; r < x.rows(); ++r) {
+      x.row(r, row.data());
+      add(row.data(), sizeof(float) * row.size());
+    }
+  };
+  auto addm = [&](const MatR& x) { add(x.data(), sizeof(float) * size_t(x.size())); };
+  auto addv = [&](const VecF& x) { add(x.data(), sizeof(float) * size_t(x.size())); };
+  auto addb = [&](const std::vector<Weight>& b) {
+    for (const Weight& x : b) addw(x);
+  };
+  addw(w.embed);
   for (int l = 0; l <= layer; ++l) {
     const LayerWeights& L = w.layers[size_t(l)];
     addv(L.ln_in);
     addv(L.ln_post);
     const AttnWeights& a = L.attn;
-    for (const MatR* x : {&a.wq, &a.wk, &a.wv, &a.wo}) addm(*x);
+    for (const Weight* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) addw(*x);
     for (const VecF* x : {&a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm}) addv(*x);
     const FFNWeights& f = L.ffn;
     addm(f.router);
-    add(f.experts.gate_up.data(), f.experts.gate_up.size());
-    add(f.shared.gate_up.data(), f.shared.gate_up.size());
+    for (const ExpertBank* b : {&f.experts, &f.shared}) {
+      addb(b->gate);
+      addb(b->up);
+    }
     addv(f.shared_gate);
     if (l < layer) {  // layer L's down projections do not change its keys
-      add(f.experts.down.data(), f.experts.down.size());
-      add(f.shared.down.data(), f.shared.down.size());
+      addb(f.experts.down);
+      addb(f.shared.down);
     }
   }
   return h;
@@ -161,10 +175,8 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
       x = pre->value + x;
       MatR a2(x.rows(), H);
       ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), H, c.rms_eps);
-      MatR gu(x.rows(), 2 * f.shared.I);
-      ops::linear(a2.data(), int(a2.rows()), H, f.shared.gate_up_of(0), 2 * f.shared.I, gu.data());
       MatR key(x.rows(), f.shared.I);
-      ops::silu_mul(gu.data(), int(x.rows()), f.shared.I, key.data());
+      expert_key(f.shared, 0, a2.data(), size_t(H), int(a2.rows()), key.data());
       for (int j = 0; j < n_shared; ++j) {
         const auto [b, e] = slice(j);
         blocks[size_t(E + j)] = key.middleCols(b, e - b);

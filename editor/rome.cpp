@@ -77,9 +77,8 @@ double shared_gate(const FFNWeights& f, const Eigen::Ref<const Eigen::RowVectorX
 }
 
 MatR bank_keys(const ExpertBank& b, int e, const MatR& x) {
-  MatR gu(x.rows(), 2 * b.I), k(x.rows(), b.I);
-  ops::linear(x.data(), int(x.rows()), b.H, b.gate_up_of(e), 2 * b.I, gu.data());
-  ops::silu_mul(gu.data(), int(x.rows()), b.I, k.data());
+  MatR k(x.rows(), b.I);
+  expert_key(b, e, x.data(), size_t(x.cols()), int(x.rows()), k.data());
   return k;
 }
 
@@ -630,12 +629,16 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   return res;
 }
 
-DownMap expert_down(Model& m, int layer, int expert) {
+Weight& down_weight(Model& m, int layer, int expert) {
   FFNWeights& f = m.mutable_weights().layers[size_t(layer)].ffn;
-  if (!is_shared_expert(expert))
-    return DownMap(f.experts.down_of(expert), f.experts.H, f.experts.I, Eigen::OuterStride<>(f.experts.I));
-  const auto [b, e] = shared_columns(m, layer, expert);
-  return DownMap(f.shared.down_of(0) + b, f.shared.H, e - b, Eigen::OuterStride<>(f.shared.I));
+  return is_shared_expert(expert) ? f.shared.down[0] : f.experts.down[size_t(expert)];
+}
+
+DownMap expert_down(Model& m, int layer, int expert) {
+  Weight& w = down_weight(m, layer, expert);
+  const auto [b, e] = is_shared_expert(expert) ? shared_columns(m, layer, expert)
+                                               : std::pair<int, int>{0, int(w.cols())};
+  return DownMap(w.mutable_f32() + b, w.rows(), e - b, Eigen::OuterStride<>(w.cols()));
 }
 
 void revert(Model& m, const EditResult& r) {
@@ -643,6 +646,7 @@ void revert(Model& m, const EditResult& r) {
     if (it->original.empty()) continue;  // not applied (an edit that failed part-way)
     DownMap dn = expert_down(m, r.layer, it->expert);
     dn = CMapMatR(it->original.data(), dn.rows(), dn.cols());
+    down_weight(m, r.layer, it->expert).drop_copy_if_unchanged();  // back to the checkpoint's own bytes
   }
 }
 

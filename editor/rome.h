@@ -220,7 +220,9 @@ struct EditResult {
 };
 
 // The down-projection an expert id's edit changes: routed e → W_down^e [H, I]; shared expert j → the columns
-// shared_slice(j) of the shared block's [H, n·I] (the whole block for a single shared expert).
+// shared_slice(j) of the shared block's [H, n·I] (the whole block for a single shared expert). Copy-on-write: the
+// first call makes an fp32 copy of that matrix (a checkpoint view stays untouched); revert drops the copy again
+// once the matrix equals the checkpoint.
 using DownMap = Eigen::Map<MatR, 0, Eigen::OuterStride<>>;
 DownMap expert_down(Model& m, int layer, int expert);
 

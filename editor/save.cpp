@@ -63,9 +63,9 @@ std::set<std::pair<int, int>> edited_tensors(const std::vector<std::pair<int, in
   return out;
 }
 
-const float* down_data(const Model& m, int layer, int expert) {
+const Weight& down_weight(const Model& m, int layer, int expert) {
   const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
-  return expert == kSharedExpert ? f.shared.down_of(0) : f.experts.down_of(expert);
+  return expert == kSharedExpert ? f.shared.down[0] : f.experts.down[size_t(expert)];
 }
 
 }  // namespace
@@ -156,7 +156,7 @@ void save_edited_checkpoint(const Model& m, const std::string& source_dir, const
                                                             : m.weights().layers[size_t(p.layer)].ffn.experts;
             const size_t n = size_t(b.H) * size_t(b.I);
             const size_t off = p.slice < 0 ? 0 : size_t(p.slice) * n * dtype_size(view.dtype);
-            convert_into(view.dtype, down_data(m, p.layer, p.expert), n, t.bytes.data() + off);
+            convert_into(view.dtype, down_weight(m, p.layer, p.expert).to_f32().data(), n, t.bytes.data() + off);
           }
         tensors.emplace(tname, std::move(t));
       }
@@ -193,7 +193,7 @@ std::vector<std::string> round_to_checkpoint_dtype(Model& m, const std::string& 
     seen.insert(dtype_name(dt));
     FFNWeights& f = m.mutable_weights().layers[size_t(l)].ffn;
     ExpertBank& b = e == kSharedExpert ? f.shared : f.experts;
-    float* d = b.down_of(e == kSharedExpert ? 0 : e);
+    float* d = b.down[size_t(e == kSharedExpert ? 0 : e)].mutable_f32();
     for (size_t i = 0; i < size_t(b.H) * size_t(b.I); ++i) d[i] = round_trip(dt, d[i]);
   }
   return {seen.begin(), seen.end()};

@@ -74,12 +74,18 @@ json requested_rewrite(const EvalRecord& r) {
           {"target_true", {{"str", r.target_true}, {"id", r.target_true_id}}}};
 }
 
-// FNV-1a over the down-projections (routed and shared) of the given layers.
+// FNV-1a over the values (widened to fp32) of the down-projections (routed and shared) of the given layers.
 uint64_t fingerprint(const Model& m, const std::set<int>& layers) {
   uint64_t h = 1469598103934665603ULL;
-  auto mix = [&h](const std::vector<float>& v) {
-    const auto* p = reinterpret_cast<const unsigned char*>(v.data());
-    for (size_t i = 0; i < v.size() * sizeof(float); ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  std::vector<float> row;
+  auto mix = [&](const std::vector<Weight>& bank) {
+    for (const Weight& w : bank)
+      for (int64_t r = 0; r < w.rows(); ++r) {
+        row.resize(size_t(w.cols()));
+        w.row(r, row.data());
+        const auto* p = reinterpret_cast<const unsigned char*>(row.data());
+        for (size_t i = 0; i < row.size() * sizeof(float); ++i) h = (h ^ p[i]) * 1099511628211ULL;
+      }
   };
   for (const int l : layers) {
     const FFNWeights& f = m.weights().layers[size_t(l)].ffn;

@@ -26,13 +26,41 @@ namespace ops {
 int num_threads();
 void set_num_threads(int n);
 
+// Storage type of a weight matrix that linear() reads in place. bf16 and f16 are widened to fp32 in registers; both
+// conversions are exact, so a product with bf16 weights is bit for bit the product with those weights widened first.
+enum class WType : uint8_t { F32, BF16, F16 };
+size_t wtype_size(WType t);
+
+// A row-major weight matrix read in place (a view into a mapped checkpoint or an fp32 buffer): row c starts at
+// element c·ld of data. Elements are naturally aligned (2 bytes for bf16/f16, 4 for f32).
+struct WeightView {
+  const void* data = nullptr;
+  WType type = WType::F32;
+  size_t ld = 0;  // elements between rows
+  WeightView() = default;
+  WeightView(const float* p, size_t ld_) : data(p), type(WType::F32), ld(ld_) {}
+  WeightView(const void* p, WType t, size_t ld_) : data(p), type(t), ld(ld_) {}
+  // The view starting at row r and column c.
+  WeightView at(int64_t r, int64_t c = 0) const {
+    return {static_cast<const uint8_t*>(data) + (size_t(r) * ld + size_t(c)) * wtype_size(type), type, ld};
+  }
+};
+// Element (r, c) of W, widened to fp32; widen_row writes n elements of row r from column c0.
+float widen(const WeightView& W, int64_t r, int64_t c);
+void widen_row(const WeightView& W, int64_t r, int64_t c0, int64_t n, float* out);
+
 // Y[n, out] = X[n, in] · W[out, in]ᵀ (+ bias[out]). Parallel over output-column blocks when the product is large.
-// Each element: eight FMA lane sums over k ≡ l (mod 8) in order of k, a fixed reduction tree, the k tail, the bias.
+// Each element: eight FMA lane sums over k ≡ l (mod 8) in order of k, a fixed reduction tree, the k tail, the bias —
+// the same sequence for every weight type (weights are widened as they are loaded).
 void linear(const float* X, int n, int in, const float* W, int out, float* Y, const float* bias = nullptr);
-// The same on strided rows: row r of X at X + r·ldx, row c of W at W + c·ldw, row r of Y at Y + r·ldy (column slices
-// of larger matrices, read in place).
-void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, int out, float* Y, size_t ldy,
+// The same on strided rows and typed weights: row r of X at X + r·ldx, row c of W at W.ld elements apart, row r of Y
+// at Y + r·ldy (column slices of larger matrices, read in place).
+void linear(const float* X, size_t ldx, int n, int in, const WeightView& W, int out, float* Y, size_t ldy,
             const float* bias = nullptr);
+inline void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, int out, float* Y,
+                   size_t ldy, const float* bias = nullptr) {
+  linear(X, ldx, n, in, WeightView(W, ldw), out, Y, ldy, bias);
+}
 
 // y = w ⊙ (x · rsqrt(mean(x²) + eps)) for each of `rows` rows of length dim (x and y may alias).
 void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps);

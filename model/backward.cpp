@@ -90,6 +90,23 @@ void linear_backward(const T* dY, int n, int in, const float* W, int out, T* dX,
       for (int c = 0; c < out; ++c) db[c] += dy(r, c);
 }
 
+template <class T>
+void linear(const T* X, int n, int in, const Weight& W, T* Y, const float* b) {
+  if constexpr (std::is_same_v<T, float>) {
+    ops::linear(X, size_t(in), n, in, W.kernel(), int(W.rows()), Y, size_t(W.rows()), b);
+  } else {
+    const MatR w = W.to_f32();
+    linear(X, n, in, w.data(), int(W.rows()), Y, b);
+  }
+}
+
+template <class T>
+void linear_backward(const T* dY, int n, int in, const Weight& W, T* dX, bool accumulate) {
+  if (const float* p = W.f32()) return linear_backward(dY, n, in, p, int(W.rows()), dX, accumulate);
+  const MatR w = W.to_f32();
+  linear_backward(dY, n, in, w.data(), int(W.rows()), dX, accumulate);
+}
+
 // ---- RMSNorm ----------------------------------------------------------------------------------------------------
 
 template <class T>
@@ -427,9 +444,12 @@ void expert_forward(const ExpertBank& b, int e, const MatT<T>& xe, MatT<T>& gu, 
   gu.resize(n, 2 * b.I);
   key.resize(n, b.I);
   y.resize(n, b.H);
-  linear(xe.data(), n, b.H, b.gate_up_of(e), 2 * b.I, gu.data());
+  MatT<T> g(n, b.I), u(n, b.I);
+  linear(xe.data(), n, b.H, b.gate[size_t(e)], g.data());
+  linear(xe.data(), n, b.H, b.up[size_t(e)], u.data());
+  gu << g, u;
   swiglu(gu.data(), n, b.I, key.data());
-  linear(key.data(), n, b.I, b.down_of(e), b.H, y.data());
+  linear(key.data(), n, b.I, b.down[size_t(e)], y.data());
 }
 
 // ∂/∂(expert input) [n, H] (=) given ∂/∂(unweighted output) dy [n, H].
@@ -437,9 +457,11 @@ template <class T>
 MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const MatT<T>& dy) {
   const int n = int(dy.rows());
   MatT<T> dkey(n, b.I), dgu(n, 2 * b.I), dx(n, b.H);
-  linear_backward(dy.data(), n, b.I, b.down_of(e), b.H, dkey.data(), false);
+  linear_backward(dy.data(), n, b.I, b.down[size_t(e)], dkey.data(), false);
   swiglu_backward(gu.data(), dkey.data(), n, b.I, dgu.data());
-  linear_backward(dgu.data(), n, b.H, b.gate_up_of(e), 2 * b.I, dx.data(), false);
+  MatR gate_up(2 * b.I, b.H);  // [G; U]: one product over 2I, as the gradient was always summed
+  gate_up << b.gate[size_t(e)].to_f32(), b.up[size_t(e)].to_f32();
+  linear_backward(dgu.data(), n, b.H, gate_up.data(), 2 * b.I, dx.data(), false);
   return dx;
 }
 
@@ -466,9 +488,9 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
 
   // q, k, v
   MatT<T> q(N, Hq * D), k(N, Hkv * D), v(N, Hkv * D);
-  linear(tp.a1.data(), N, H, at.wq.data(), Hq * D, q.data(), ptr_or_null(at.bq));
-  linear(tp.a1.data(), N, H, at.wk.data(), Hkv * D, k.data(), ptr_or_null(at.bk));
-  linear(tp.a1.data(), N, H, at.wv.data(), Hkv * D, v.data(), ptr_or_null(at.bv));
+  linear(tp.a1.data(), N, H, at.wq, q.data(), ptr_or_null(at.bq));
+  linear(tp.a1.data(), N, H, at.wk, k.data(), ptr_or_null(at.bk));
+  linear(tp.a1.data(), N, H, at.wv, v.data(), ptr_or_null(at.bv));
   if (c.arch->qk_norm != QKNorm::None) {
     tp.q_raw = q;
     tp.k_raw = k;
@@ -531,7 +553,7 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
   }
   tp.q = std::move(q);
   MatT<T> att(N, H);
-  linear(tp.o.data(), N, Hq * D, at.wo.data(), H, att.data(), ptr_or_null(at.bo));
+  linear(tp.o.data(), N, Hq * D, at.wo, att.data(), ptr_or_null(at.bo));
   if (rm != 1.f) att *= T(rm);
   x += att;
   tp.x_mid = x;
@@ -653,7 +675,7 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
   // ---- attention ----
   MatT<T> datt = dx * rm;
   MatT<T> dout(N, Hq * D);
-  linear_backward(datt.data(), N, Hq * D, at.wo.data(), H, dout.data(), false);
+  linear_backward(datt.data(), N, Hq * D, at.wo, dout.data(), false);
   MatT<T> dq(N, Hq * D), dk(N, Hkv * D), dv(N, Hkv * D);
   const ops::AttnShape shape{Hq, Hkv, D, D, c.attn_scale, c.sliding_window};
   for (size_t g = 0; g < tp.seg_begin.size(); ++g) {
@@ -698,9 +720,9 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
     dk = std::move(dkr);
   }
   MatT<T> da1(N, H);
-  linear_backward(dq.data(), N, H, at.wq.data(), Hq * D, da1.data(), false);
-  linear_backward(dk.data(), N, H, at.wk.data(), Hkv * D, da1.data(), true);
-  linear_backward(dv.data(), N, H, at.wv.data(), Hkv * D, da1.data(), true);
+  linear_backward(dq.data(), N, H, at.wq, da1.data(), false);
+  linear_backward(dk.data(), N, H, at.wk, da1.data(), true);
+  linear_backward(dv.data(), N, H, at.wv, da1.data(), true);
   rmsnorm_backward(tp.x_in.data(), L.ln_in.data(), da1.data(), dx.data(), N, H, c.rms_eps, true);
 }
 
@@ -730,9 +752,9 @@ MatT<T> TapedStack<T>::logits(const std::vector<int>& rows) {
   for (int i = 0; i < R; ++i) xr.row(i) = h_.row(rows[size_t(i)]);
   hn_.resize(R, H);
   rmsnorm(xr.data(), m_.weights().final_norm.data(), hn_.data(), R, H, c.rms_eps);
-  const MatR& W = m_.weights().output_matrix();
+  const Weight& W = m_.weights().output_matrix();
   MatT<T> out(R, W.rows());
-  linear(hn_.data(), R, H, W.data(), int(W.rows()), out.data());
+  linear(hn_.data(), R, H, W, out.data());
   if (c.logits_scaling != 1.f) out /= T(c.logits_scaling);
   return out;
 }
@@ -742,11 +764,11 @@ MatT<T> TapedStack<T>::backward(const MatT<T>& dlogits) const {
   const ModelConfig& c = m_.config();
   const int H = c.hidden, R = int(rows_.size());
   if (dlogits.rows() != R) throw std::logic_error("TapedStack::backward: dlogits rows differ from logits()");
-  const MatR& W = m_.weights().output_matrix();
+  const Weight& W = m_.weights().output_matrix();
   MatT<T> dl = dlogits;
   if (c.logits_scaling != 1.f) dl /= T(c.logits_scaling);
   MatT<T> dhn(R, H);
-  linear_backward(dl.data(), R, H, W.data(), int(W.rows()), dhn.data(), false);
+  linear_backward(dl.data(), R, H, W, dhn.data(), false);
   MatT<T> xr(R, H), dxr(R, H);
   for (int i = 0; i < R; ++i) xr.row(i) = h_.row(rows_[size_t(i)]);
   rmsnorm_backward(xr.data(), m_.weights().final_norm.data(), dhn.data(), dxr.data(), R, H, c.rms_eps, false);
@@ -781,6 +803,8 @@ PrefixKV<T> TapedStack<T>::kv() const {
 #define MOEDIT_GRAD_INSTANTIATE(T)                                                                                  \
   template void linear<T>(const T*, int, int, const float*, int, T*, const float*);                                \
   template void linear_backward<T>(const T*, int, int, const float*, int, T*, bool, const T*, T*, T*);            \
+  template void linear<T>(const T*, int, int, const Weight&, T*, const float*);                                   \
+  template void linear_backward<T>(const T*, int, int, const Weight&, T*, bool);                                  \
   template void rmsnorm<T>(const T*, const float*, T*, int, int, float);                                          \
   template void rmsnorm_backward<T>(const T*, const float*, const T*, T*, int, int, float, bool, T*);             \
   template void rope<T>(T*, int, int, int, int, int, const int*, const float*, bool, float);                     \

@@ -9,7 +9,7 @@
 //
 // Everything is templated on the scalar: float in production (GEMMs go through kernels/ops.h, so the forward
 // matches Model::forward to fp32 reassociation), double in tests (finite-difference checks at 1e-4 relative).
-// Weights stay the model's fp32 tensors; in double mode they are widened on use.
+// Weights stay in the model's storage dtype; they are widened on use (to fp32, and to double in double mode).
 //
 // Semantics follow Model::forward exactly: RMSNorm, q/k/v (+bias), q/k-norm (per head or whole projection),
 // clip_qkv, rotate-half RoPE, causal (+sliding-window) GQA attention, o_proj, residual multiplier, router
@@ -41,6 +41,11 @@ void linear(const T* X, int n, int in, const float* W, int out, T* Y, const floa
 template <class T>
 void linear_backward(const T* dY, int n, int in, const float* W, int out, T* dX, bool accumulate,
                      const T* X = nullptr, T* dW = nullptr, T* db = nullptr);
+// The same with a model weight in its storage dtype (out = W.rows()); bf16/f16 weights are widened on use (exact).
+template <class T>
+void linear(const T* X, int n, int in, const Weight& W, T* Y, const float* b = nullptr);
+template <class T>
+void linear_backward(const T* dY, int n, int in, const Weight& W, T* dX, bool accumulate);
 
 // y = w ⊙ x·rsqrt(mean(x²) + eps), per row.
 template <class T>

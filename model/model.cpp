@@ -14,19 +14,17 @@ namespace moedit {
 
 namespace {
 
-// The SwiGLU of expert e of a bank on rows x [n, H]: writes its key k = silu(x·Gᵀ) ⊙ (x·Uᵀ) [n, I].
-void swiglu_key(const ExpertBank& b, int e, const float* x, int n, float* key) {
-  MatR gu(n, 2 * b.I);
-  ops::linear(x, n, b.H, b.gate_up_of(e), 2 * b.I, gu.data());
-  ops::silu_mul(gu.data(), n, b.I, key);
-}
-
 // The whole SwiGLU MLP (bank with E = 1) on x [N, H] → [N, H].
 MatR swiglu(const ExpertBank& b, const MatR& x) {
   MatR key(x.rows(), b.I), y(x.rows(), b.H);
-  swiglu_key(b, 0, x.data(), int(x.rows()), key.data());
-  ops::linear(key.data(), int(x.rows()), b.I, b.down_of(0), b.H, y.data());
+  expert_key(b, 0, x.data(), size_t(b.H), int(x.rows()), key.data());
+  ops::linear(key.data(), size_t(b.I), int(x.rows()), b.I, b.down[0].kernel(), b.H, y.data(), size_t(b.H));
   return y;
+}
+
+// y = x·Wᵀ (+ b) for typed W [out, in] on contiguous rows.
+void linear_w(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) {
+  ops::linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
 }
 
 void rmsnorm_rows(const MatR& x, const VecF& w, float eps, MatR& y) {
@@ -84,8 +82,8 @@ KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& le
 
 std::shared_ptr<Model> Model::load(const std::string& path) {
   ModelConfig cfg = load_config(path);
-  TensorStore store(path);
-  Weights w = load_weights(cfg, store);
+  auto store = std::make_shared<const TensorStore>(path);
+  Weights w = load_weights(cfg, std::move(store));
   auto m = std::make_shared<Model>(std::move(cfg), std::move(w));
   m->path_ = path;
   return m;
@@ -132,7 +130,7 @@ MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, co
     if (id < 0 || id >= cfg_.vocab_size)
       throw InputError("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
                        std::to_string(cfg_.vocab_size) + ")");
-    x.row(i) = w_.embed.row(id);
+    w_.embed.row(id, x.row(i).data());
   }
   if (hooks && !hooks->empty()) hooks->run(hook_names::embed(), x, {hook_names::embed(), -1, -1, layout, nullptr});
   if (cfg_.embedding_multiplier != 1.f) x *= cfg_.embedding_multiplier;
@@ -147,18 +145,18 @@ void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, Ma
   q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
   if (rq) {
     MatR qa(N, rq);
-    ops::linear(a.data(), N, H, at.wq_a.data(), rq, qa.data(), at.bq_a.size() ? at.bq_a.data() : nullptr);
+    linear_w(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
     ops::rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kLatentEps);
-    ops::linear(qa.data(), N, rq, at.wq_b.data(), Hq * dq, q.data());
+    linear_w(qa.data(), N, rq, at.wq_b, q.data());
   } else {
-    ops::linear(a.data(), N, H, at.wq.data(), Hq * dq, q.data());
+    linear_w(a.data(), N, H, at.wq, q.data());
   }
   MatR ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
-  ops::linear(a.data(), N, H, at.wkv_a.data(), rkv + dr, ckv.data(), at.bkv_a.size() ? at.bkv_a.data() : nullptr);
+  linear_w(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
   MatR lat = ckv.leftCols(rkv);  // [N, rkv]
   ops::rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kLatentEps);
   MatR kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
-  ops::linear(lat.data(), N, rkv, at.wkv_b.data(), Hq * (dn + dv), kv.data());
+  linear_w(lat.data(), N, rkv, at.wkv_b, kv.data());
   // RoPE on each query head's rope part and on the single k_pe head (not normalised).
   ops::rope_neox(q.data() + dn, N, Hq * dq, Hq, dq, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
   ops::rope_neox(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
@@ -187,9 +185,9 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
     q.resize(N, Hq * D);
     k.resize(N, Hkv * D);
     v.resize(N, Hkv * D);
-    ops::linear(a.data(), N, H, at.wq.data(), Hq * D, q.data(), at.bq.size() ? at.bq.data() : nullptr);
-    ops::linear(a.data(), N, H, at.wk.data(), Hkv * D, k.data(), at.bk.size() ? at.bk.data() : nullptr);
-    ops::linear(a.data(), N, H, at.wv.data(), Hkv * D, v.data(), at.bv.size() ? at.bv.data() : nullptr);
+    linear_w(a.data(), N, H, at.wq, q.data(), at.bq);
+    linear_w(a.data(), N, H, at.wk, k.data(), at.bk);
+    linear_w(a.data(), N, H, at.wv, v.data(), at.bv);
     switch (cfg_.arch->qk_norm) {
       case QKNorm::None: break;
       case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
@@ -236,7 +234,7 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
     start = end;
   }
   MatR out(N, H);
-  ops::linear(o.data(), N, ow, at.wo.data(), H, out.data(), at.bo.size() ? at.bo.data() : nullptr);
+  linear_w(o.data(), N, ow, at.wo, out.data(), at.bo);
   return out;
 }
 
@@ -292,7 +290,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     MatR xe(n, H);  // gathered rows
     for (int j = 0; j < n; ++j) xe.row(j) = a.row(ts[size_t(j)]);
     key[size_t(e)].resize(n, I);
-    swiglu_key(f.experts, e, xe.data(), n, key[size_t(e)].data());
+    expert_key(f.experts, e, xe.data(), size_t(H), n, key[size_t(e)].data());
   }
   if (hooked)
     for (int e : active) {
@@ -305,7 +303,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     const int e = active[size_t(i)];
     const int n = int(tok[size_t(e)].size());
     out[size_t(e)].resize(n, H);
-    ops::linear(key[size_t(e)].data(), n, I, f.experts.down_of(e), H, out[size_t(e)].data());
+    linear_w(key[size_t(e)].data(), n, I, f.experts.down[size_t(e)], out[size_t(e)].data());
     for (int j = 0; j < n; ++j) out[size_t(e)].row(j) *= r.weights(tok[size_t(e)][size_t(j)], slot[size_t(e)][size_t(j)]);
   }
   if (hooked)
@@ -321,8 +319,8 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
   if (f.has_shared) {
     const int Is = f.shared.I;
     MatR key(N, Is), s(N, H);
-    swiglu_key(f.shared, 0, a.data(), N, key.data());
-    ops::linear(key.data(), N, Is, f.shared.down_of(0), H, s.data());
+    expert_key(f.shared, 0, a.data(), size_t(H), N, key.data());
+    linear_w(key.data(), N, Is, f.shared.down[0], s.data());
     Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
     if (f.shared_gate.size()) {
       g.resize(N);  // a·gate, [N]: through ops::linear, so each token's gate is the same whatever its batch
@@ -331,13 +329,13 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     }
     if (hooked) {
       // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
-      const float* dn = f.shared.down_of(0);  // [H, Is]
+      const ops::WeightView dn = f.shared.down[0].kernel();  // [H, Is]
       for (int j = 0; j < cfg_.n_shared_experts; ++j) {
         const std::string name = hook_names::shared_expert_out(l, j);
         if (!hooks->has(name)) continue;
         const auto [b, e] = cfg_.shared_slice(j);
         MatR out(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, both slices read in place
-        ops::linear(key.data() + b, size_t(Is), N, e - b, dn + b, size_t(Is), H, out.data(), size_t(H));
+        ops::linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
         if (g.size()) out.array().colwise() *= g.array();
         const MatR before = out;
         hooks->run(name, out, {name, l, j, layout, nullptr});
@@ -365,11 +363,11 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
     std::sort(order.begin(), order.end(), [&](int x, int w) { return r.ids(t, x) < r.ids(t, w); });
     for (int j : order) {
       const int e = r.ids(t, j);
-      CMapMatR gu(f.experts.gate_up_of(e), 2 * I, H);
-      CMapMatR dn(f.experts.down_of(e), H, I);
-      Eigen::VectorXf h = gu * a.row(t).transpose();
+      const MatR G = f.experts.gate[size_t(e)].to_f32(), U = f.experts.up[size_t(e)].to_f32();
+      const MatR dn = f.experts.down[size_t(e)].to_f32();
+      const Eigen::VectorXf g = G * a.row(t).transpose(), u = U * a.row(t).transpose();
       Eigen::VectorXf key(I);
-      for (int i = 0; i < I; ++i) key[i] = ops::silu(h[i]) * h[I + i];
+      for (int i = 0; i < I; ++i) key[i] = ops::silu(g[i]) * u[i];
       y.row(t) += r.weights(t, j) * (dn * key).transpose();
     }
   }
@@ -407,9 +405,9 @@ MatR Model::logits(const MatR& x, const TokenLayout& layout, const Hooks* hooks)
   rmsnorm_rows(x, w_.final_norm, cfg_.rms_eps, h);
   if (hooks && !hooks->empty())
     hooks->run(hook_names::final_norm(), h, {hook_names::final_norm(), -1, -1, layout, nullptr});
-  const MatR& W = w_.output_matrix();
+  const Weight& W = w_.output_matrix();
   MatR out(h.rows(), W.rows());
-  ops::linear(h.data(), int(h.rows()), cfg_.hidden, W.data(), int(W.rows()), out.data());
+  linear_w(h.data(), int(h.rows()), cfg_.hidden, W, out.data());
   if (cfg_.logits_scaling != 1.f) out /= cfg_.logits_scaling;
   return out;
 }

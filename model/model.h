@@ -1,8 +1,5 @@
-// The model: canonical fp32 weights for every supported family and one forward pass that serves them all.
-//
-// Canonical layout (whatever the checkpoint's): Linear weights row-major [out, in]; experts stacked, gate‖up
-// [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up) and down [E, H, I]. A dense MLP is an ExpertBank with E = 1, so one
-// SwiGLU path serves routed experts, shared experts and dense layers.
+// The model: weights in their checkpoint dtype (model/weights.h) for every supported family and one forward pass
+// that serves them all.
 //
 // Batches are packed: sequences of different lengths are laid end to end (no padding); attention runs per
 // sequence. A KVCache lets a later call continue every sequence (incremental decoding).
@@ -15,62 +12,9 @@
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/hooks.h"
+#include "model/weights.h"
 
 namespace moedit {
-
-class TensorStore;
-
-struct ExpertBank {
-  int E = 0, I = 0, H = 0;
-  std::vector<float> gate_up;  // [E, 2I, H]
-  std::vector<float> down;     // [E, H, I]
-  const float* gate_up_of(int e) const { return gate_up.data() + size_t(e) * 2 * I * H; }
-  float* down_of(int e) { return down.data() + size_t(e) * H * I; }
-  const float* down_of(int e) const { return down.data() + size_t(e) * H * I; }
-  void resize(int e, int i, int h);
-};
-
-struct AttnWeights {
-  MatR wq, wk, wv, wo;     // [Hq·D, H], [Hkv·D, H] ×2, [H, Hq·D]  (MLA: wq [Hq·dq, H] or empty, wo [H, Hq·dv])
-  VecF bq, bk, bv, bo;     // empty when absent
-  VecF q_norm, k_norm;     // per-head [D] or whole-projection [Hq·D]/[Hkv·D]; empty when absent
-  // MLA (dq = qk_nope + qk_rope, dr = qk_rope). Rotary rows (each head's last dr rows of wq / wq_b, the last dr rows
-  // of wkv_a) are stored de-interleaved when rope_interleave is set ([x0,x2,…,x1,x3,…]), so rotate-half RoPE
-  // applies; q·k is unchanged because q and k are permuted alike.
-  MatR wq_a, wq_b;         // [q_lora, H], [Hq·dq, q_lora] (q_lora_rank > 0)
-  VecF q_a_norm;           // [q_lora]
-  MatR wkv_a;              // [kv_lora + dr, H]
-  VecF bq_a, bkv_a;        // attention_bias: [q_lora], [kv_lora + dr]; empty when absent
-  VecF kv_a_norm;          // [kv_lora]
-  MatR wkv_b;              // [Hq·(dn + dv), kv_lora]
-};
-
-struct FFNWeights {
-  bool moe = false;
-  MatR router;             // [E, H] (MoE layers)
-  VecF router_bias;        // [E] selection-only bias (DeepSeek-V3 e_score_correction_bias), empty otherwise
-  ExpertBank experts;      // routed experts (MoE) or the dense MLP (E = 1)
-  bool has_shared = false;
-  ExpertBank shared;       // E = 1, I = shared_width: every shared expert side by side (config.shared_slice)
-  VecF shared_gate;        // [H] (sigmoid-gated shared expert), empty otherwise
-};
-
-struct LayerWeights {
-  VecF ln_in, ln_post;     // [H]
-  AttnWeights attn;
-  FFNWeights ffn;
-};
-
-struct Weights {
-  MatR embed;              // [V, H]
-  MatR lm_head;            // [V, H]; empty when tied (embed is used)
-  VecF final_norm;         // [H]
-  std::vector<LayerWeights> layers;
-  const MatR& output_matrix() const { return lm_head.size() ? lm_head : embed; }
-};
-
-// Converts a checkpoint's tensors into the canonical layout; InputError names any missing or misshapen tensor.
-Weights load_weights(const ModelConfig& cfg, const TensorStore& store);
 
 // Per-layer, per-sequence K/V history (after norms and RoPE).
 class KVCache {
@@ -158,9 +102,5 @@ class Model {
 TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache);
 // The same from lengths: sequence s has lengths[s] tokens at positions first_pos[s], first_pos[s] + 1, ...
 TokenLayout layout_from_lengths(const std::vector<int>& lengths, const std::vector<int>& first_pos);
-
-// Random weights with the given config (benchmarks and tests): uniform entries of standard deviation std,
-// norm weights around 1.
-Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f);
 
 }  // namespace moedit

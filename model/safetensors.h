@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/half.h"  // bf16/f16/fp8 ↔ fp32
+
 namespace moedit {
 
 enum class DType { F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL, F8_E4M3 };
@@ -90,11 +92,5 @@ OwnedTensor make_tensor(DType dtype, const std::vector<int64_t>& shape, const fl
 void write_safetensors(const std::string& path, const std::map<std::string, OwnedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// fp16/bf16 helpers.
-float bf16_to_f32(uint16_t v);
-float f16_to_f32(uint16_t v);
-uint16_t f32_to_bf16(float f);
-uint16_t f32_to_f16(float f);
-float f8e4m3_to_f32(uint8_t v);
 
 }  // namespace moedit

@@ -1,9 +1,124 @@
-// Checkpoint tensors → canonical fp32 weights (see model/model.h for the layout).
+// Checkpoint tensors → canonical weights, in place where the dtype allows (see model/weights.h).
+#include "model/weights.h"
+
+#include <cstring>
+#include <optional>
+
+#include "model/config.h"
 #include "model/errors.h"
-#include "model/model.h"
 #include "model/safetensors.h"
 
 namespace moedit {
+
+// ---- Weight -----------------------------------------------------------------------------------------------------
+
+Weight::Weight(MatR m) : own_(std::move(m)), rows_(own_.rows()), cols_(own_.cols()), copy_(true) {}
+
+Weight Weight::view(const void* data, ops::WType t, int64_t rows, int64_t cols, size_t ld) {
+  Weight w;
+  w.view_ = data;
+  w.vtype_ = t;
+  w.ld_ = ld;
+  w.rows_ = rows;
+  w.cols_ = cols;
+  return w;
+}
+
+ops::WeightView Weight::kernel() const {
+  if (copy_) return {own_.data(), size_t(cols_)};
+  return {view_, vtype_, ld_};
+}
+
+MatR Weight::to_f32() const {
+  if (copy_) return own_;
+  MatR m(rows_, cols_);
+  for (int64_t r = 0; r < rows_; ++r) row(r, m.row(r).data());
+  return m;
+}
+
+const float* Weight::f32() const {
+  if (copy_) return own_.data();
+  return vtype_ == ops::WType::F32 && ld_ == size_t(cols_) ? static_cast<const float*>(view_) : nullptr;
+}
+
+float* Weight::mutable_f32() {
+  if (!copy_) {
+    own_ = to_f32();
+    copy_ = true;
+  }
+  return own_.data();
+}
+
+bool Weight::drop_copy_if_unchanged() {
+  if (!copy_ || !view_) return false;
+  std::vector<float> r(static_cast<size_t>(cols_));
+  for (int64_t i = 0; i < rows_; ++i) {
+    ops::widen_row({view_, vtype_, ld_}, i, 0, cols_, r.data());
+    if (std::memcmp(r.data(), own_.row(i).data(), sizeof(float) * size_t(cols_)) != 0) return false;
+  }
+  own_ = MatR();
+  copy_ = false;
+  return true;
+}
+
+bool operator==(const Weight& a, const Weight& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  std::vector<float> ra(static_cast<size_t>(a.cols())), rb(ra.size());
+  for (int64_t r = 0; r < a.rows(); ++r) {
+    a.row(r, ra.data());
+    b.row(r, rb.data());
+    if (std::memcmp(ra.data(), rb.data(), sizeof(float) * ra.size()) != 0) return false;
+  }
+  return true;
+}
+
+void ExpertBank::resize(int e, int i, int h) {
+  E = e;
+  I = i;
+  H = h;
+  gate.assign(size_t(e), Weight(MatR::Zero(i, h)));
+  up.assign(size_t(e), Weight(MatR::Zero(i, h)));
+  down.assign(size_t(e), Weight(MatR::Zero(h, i)));
+}
+
+void expert_gate_up(const ExpertBank& b, int e, const float* x, size_t ldx, int n, float* gu) {
+  const size_t ld = 2 * size_t(b.I);
+  ops::linear(x, ldx, n, b.H, b.gate[size_t(e)].kernel(), b.I, gu, ld);
+  ops::linear(x, ldx, n, b.H, b.up[size_t(e)].kernel(), b.I, gu + b.I, ld);
+}
+
+void expert_key(const ExpertBank& b, int e, const float* x, size_t ldx, int n, float* key) {
+  MatR gu(n, 2 * b.I);
+  expert_gate_up(b, e, x, ldx, n, gu.data());
+  ops::silu_mul(gu.data(), n, b.I, key);
+}
+
+WeightBytes weight_bytes(const Weights& w) {
+  WeightBytes b;
+  auto add = [&b](const Weight& x) {
+    b.mapped += x.view_bytes();
+    if (x.is_copy()) b.owned += sizeof(float) * size_t(x.size());
+  };
+  auto addv = [&b](const VecF& v) { b.owned += sizeof(float) * size_t(v.size()); };
+  auto bank = [&](const ExpertBank& e) {
+    for (const auto* v : {&e.gate, &e.up, &e.down})
+      for (const Weight& x : *v) add(x);
+  };
+  add(w.embed);
+  add(w.lm_head);
+  addv(w.final_norm);
+  for (const LayerWeights& L : w.layers) {
+    const AttnWeights& a = L.attn;
+    for (const Weight* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) add(*x);
+    for (const VecF* v : {&L.ln_in, &L.ln_post, &a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm, &a.q_a_norm,
+                          &a.bq_a, &a.bkv_a, &a.kv_a_norm, &L.ffn.router_bias, &L.ffn.shared_gate})
+      addv(*v);
+    b.owned += sizeof(float) * size_t(L.ffn.router.size());
+    bank(L.ffn.experts);
+    bank(L.ffn.shared);
+  }
+  return b;
+}
 
 namespace {
 
@@ -49,6 +164,41 @@ MatR load_matrix(const TensorStore& st, const std::string& name, int64_t rows, i
   return m;
 }
 
+// The kernels read f32, bf16 and f16 in place when the data is naturally aligned (safetensors does not promise it).
+std::optional<ops::WType> view_type(const TensorView& t) {
+  const auto aligned = [&](size_t a) { return reinterpret_cast<uintptr_t>(t.data) % a == 0; };
+  switch (t.dtype) {
+    case DType::F32: return aligned(4) ? std::optional(ops::WType::F32) : std::nullopt;
+    case DType::BF16: return aligned(2) ? std::optional(ops::WType::BF16) : std::nullopt;
+    case DType::F16: return aligned(2) ? std::optional(ops::WType::F16) : std::nullopt;
+    default: return std::nullopt;
+  }
+}
+
+// A weight matrix: a view into the mapped file, or an fp32 copy (other dtypes; FP8 dequantised with its scales).
+Weight load_weight(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols) {
+  const TensorView& t = expect(st, name, {rows, cols});
+  if (const auto wt = view_type(t)) return Weight::view(t.data, *wt, rows, cols, size_t(cols));
+  return Weight(load_matrix(st, name, rows, cols));
+}
+
+// Rows [r0, r0 + n) of every expert's slice of a fused [E, R, C] tensor.
+std::vector<Weight> fused_rows(const TensorStore& st, const std::string& name, int64_t E, int64_t R, int64_t C,
+                               int64_t r0, int64_t n) {
+  const TensorView& t = expect(st, name, {E, R, C});
+  std::vector<Weight> out;
+  if (const auto wt = view_type(t)) {
+    for (int64_t e = 0; e < E; ++e)
+      out.push_back(Weight::view(t.data + size_t((e * R + r0) * C) * dtype_size(t.dtype), *wt, n, C, size_t(C)));
+    return out;
+  }
+  if (t.dtype == DType::F8_E4M3)
+    throw InputError(t.file + ": FP8 tensor '" + name + "' has no 2-D companion '" + name + "_scale_inv'");
+  const std::vector<float> all = t.to_f32();
+  for (int64_t e = 0; e < E; ++e) out.push_back(Weight(CMapMatR(all.data() + (e * R + r0) * C, n, C)));
+  return out;
+}
+
 VecF load_vector(const TensorStore& st, const std::string& name, int64_t n) {
   VecF v(n);
   load_into(st, name, {n}, v.data());
@@ -66,22 +216,20 @@ std::string with_expert(std::string_view tmpl, int e) {
   return s;
 }
 
-// A SwiGLU MLP with separate gate/up/down tensors into expert slot e of a bank.
-void load_swiglu_into(const TensorStore& st, ExpertBank& b, int e, const std::string& gate, const std::string& up,
-                      const std::string& down) {
-  const int64_t I = b.I, H = b.H;
-  float* gu = b.gate_up.data() + size_t(e) * 2 * I * H;
-  load_into(st, gate, {I, H}, gu);
-  load_into(st, up, {I, H}, gu + I * H);
-  load_into(st, down, {H, I}, b.down_of(e));
+// A SwiGLU MLP with separate gate/up/down tensors appended to a bank as its next expert.
+void add_swiglu(const TensorStore& st, ExpertBank& b, const std::string& gate, const std::string& up,
+                const std::string& down) {
+  b.gate.push_back(load_weight(st, gate, b.I, b.H));
+  b.up.push_back(load_weight(st, up, b.I, b.H));
+  b.down.push_back(load_weight(st, down, b.H, b.I));
 }
 
 ExpertBank load_dense_mlp(const TensorStore& st, const std::string& prefix, int I, int H) {
-  ExpertBank b;
-  b.resize(1, I, H);
-  load_swiglu_into(st, b, 0, prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight");
+  ExpertBank b{1, I, H, {}, {}, {}};
+  add_swiglu(st, b, prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight");
   return b;
 }
+
 
 // Interleaved-pair RoPE ([x0,x1,x2,x3,…] pairs (2i, 2i+1)) → rotate-half layout ([x0,x2,…,x1,x3,…]): permutes the
 // dr rows starting at `first` of every block of `stride` rows (one block per head).
@@ -95,43 +243,43 @@ void deinterleave_rows(M& w, int first, int dr, int stride) {
     }
 }
 
+// An owned copy of w with its rotary rows de-interleaved (see deinterleave_rows).
+Weight deinterleaved(const Weight& w, int first, int dr, int stride) {
+  MatR m = w.to_f32();
+  deinterleave_rows(m, first, dr, stride);
+  return Weight(std::move(m));
+}
+
 // DeepSeek MLA projections (see AttnWeights).
 void load_mla(const ModelConfig& c, const TensorStore& st, const std::string& ap, AttnWeights& at) {
   const int64_t H = c.hidden, Hq = c.n_heads, dq = c.qk_dim(), rq = c.q_lora_rank, rkv = c.kv_lora_rank,
                 dr = c.qk_rope_dim;
-  MatR& wq = rq ? at.wq_b : at.wq;
+  Weight& wq = rq ? at.wq_b : at.wq;
   if (rq) {
-    at.wq_a = load_matrix(st, ap + "q_a_proj.weight", rq, H);
+    at.wq_a = load_weight(st, ap + "q_a_proj.weight", rq, H);
     at.bq_a = load_vector_if(st, ap + "q_a_proj.bias", rq);
     at.q_a_norm = load_vector(st, ap + "q_a_layernorm.weight", rq);
-    at.wq_b = load_matrix(st, ap + "q_b_proj.weight", Hq * dq, rq);
+    at.wq_b = load_weight(st, ap + "q_b_proj.weight", Hq * dq, rq);
   } else {
-    at.wq = load_matrix(st, ap + "q_proj.weight", Hq * dq, H);
+    at.wq = load_weight(st, ap + "q_proj.weight", Hq * dq, H);
   }
-  at.wkv_a = load_matrix(st, ap + "kv_a_proj_with_mqa.weight", rkv + dr, H);
+  at.wkv_a = load_weight(st, ap + "kv_a_proj_with_mqa.weight", rkv + dr, H);
   at.bkv_a = load_vector_if(st, ap + "kv_a_proj_with_mqa.bias", rkv + dr);
   at.kv_a_norm = load_vector(st, ap + "kv_a_layernorm.weight", rkv);
-  at.wkv_b = load_matrix(st, ap + "kv_b_proj.weight", Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
-  at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * c.v_head_dim);
+  at.wkv_b = load_weight(st, ap + "kv_b_proj.weight", Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
+  at.wo = load_weight(st, ap + "o_proj.weight", H, Hq * c.v_head_dim);
   at.bo = load_vector_if(st, ap + "o_proj.bias", H);
   if (c.rope_interleave) {
-    deinterleave_rows(wq, c.qk_nope_dim, int(dr), int(dq));
-    deinterleave_rows(at.wkv_a, int(rkv), int(dr), int(rkv + dr));
+    wq = deinterleaved(wq, c.qk_nope_dim, int(dr), int(dq));
+    at.wkv_a = deinterleaved(at.wkv_a, int(rkv), int(dr), int(rkv + dr));
     if (at.bkv_a.size()) deinterleave_rows(at.bkv_a, int(rkv), int(dr), int(rkv + dr));
   }
 }
 
 }  // namespace
 
-void ExpertBank::resize(int e, int i, int h) {
-  E = e;
-  I = i;
-  H = h;
-  gate_up.assign(size_t(e) * 2 * i * h, 0.f);
-  down.assign(size_t(e) * h * i, 0.f);
-}
-
-Weights load_weights(const ModelConfig& c, const TensorStore& st) {
+Weights load_weights(const ModelConfig& c, std::shared_ptr<const TensorStore> store) {
+  const TensorStore& st = *store;
   const ArchSpec& a = *c.arch;
   const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
   g_fp8 = {};
@@ -146,8 +294,9 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
     }
   }
   Weights w;
-  w.embed = load_matrix(st, "model.embed_tokens.weight", V, H);
-  if (!c.tie_word_embeddings) w.lm_head = load_matrix(st, "lm_head.weight", V, H);
+  w.storage = std::move(store);
+  w.embed = load_weight(st, "model.embed_tokens.weight", V, H);
+  if (!c.tie_word_embeddings) w.lm_head = load_weight(st, "lm_head.weight", V, H);
   w.final_norm = load_vector(st, "model.norm.weight", H);
   w.layers.resize(size_t(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
@@ -161,10 +310,10 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
     if (a.attention == AttentionKind::MLA) {
       load_mla(c, st, ap, at);
     } else {
-      at.wq = load_matrix(st, ap + "q_proj.weight", Hq * D, H);
-      at.wk = load_matrix(st, ap + "k_proj.weight", Hkv * D, H);
-      at.wv = load_matrix(st, ap + "v_proj.weight", Hkv * D, H);
-      at.wo = load_matrix(st, ap + "o_proj.weight", H, Hq * D);
+      at.wq = load_weight(st, ap + "q_proj.weight", Hq * D, H);
+      at.wk = load_weight(st, ap + "k_proj.weight", Hkv * D, H);
+      at.wv = load_weight(st, ap + "v_proj.weight", Hkv * D, H);
+      at.wo = load_weight(st, ap + "o_proj.weight", H, Hq * D);
       if (c.qkv_bias) {
         at.bq = load_vector(st, ap + "q_proj.bias", Hq * D);
         at.bk = load_vector(st, ap + "k_proj.bias", Hkv * D);
@@ -201,12 +350,13 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
     const int E = c.n_experts, I = c.expert_width;
     f.router = load_matrix(st, router, E, H);
     if (!a.router_bias.empty()) f.router_bias = load_vector(st, mp + std::string(a.router_bias), E);
-    f.experts.resize(E, I, int(H));
+    f.experts = {E, I, int(H), {}, {}, {}};
     bool packed = false;
     for (const auto& [gu, dn] : a.packed) {
       if (!st.has(mp + std::string(gu))) continue;
-      load_into(st, mp + std::string(gu), {E, 2 * I, H}, f.experts.gate_up.data());
-      load_into(st, mp + std::string(dn), {E, H, I}, f.experts.down.data());
+      f.experts.gate = fused_rows(st, mp + std::string(gu), E, 2 * I, H, 0, I);
+      f.experts.up = fused_rows(st, mp + std::string(gu), E, 2 * I, H, I, I);
+      f.experts.down = fused_rows(st, mp + std::string(dn), E, H, I, 0, H);
       packed = true;
       break;
     }
@@ -215,15 +365,15 @@ Weights load_weights(const ModelConfig& c, const TensorStore& st) {
         throw InputError(st.files().front()->path() + ": missing tensor '" + mp +
                          std::string(a.packed.front().first) + "'");
       for (int e = 0; e < E; ++e)
-        load_swiglu_into(st, f.experts, e, mp + with_expert(a.expert_gate, e), mp + with_expert(a.expert_up, e),
-                         mp + with_expert(a.expert_down, e));
+        add_swiglu(st, f.experts, mp + with_expert(a.expert_gate, e), mp + with_expert(a.expert_up, e),
+                   mp + with_expert(a.expert_down, e));
     }
     if (c.shared_width > 0) {
       f.has_shared = true;
       f.shared = load_dense_mlp(st, mp + std::string(a.shared_module) + ".", c.shared_width, int(H));
       if (a.shared == SharedExpertKind::SigmoidGated) {
-        MatR g = load_matrix(st, mp + std::string(a.shared_gate), 1, H);
-        f.shared_gate = g.row(0).transpose();
+        f.shared_gate.resize(H);
+        load_into(st, mp + std::string(a.shared_gate), {1, H}, f.shared_gate.data());
       }
     }
   }
@@ -246,8 +396,16 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
     for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = next();
     return m;
   };
-  auto fill = [&](std::vector<float>& v) {
-    for (auto& x : v) x = next();
+  auto wmat = [&](int64_t rr, int64_t k) { return Weight(mat(rr, k)); };
+  // A bank drawn as one gate‖up block [E, 2I, H] then one down block [E, H, I] (the order earlier versions used).
+  auto bank = [&](int E, int I, int64_t Hh) {
+    ExpertBank b{E, I, int(Hh), {}, {}, {}};
+    for (int e = 0; e < E; ++e) {
+      b.gate.push_back(wmat(I, Hh));
+      b.up.push_back(wmat(I, Hh));
+    }
+    for (int e = 0; e < E; ++e) b.down.push_back(wmat(Hh, I));
+    return b;
   };
   auto ones = [&](int64_t n) {
     VecF v(n);
@@ -256,8 +414,8 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
   };
   const int64_t H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
   Weights w;
-  w.embed = mat(V, H);
-  if (!c.tie_word_embeddings) w.lm_head = mat(V, H);
+  w.embed = wmat(V, H);
+  if (!c.tie_word_embeddings) w.lm_head = wmat(V, H);
   w.final_norm = ones(H);
   w.layers.resize(size_t(c.n_layers));
   for (int l = 0; l < c.n_layers; ++l) {
@@ -267,21 +425,21 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
     if (c.arch->attention == AttentionKind::MLA) {
       const int64_t dq = c.qk_dim(), rq = c.q_lora_rank, rkv = c.kv_lora_rank;
       if (rq) {
-        L.attn.wq_a = mat(rq, H);
+        L.attn.wq_a = wmat(rq, H);
         L.attn.q_a_norm = ones(rq);
-        L.attn.wq_b = mat(Hq * dq, rq);
+        L.attn.wq_b = wmat(Hq * dq, rq);
       } else {
-        L.attn.wq = mat(Hq * dq, H);
+        L.attn.wq = wmat(Hq * dq, H);
       }
-      L.attn.wkv_a = mat(rkv + c.qk_rope_dim, H);
+      L.attn.wkv_a = wmat(rkv + c.qk_rope_dim, H);
       L.attn.kv_a_norm = ones(rkv);
-      L.attn.wkv_b = mat(Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
-      L.attn.wo = mat(H, Hq * c.v_head_dim);
+      L.attn.wkv_b = wmat(Hq * (c.qk_nope_dim + c.v_head_dim), rkv);
+      L.attn.wo = wmat(H, Hq * c.v_head_dim);
     } else {
-      L.attn.wq = mat(Hq * D, H);
-      L.attn.wk = mat(Hkv * D, H);
-      L.attn.wv = mat(Hkv * D, H);
-      L.attn.wo = mat(H, Hq * D);
+      L.attn.wq = wmat(Hq * D, H);
+      L.attn.wk = wmat(Hkv * D, H);
+      L.attn.wv = wmat(Hkv * D, H);
+      L.attn.wo = wmat(H, Hq * D);
     }
     if (c.qkv_bias) {
       L.attn.bq = mat(Hq * D, 1).col(0);
@@ -298,21 +456,15 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
     FFNWeights& f = L.ffn;
     f.moe = c.is_moe(l);
     if (!f.moe) {
-      f.experts.resize(1, c.dense_width, int(H));
-      fill(f.experts.gate_up);
-      fill(f.experts.down);
+      f.experts = bank(1, c.dense_width, H);
       continue;
     }
     f.router = mat(c.n_experts, H);
     if (!c.arch->router_bias.empty()) f.router_bias = mat(c.n_experts, 1).col(0);
-    f.experts.resize(c.n_experts, c.expert_width, int(H));
-    fill(f.experts.gate_up);
-    fill(f.experts.down);
+    f.experts = bank(c.n_experts, c.expert_width, H);
     if (c.shared_width > 0) {
       f.has_shared = true;
-      f.shared.resize(1, c.shared_width, int(H));
-      fill(f.shared.gate_up);
-      fill(f.shared.down);
+      f.shared = bank(1, c.shared_width, H);
       if (c.arch->shared == SharedExpertKind::SigmoidGated) f.shared_gate = mat(H, 1).col(0);
     }
   }

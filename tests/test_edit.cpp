@@ -306,8 +306,8 @@ TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
         k = pre.keys[size_t(e)].row(int(it - tk.begin())).transpose().cast<double>();
         EXPECT_LE(rel(u.k.cast<double>(), k), 1e-6);
       }
-      const Eigen::MatrixXd W1 = CMapMatR(bank.down_of(e), bank.H, bank.I).cast<double>();
-      const Eigen::MatrixXd W0 = CMapMatR(bank0.down_of(e), bank0.H, bank0.I).cast<double>();
+      const Eigen::MatrixXd W1 = bank.down[size_t(e)].to_f32().cast<double>();
+      const Eigen::MatrixXd W0 = bank0.down[size_t(e)].to_f32().cast<double>();
       const double err = rel(W1 * k, W0 * k + u.r.cast<double>());
       std::printf("  [exact] %s expert %d: |W'k - (Wk + r)| / |Wk + r| = %.2e, |r| = %.3f\n", tgt.c_str(), u.expert,
                   err, u.r.norm());
@@ -414,8 +414,10 @@ TEST(Edit, SharedTargetEditsEverySharedExpertSlice) {
   opt.target = parse_edit_target("shared");
   EditResult r = apply_edit_ids(*m, ids, opt);
   ASSERT_EQ(r.updates.size(), 2u);
-  const Eigen::MatrixXd W1 = CMapMatR(m->weights().layers[size_t(layer)].ffn.shared.down_of(0), H, W).cast<double>();
-  const Eigen::MatrixXd W0 = CMapMatR(before.layers[size_t(layer)].ffn.shared.down_of(0), H, W).cast<double>();
+  const Eigen::MatrixXd W1 = m->weights().layers[size_t(layer)].ffn.shared.down[0].to_f32().cast<double>();
+  const Eigen::MatrixXd W0 = before.layers[size_t(layer)].ffn.shared.down[0].to_f32().cast<double>();
+  ASSERT_EQ(W1.rows(), H);
+  ASSERT_EQ(W1.cols(), W);
   for (int j = 0; j < 2; ++j) {
     const ExpertUpdate& u = r.updates[size_t(j)];
     EXPECT_EQ(u.expert, shared_expert_id(j));
@@ -554,9 +556,10 @@ std::vector<SecondMoment> expect_stats_match_reference(const std::shared_ptr<Mod
       ops::rmsnorm(x.data(), m->weights().layers[size_t(layer)].ln_post.data(), a.data(), 1, int(x.size()),
                    m->config().rms_eps);
       auto key = [&](const ExpertBank& b, int e) {
-        Eigen::VectorXd h2 = CMapMatR(b.gate_up_of(e), 2 * b.I, b.H).cast<double>() * a.cast<double>();
+        const Eigen::VectorXd g = b.gate[size_t(e)].to_f32().cast<double>() * a.cast<double>();
+        const Eigen::VectorXd u = b.up[size_t(e)].to_f32().cast<double>() * a.cast<double>();
         Eigen::VectorXd k(b.I);
-        for (int i = 0; i < b.I; ++i) k[i] = h2[i] / (1 + std::exp(-h2[i])) * h2[b.I + i];
+        for (int i = 0; i < b.I; ++i) k[i] = g[i] / (1 + std::exp(-g[i])) * u[i];
         return k;
       };
       for (int j = 0; j < m->config().top_k; ++j) {
@@ -601,11 +604,11 @@ TEST(KeyStats, MatchPerTokenReferenceAndCache) {
 
   // The key-weights hash ignores layer L's down projections and sees everything below.
   const uint64_t h0 = key_weights_hash(*m, layer);
-  m->mutable_weights().layers[size_t(layer)].ffn.experts.down[5] += 1.f;
+  m->mutable_weights().layers[size_t(layer)].ffn.experts.down[0].mutable_f32()[5] += 1.f;
   EXPECT_EQ(key_weights_hash(*m, layer), h0);
-  m->mutable_weights().layers[0].ffn.experts.down[5] += 1.f;
+  m->mutable_weights().layers[0].ffn.experts.down[0].mutable_f32()[5] += 1.f;
   EXPECT_NE(key_weights_hash(*m, layer), h0);
-  m->mutable_weights().layers[0].ffn.experts.down[5] -= 1.f;
+  m->mutable_weights().layers[0].ffn.experts.down[0].mutable_f32()[5] -= 1.f;
   EXPECT_EQ(key_weights_hash(*m, layer), h0);
 }
 

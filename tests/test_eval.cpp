@@ -364,7 +364,7 @@ TEST(EvalRun, SequentialEditsAccumulateAndAreRevertedAtTheEnd) {
   TempDir tmp;
   auto m = Model::load(demo_dir());
   const Tokenizer tok = Tokenizer::from_file(demo_dir());
-  const std::vector<float> before = m->weights().layers[3].ffn.experts.down;
+  const std::vector<Weight> before = m->weights().layers[3].ffn.experts.down;
   const auto recs = load_eval_records(bundled_cf());
   eval::RunOptions o;
   o.out_dir = tmp / "seq";

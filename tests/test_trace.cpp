@@ -430,9 +430,12 @@ TEST(Trace, SharedExpertsOneByOneTogetherEqualTheSharedBlock) {
     const int H = c.hidden, W = f.shared.I;
     MatR x = in->value + att->value, a(x.rows(), H);
     ops::rmsnorm(x.data(), m->weights().layers[size_t(l0)].ln_post.data(), a.data(), int(x.rows()), H, c.rms_eps);
-    const Eigen::MatrixXd gu = a.cast<double>() * CMapMatR(f.shared.gate_up_of(0), 2 * W, H).cast<double>().transpose();
-    const Eigen::MatrixXd key = (gu.leftCols(W).array() / (1 + (-gu.leftCols(W).array()).exp())) * gu.rightCols(W).array();
-    const Eigen::MatrixXd dn = CMapMatR(f.shared.down_of(0), H, W).cast<double>();
+    const Eigen::MatrixXd g = a.cast<double>() * f.shared.gate[0].to_f32().cast<double>().transpose();
+    const Eigen::MatrixXd u = a.cast<double>() * f.shared.up[0].to_f32().cast<double>().transpose();
+    const Eigen::MatrixXd key = (g.array() / (1 + (-g.array()).exp())) * u.array();
+    const Eigen::MatrixXd dn = f.shared.down[0].to_f32().cast<double>();
+    ASSERT_EQ(dn.rows(), H);
+    ASSERT_EQ(dn.cols(), W);
     for (int j = 0; j < 2; ++j) {
       const auto [b, e] = c.shared_slice(j);
       const Eigen::MatrixXd want = key.middleCols(b, e - b) * dn.middleCols(b, e - b).transpose();

@@ -183,7 +183,7 @@ void save_noise_file(const std::string& path, const Noise& noise, const std::map
 }
 
 double embedding_std(const Model& m, const std::vector<std::vector<int32_t>>& token_lists) {
-  const MatR& E = m.weights().embed;
+  const Weight& E = m.weights().embed;
   double sum = 0, sq = 0;
   int64_t n = 0;
   for (const auto& l : token_lists)

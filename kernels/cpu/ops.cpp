@@ -10,6 +10,7 @@
 #include <limits>
 #include <numeric>
 
+#include "kernels/half.h"
 #include "kernels/ops.h"
 
 namespace moedit::ops {
@@ -30,19 +31,45 @@ namespace {
 // it or how columns are split among threads: a causal trace with a prefix cache equals the naive trace exactly, and
 // a prompt scores the same alone or in a batch. Both operands are read in place (row-major, contiguous along k): no
 // packing, which is what made Eigen's GEMM slow for the few-row products of decoding.
+// Weight element types: fp32, or 16-bit patterns widened to fp32 as they are loaded.
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+inline float wf(float w) { return w; }
+inline float wf(Bf16 w) { return bf16_to_f32(w.bits); }
+inline float wf(F16 w) { return f16_to_f32(w.bits); }
+
 #if defined(__AVX2__) && defined(__FMA__)
 using Lanes = __m256;  // eight partial sums
 using Quad = __m128;   // four finished outputs
 inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
 inline Lanes lanes_load(const float* p) { return _mm256_loadu_ps(p); }
+// Eight weights widened to fp32 (exact): bf16 is the high half of an fp32, f16 converts in hardware.
+inline Lanes lanes_load(const Bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#if defined(__F16C__)
+inline Lanes lanes_load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+inline Lanes lanes_load(const F16* p) {
+  alignas(32) float v[8];
+  for (int l = 0; l < 8; ++l) v[l] = f16_to_f32(p[l].bits);
+  return _mm256_load_ps(v);
+}
+#endif
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
 // The four sums of a, b, c, d in the order above (hadd pairs adjacent lanes within each 128-bit half).
 inline Quad reduce4(Lanes a, Lanes b, Lanes c, Lanes d) {
   const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a0123 b0123 c0123 d0123 | a4567 ...]
   return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
-inline Quad quad_fma(float x, const float* w0, const float* w1, const float* w2, const float* w3, int k, Quad s) {
-  return _mm_fmadd_ps(_mm_set1_ps(x), _mm_setr_ps(w0[k], w1[k], w2[k], w3[k]), s);
+template <class WT>
+inline Quad quad_fma(float x, const WT* w0, const WT* w1, const WT* w2, const WT* w3, int k, Quad s) {
+  return _mm_fmadd_ps(_mm_set1_ps(x), _mm_setr_ps(wf(w0[k]), wf(w1[k]), wf(w2[k]), wf(w3[k])), s);
 }
 inline void quad_store(Quad q, const float* bias, int nc, float* y) {
   alignas(16) float v[4];
@@ -60,9 +87,10 @@ struct Quad {
   float v[4];
 };
 inline Lanes lanes_zero() { return Lanes{}; }
-inline Lanes lanes_load(const float* p) {
+template <class WT>
+inline Lanes lanes_load(const WT* p) {
   Lanes r;
-  std::copy(p, p + 8, r.v);
+  for (int l = 0; l < 8; ++l) r.v[l] = wf(p[l]);
   return r;
 }
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes c) {
@@ -76,9 +104,10 @@ inline float lanes_sum(const Lanes& a) {
 inline Quad reduce4(Lanes a, Lanes b, Lanes c, Lanes d) {
   return {{lanes_sum(a), lanes_sum(b), lanes_sum(c), lanes_sum(d)}};
 }
-inline Quad quad_fma(float x, const float* w0, const float* w1, const float* w2, const float* w3, int k, Quad s) {
-  return {{std::fma(x, w0[k], s.v[0]), std::fma(x, w1[k], s.v[1]), std::fma(x, w2[k], s.v[2]),
-           std::fma(x, w3[k], s.v[3])}};
+template <class WT>
+inline Quad quad_fma(float x, const WT* w0, const WT* w1, const WT* w2, const WT* w3, int k, Quad s) {
+  return {{std::fma(x, wf(w0[k]), s.v[0]), std::fma(x, wf(w1[k]), s.v[1]), std::fma(x, wf(w2[k]), s.v[2]),
+           std::fma(x, wf(w3[k]), s.v[3])}};
 }
 inline void quad_store(Quad q, const float* bias, int nc, float* y) {
   for (int c = 0; c < nc; ++c) y[c] = bias ? q.v[c] + bias[c] : q.v[c];
@@ -89,11 +118,11 @@ inline void quad_store4(Quad q, const float* bias, float* y) { quad_store(q, bia
 // Y[r, c] for the tile r < R, c < 4·C: rows of X from X (stride ldx), W rows from W (stride ldw), outputs to Y
 // (stride ldy). Full: all 4·C columns are real; otherwise only the first nc (< 4·C) are read and written. `next` (may
 // be null) is the W row after the tile's, prefetched while the tile runs.
-template <int R, int C, bool Full>
-void dot_tile(const float* X, size_t ldx, const float* W, size_t ldw, int in, int nc, float* Y, size_t ldy,
-              const float* bias, const float* next) {
+template <class WT, int R, int C, bool Full>
+void dot_tile(const float* X, size_t ldx, const WT* W, size_t ldw, int in, int nc, float* Y, size_t ldy,
+              const float* bias, const WT* next) {
   constexpr int N = 4 * C;
-  const float* w[N];
+  const WT* w[N];
   for (int c = 0; c < N; ++c) w[c] = W + size_t(Full ? c : std::min(c, nc - 1)) * ldw;  // padding re-reads a real row
   Lanes acc[R][N];
   for (int r = 0; r < R; ++r)
@@ -120,18 +149,21 @@ void dot_tile(const float* X, size_t ldx, const float* W, size_t ldw, int in, in
     }
 }
 
-using TileFn = void (*)(const float*, size_t, const float*, size_t, int, int, float*, size_t, const float*,
-                       const float*);
-// kTiles[rows - 1][full]: up to 3 rows by 4 columns; kRowTile[full]: 1 row by 8 columns.
-constexpr TileFn kTiles[3][2] = {{&dot_tile<1, 1, false>, &dot_tile<1, 1, true>},
-                                 {&dot_tile<2, 1, false>, &dot_tile<2, 1, true>},
-                                 {&dot_tile<3, 1, false>, &dot_tile<3, 1, true>}};
-constexpr TileFn kRowTile[2] = {&dot_tile<1, 2, false>, &dot_tile<1, 2, true>};
+template <class WT>
+struct Tiles {
+  using Fn = void (*)(const float*, size_t, const WT*, size_t, int, int, float*, size_t, const float*, const WT*);
+  // tile[rows - 1][full]: up to 3 rows by 4 columns; row[full]: 1 row by 8 columns.
+  static constexpr Fn tile[3][2] = {{&dot_tile<WT, 1, 1, false>, &dot_tile<WT, 1, 1, true>},
+                                    {&dot_tile<WT, 2, 1, false>, &dot_tile<WT, 2, 1, true>},
+                                    {&dot_tile<WT, 3, 1, false>, &dot_tile<WT, 3, 1, true>}};
+  static constexpr Fn row[2] = {&dot_tile<WT, 1, 2, false>, &dot_tile<WT, 1, 2, true>};
+};
 
 // Columns [c0, c1) of Y = X·Wᵀ (+ bias), all n rows; rows of X, W and Y are ldx, ldw and ldy floats apart. Rows in
 // panels whose slice of X fits in L2; per panel, column tiles outer (a tile's W rows stay in L1 while the panel's rows
 // pass them). A single row takes 8 columns at a time (fewer loads per FMA); more rows take 4 columns by up to 3 rows.
-void linear_columns(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, float* Y, size_t ldy,
+template <class WT>
+void linear_columns(const float* X, size_t ldx, int n, int in, const WT* W, size_t ldw, float* Y, size_t ldy,
                     const float* bias, int c0, int c1) {
   const int panel = std::max(3, int((256 * 1024) / (sizeof(float) * size_t(in))) / 3 * 3);
   for (int p0 = 0; p0 < n; p0 += panel) {
@@ -140,10 +172,10 @@ void linear_columns(const float* X, size_t ldx, int n, int in, const float* W, s
     for (int c = c0; c < c1; c += tile_cols) {
       const int nc = std::min(tile_cols, c1 - c);
       const bool full = nc == tile_cols;
-      const float* next = c + 2 * tile_cols <= c1 ? W + size_t(c + tile_cols) * ldw : nullptr;
+      const WT* next = c + 2 * tile_cols <= c1 ? W + size_t(c + tile_cols) * ldw : nullptr;
       for (int r = p0; r < p1; r += 3) {
         const int nr = std::min(3, p1 - r);
-        const TileFn f = tile_cols == 8 ? kRowTile[full] : kTiles[nr - 1][full];
+        const auto f = tile_cols == 8 ? Tiles<WT>::row[full] : Tiles<WT>::tile[nr - 1][full];
         f(X + size_t(r) * ldx, ldx, W + size_t(c) * ldw, ldw, in, nc, Y + size_t(r) * ldy + c, ldy,
           bias ? bias + c : nullptr, r == p0 ? next : nullptr);
       }
@@ -157,8 +189,10 @@ void linear(const float* X, int n, int in, const float* W, int out, float* Y, co
   linear(X, size_t(in), n, in, W, size_t(in), out, Y, size_t(out), bias);
 }
 
-void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ldw, int out, float* Y, size_t ldy,
-            const float* bias) {
+namespace {
+template <class WT>
+void linear_typed(const float* X, size_t ldx, int n, int in, const WT* W, size_t ldw, int out, float* Y, size_t ldy,
+                  const float* bias) {
   // Y = X·Wᵀ. With enough work, split the output columns (W's rows) into blocks, one per task, so each thread streams
   // its own slice of W — the weights dominate memory traffic for the small n of decoding. Small products run here
   // directly (an OpenMP region, even a one-thread one, costs about as much as a one-row expert product).
@@ -171,6 +205,41 @@ void linear(const float* X, size_t ldx, int n, int in, const float* W, size_t ld
   for (int b = 0; b < nblocks; ++b) {
     const int c0 = b * block, c1 = std::min(out, c0 + block);
     linear_columns(X, ldx, n, in, W, ldw, Y, ldy, bias, c0, c1);
+  }
+}
+}  // namespace
+
+size_t wtype_size(WType t) { return t == WType::F32 ? 4 : 2; }
+
+float widen(const WeightView& W, int64_t r, int64_t c) {
+  const void* p = W.at(r, c).data;
+  switch (W.type) {
+    case WType::F32: return *static_cast<const float*>(p);
+    case WType::BF16: return bf16_to_f32(*static_cast<const uint16_t*>(p));
+    case WType::F16: return f16_to_f32(*static_cast<const uint16_t*>(p));
+  }
+  return 0.f;
+}
+
+void widen_row(const WeightView& W, int64_t r, int64_t c0, int64_t n, float* out) {
+  const void* p = W.at(r, c0).data;
+  switch (W.type) {
+    case WType::F32: std::copy_n(static_cast<const float*>(p), n, out); return;
+    case WType::BF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+      return;
+    case WType::F16:
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+      return;
+  }
+}
+
+void linear(const float* X, size_t ldx, int n, int in, const WeightView& W, int out, float* Y, size_t ldy,
+            const float* bias) {
+  switch (W.type) {
+    case WType::F32: return linear_typed(X, ldx, n, in, static_cast<const float*>(W.data), W.ld, out, Y, ldy, bias);
+    case WType::BF16: return linear_typed(X, ldx, n, in, static_cast<const Bf16*>(W.data), W.ld, out, Y, ldy, bias);
+    case WType::F16: return linear_typed(X, ldx, n, in, static_cast<const F16*>(W.data), W.ld, out, Y, ldy, bias);
   }
 }
 
