@@ -25,7 +25,7 @@
 #include "editor/keystats.h"
 #include "editor/rome.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 using namespace moedit;
 using Clock = std::chrono::steady_clock;

@@ -27,7 +27,7 @@
 #include "editor/rome.h"
 #include "eval/run.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 using namespace moedit;
 using json = nlohmann::json;

@@ -1,11 +1,15 @@
 // Forward-pass benchmark on a synthetic checkpoint shaped like a slice of OLMoE-1B-7B's layer stack:
-// hidden 2048, 64 experts, top-8, expert width 1024, 2 layers, 256 tokens (random weights, fp32).
+// hidden 2048, 64 experts, top-8, expert width 1024, 2 layers (random weights).
 //
-// Prints tokens/s of the whole forward pass and the achieved GFLOP/s of the expert GEMMs (the MoE block, routing
-// and gather included) as a fraction of the GFLOP/s of one plain GEMM of the same total size (the 2048 routed
-// token-rows through one gate‖up and one down matrix), measured in the same run with the same kernel and threads.
+// 1. Prefill (one sequence of N tokens) and greedy-style decode (one token at a time through the KV cache, after a
+//    short prompt), with the same weights stored as fp32 and as bf16 (read in place, widened in registers), in the
+//    same run: decode reads every active expert's weights once per token, so it is memory-bound and bf16 should
+//    approach 2× fp32's tokens/s; prefill is compute-bound.
+// 2. The achieved GFLOP/s of the expert GEMMs (the MoE block, routing and gather included) as a fraction of the
+//    GFLOP/s of one plain GEMM of the same total size (the routed token-rows through one gate‖up and one down
+//    matrix), same kernel and threads (fp32 weights).
 //
-//   bench_forward [--tokens N] [--reps R]
+//   bench_forward [--tokens N] [--decode D] [--reps R]
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -21,9 +25,10 @@ using bench::best_of;
 using bench::Clock;
 
 int main(int argc, char** argv) {
-  int tokens = 256, reps = 3;
+  int tokens = 256, decode = 32, reps = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tokens")) tokens = std::stoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--decode")) decode = std::stoi(argv[i + 1]);
     if (!std::strcmp(argv[i], "--reps")) reps = std::stoi(argv[i + 1]);
   }
   const nlohmann::json j = {{"model_type", "olmoe"},       {"vocab_size", 4096},          {"hidden_size", 2048},
@@ -36,10 +41,27 @@ int main(int argc, char** argv) {
   for (int t = 0; t < tokens; ++t) ids[size_t(t)] = (t * 2654435761u) % 4096;
   const int H = cfg.hidden, I = cfg.expert_width, k = cfg.top_k;
 
-  // Whole forward pass.
+  // Prefill and decode, fp32 and bf16 weights.
   const std::vector<std::vector<int32_t>> batch = {ids};
-  m.forward(batch);  // warm-up
-  const double t_fwd = best_of(reps, [&] { m.forward(batch); });
+  const Model m16(cfg, narrowed(m.weights(), ops::WType::BF16));
+  auto prefill = [&](const Model& mm) {
+    mm.forward(batch);  // warm-up
+    return best_of(reps, [&] { mm.forward(batch); });
+  };
+  auto decode_time = [&](const Model& mm) {  // seconds per decoded token after an 8-token prompt
+    return best_of(reps, [&] {
+             KVCache cache;
+             ForwardOptions o;
+             o.cache = &cache;
+             o.logits_all = false;
+             mm.forward({{ids.begin(), ids.begin() + 8}}, o);
+             for (int t = 0; t < decode; ++t) mm.forward({{ids[size_t(8 + t) % ids.size()]}}, o);
+           }) /
+           decode;
+  };
+  const double t_fwd = prefill(m), t_fwd16 = prefill(m16);
+  const double t_dec = decode_time(m), t_dec16 = decode_time(m16);
+  const WeightBytes b32 = weight_bytes(m.weights()), b16 = weight_bytes(m16.weights());
 
   // The MoE block alone on realistic (normalised) input.
   MatR a = MatR::Random(tokens, H);
@@ -58,7 +80,12 @@ int main(int argc, char** argv) {
 
   const double gf_moe = moe_flops / t_moe / 1e9, gf_gemm = moe_flops / t_gemm / 1e9;
   std::printf("threads                 %d\n", ops::num_threads());
-  std::printf("forward (%d tokens)    %.3f s  → %.1f tokens/s\n", tokens, t_fwd, tokens / t_fwd);
+  std::printf("weights                 fp32 %.2f GB, bf16 %.2f GB (+ %.2f GB fp32 norms/routers)\n",
+              double(b32.owned) / 1e9, double(b16.mapped) / 1e9, double(b16.owned) / 1e9);
+  std::printf("prefill (%d tokens)    fp32 %.3f s → %.1f tokens/s   bf16 %.3f s → %.1f tokens/s   bf16/fp32 %.2f\n",
+              tokens, t_fwd, tokens / t_fwd, t_fwd16, tokens / t_fwd16, t_fwd / t_fwd16);
+  std::printf("decode (%d steps)       fp32 %.1f tokens/s   bf16 %.1f tokens/s   bf16/fp32 %.2f\n", decode,
+              1 / t_dec, 1 / t_dec16, t_dec / t_dec16);
   std::printf("MoE block (1 layer)     %.3f s  → %.1f GFLOP/s in expert GEMMs\n", t_moe, gf_moe);
   std::printf("plain GEMM, same size   %.3f s  → %.1f GFLOP/s\n", t_gemm, gf_gemm);
   std::printf("ratio (MoE / plain GEMM ceiling): %.2f   (target >= 0.60)\n", gf_moe / gf_gemm);

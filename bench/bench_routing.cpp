@@ -25,7 +25,7 @@
 
 #include "datasets/counterfact.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/routing.h"
 
 #include "bench_util.h"

@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 
 using Clock = std::chrono::steady_clock;
 

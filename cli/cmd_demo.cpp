@@ -11,10 +11,10 @@
 #include "editor/rome.h"
 #include "eval/run.h"
 #include "eval/accuracy.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/generate.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/trace.h"
 
 namespace moedit::cli {

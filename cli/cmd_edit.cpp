@@ -17,9 +17,9 @@
 #include "editor/keystats.h"
 #include "editor/rome.h"
 #include "editor/save.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/trace.h"
 
 namespace moedit::cli {
@@ -29,7 +29,7 @@ namespace {
 struct EditArgs {
   std::string model, subject, prompt, target_new, target_true, requests, target = "dominant", layer = "auto";
   std::vector<std::string> paraphrases, neighbors;
-  std::string save;
+  std::string save, save_dtype = "checkpoint";
   bool json = false, overwrite = false, independent = false, quiet = false;
   int limit = -1;
   EditorFlags editor;
@@ -204,19 +204,30 @@ void run_edit(const EditArgs& a) {
   if (!a.save.empty()) {
     require_input(!a.independent, "--save with --independent would save the unedited model");
     const auto edited = edited_experts(applied);
-    save_edited_checkpoint(*m, a.model, a.save, edited, {a.overwrite});
+    require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",
+                  "--save-dtype '" + a.save_dtype + "': expected checkpoint or f32");
+    const bool f32 = a.save_dtype == "f32";
+    const SaveReport sr = save_edited_checkpoint(*m, a.model, a.save, edited, {a.overwrite, f32});
     // What a reload computes: the edited tensors in their stored dtype.
-    const auto dtypes = round_to_checkpoint_dtype(*m, a.model, edited);
-    out["saved"] = {{"path", a.save}, {"edited_tensor_dtypes", dtypes}};
+    const auto dtypes = f32 ? std::vector<std::string>{"F32"} : round_to_checkpoint_dtype(*m, a.model, edited);
+    out["saved"] = {{"path", a.save}, {"edited_tensor_dtypes", dtypes},
+                    {"delta_rounding", sr.rounding_ratio()}};
+    for (const SavedTensor& t : sr.tensors)
+      out["saved"]["tensors"].push_back(
+          {{"name", t.name}, {"dtype", t.dtype}, {"max_abs_delta", t.max_delta}, {"max_abs_rounding", t.max_rounding}});
     bool rounded = false;
     for (const auto& d : dtypes) rounded |= d != "F32";
     if (rounded && !applied.empty() && !reqs.empty()) {  // the last request, as the saved model answers it
       const EditReport rep = report_edit(*m, tok, reqs.back(), applied.back());
       out["saved"]["last_rewrite_after_rounding"] = rep.to_json(!reqs.back().target_true.empty())["rewrite"];
     }
-    if (!a.json)
-      std::printf("saved the edited checkpoint to %s%s\n", a.save.c_str(),
-                  rounded ? " (edited weights rounded to the stored dtype)" : "");
+    if (!a.json) {
+      std::printf("saved the edited checkpoint to %s (%zu edited tensor%s, %s)\n", a.save.c_str(), sr.tensors.size(),
+                  sr.tensors.size() == 1 ? "" : "s", f32 ? "written as F32" : "in their stored dtype");
+      if (rounded)
+        std::printf("rounding of the update by %s: max |dW_written - dW| / max |dW| = %.3g (--save-dtype f32 keeps "
+                    "dW exact)\n", dtypes.size() == 1 ? dtypes[0].c_str() : "the stored dtypes", sr.rounding_ratio());
+    }
   }
   if (a.json) std::printf("%s\n", out.dump().c_str());
 }
@@ -241,6 +252,9 @@ void register_edit(CLI::App& app) {
   add_editor_flags(cmd, a.editor);
   cmd->add_option("--save", a.save, "Write the edited model as a Hugging Face checkpoint folder");
   cmd->add_flag("--overwrite", a.overwrite, "Replace an existing --save folder");
+  cmd->add_option("--save-dtype", a.save_dtype,
+                  "checkpoint: edited tensors in their stored dtype (the rounding of dW is reported) | f32: as F32")
+      ->capture_default_str();
   cmd->add_flag("--quiet", a.quiet, "No progress messages");
   cmd->add_flag("--json", a.json, "Print JSON");
   cmd->callback([] { run_edit(a); });

@@ -14,9 +14,9 @@
 #include "cli/editor_flags.h"
 #include "editor/keystats.h"
 #include "eval/run.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::cli {
 

@@ -17,10 +17,10 @@
 #include "cli/common.h"
 #include "cli/ids.h"
 #include "cli/interventions.h"
-#include "model/errors.h"
-#include "model/files.h"
+#include "io/errors.h"
+#include "io/files.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/routing_profile.h"
 
 namespace moedit::cli {

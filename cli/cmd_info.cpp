@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "model/config.h"
+#include "model/memory.h"
 
 namespace moedit::cli {
 
@@ -83,8 +84,12 @@ void register_info(CLI::App& app) {
         {"total_params", total},
         {"active_params", active},
         {"weights_bytes", total * bytes},
-        {"fp32_compute_bytes", total * 4},
     };
+    // What loading needs (files mapped in place + fp32 copies) against this machine, when the weights are there.
+    const MachineMemory have = machine_memory();
+    const CheckpointMemory need = checkpoint_memory(c, model);
+    j["machine"] = {{"ram_bytes", have.ram}, {"available_bytes", have.available}, {"address_space_limit", have.as_limit}};
+    if (need.file_bytes) j["load"] = {{"mapped_bytes", need.file_bytes}, {"fp32_copy_bytes", need.fp32_bytes}};
     if (as_json) {
       std::printf("%s\n", j.dump(2).c_str());
       return;
@@ -103,9 +108,21 @@ void register_info(CLI::App& app) {
       std::printf("  shared experts    %d (width %d in all)\n", c.n_shared_experts, c.shared_width);
     std::printf("  parameters        %s total, %s active per token\n", human(double(total), "").c_str(),
                 human(double(active), "").c_str());
-    std::printf("  memory            %s as stored (%s), %s in fp32 compute\n",
-                human(double(total) * bytes, "B").c_str(), c.dtype.empty() ? "bf16 assumed" : c.dtype.c_str(),
-                human(double(total) * 4, "B").c_str());
+    std::printf("  weights           %s as stored (%s), read in place: weights are never copied to fp32\n",
+                human(double(total) * bytes, "B").c_str(), c.dtype.empty() ? "bf16 assumed" : c.dtype.c_str());
+    if (need.file_bytes) {
+      std::printf("  loading needs     %s mapped (safetensors files) + %s of fp32 copies (norms, routers%s)\n",
+                  gb(need.file_bytes).c_str(), gb(need.fp32_bytes).c_str(),
+                  need.fp32_bytes > need.file_bytes / 4 ? ", dequantised weights" : "");
+      const char* verdict = need.file_bytes + need.fp32_bytes <= have.available
+                                ? "fits in available RAM"
+                                : need.fp32_bytes <= have.available
+                                      ? "weights exceed available RAM: runs through the page cache (reads from disk)"
+                                      : "does not fit: the fp32 copies exceed available RAM";
+      std::printf("  this machine      %s RAM, %s available%s%s → %s\n", gb(have.ram).c_str(),
+                  gb(have.available).c_str(), have.as_limit ? ", address-space limit " : "",
+                  have.as_limit ? gb(have.as_limit).c_str() : "", verdict);
+    }
   });
 }
 

@@ -18,10 +18,10 @@
 #include "cli/ids.h"
 #include "cli/interventions.h"
 #include "datasets/counterfact.h"
-#include "model/errors.h"
-#include "model/files.h"
+#include "io/errors.h"
+#include "io/files.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/routing.h"
 
 namespace moedit::cli {

@@ -8,9 +8,9 @@
 
 #include "cli/commands.h"
 #include "editor/keystats.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::cli {
 

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "cli/commands.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::cli {
 

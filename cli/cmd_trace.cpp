@@ -6,9 +6,9 @@
 
 #include "cli/commands.h"
 #include "cli/ids.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/trace.h"
 
 namespace moedit::cli {

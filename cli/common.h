@@ -8,8 +8,8 @@
 #include <optional>
 #include <string>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::cli {
 

@@ -7,7 +7,7 @@
 
 #include "cli/common.h"
 #include "datasets/counterfact.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "tracing/trace.h"
 
 namespace moedit::cli {

@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "cli/commands.h"
-#include "model/errors.h"
+#include "io/errors.h"
+#include "model/memory.h"
 
 namespace moedit::cli {
 
@@ -51,6 +52,12 @@ int main(int argc, char** argv) {
   } catch (const moedit::InputError& e) {
     std::fprintf(stderr, "moedit: error: %s\n", e.what());
     return 2;
+  } catch (const std::bad_alloc&) {
+    const moedit::MachineMemory m = moedit::machine_memory();
+    std::fprintf(stderr, "moedit: out of memory (%s of %s RAM available%s%s)\n", moedit::gb(m.available).c_str(),
+                 moedit::gb(m.ram).c_str(), m.as_limit ? ", address-space limit " : "",
+                 m.as_limit ? moedit::gb(m.as_limit).c_str() : "");
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moedit: runtime failure: %s\n", e.what());
     return 1;

@@ -3,7 +3,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 using json = nlohmann::json;

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "datasets/counterfact.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 using json = nlohmann::json;

@@ -11,9 +11,9 @@
 #include <optional>
 #include <sstream>
 
-#include "model/errors.h"
-#include "model/safetensors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
 
 namespace fs = std::filesystem;
 

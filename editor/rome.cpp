@@ -10,9 +10,9 @@
 #include <fstream>
 #include <set>
 
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/generate.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit {
 

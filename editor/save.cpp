@@ -3,13 +3,15 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
 
 #include "editor/keystats.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace fs = std::filesystem;
 
@@ -91,8 +93,17 @@ DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& st, i
   return loc;
 }
 
-void save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
-                            const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt) {
+double SaveReport::rounding_ratio() const {
+  double d = 0, r = 0;
+  for (const SavedTensor& t : tensors) {
+    d = std::max(d, t.max_delta);
+    r = std::max(r, t.max_rounding);
+  }
+  return d > 0 ? r / d : 0.0;
+}
+
+SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
+                                  const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt) {
   const ModelConfig& c = m.config();
   require_input(fs::is_directory(source_dir), "source checkpoint '" + source_dir + "' is not a folder");
   require_input(!out_dir.empty(), "no output folder given");
@@ -132,6 +143,7 @@ void save_edited_checkpoint(const Model& m, const std::string& source_dir, const
   const fs::path stage = parent / ("." + out.filename().string() + ".moedit-tmp-" + std::to_string(::getpid()));
   fs::remove_all(stage);
   fs::create_directories(stage);
+  SaveReport report;
   try {
     std::set<std::string> written;
     for (const auto& file : store.files()) {
@@ -149,15 +161,33 @@ void save_edited_checkpoint(const Model& m, const std::string& source_dir, const
         OwnedTensor t;
         t.dtype = view.dtype;
         t.shape = view.shape;
-        t.bytes.assign(view.data, view.data + view.nbytes);
-        if (auto it = patches.find(tname); it != patches.end())
-          for (const Patch& p : it->second) {
-            const ExpertBank& b = p.expert == kSharedExpert ? m.weights().layers[size_t(p.layer)].ffn.shared
-                                                            : m.weights().layers[size_t(p.layer)].ffn.experts;
-            const size_t n = size_t(b.H) * size_t(b.I);
-            const size_t off = p.slice < 0 ? 0 : size_t(p.slice) * n * dtype_size(view.dtype);
-            convert_into(view.dtype, down_weight(m, p.layer, p.expert).to_f32().data(), n, t.bytes.data() + off);
+        const auto it = patches.find(tname);
+        if (it == patches.end()) {
+          t.bytes.assign(view.data, view.data + view.nbytes);
+          tensors.emplace(tname, std::move(t));
+          continue;
+        }
+        // An edited tensor: the source values (ΔW is measured against them), written in its dtype or in fp32.
+        const std::vector<float> source = view.to_f32();
+        if (opt.f32) {
+          t = make_f32_tensor(view.shape, source.data());
+        } else {
+          t.bytes.assign(view.data, view.data + view.nbytes);
+        }
+        SavedTensor rep{tname, dtype_name(t.dtype), 0, 0};
+        for (const Patch& p : it->second) {
+          const ExpertBank& b = p.expert == kSharedExpert ? m.weights().layers[size_t(p.layer)].ffn.shared
+                                                          : m.weights().layers[size_t(p.layer)].ffn.experts;
+          const size_t n = size_t(b.H) * size_t(b.I), first = p.slice < 0 ? 0 : size_t(p.slice) * n;
+          const MatR cur = down_weight(m, p.layer, p.expert).to_f32();
+          convert_into(t.dtype, cur.data(), n, t.bytes.data() + first * dtype_size(t.dtype));
+          for (size_t i = 0; i < n; ++i) {  // ΔW = W − W_source; what the file holds minus ΔW = round(W) − W
+            rep.max_delta = std::max(rep.max_delta, std::abs(double(cur.data()[i]) - source[first + i]));
+            rep.max_rounding =
+                std::max(rep.max_rounding, std::abs(double(round_trip(t.dtype, cur.data()[i])) - cur.data()[i]));
           }
+        }
+        report.tensors.push_back(std::move(rep));
         tensors.emplace(tname, std::move(t));
       }
       write_safetensors((stage / name).string(), tensors, file->metadata());
@@ -181,6 +211,7 @@ void save_edited_checkpoint(const Model& m, const std::string& source_dir, const
     fs::remove_all(stage, ec);
     throw;
   }
+  return report;
 }
 
 std::vector<std::string> round_to_checkpoint_dtype(Model& m, const std::string& source_dir,

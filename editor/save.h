@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "model/model.h"
-#include "model/safetensors.h"
+#include "io/safetensors.h"
 
 namespace moedit {
 
@@ -28,11 +28,23 @@ DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& store
 
 struct SaveOptions {
   bool overwrite = false;  // replace an existing non-empty output folder
+  bool f32 = false;        // write the edited tensors as F32 (whole tensors, packed ones too): no rounding of ΔW
+};
+
+// One written edited tensor: its dtype in the file, max |ΔW| over the edited experts (W − the source's W) and the
+// rounding of ΔW by the stored dtype, max |ΔW_written − ΔW| (0 for F32).
+struct SavedTensor {
+  std::string name, dtype;
+  double max_delta = 0, max_rounding = 0;
+};
+struct SaveReport {
+  std::vector<SavedTensor> tensors;
+  double rounding_ratio() const;  // max |ΔW_written − ΔW| / max |ΔW| over every edited tensor
 };
 
 // edited: the (layer, expert) pairs whose down projections changed (editor/rome.h: edited_experts()).
-void save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
-                            const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt = {});
+SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
+                                  const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt = {});
 
 // Rounds the in-memory weights of the edited experts to their stored dtype (what a save → reload gives), so that
 // the in-memory model and a reloaded checkpoint compute identical logits. Returns the dtypes met ("F32" needs no

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/generate.h"
 
 namespace moedit {

@@ -7,7 +7,7 @@
 
 #include "datasets/counterfact.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit {
 

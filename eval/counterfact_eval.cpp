@@ -6,7 +6,7 @@
 #include <random>
 #include <utf8proc.h>
 
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/generate.h"
 
 namespace moedit::eval {

@@ -36,7 +36,7 @@
 #include "datasets/eval_records.h"
 #include "eval/text_metrics.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::eval {
 

@@ -1,5 +1,5 @@
 #include "eval/run.h"
-#include "model/files.h"
+#include "io/files.h"
 
 #include <unistd.h>
 
@@ -11,7 +11,7 @@
 #include <stdexcept>
 
 #include "eval/summary.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit::eval {
 using json = nlohmann::json;

@@ -1,7 +1,7 @@
 // Backward passes and the taped block stack (see model/backward.h).
 #include "model/backward.h"
 
-#include "model/errors.h"
+#include "io/errors.h"
 
 #include <omp.h>
 

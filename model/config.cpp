@@ -4,7 +4,7 @@
 #include <fstream>
 
 #include "model/config.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 namespace fs = std::filesystem;

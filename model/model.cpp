@@ -7,8 +7,9 @@
 #include <cmath>
 
 #include "model/backward.h"
-#include "model/errors.h"
-#include "model/safetensors.h"
+#include "model/memory.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
 
 namespace moedit {
 
@@ -82,8 +83,17 @@ KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& le
 
 std::shared_ptr<Model> Model::load(const std::string& path) {
   ModelConfig cfg = load_config(path);
-  auto store = std::make_shared<const TensorStore>(path);
-  Weights w = load_weights(cfg, std::move(store));
+  const CheckpointMemory need = checkpoint_memory(cfg, path);
+  const MachineMemory have = machine_memory();
+  check_fits(path, need, have);
+  Weights w;
+  try {
+    w = load_weights(cfg, std::make_shared<const TensorStore>(path));
+  } catch (const std::bad_alloc&) {
+    throw ResourceError(path + ": out of memory while loading (needs about " + gb(need.fp32_bytes) +
+                        " of fp32 copies besides " + gb(need.file_bytes) + " of mapped weights; " +
+                        gb(have.available) + " of " + gb(have.ram) + " RAM was available)");
+  }
   auto m = std::make_shared<Model>(std::move(cfg), std::move(w));
   m->path_ = path;
   return m;

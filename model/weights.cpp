@@ -5,8 +5,8 @@
 #include <optional>
 
 #include "model/config.h"
-#include "model/errors.h"
-#include "model/safetensors.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
 
 namespace moedit {
 
@@ -95,29 +95,38 @@ void expert_key(const ExpertBank& b, int e, const float* x, size_t ldx, int n, f
 
 WeightBytes weight_bytes(const Weights& w) {
   WeightBytes b;
-  auto add = [&b](const Weight& x) {
-    b.mapped += x.view_bytes();
-    if (x.is_copy()) b.owned += sizeof(float) * size_t(x.size());
-  };
-  auto addv = [&b](const VecF& v) { b.owned += sizeof(float) * size_t(v.size()); };
-  auto bank = [&](const ExpertBank& e) {
-    for (const auto* v : {&e.gate, &e.up, &e.down})
-      for (const Weight& x : *v) add(x);
-  };
-  add(w.embed);
-  add(w.lm_head);
-  addv(w.final_norm);
-  for (const LayerWeights& L : w.layers) {
-    const AttnWeights& a = L.attn;
-    for (const Weight* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) add(*x);
-    for (const VecF* v : {&L.ln_in, &L.ln_post, &a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm, &a.q_a_norm,
-                          &a.bq_a, &a.bkv_a, &a.kv_a_norm, &L.ffn.router_bias, &L.ffn.shared_gate})
-      addv(*v);
-    b.owned += sizeof(float) * size_t(L.ffn.router.size());
-    bank(L.ffn.experts);
-    bank(L.ffn.shared);
-  }
+  for_each_tensor(
+      w,
+      [&b](const Weight& x) {
+        b.mapped += x.view_bytes();
+        if (x.is_copy()) b.owned += sizeof(float) * size_t(x.size());
+      },
+      [&b](const VecF& v) { b.owned += sizeof(float) * size_t(v.size()); },
+      [&b](const MatR& m) { b.owned += sizeof(float) * size_t(m.size()); });
   return b;
+}
+
+Weights narrowed(const Weights& w, ops::WType t) {
+  if (t == ops::WType::F32) throw std::invalid_argument("narrowed: F32 is not a narrow type");
+  Weights out = w;
+  auto buffers = std::make_shared<std::vector<std::vector<uint16_t>>>();
+  for_each_tensor(
+      out,
+      [&](Weight& x) {
+        if (x.empty()) return;
+        std::vector<uint16_t> b(size_t(x.size()));
+        std::vector<float> row(static_cast<size_t>(x.cols()));
+        for (int64_t r = 0; r < x.rows(); ++r) {
+          x.row(r, row.data());
+          for (int64_t c = 0; c < x.cols(); ++c)
+            b[size_t(r * x.cols() + c)] = t == ops::WType::BF16 ? f32_to_bf16(row[size_t(c)]) : f32_to_f16(row[size_t(c)]);
+        }
+        buffers->push_back(std::move(b));
+        x = Weight::view(buffers->back().data(), t, x.rows(), x.cols(), size_t(x.cols()));
+      },
+      [](VecF&) {}, [](MatR&) {});
+  out.storage = std::move(buffers);  // every non-empty matrix now points into these
+  return out;
 }
 
 namespace {

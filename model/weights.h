@@ -106,7 +106,7 @@ struct Weights {
   Weight lm_head;          // [V, H]; empty when tied (embed is used)
   VecF final_norm;         // [H]
   std::vector<LayerWeights> layers;
-  std::shared_ptr<const TensorStore> storage;  // the mapped checkpoint the views point into (null: all owned)
+  std::shared_ptr<const void> storage;  // what the views point into (the mapped checkpoint); null: all owned
   const Weight& output_matrix() const { return lm_head.empty() ? embed : lm_head; }
 };
 
@@ -117,6 +117,32 @@ Weights load_weights(const ModelConfig& cfg, std::shared_ptr<const TensorStore> 
 // Random weights with the given config (benchmarks and tests): uniform entries of standard deviation std,
 // norm weights around 1. All owned fp32.
 Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f);
+
+// Calls fw(Weight&) for every matrix, fv(VecF&) for every vector and fm(MatR&) for every router (const or not).
+template <class Ws, class FW, class FV, class FM>
+void for_each_tensor(Ws& w, FW&& fw, FV&& fv, FM&& fm) {
+  auto bank = [&](auto& b) {
+    for (auto* v : {&b.gate, &b.up, &b.down})
+      for (auto& x : *v) fw(x);
+  };
+  fw(w.embed);
+  fw(w.lm_head);
+  fv(w.final_norm);
+  for (auto& L : w.layers) {
+    auto& a = L.attn;
+    for (auto* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) fw(*x);
+    for (auto* v : {&L.ln_in, &L.ln_post, &a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm, &a.q_a_norm, &a.bq_a,
+                    &a.bkv_a, &a.kv_a_norm, &L.ffn.router_bias, &L.ffn.shared_gate})
+      fv(*v);
+    fm(L.ffn.router);
+    bank(L.ffn.experts);
+    bank(L.ffn.shared);
+  }
+}
+
+// The same weights with every matrix rounded to t (bf16 or f16, round to nearest even) and held as views into
+// buffers the result owns (benchmarks and tests: a checkpoint-dtype model without a file); vectors stay fp32.
+Weights narrowed(const Weights& w, ops::WType t);
 
 // Storage of the weights: bytes read in place from the checkpoint, bytes of owned fp32 copies.
 struct WeightBytes {

@@ -7,7 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "model/safetensors.h"
+#include "io/safetensors.h"
 #include "test_util.h"
 
 namespace moedit {

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "test_util.h"
 
 namespace moedit {

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/backward.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "test_util.h"
 
 namespace moedit {

@@ -7,8 +7,8 @@
 #include "datasets/counterfact.h"
 #include "eval/accuracy.h"
 #include "model/model.h"
-#include "model/safetensors.h"
-#include "model/tokenizer.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace moedit {

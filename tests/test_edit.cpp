@@ -14,10 +14,10 @@
 #include "editor/rome.h"
 #include "editor/save.h"
 #include "model/backward.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/safetensors.h"
-#include "model/tokenizer.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace moedit {

@@ -13,9 +13,9 @@
 #include "eval/run.h"
 #include "eval/summary.h"
 #include "eval/text_metrics.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/model.h"
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace moedit {

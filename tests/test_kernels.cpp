@@ -6,7 +6,7 @@
 #include <random>
 
 #include "kernels/ops.h"
-#include "model/safetensors.h"
+#include "io/safetensors.h"
 
 namespace moedit {
 namespace {

@@ -7,20 +7,12 @@
 
 #include "model/generate.h"
 #include "model/model.h"
-#include "model/safetensors.h"
+#include "io/safetensors.h"
+#include "invariance.h"
 #include "test_util.h"
 
 namespace moedit {
 namespace {
-
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> v;
-  for (const auto& e : std::filesystem::directory_iterator(test::fixture("models")))
-    if (e.is_directory() && std::filesystem::exists(e.path() / "reference.safetensors"))
-      v.push_back(e.path().filename().string());
-  std::sort(v.begin(), v.end());
-  return v;
-}
 
 struct Reference {
   SafeTensorsFile file;
@@ -113,28 +105,9 @@ TEST_P(Parity, GreedyContinuationMatchesTransformers) {
   }
 }
 
-TEST_P(Parity, BatchedEqualsSeparateAndCachedEqualsFull) {
-  ForwardOutput all = model_->forward(seqs_);
-  int row = 0;
-  for (const auto& s : seqs_) {
-    const int n = int(s.size());
-    const MatR one = model_->forward({s}).logits;
-    // Batch-invariant kernels: bit for bit, batched or alone, and decoded through the cache.
-    EXPECT_EQ((all.logits.middleRows(row, n) - one).cwiseAbs().maxCoeff(), 0.f) << GetParam();
-    // Prefill half, then decode one token at a time through the cache.
-    KVCache cache;
-    ForwardOptions o;
-    o.cache = &cache;
-    MatR inc(n, one.cols());
-    const int h = n / 2;
-    inc.topRows(h) = model_->forward({{s.begin(), s.begin() + h}}, o).logits;
-    for (int t = h; t < n; ++t) inc.row(t) = model_->forward({{s[size_t(t)]}}, o).logits.row(0);
-    EXPECT_EQ((inc - one).cwiseAbs().maxCoeff(), 0.f) << GetParam();
-    row += n;
-  }
-}
+TEST_P(Parity, BatchedEqualsSeparateAndCachedEqualsFull) { test::expect_batch_and_cache_invariant(*model_, seqs_); }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, ::testing::ValuesIn(fixture_names()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, ::testing::ValuesIn(test::fixture_names()),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

@@ -12,11 +12,11 @@
 #include <set>
 
 #include "datasets/counterfact.h"
-#include "model/errors.h"
+#include "io/errors.h"
 #include "model/generate.h"
 #include "model/model.h"
-#include "model/safetensors.h"
-#include "model/tokenizer.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 #include "tracing/interventions.h"
 #include "tracing/routing.h"

@@ -5,8 +5,8 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
-#include "model/errors.h"
-#include "model/safetensors.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
 #include "test_util.h"
 
 namespace moedit {

@@ -14,8 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace moedit {

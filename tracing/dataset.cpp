@@ -10,8 +10,8 @@
 #include <map>
 #include <sstream>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/report.h"
 #include "tracing/svg.h"
 #include "tracing/trace.h"

@@ -7,7 +7,7 @@
 #include <set>
 #include <sstream>
 
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 

@@ -5,8 +5,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "model/errors.h"
-#include "model/files.h"
+#include "io/errors.h"
+#include "io/files.h"
 #include "tracing/report.h"
 #include "tracing/svg.h"
 #include "tracing/trace.h"

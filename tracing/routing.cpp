@@ -9,8 +9,8 @@
 #include <sstream>
 
 #include "datasets/counterfact.h"
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 #include "tracing/svg.h"
 
 namespace moedit {

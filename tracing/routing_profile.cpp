@@ -9,9 +9,9 @@
 #include <sstream>
 
 #include "datasets/counterfact.h"
-#include "model/errors.h"
-#include "model/files.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "io/files.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit {
 

@@ -17,9 +17,9 @@
 #include <tuple>
 
 #include "datasets/counterfact.h"
-#include "model/errors.h"
-#include "model/safetensors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::trace {
 

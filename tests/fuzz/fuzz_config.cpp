@@ -2,7 +2,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto j = nlohmann::json::parse(data, data + size, nullptr, /*allow_exceptions=*/false);

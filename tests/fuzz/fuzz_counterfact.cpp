@@ -1,7 +1,7 @@
 // libFuzzer target: the CounterFact reader.
 #include "datasets/counterfact.h"
 #include "fuzz_util.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string path = moedit::fuzz::scratch("cf.json");

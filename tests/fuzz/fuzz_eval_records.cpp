@@ -2,7 +2,7 @@
 // The first input byte picks the format, the rest is the file.
 #include "datasets/eval_records.h"
 #include "fuzz_util.h"
-#include "model/errors.h"
+#include "io/errors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string path = moedit::fuzz::scratch("records.json");

@@ -2,8 +2,8 @@
 #include <vector>
 
 #include "fuzz_util.h"
-#include "model/errors.h"
-#include "model/safetensors.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string path = moedit::fuzz::scratch("st.safetensors");

@@ -4,8 +4,8 @@
 #include <string_view>
 #include <vector>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 
 namespace {
 std::vector<std::unique_ptr<moedit::Tokenizer>> load_all() {

@@ -1,8 +1,8 @@
 // libFuzzer target: tokenizer.json loading, then encode/decode of a fixed text with whatever loaded.
 #include <string_view>
 
-#include "model/errors.h"
-#include "model/tokenizer.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {

@@ -1,6 +1,6 @@
 // moedit::Tokenizer: loading tokenizer.json, the encode pipeline (added tokens -> normalizer -> pre-tokenizer ->
 // BPE -> post-processor) and decode, following Hugging Face `tokenizers` step by step (see tokenizer.h).
-#include "model/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <algorithm>
 #include <cstring>
@@ -11,8 +11,8 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "model/errors.h"
-#include "model/tokenizer_internal.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer_internal.h"
 
 namespace moedit {
 namespace tok_detail {

@@ -8,7 +8,7 @@
 #include <memory>
 #include <stdexcept>
 
-#include "model/tokenizer_internal.h"
+#include "tokenizer/tokenizer_internal.h"
 
 namespace moedit::tok_detail {
 

@@ -1,4 +1,4 @@
-#include "model/files.h"
+#include "io/files.h"
 
 #include <unistd.h>
 
@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 

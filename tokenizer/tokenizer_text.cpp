@@ -7,7 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "model/tokenizer_internal.h"
+#include "tokenizer/tokenizer_internal.h"
 
 namespace moedit::tok_detail {
 

@@ -1,4 +1,4 @@
-#include "model/safetensors.h"
+#include "io/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -14,7 +14,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "model/errors.h"
+#include "io/errors.h"
 
 namespace moedit {
 namespace fs = std::filesystem;

@@ -1,0 +1,197 @@
+// Typed weights: bf16/f16 matrices read in place and widened in registers give the same bits as fp32 copies of the
+// same values; bf16 copies of every fixture run bit for bit like the fp32 model with bf16-rounded weights (and
+// keep batched = separate, cached = full); edits are copy-on-write and revert drops the copy.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+
+#include "editor/save.h"
+#include "io/safetensors.h"
+#include "invariance.h"
+#include "kernels/half.h"
+#include "model/model.h"
+#include "test_util.h"
+
+namespace moedit {
+namespace {
+
+namespace fs = std::filesystem;
+
+float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// y = x·Wᵀ with W given as 16-bit patterns (bf16 or f16) read in place, against the same values widened first.
+void expect_typed_equals_f32(ops::WType t, int n, int in, int out, size_t ld, size_t col0, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<uint16_t> w16(size_t(out) * ld + col0);
+  for (auto& v : w16) v = t == ops::WType::BF16 ? f32_to_bf16(d(rng)) : f32_to_f16(d(rng));
+  MatR x(n, in), wide(out, in);
+  for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = d(rng);
+  const ops::WeightView view(w16.data() + col0, t, ld);
+  for (int r = 0; r < out; ++r) ops::widen_row(view, r, 0, in, wide.row(r).data());
+  for (int r = 0; r < out; ++r)
+    for (int c = 0; c < in; ++c) {
+      const uint16_t b = w16[col0 + size_t(r) * ld + size_t(c)];
+      ASSERT_EQ(wide(r, c), t == ops::WType::BF16 ? bf16_to_f32(b) : f16_to_f32(b));
+      ASSERT_EQ(ops::widen(view, r, c), wide(r, c));
+    }
+  std::vector<float> bias(static_cast<size_t>(out));
+  for (auto& b : bias) b = d(rng);
+  MatR typed(n, out), ref(n, out);
+  ops::linear(x.data(), size_t(in), n, in, view, out, typed.data(), size_t(out), bias.data());
+  ops::linear(x.data(), n, in, wide.data(), out, ref.data(), bias.data());
+  ASSERT_EQ((typed - ref).cwiseAbs().maxCoeff(), 0.f) << "n " << n << " in " << in << " out " << out;
+}
+
+TEST(TypedWeights, Bf16AndF16ViewsGiveTheBitsOfTheirFp32Values) {
+  uint32_t seed = 1;
+  for (ops::WType t : {ops::WType::BF16, ops::WType::F16})
+    for (int n : {1, 2, 3, 4, 7})
+      for (int in : {1, 7, 8, 9, 33, 64})
+        for (int out : {1, 3, 4, 5, 9, 17}) {
+          expect_typed_equals_f32(t, n, in, out, size_t(in), 0, seed++);
+          expect_typed_equals_f32(t, n, in, out, size_t(in) + 5, 1, seed++);  // strided rows, odd start
+        }
+  // Large enough for the threaded column split.
+  expect_typed_equals_f32(ops::WType::BF16, 5, 256, 4096, 256, 0, seed++);
+}
+
+// Every floating-point tensor of a checkpoint converted to bf16 (FP8 scales and other dtypes kept), in dir.
+void write_bf16_copy(const std::string& src, const std::string& dir) {
+  TensorStore st(src);
+  for (const auto& f : st.files()) {
+    std::map<std::string, OwnedTensor> out;
+    for (const auto& [name, v] : f->tensors()) {
+      const bool convert = (v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::F64) &&
+                           name.find("_scale_inv") == std::string::npos;
+      if (convert) {
+        out.emplace(name, make_tensor(DType::BF16, v.shape, v.to_f32().data()));
+      } else {
+        OwnedTensor t{v.dtype, v.shape, std::vector<uint8_t>(v.data, v.data + v.nbytes)};
+        out.emplace(name, std::move(t));
+      }
+    }
+    write_safetensors(dir + "/" + fs::path(f->path()).filename().string(), out, f->metadata());
+  }
+  for (const auto& e : fs::directory_iterator(src))
+    if (e.path().extension() == ".json") fs::copy_file(e.path(), dir + "/" + e.path().filename().string());
+}
+
+std::vector<std::vector<int32_t>> reference_inputs(const std::string& dir) {
+  SafeTensorsFile ref(dir + "/reference.safetensors");
+  std::vector<std::vector<int32_t>> seqs;
+  for (int b = 0; b < std::stoi(ref.metadata().at("n_seqs")); ++b) {
+    const auto f = ref.get("input_ids." + std::to_string(b)).to_f32();
+    seqs.emplace_back(f.begin(), f.end());
+  }
+  return seqs;
+}
+
+class Bf16Copy : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Bf16Copy, RunsBitForBitLikeRoundedFp32Weights) {
+  const std::string src = test::fixture("models/" + GetParam());
+  test::TempDir tmp;
+  write_bf16_copy(src, tmp.path.string());
+  const auto bf16 = Model::load(tmp.path.string());
+
+  // The bf16 checkpoint is read in place: its matrices are views (only de-interleaved MLA rows are copies).
+  const WeightBytes wb = weight_bytes(bf16->weights());
+  EXPECT_GT(wb.mapped, 0u);
+  const Weight& e0 = bf16->weights().layers.back().ffn.experts.down[0];
+  EXPECT_FALSE(e0.is_copy());
+  EXPECT_EQ(e0.type(), ops::WType::BF16);
+
+  // The same model from the original file with every value rounded to bf16, held as fp32.
+  auto orig = Model::load(src);
+  Weights w = orig->weights();
+  for_each_tensor(
+      w, [](Weight& x) { if (!x.empty()) x = Weight(x.to_f32().unaryExpr(&round_bf16)); },
+      [](VecF& v) { v = v.unaryExpr(&round_bf16); }, [](MatR& m) { m = m.unaryExpr(&round_bf16); });
+  const Model rounded(orig->config(), std::move(w));
+
+  const auto seqs = reference_inputs(src);
+  const ForwardOutput a = bf16->forward(seqs), b = rounded.forward(seqs);
+  EXPECT_EQ((a.logits - b.logits).cwiseAbs().maxCoeff(), 0.f);
+  for (size_t l = 0; l < a.routing.size(); ++l) EXPECT_EQ(a.routing[l].ids, b.routing[l].ids) << "layer " << l;
+  test::expect_batch_and_cache_invariant(*bf16, seqs);
+}
+
+// FP8 weights are dequantised with their block scales into fp32 copies (no in-register path): nothing to compare.
+std::vector<std::string> non_fp8_fixtures() {
+  std::vector<std::string> v;
+  for (const auto& n : test::fixture_names())
+    if (n.find("fp8") == std::string::npos) v.push_back(n);
+  return v;
+}
+INSTANTIATE_TEST_SUITE_P(Fixtures, Bf16Copy, ::testing::ValuesIn(non_fp8_fixtures()),
+                         [](const auto& info) { return info.param; });
+
+TEST(TypedWeights, EditsAreCopyOnWriteAndRevertingDropsTheCopy) {
+  auto m = Model::load(test::source_dir() + "/models/moedit-demo");
+  Weight& w = m->mutable_weights().layers[0].ffn.experts.down[3];
+  ASSERT_FALSE(w.is_copy());
+  ASSERT_EQ(w.type(), ops::WType::BF16);
+  const Weight before = w;
+  const size_t owned0 = weight_bytes(m->weights()).owned;
+  float* p = w.mutable_f32();
+  EXPECT_TRUE(w.is_copy());
+  EXPECT_EQ(w.type(), ops::WType::F32);
+  EXPECT_EQ(weight_bytes(m->weights()).owned, owned0 + sizeof(float) * size_t(w.size()));
+  EXPECT_TRUE(w == before);  // the copy holds the widened values
+  const float old = p[7];
+  p[7] += 0.5f;
+  EXPECT_FALSE(w == before);
+  EXPECT_FALSE(w.drop_copy_if_unchanged());  // still edited: kept
+  EXPECT_TRUE(w.is_copy());
+  p[7] = old;
+  EXPECT_TRUE(w.drop_copy_if_unchanged());
+  EXPECT_FALSE(w.is_copy());
+  EXPECT_EQ(w.type(), ops::WType::BF16);
+  EXPECT_EQ(weight_bytes(m->weights()).owned, owned0);
+  // Other experts were never copied.
+  for (const Weight& x : m->weights().layers[0].ffn.experts.down) EXPECT_FALSE(x.is_copy());
+}
+
+TEST(TypedWeights, SaveReportsTheRoundingOfTheUpdateOrWritesF32) {
+  const std::string demo = test::source_dir() + "/models/moedit-demo";
+  auto m = Model::load(demo);
+  const int l = 0, e = 3;
+  Weight& w = m->mutable_weights().layers[l].ffn.experts.down[e];
+  const Eigen::MatrixXd w0 = w.to_f32().cast<double>();
+  float* p = w.mutable_f32();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.f, 1e-3f);
+  for (int64_t i = 0; i < w.size(); ++i) p[i] += d(rng);  // ΔW
+  const MatR w1 = w.to_f32();
+  const std::vector<std::vector<int32_t>> seqs = {{5, 17, 3, 99, 42}};
+
+  test::TempDir tmp;
+  const SaveReport r = save_edited_checkpoint(*m, demo, tmp / "bf16", {{l, e}});
+  ASSERT_EQ(r.tensors.size(), 1u);
+  EXPECT_EQ(r.tensors[0].dtype, "BF16");
+  const MatR written = Model::load(tmp / "bf16")->weights().layers[l].ffn.experts.down[e].to_f32();
+  const double max_delta = (w1.cast<double>() - w0).cwiseAbs().maxCoeff();
+  const double max_rounding = (written.cast<double>() - w1.cast<double>()).cwiseAbs().maxCoeff();
+  EXPECT_EQ(r.tensors[0].max_delta, max_delta);
+  EXPECT_EQ(r.tensors[0].max_rounding, max_rounding);
+  EXPECT_GT(max_rounding, 0.0);
+  EXPECT_DOUBLE_EQ(r.rounding_ratio(), max_rounding / max_delta);
+  std::printf("  [save] bf16 rounding of dW: %.3g of max |dW| (%.3g)\n", r.rounding_ratio(), max_delta);
+
+  // F32: the update is written exactly; a reload computes what the edited model in memory computes.
+  const SaveReport r32 = save_edited_checkpoint(*m, demo, tmp / "f32", {{l, e}}, {false, true});
+  ASSERT_EQ(r32.tensors.size(), 1u);
+  EXPECT_EQ(r32.tensors[0].dtype, "F32");
+  EXPECT_EQ(r32.tensors[0].max_rounding, 0.0);
+  EXPECT_EQ(r32.rounding_ratio(), 0.0);
+  auto re = Model::load(tmp / "f32");
+  EXPECT_TRUE(re->weights().layers[l].ffn.experts.down[e] == w);
+  EXPECT_EQ(re->weights().layers[l].ffn.experts.down[e].type(), ops::WType::F32);
+  EXPECT_EQ(re->weights().layers[l].ffn.experts.down[e + 1].type(), ops::WType::BF16);  // the others as stored
+  EXPECT_EQ((re->forward(seqs).logits - m->forward(seqs).logits).cwiseAbs().maxCoeff(), 0.f);
+}
+
+}  // namespace
+}  // namespace moedit
