@@ -149,7 +149,7 @@ void demo_eval(Model& m, const Tokenizer& tok, const DemoArgs& a, int layer) {
 
 void run_demo(const DemoArgs& a) {
   const auto recs = load_counterfact(a.dataset);  // bad input fails before the model loads
-  auto m = Model::load(a.model);
+  auto m = load_model(a.model);
   const Tokenizer tok = Tokenizer::from_file(a.model);
   const ModelConfig& c = m->config();
   std::printf("moedit demo — model %s\n", a.model.c_str());
@@ -216,6 +216,7 @@ void register_demo(CLI::App& app) {
   a.model = default_model_path();
   a.dataset = bundled_counterfact_path();
   cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled demo model)");
+  add_load_options(cmd);
   cmd->add_option("--dataset", a.dataset, "CounterFact JSON (default: the bundled records)");
   cmd->add_option("--out", a.out, "Folder for the demo's files (heatmaps, reports)");
   cmd->add_option("--facts", a.n_facts, "Facts to show")->check(CLI::Range(1, 100));

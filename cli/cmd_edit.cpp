@@ -79,7 +79,7 @@ void run_edit(const EditArgs& a) {
   else
     opt.layer = parse_layer_index(a.layer);
 
-  auto m = Model::load(a.model);
+  auto m = load_model(a.model);
   const ModelConfig& c = m->config();
   if (opt.layer >= 0 || opt.target.kind == TargetKind::Expert) {
     const int l = opt.target.kind == TargetKind::Expert ? opt.target.layer : opt.layer;
@@ -236,6 +236,7 @@ void register_edit(CLI::App& app) {
   auto* cmd = app.add_subcommand("edit", "ROME rank-one edit of the experts of one MoE layer");
   static EditArgs a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   cmd->add_option("--subject", a.subject, "The subject whose fact is rewritten");
   cmd->add_option("--prompt", a.prompt, "Prompt with {} where the subject goes, e.g. \"{} is located in\"");
   cmd->add_option("--target-new", a.target_new, "The new object");

@@ -119,7 +119,7 @@ void run(const EvalArgs& a) {
                 {"snippets", a.snippets},
                 {"idf_corpus", a.snippets.empty() ? "" : a.idf_corpus.empty() ? "snippets" : a.idf_corpus}};
 
-  auto m = Model::load(a.model);
+  auto m = load_model(a.model);
   const ModelConfig& c = m->config();
   const Tokenizer tok = Tokenizer::from_file(a.model);
   if (auto_layer) {
@@ -170,6 +170,7 @@ void register_eval(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "CounterFact-style evaluation of ROME edits (ES/PS/NS, magnitudes, fluency)");
   static EvalArgs a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   cmd->add_option("--dataset", a.dataset, "CounterFact / MEMIT mcf / zsRE / EasyEdit JSON list");
   cmd->add_option("--format", a.format, "auto | counterfact | mcf | zsre | easyedit")->capture_default_str();
   cmd->add_option("--out", a.out, "Output directory (cases/, summary.json, summary.md, distributions.svg)");

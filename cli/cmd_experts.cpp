@@ -50,6 +50,7 @@ void register_experts(CLI::App& app) {
                                  "Expert statistics: activation profiles, corpus comparison, domain and driver experts");
   static Args a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   auto* text = cmd->add_option("--text", a.text, "Profile: one text (needs the model's tokenizer.json)");
   auto* ids = cmd->add_option("--ids", a.ids, "Profile: one sequence of comma-separated token ids");
   auto* corpus = cmd->add_option("--corpus", a.corpus, "Profile: a corpus file (.txt/.raw lines, .jsonl, .json, .ids)")
@@ -98,7 +99,7 @@ void register_experts(CLI::App& app) {
     if ((fmt == "csv" || fmt == "npy") && !profile_mode)
       throw InputError("--format " + fmt + " is for activation profiles (--text, --ids, --corpus)");
     if (fmt == "npy" && a.out.empty()) throw InputError("--format npy needs --out FILE");
-    auto m = Model::load(a.model);
+    auto m = load_model(a.model);
     const ModelConfig& c = m->config();
     if (a.iv.empty() == false) validate_interventions(a.iv, c);
     const std::optional<Tokenizer> tok = model_tokenizer(a.model);

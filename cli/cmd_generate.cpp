@@ -21,6 +21,7 @@ void register_generate(CLI::App& app) {
   static bool greedy = false, as_json = false;
   static InterventionSpec iv;
   add_model_arg(cmd, model);
+  add_load_options(cmd);
   auto* ids_opt = cmd->add_option("--ids", ids_arg, "Prompt as comma-separated token ids");
   auto* text_opt = cmd->add_option("--prompt", prompt_text, "Prompt text (needs the model's tokenizer.json)");
   ids_opt->excludes(text_opt);
@@ -36,7 +37,7 @@ void register_generate(CLI::App& app) {
     if (!prompt_text.empty()) tok = require_tokenizer(model, "--prompt needs one; use --ids with token ids instead");
     const std::vector<int32_t> prompt = tok ? tok->encode(prompt_text).ids : parse_ids(ids_arg);
     if (prompt.empty()) throw InputError("--prompt: the prompt encodes to no tokens");
-    auto m = Model::load(model);
+    auto m = load_model(model);
     Hooks hooks;
     install_interventions(iv, m->config(), hooks);
     GenerateOptions o;

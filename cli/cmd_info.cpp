@@ -38,8 +38,9 @@ std::string router_name(const ModelConfig& c) {
     s += "best " + std::to_string(c.topk_group) + " of " + std::to_string(c.n_group) + " groups (" +
          (c.group_limit == GroupLimit::MaxScore ? "max" : "top-2 sum") + ") → ";
   s += "top-k";
-  if (c.norm_topk_prob) s += " → renormalise";
-  if (c.routed_scaling != 1.f) {
+  const bool norm = c.norm_topk_prob && !(c.arch->norm_replaces_scaling && c.top_k == 1);
+  if (norm) s += " → renormalise";
+  if (c.routed_scaling != 1.f && !(norm && c.arch->norm_replaces_scaling)) {
     char buf[32];
     std::snprintf(buf, sizeof buf, " → ×%g", double(c.routed_scaling));
     s += buf;
@@ -55,9 +56,21 @@ void register_info(CLI::App& app) {
   static std::string model;
   static bool as_json = false;
   add_model_arg(cmd, model);
+  add_load_options(cmd, false);
   cmd->add_flag("--json", as_json, "Print JSON");
   cmd->callback([] {
-    const ModelConfig c = load_config(model);
+    ModelConfig c = load_config(model);
+    // DeepSeek-V2's norm_topk_prob: which of the two published semantics this run uses.
+    std::string v2_norm;
+    if (c.model_type == "deepseek_v2" && c.norm_topk_prob) {
+      if (load_options().deepseek_v2_transformers_norm) {
+        c.norm_topk_prob = false;
+        v2_norm = "norm_topk_prob: true ignored, as transformers' native DeepseekV2 does (--deepseek-v2-transformers-norm)";
+      } else {
+        v2_norm = "norm_topk_prob: true renormalises instead of scaling, as DeepSeek's remote code does "
+                  "(transformers' native DeepseekV2 ignores it: --deepseek-v2-transformers-norm)";
+      }
+    }
     const int64_t total = c.total_params(), active = c.active_params();
     const int bytes = dtype_bytes(c.dtype);
     nlohmann::json j = {
@@ -76,6 +89,7 @@ void register_info(CLI::App& app) {
         {"dense_intermediate_size", c.dense_width},
         {"shared_expert_intermediate_size", c.shared_width},
         {"router", router_name(c)},
+        {"router_semantics", v2_norm},
         {"num_shared_experts", c.n_shared_experts},
         {"tie_word_embeddings", c.tie_word_embeddings},
         {"rope_theta", c.rope_theta},
@@ -101,6 +115,7 @@ void register_info(CLI::App& app) {
     std::printf("  attention         %d heads, %d kv heads, head_dim %d\n", c.n_heads, c.n_kv_heads, c.head_dim);
     std::printf("  experts           %d routed (top-%d, width %d), router: %s\n", c.n_experts, c.top_k,
                 c.expert_width, router_name(c).c_str());
+    if (!v2_norm.empty()) std::printf("                    %s\n", v2_norm.c_str());
     if (c.arch->attention == AttentionKind::MLA)
       std::printf("  MLA               q_lora %d, kv_lora %d, nope/rope/v head dims %d/%d/%d\n", c.q_lora_rank,
                   c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);

@@ -18,13 +18,14 @@ void register_logits(CLI::App& app) {
   static int top = 5;
   static InterventionSpec iv;
   add_model_arg(cmd, model);
+  add_load_options(cmd);
   cmd->add_option("--ids", ids_arg, "Comma-separated token ids")->required();
   cmd->add_option("--top", top, "Top tokens to list per position (text output)")->check(CLI::Range(1, 100));
   cmd->add_flag("--json", as_json, "Print JSON: {\"logits\": [[...]], \"routing\": [...]}");
   add_intervention_flags(cmd, iv);
   cmd->callback([] {
     const auto ids = parse_ids(ids_arg);
-    auto m = Model::load(model);
+    auto m = load_model(model);
     Hooks hooks;
     install_interventions(iv, m->config(), hooks);
     ForwardOptions fo;

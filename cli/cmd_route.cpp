@@ -179,6 +179,7 @@ void register_route(CLI::App& app) {
       "route", "Which experts each token is routed to; paraphrase routing consistency (one prompt or CounterFact)");
   static Args a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   auto* prompt = cmd->add_option("--prompt", a.prompt, "Prompt text (needs the model's tokenizer.json)");
   auto* ids = cmd->add_option("--ids", a.ids, "Prompt as comma-separated token ids");
   prompt->excludes(ids);
@@ -204,7 +205,7 @@ void register_route(CLI::App& app) {
   cmd->callback([] {
     if (!a.counterfact && a.prompt.empty() && a.ids.empty())
       throw InputError("route: give --prompt TEXT, --ids 1,2,3 or --counterfact");
-    auto m = Model::load(a.model);
+    auto m = load_model(a.model);
     if (a.counterfact) run_dataset(a, *m);
     else run_single(a, *m);
   });

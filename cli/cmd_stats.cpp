@@ -25,7 +25,7 @@ struct StatsArgs {
 };
 
 void run_stats(const StatsArgs& a) {
-  auto m = Model::load(a.model);
+  auto m = load_model(a.model);
   const ModelConfig& c = m->config();
   for (int l : a.layers) {
     require_input(l >= 0 && l < c.n_layers,
@@ -93,6 +93,7 @@ void register_stats(CLI::App& app) {
   auto* cmd = app.add_subcommand("stats", "Per-expert key statistics (E[k kᵀ]) for ROME edits, cached on disk");
   static StatsArgs a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   cmd->add_option("--layer", a.layers, "MoE layer(s)")->required();
   cmd->add_option("--corpus", a.corpus, "Text corpus (default: bundled WikiText-2 test split)");
   cmd->add_option("--max-tokens", a.max_tokens, "Cap on corpus tokens (0: all)")->capture_default_str();

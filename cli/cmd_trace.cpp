@@ -86,6 +86,7 @@ void register_trace(CLI::App& app) {
       "trace", "Causal tracing (ROME) for MoE: restore hidden states, attention, MoE blocks, single experts");
   static TraceArgs a;
   add_model_arg(cmd, a.model);
+  add_load_options(cmd);
   cmd->add_option("--prompt", a.prompt, "Prompt text (needs tokenizer.json in MODEL)");
   cmd->add_option("--subject", a.subject, "Subject string (must occur in the prompt)");
   cmd->add_option("--target", a.target, "Answer text whose first token is measured (default: the clean argmax)");
@@ -142,7 +143,7 @@ void register_trace(CLI::App& app) {
     if (!a.tokens.empty() && !a.dataset.empty()) throw InputError("--tokens: dataset mode traces every token");
     if (modes != 1) throw InputError("give exactly one of --prompt/--subject, --ids/--subject-range or --dataset");
 
-    auto m = Model::load(a.model);
+    auto m = load_model(a.model);
     bool has_shared = false;
     for (const auto& l : m->weights().layers) has_shared = has_shared || (l.ffn.moe && l.ffn.has_shared);
     if (a.kinds != "all" && !has_shared &&

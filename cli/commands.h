@@ -3,7 +3,10 @@
 // (exit 2).
 #pragma once
 #include <CLI/CLI.hpp>
+#include <memory>
 #include <string>
+
+#include "model/model.h"
 
 namespace moedit::cli {
 
@@ -12,6 +15,12 @@ std::string default_model_path();
 
 // Adds the positional MODEL argument (defaults to the bundled model when omitted).
 void add_model_arg(CLI::App* cmd, std::string& model);
+// The flags that choose how a checkpoint is loaded (model/model.h LoadOptions): --deepseek-v2-transformers-norm, and
+// with paging --mlock and --prefetch. Every command that loads a model has them.
+void add_load_options(CLI::App* cmd, bool paging = true);
+const LoadOptions& load_options();
+// Model::load with the loading flags given on the command line.
+std::shared_ptr<Model> load_model(const std::string& path);
 
 using RegisterFn = void (*)(CLI::App&);
 struct CommandRegistrar {

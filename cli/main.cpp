@@ -17,10 +17,28 @@ std::string default_model_path() {
   return std::string(MOEDIT_SOURCE_DIR) + "/models/moedit-demo";
 }
 
+namespace {
+LoadOptions g_load;  // set by the loading flags of the one command this process runs
+}  // namespace
+
+void add_load_options(CLI::App* cmd, bool paging) {
+  cmd->add_flag("--deepseek-v2-transformers-norm", g_load.deepseek_v2_transformers_norm,
+                "DeepSeek-V2 with norm_topk_prob: true: ignore it as transformers' native DeepseekV2 does (default: "
+                "renormalise the top-k weights, as DeepSeek's remote code does)");
+  if (!paging) return;
+  cmd->add_flag("--mlock", g_load.mlock, "Lock the mapped weights in RAM at load (read them all in now)");
+  cmd->add_flag("--prefetch", g_load.prefetch,
+                "Read the next layer's weights ahead while a layer runs (models larger than RAM)");
+}
+
 void add_model_arg(CLI::App* cmd, std::string& model) {
   model = default_model_path();
   cmd->add_option("MODEL", model, "Hugging Face checkpoint folder (default: the bundled demo model)");
 }
+
+const LoadOptions& load_options() { return g_load; }
+
+std::shared_ptr<Model> load_model(const std::string& path) { return Model::load(path, g_load); }
 
 namespace {
 std::vector<std::pair<int, RegisterFn>>& registry() {

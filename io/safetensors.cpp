@@ -114,6 +114,12 @@ std::vector<float> TensorView::to_f32() const {
 
 // ---- SafeTensorsFile ------------------------------------------------------------------------------------------
 
+void SafeTensorsFile::lock() const {
+  if (::mlock(map_, map_size_) != 0)
+    throw std::runtime_error(path_ + ": cannot lock " + std::to_string(map_size_ >> 20) + " MB in RAM (" +
+                             std::strerror(errno) + "; see ulimit -l)");
+}
+
 SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");

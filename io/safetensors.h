@@ -53,6 +53,9 @@ class SafeTensorsFile {
   const TensorView& get(const std::string& name) const;  // InputError if absent
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  size_t size() const { return map_size_; }
+  // Locks the whole mapping in RAM (mlock; pages are read in now). Throws std::runtime_error saying why it failed.
+  void lock() const;
 
  private:
   std::string path_;

@@ -81,21 +81,27 @@ KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& le
   return c;
 }
 
-std::shared_ptr<Model> Model::load(const std::string& path) {
+std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& opt) {
   ModelConfig cfg = load_config(path);
+  if (opt.deepseek_v2_transformers_norm && cfg.model_type == "deepseek_v2") cfg.norm_topk_prob = false;
   const CheckpointMemory need = checkpoint_memory(cfg, path);
   const MachineMemory have = machine_memory();
   check_fits(path, need, have);
   Weights w;
+  std::shared_ptr<const TensorStore> store;
   try {
-    w = load_weights(cfg, std::make_shared<const TensorStore>(path));
+    store = std::make_shared<const TensorStore>(path);
+    w = load_weights(cfg, store);
   } catch (const std::bad_alloc&) {
     throw ResourceError(path + ": out of memory while loading (needs about " + gb(need.fp32_bytes) +
                         " of fp32 copies besides " + gb(need.file_bytes) + " of mapped weights; " +
                         gb(have.available) + " of " + gb(have.ram) + " RAM was available)");
   }
+  if (opt.mlock)
+    for (const auto& f : store->files()) f->lock();
   auto m = std::make_shared<Model>(std::move(cfg), std::move(w));
   m->path_ = path;
+  m->prefetch_ = opt.prefetch;
   return m;
 }
 
@@ -393,6 +399,7 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
 void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, const Hooks* hooks,
                   LayerRouting* routing) const {
   const LayerWeights& L = w_.layers[size_t(l)];
+  if (prefetch_ && l + 1 < cfg_.n_layers) prefetch_layer(w_, l + 1);
   const bool hooked = hooks && !hooks->empty();
   const float rm = cfg_.residual_multiplier;
   if (hooked) hooks->run(hook_names::resid_pre(l), x, {hook_names::resid_pre(l), l, -1, layout, nullptr});

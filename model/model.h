@@ -56,10 +56,20 @@ struct ForwardOutput {
   std::vector<LayerRouting> routing; // [n_layers]
 };
 
+// How a checkpoint is loaded and paged.
+struct LoadOptions {
+  // DeepSeek-V2 configs with norm_topk_prob: true. DeepSeek's remote code (moedit's default) renormalises the top-k
+  // weights instead of scaling them by routed_scaling_factor; transformers' native DeepseekV2 ignores the flag and
+  // always scales. Published V2 checkpoints say false, where both agree.
+  bool deepseek_v2_transformers_norm = false;
+  bool mlock = false;     // lock the mapped weights in RAM at load (they are read in now, never paged out)
+  bool prefetch = false;  // while block l runs, ask the kernel to read block l+1's weights (models larger than RAM)
+};
+
 class Model {
  public:
   // Loads config.json and the safetensors weights of a checkpoint folder.
-  static std::shared_ptr<Model> load(const std::string& path);
+  static std::shared_ptr<Model> load(const std::string& path, const LoadOptions& opt = {});
   Model(ModelConfig cfg, Weights w);
 
   const ModelConfig& config() const { return cfg_; }
@@ -94,6 +104,7 @@ class Model {
 
   ModelConfig cfg_;
   Weights w_;
+  bool prefetch_ = false;
   std::string path_;
   std::vector<float> inv_freq_;
 };

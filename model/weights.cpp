@@ -1,6 +1,9 @@
 // Checkpoint tensors → canonical weights, in place where the dtype allows (see model/weights.h).
 #include "model/weights.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <optional>
 
@@ -91,6 +94,16 @@ void expert_key(const ExpertBank& b, int e, const float* x, size_t ldx, int n, f
   MatR gu(n, 2 * b.I);
   expert_gate_up(b, e, x, ldx, n, gu.data());
   ops::silu_mul(gu.data(), n, b.I, key);
+}
+
+void prefetch_layer(const Weights& w, int l) {
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  auto advise = [page](const Weight& x) {
+    if (!x.view_data() || x.is_copy()) return;
+    const auto a = reinterpret_cast<uintptr_t>(x.view_data()), start = a / page * page;
+    ::madvise(reinterpret_cast<void*>(start), a + x.view_bytes() - start, MADV_WILLNEED);
+  };
+  for_each_layer_tensor(w.layers[size_t(l)], advise, [](const VecF&) {}, [](const MatR&) {});
 }
 
 WeightBytes weight_bytes(const Weights& w) {

@@ -39,6 +39,8 @@ class Weight {
   bool is_copy() const { return copy_; }
   // Bytes of the checkpoint view (0 for an owned matrix).
   size_t view_bytes() const { return view_ ? size_t(size()) * ops::wtype_size(vtype_) : 0; }
+  // The checkpoint bytes of the view (null when owned): rows × ld elements from view_data().
+  const void* view_data() const { return view_; }
 
   float operator()(int64_t r, int64_t c) const { return ops::widen(kernel(), r, c); }
   void row(int64_t r, float* out) const { ops::widen_row(kernel(), r, 0, cols_, out); }
@@ -119,30 +121,33 @@ Weights load_weights(const ModelConfig& cfg, std::shared_ptr<const TensorStore> 
 Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f);
 
 // Calls fw(Weight&) for every matrix, fv(VecF&) for every vector and fm(MatR&) for every router (const or not).
+// The same for one layer (LayerWeights, const or not).
+template <class Lw, class FW, class FV, class FM>
+void for_each_layer_tensor(Lw& L, FW&& fw, FV&& fv, FM&& fm) {
+  auto& a = L.attn;
+  for (auto* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) fw(*x);
+  for (auto* v : {&L.ln_in, &L.ln_post, &a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm, &a.q_a_norm, &a.bq_a,
+                  &a.bkv_a, &a.kv_a_norm, &L.ffn.router_bias, &L.ffn.shared_gate})
+    fv(*v);
+  fm(L.ffn.router);
+  for (auto* b : {&L.ffn.experts, &L.ffn.shared})
+    for (auto* v : {&b->gate, &b->up, &b->down})
+      for (auto& x : *v) fw(x);
+}
 template <class Ws, class FW, class FV, class FM>
 void for_each_tensor(Ws& w, FW&& fw, FV&& fv, FM&& fm) {
-  auto bank = [&](auto& b) {
-    for (auto* v : {&b.gate, &b.up, &b.down})
-      for (auto& x : *v) fw(x);
-  };
   fw(w.embed);
   fw(w.lm_head);
   fv(w.final_norm);
-  for (auto& L : w.layers) {
-    auto& a = L.attn;
-    for (auto* x : {&a.wq, &a.wk, &a.wv, &a.wo, &a.wq_a, &a.wq_b, &a.wkv_a, &a.wkv_b}) fw(*x);
-    for (auto* v : {&L.ln_in, &L.ln_post, &a.bq, &a.bk, &a.bv, &a.bo, &a.q_norm, &a.k_norm, &a.q_a_norm, &a.bq_a,
-                    &a.bkv_a, &a.kv_a_norm, &L.ffn.router_bias, &L.ffn.shared_gate})
-      fv(*v);
-    fm(L.ffn.router);
-    bank(L.ffn.experts);
-    bank(L.ffn.shared);
-  }
+  for (auto& L : w.layers) for_each_layer_tensor(L, fw, fv, fm);
 }
 
 // The same weights with every matrix rounded to t (bf16 or f16, round to nearest even) and held as views into
 // buffers the result owns (benchmarks and tests: a checkpoint-dtype model without a file); vectors stay fp32.
 Weights narrowed(const Weights& w, ops::WType t);
+
+// Asks the kernel to read layer l's mapped weights into the page cache now (madvise WILLNEED; returns at once).
+void prefetch_layer(const Weights& w, int l);
 
 // Storage of the weights: bytes read in place from the checkpoint, bytes of owned fp32 copies.
 struct WeightBytes {

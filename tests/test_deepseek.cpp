@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/backward.h"
+#include "model/model.h"
 #include "io/errors.h"
 #include "test_util.h"
 
@@ -62,6 +63,40 @@ TEST(DeepSeekRouter, NormReplacesScalingInV2) {
   std::vector<double> w2(2);
   grad::route(s, z.data(), ids.data(), w2.data());
   EXPECT_GT(w2[0] + w2[1], 1.0);  // softmax mass × 16
+}
+
+// The two published semantics of a V2 config with norm_topk_prob: true, on the deepseek_v2 fixture (HF reference made
+// with transformers' native DeepseekV2, norm_topk_prob false, routed_scaling_factor 1): the native semantics ignore
+// the flag, so the flagged copy runs bit for bit like the fixture; the remote code's renormalises (weights sum to 1).
+TEST(DeepSeekRouter, V2NormTopkProbSemantics) {
+  const std::string src = test::fixture("models/deepseek_v2");
+  test::TempDir tmp;
+  for (const auto& e : std::filesystem::directory_iterator(src))
+    std::filesystem::copy_file(e.path(), tmp / e.path().filename().string());
+  nlohmann::json cfg = nlohmann::json::parse(test::read_file(src + "/config.json"));
+  ASSERT_FALSE(cfg["norm_topk_prob"].get<bool>());
+  cfg["norm_topk_prob"] = true;
+  test::write_file(tmp / "config.json", cfg.dump());
+
+  const std::vector<std::vector<int32_t>> seqs = {{3, 17, 5, 42, 9, 11}};
+  const ForwardOutput want = Model::load(src)->forward(seqs);
+  LoadOptions native;
+  native.deepseek_v2_transformers_norm = true;
+  const ForwardOutput hf = Model::load(tmp.path.string(), native)->forward(seqs);
+  EXPECT_EQ((hf.logits - want.logits).cwiseAbs().maxCoeff(), 0.f);
+  const ForwardOutput remote = Model::load(tmp.path.string())->forward(seqs);
+  EXPECT_GT((remote.logits - want.logits).cwiseAbs().maxCoeff(), 1e-4f);
+  for (size_t l = 0; l < remote.routing.size(); ++l) {
+    if (remote.routing[l].weights.size() == 0) continue;  // dense layer
+    EXPECT_EQ(remote.routing[l].ids, want.routing[l].ids);  // same choices, other weights
+    for (int t = 0; t < int(seqs[0].size()); ++t) EXPECT_NEAR(remote.routing[l].weights.row(t).sum(), 1.f, 1e-6f);
+  }
+  // `moedit info` says which semantics the run uses.
+  const test::CliResult a = test::run_cli("info " + tmp.path.string());
+  EXPECT_EQ(a.code, 0);
+  EXPECT_NE(a.out.find("renormalises instead of scaling, as DeepSeek's remote code does"), std::string::npos) << a.out;
+  const test::CliResult b = test::run_cli("info " + tmp.path.string() + " --deepseek-v2-transformers-norm");
+  EXPECT_NE(b.out.find("ignored, as transformers' native DeepseekV2 does"), std::string::npos) << b.out;
 }
 
 // Gradients with the selection fixed, against central differences.
