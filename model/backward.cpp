@@ -475,44 +475,22 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
   const ModelConfig& c = m.config();
   const LayerWeights& L = m.weights().layers[size_t(l)];
   const AttnWeights& at = L.attn;
-  const int N = int(x.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const int N = int(x.rows()), H = c.hidden, Hq = c.n_heads;
   const float rm = c.residual_multiplier;
   if (int(layout.seq.size()) != N) throw std::logic_error("block_forward: layout and rows disagree");
-  if (c.arch->attention == AttentionKind::MLA)  // no backward for multi-head latent attention yet
-    throw InputError(c.source + ": gradients through MLA attention (model_type " + c.model_type +
-                     ") are not implemented; ROME edits need them for the layers above the edited one");
 
   tp.x_in = x;
   tp.a1.resize(N, H);
   rmsnorm(x.data(), L.ln_in.data(), tp.a1.data(), N, H, c.rms_eps);
 
   // q, k, v
-  MatT<T> q(N, Hq * D), k(N, Hkv * D), v(N, Hkv * D);
-  linear(tp.a1.data(), N, H, at.wq, q.data(), ptr_or_null(at.bq));
-  linear(tp.a1.data(), N, H, at.wk, k.data(), ptr_or_null(at.bk));
-  linear(tp.a1.data(), N, H, at.wv, v.data(), ptr_or_null(at.bv));
-  if (c.arch->qk_norm != QKNorm::None) {
-    tp.q_raw = q;
-    tp.k_raw = k;
-    if (c.arch->qk_norm == QKNorm::PerHead) {
-      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N * Hq, D, c.rms_eps);
-      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N * Hkv, D, c.rms_eps);
-    } else {
-      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N, Hq * D, c.rms_eps);
-      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N, Hkv * D, c.rms_eps);
-    }
-  }
-  if (c.clip_qkv > 0.f) {
-    tp.q_pre = q;
-    tp.k_pre = k;
-    tp.v_pre = v;
-    const T cl = T(c.clip_qkv);
-    q = q.cwiseMax(-cl).cwiseMin(cl);
-    k = k.cwiseMax(-cl).cwiseMin(cl);
-    v = v.cwiseMax(-cl).cwiseMin(cl);
-  }
-  rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
-  rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
+  const ops::AttnShape shape = attn_shape(c);
+  MatT<T> q, k, v;
+  if (c.arch->attention == AttentionKind::MLA)
+    mla_forward(m, l, tp.a1, layout.pos.data(), tp, q, k, v);
+  else
+    qkv_forward(m, l, layout, tp, q, k, v);
+  const int qw = Hq * shape.Dk, kw = shape.Hkv * shape.Dk, vw = shape.Hkv * shape.Dv, ow = Hq * shape.Dv;
 
   // Attention per segment (one sequence's rows), keys = prefix ‖ this call's rows.
   tp.seg_begin.clear();
@@ -530,8 +508,7 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
   tp.kf.assign(nseg, {});
   tp.vf.assign(nseg, {});
   tp.probs.assign(nseg, {});
-  tp.o.resize(N, Hq * D);
-  const ops::AttnShape shape{Hq, Hkv, D, D, c.attn_scale, c.sliding_window};
+  tp.o.resize(N, ow);
   for (size_t g = 0; g < nseg; ++g) {
     const int b = tp.seg_begin[g], e = tp.seg_end[g], s = tp.seg_seq[g], n = e - b;
     const int np = prefix ? prefix->n_prefix(l, s) : 0;
@@ -539,8 +516,8 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
       throw std::logic_error("block_forward: a sequence's first position must equal its prefix length");
     MatT<T>& kf = tp.kf[g];
     MatT<T>& vf = tp.vf[g];
-    kf.resize(np + n, Hkv * D);
-    vf.resize(np + n, Hkv * D);
+    kf.resize(np + n, kw);
+    vf.resize(np + n, vw);
     if (np) {
       kf.topRows(np) = prefix->k[size_t(l)][size_t(s)];
       vf.topRows(np) = prefix->v[size_t(l)][size_t(s)];
@@ -548,12 +525,12 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
     kf.bottomRows(n) = k.middleRows(b, n);
     vf.bottomRows(n) = v.middleRows(b, n);
     tp.probs[g].resize(size_t(Hq) * n, np + n);
-    attention(q.data() + size_t(b) * Hq * D, n, Hq * D, np, kf.data(), Hkv * D, vf.data(), Hkv * D, np + n, shape,
-              tp.o.data() + size_t(b) * Hq * D, Hq * D, tp.probs[g].data());
+    attention(q.data() + size_t(b) * qw, n, qw, np, kf.data(), kw, vf.data(), vw, np + n, shape,
+              tp.o.data() + size_t(b) * ow, ow, tp.probs[g].data());
   }
   tp.q = std::move(q);
   MatT<T> att(N, H);
-  linear(tp.o.data(), N, Hq * D, at.wo, att.data(), ptr_or_null(at.bo));
+  linear(tp.o.data(), N, ow, at.wo, att.data(), ptr_or_null(at.bo));
   if (rm != 1.f) att *= T(rm);
   x += att;
   tp.x_mid = x;
@@ -624,7 +601,7 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
   const LayerWeights& L = m.weights().layers[size_t(l)];
   const AttnWeights& at = L.attn;
   const FFNWeights& f = L.ffn;
-  const int N = int(dx.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const int N = int(dx.rows()), H = c.hidden, Hq = c.n_heads;
   const T rm = T(c.residual_multiplier);
 
   // ---- FFN ----
@@ -673,18 +650,19 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
   rmsnorm_backward(tp.x_mid.data(), L.ln_post.data(), da2.data(), dx.data(), N, H, c.rms_eps, true);
 
   // ---- attention ----
+  const ops::AttnShape shape = attn_shape(c);
+  const int qw = Hq * shape.Dk, kw = shape.Hkv * shape.Dk, vw = shape.Hkv * shape.Dv, ow = Hq * shape.Dv;
   MatT<T> datt = dx * rm;
-  MatT<T> dout(N, Hq * D);
-  linear_backward(datt.data(), N, Hq * D, at.wo, dout.data(), false);
-  MatT<T> dq(N, Hq * D), dk(N, Hkv * D), dv(N, Hkv * D);
-  const ops::AttnShape shape{Hq, Hkv, D, D, c.attn_scale, c.sliding_window};
+  MatT<T> dout(N, ow);
+  linear_backward(datt.data(), N, ow, at.wo, dout.data(), false);
+  MatT<T> dq(N, qw), dk(N, kw), dv(N, vw);
   for (size_t g = 0; g < tp.seg_begin.size(); ++g) {
     const int b = tp.seg_begin[g], e = tp.seg_end[g], n = e - b;
     const int nk = int(tp.kf[g].rows());
-    MatT<T> dkf = MatT<T>::Zero(nk, Hkv * D), dvf = MatT<T>::Zero(nk, Hkv * D);
-    attention_backward(tp.q.data() + size_t(b) * Hq * D, n, Hq * D, tp.kf[g].data(), Hkv * D, tp.vf[g].data(),
-                       Hkv * D, nk, shape, tp.probs[g].data(), dout.data() + size_t(b) * Hq * D, Hq * D,
-                       dq.data() + size_t(b) * Hq * D, dkf.data(), dvf.data());
+    MatT<T> dkf = MatT<T>::Zero(nk, kw), dvf = MatT<T>::Zero(nk, vw);
+    attention_backward(tp.q.data() + size_t(b) * qw, n, qw, tp.kf[g].data(), kw, tp.vf[g].data(), vw, nk, shape,
+                       tp.probs[g].data(), dout.data() + size_t(b) * ow, ow, dq.data() + size_t(b) * qw, dkf.data(),
+                       dvf.data());
     dk.middleRows(b, n) = dkf.bottomRows(n);  // the prefix's K/V are constants
     dv.middleRows(b, n) = dvf.bottomRows(n);
   }
@@ -695,34 +673,11 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
     const int b = tp.seg_begin[g], e = tp.seg_end[g], np = int(tp.kf[g].rows()) - (e - b);
     for (int r = b; r < e; ++r) pos[size_t(r)] = np + (r - b);
   }
-  rope(dq.data(), N, Hq * D, Hq, D, D, pos.data(), m.inv_freq().data(), true, c.rope_attn_factor);
-  rope(dk.data(), N, Hkv * D, Hkv, D, D, pos.data(), m.inv_freq().data(), true, c.rope_attn_factor);
-  if (c.clip_qkv > 0.f) {
-    const T cl = T(c.clip_qkv);
-    auto mask = [cl](MatT<T>& d, const MatT<T>& pre) {
-      for (Eigen::Index i = 0; i < d.size(); ++i)
-        if (pre.data()[i] < -cl || pre.data()[i] > cl) d.data()[i] = T(0);
-    };
-    mask(dq, tp.q_pre);
-    mask(dk, tp.k_pre);
-    mask(dv, tp.v_pre);
-  }
-  if (c.arch->qk_norm != QKNorm::None) {
-    MatT<T> dqr(N, Hq * D), dkr(N, Hkv * D);
-    if (c.arch->qk_norm == QKNorm::PerHead) {
-      rmsnorm_backward(tp.q_raw.data(), at.q_norm.data(), dq.data(), dqr.data(), N * Hq, D, c.rms_eps, false);
-      rmsnorm_backward(tp.k_raw.data(), at.k_norm.data(), dk.data(), dkr.data(), N * Hkv, D, c.rms_eps, false);
-    } else {
-      rmsnorm_backward(tp.q_raw.data(), at.q_norm.data(), dq.data(), dqr.data(), N, Hq * D, c.rms_eps, false);
-      rmsnorm_backward(tp.k_raw.data(), at.k_norm.data(), dk.data(), dkr.data(), N, Hkv * D, c.rms_eps, false);
-    }
-    dq = std::move(dqr);
-    dk = std::move(dkr);
-  }
-  MatT<T> da1(N, H);
-  linear_backward(dq.data(), N, H, at.wq, da1.data(), false);
-  linear_backward(dk.data(), N, H, at.wk, da1.data(), true);
-  linear_backward(dv.data(), N, H, at.wv, da1.data(), true);
+  MatT<T> da1 = MatT<T>::Zero(N, H);
+  if (c.arch->attention == AttentionKind::MLA)
+    mla_backward(m, l, tp, pos.data(), dq, dk, dv, da1);
+  else
+    qkv_backward(m, l, tp, pos.data(), dq, dk, dv, da1);
   rmsnorm_backward(tp.x_in.data(), L.ln_in.data(), da1.data(), dx.data(), N, H, c.rms_eps, true);
 }
 

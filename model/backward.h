@@ -112,7 +112,9 @@ struct BlockTape {
   MatT<T> x_in, a1;                  // block input, input-norm output [N, H]
   MatT<T> q_raw, k_raw;              // projections before q/k-norm (kept only with q/k-norm)
   MatT<T> q_pre, k_pre, v_pre;       // after q/k-norm, before clipping (kept only with clip_qkv)
-  MatT<T> q;                         // queries after RoPE [N, Hq·D]
+  MatT<T> mla_qa, mla_ckv;           // MLA: q_a output before its norm [N, q_lora] (q_lora only); kv_a output
+                                     // [N, kv_lora + dr] (latent before its norm ‖ the shared k_pe before RoPE)
+  MatT<T> q;                         // queries after RoPE [N, Hq·D] (MLA: [N, Hq·dq])
   std::vector<MatT<T>> kf, vf;       // per segment: keys/values after RoPE, prefix + active [n_k, Hkv·D]
   std::vector<MatT<T>> probs;        // per segment: [Hq·n_q, n_k]
   std::vector<int> seg_begin, seg_end, seg_seq;  // segments = runs of one sequence's rows
@@ -127,6 +129,25 @@ struct BlockTape {
   MatT<T> s_gu, s_key, s_y;          // shared expert, all tokens
   VecT<T> s_logit;                   // shared-expert gate logits [N] (sigmoid-gated only)
 };
+
+// The attention projections, as Model::attention computes them from tape.a1 [N, H]: q [N, Hq·D], k and v
+// [N, Hkv·D] after bias, q/k-norm, clip_qkv and RoPE (recording q_raw/k_raw, q_pre/k_pre/v_pre as needed). The
+// backward takes ∂/∂q, k, v after RoPE (modified in place) and adds ∂/∂a1 to da1.
+template <class T>
+void qkv_forward(const Model& m, int l, const TokenLayout& layout, BlockTape<T>& tape, MatT<T>& q, MatT<T>& k,
+                 MatT<T>& v);
+template <class T>
+void qkv_backward(const Model& m, int l, const BlockTape<T>& tape, const int* pos, MatT<T>& dq, MatT<T>& dk,
+                  MatT<T>& dv, MatT<T>& da1);
+// Multi-head latent attention's projections (DeepSeek-V2/V3), as Model::attention computes them: q [N, Hq·dq],
+// k [N, Hq·dq] (per head: k_nope ‖ the shared k_pe), v [N, Hq·dv], RoPE applied at positions pos; records
+// tape.mla_qa / mla_ckv. The backward takes ∂/∂q, k, v (after RoPE; dq is modified) and adds ∂/∂a1 to da1.
+template <class T>
+void mla_forward(const Model& m, int l, const MatT<T>& a1, const int* pos, BlockTape<T>& tape, MatT<T>& q, MatT<T>& k,
+                 MatT<T>& v);
+template <class T>
+void mla_backward(const Model& m, int l, const BlockTape<T>& tape, const int* pos, MatT<T>& dq, const MatT<T>& dk,
+                  const MatT<T>& dv, MatT<T>& da1);
 
 // One block forward on rows x [N, H] (in place) whose seq/pos are given by `layout` (a sequence's rows are
 // contiguous with consecutive positions; with a prefix, its first position equals the prefix length). Records

@@ -157,12 +157,11 @@ void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, Ma
   const AttnWeights& at = w_.layers[size_t(l)].attn;
   const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads, dn = cfg_.qk_nope_dim, dr = cfg_.qk_rope_dim,
             dv = cfg_.v_head_dim, dq = dn + dr, rkv = cfg_.kv_lora_rank, rq = cfg_.q_lora_rank;
-  constexpr float kLatentEps = 1e-6f;  // q_a_layernorm / kv_a_layernorm are built without the config's eps
   q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
   if (rq) {
     MatR qa(N, rq);
     linear_w(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
-    ops::rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kLatentEps);
+    ops::rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kMlaLatentEps);
     linear_w(qa.data(), N, rq, at.wq_b, q.data());
   } else {
     linear_w(a.data(), N, H, at.wq, q.data());
@@ -170,7 +169,7 @@ void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, Ma
   MatR ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
   linear_w(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
   MatR lat = ckv.leftCols(rkv);  // [N, rkv]
-  ops::rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kLatentEps);
+  ops::rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
   MatR kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
   linear_w(lat.data(), N, rkv, at.wkv_b, kv.data());
   // RoPE on each query head's rope part and on the single k_pe head (not normalised).
@@ -188,14 +187,18 @@ void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, Ma
     }
 }
 
+ops::AttnShape attn_shape(const ModelConfig& c) {
+  if (c.arch->attention == AttentionKind::MLA) return {c.n_heads, c.n_heads, c.qk_dim(), c.v_head_dim, c.attn_scale, 0};
+  return {c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.attn_scale, c.sliding_window};
+}
+
 MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const {
   const AttnWeights& at = w_.layers[size_t(l)].attn;
   const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads;
   MatR q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
-  ops::AttnShape shape{Hq, cfg_.n_kv_heads, cfg_.head_dim, cfg_.head_dim, cfg_.attn_scale, cfg_.sliding_window};
+  const ops::AttnShape shape = attn_shape(cfg_);
   if (cfg_.arch->attention == AttentionKind::MLA) {
     mla_qkv(l, a, layout, q, k, v);
-    shape = {Hq, Hq, cfg_.qk_dim(), cfg_.v_head_dim, cfg_.attn_scale, 0};
   } else {
     const int D = cfg_.head_dim, Hkv = cfg_.n_kv_heads;
     q.resize(N, Hq * D);

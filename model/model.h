@@ -56,6 +56,9 @@ struct ForwardOutput {
   std::vector<LayerRouting> routing; // [n_layers]
 };
 
+// MLA's q_a_layernorm / kv_a_layernorm are built without the config's eps (DeepSeek's code): 1e-6.
+constexpr float kMlaLatentEps = 1e-6f;
+
 // How a checkpoint is loaded and paged.
 struct LoadOptions {
   // DeepSeek-V2 configs with norm_topk_prob: true. DeepSeek's remote code (moedit's default) renormalises the top-k
@@ -108,6 +111,10 @@ class Model {
   std::string path_;
   std::vector<float> inv_freq_;
 };
+
+// The attention geometry of a config: GQA/MHA (Hq, Hkv, head_dim, head_dim, window) or MLA (Hq, Hq, qk_dim,
+// v_head_dim, no window).
+ops::AttnShape attn_shape(const ModelConfig& c);
 
 // Builds the packed layout for a batch; with a cache, positions continue from each sequence's cached length.
 TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVCache* cache);

@@ -31,6 +31,16 @@ ModelConfig tiny(const std::string& type) {
   return test::tiny_config(type, s);
 }
 
+// Every family's tiny config, and the DeepSeek fixtures' configs (MLA without and with q_lora, interleaved RoPE,
+// softmax and sigmoid routers, shared experts, a dense first layer).
+std::vector<std::pair<std::string, ModelConfig>> gradient_configs() {
+  std::vector<std::pair<std::string, ModelConfig>> v;
+  for (const char* fam : kFamilies) v.emplace_back(fam, tiny(fam));
+  for (const char* fx : {"deepseek_v2", "deepseek_v2_group", "deepseek_v3"})
+    v.emplace_back(fx, load_config(test::fixture(std::string("models/") + fx)));
+  return v;
+}
+
 MatD random_mat(int r, int c, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 g(seed);
   std::normal_distribution<double> n(0.0, scale);
@@ -249,8 +259,7 @@ TEST(BackwardOps, Router) {
 // One block of every family (every layer: MoE with and without shared expert, dense): ∂(Σ R ⊙ out)/∂x.
 TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
   SerialOps serial;
-  for (const char* fam : kFamilies) {
-    const ModelConfig c = tiny(fam);
+  for (const auto& [fam, c] : gradient_configs()) {
     Model m(c, random_weights(c, 21, 0.3f));
     const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
     const int N = 9;
@@ -277,8 +286,7 @@ TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
 // full run; and the whole stack's input gradient (with a constant prefix) matches finite differences.
 TEST(BackwardStack, TapedForwardMatchesModel) {
   SerialOps serial;
-  for (const char* fam : kFamilies) {
-    const ModelConfig c = tiny(fam);
+  for (const auto& [fam, c] : gradient_configs()) {
     Model m(c, random_weights(c, 31, 0.3f));
     const std::vector<std::vector<int32_t>> seqs = {{5, 17, 3, 58, 42, 7, 7, 1}, {9, 2, 33, 34, 35}};
     ForwardOutput ref = m.forward(seqs);
@@ -318,8 +326,7 @@ TEST(BackwardStack, TapedForwardMatchesModel) {
 
 TEST(BackwardStack, InputGradientWithPrefixMatchesFiniteDifferences) {
   SerialOps serial;
-  for (const char* fam : kFamilies) {
-    const ModelConfig c = tiny(fam);
+  for (const auto& [fam, c] : gradient_configs()) {
     Model m(c, random_weights(c, 41, 0.3f));
     const int first = 1;
     // Constant prefix K/V from a double forward of 2 + 3 prefix tokens.

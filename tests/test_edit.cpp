@@ -124,9 +124,9 @@ Eigen::VectorXd fd_gradient(VStarProblem<double>& P, const Eigen::VectorXd& delt
 
 TEST(VStar, LossGradientMatchesFiniteDifferences) {
   SerialOps serial;
-  for (const std::string fx : {"qwen2_moe", "granitemoe", "qwen3_moe", "olmoe_clip"}) {
+  for (const std::string fx : {"qwen2_moe", "granitemoe", "qwen3_moe", "olmoe_clip", "deepseek_v2", "deepseek_v3"}) {
     auto m = Model::load(fixture_model(fx));
-    const int layer = fx == "qwen3_moe" ? 1 : 0;  // qwen3_moe's layer 0 is dense
+    const int layer = fx == "qwen3_moe" || fx.rfind("deepseek", 0) == 0 ? 1 : 0;  // their layer 0 is dense
     VStarOptions opt;
     VStarProblem<double> P(*m, layer, fixed_ids(), opt);
     const int H = P.hidden();
@@ -270,7 +270,8 @@ EditSetup edit_setup(const std::string& fx, int layer) {
 TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
   SerialOps serial;
   const int layer = 1;
-  EditSetup setup = edit_setup("qwen2_moe", layer);
+  for (const std::string fx : {"qwen2_moe", "deepseek_v2", "deepseek_v3"}) {  // GQA; MLA (2 shared); MLA + sigmoid
+  EditSetup setup = edit_setup(fx, layer);
   auto& [m, stats, before, pre, ids, s] = setup;
   for (const std::string tgt : {"dominant", "routed", "shared", "1:X", "consistent"}) {
     EditOptions opt;
@@ -294,20 +295,25 @@ TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
     ASSERT_FALSE(r.updates.empty()) << tgt;
     // W′k = Wk + r for the denominator's key (the bare prompt's, read from the forward's hook_key).
     for (const ExpertUpdate& u : r.updates) {
-      const ExpertBank& bank = u.expert == kSharedExpert ? m->weights().layers[1].ffn.shared
-                                                         : m->weights().layers[1].ffn.experts;
-      const ExpertBank& bank0 = u.expert == kSharedExpert ? before.layers[1].ffn.shared : before.layers[1].ffn.experts;
-      const int e = u.expert == kSharedExpert ? 0 : u.expert;
+      const bool shared = is_shared_expert(u.expert);
+      const ExpertBank& bank = shared ? m->weights().layers[1].ffn.shared : m->weights().layers[1].ffn.experts;
+      const ExpertBank& bank0 = shared ? before.layers[1].ffn.shared : before.layers[1].ffn.experts;
+      const int e = shared ? 0 : u.expert;
+      // Shared expert j of several edits its slice of the shared block's columns.
+      const auto [c0, c1] = shared && m->config().n_shared_experts > 1
+                                ? m->config().shared_slice(shared_index(u.expert))
+                                : std::pair<int, int>{0, bank.I};
       Eigen::VectorXd k = u.k.cast<double>();
-      if (u.expert != kSharedExpert && tgt != "consistent") {  // the forward's own key at the subject token
+      if (!shared && tgt != "consistent") {  // the forward's own key at the subject token
         const auto& tk = pre.key_tokens[size_t(e)];
         const auto it = std::find(tk.begin(), tk.end(), s);
         ASSERT_NE(it, tk.end());
         k = pre.keys[size_t(e)].row(int(it - tk.begin())).transpose().cast<double>();
         EXPECT_LE(rel(u.k.cast<double>(), k), 1e-6);
       }
-      const Eigen::MatrixXd W1 = bank.down[size_t(e)].to_f32().cast<double>();
-      const Eigen::MatrixXd W0 = bank0.down[size_t(e)].to_f32().cast<double>();
+      const Eigen::MatrixXd W1 = bank.down[size_t(e)].to_f32().cast<double>().middleCols(c0, c1 - c0);
+      const Eigen::MatrixXd W0 = bank0.down[size_t(e)].to_f32().cast<double>().middleCols(c0, c1 - c0);
+      ASSERT_EQ(W1.cols(), k.size());
       const double err = rel(W1 * k, W0 * k + u.r.cast<double>());
       std::printf("  [exact] %s expert %d: |W'k - (Wk + r)| / |Wk + r| = %.2e, |r| = %.3f\n", tgt.c_str(), u.expert,
                   err, u.r.norm());
@@ -328,7 +334,9 @@ TEST(Edit, RankOneUpdateIsExactAndRevertIsBitExact) {
       EXPECT_EQ(m->weights().layers[size_t(l)].ffn.shared.down, before.layers[size_t(l)].ffn.shared.down);
     }
     const Bare back = run_bare(*m, layer, ids.prompts[0]);
-    EXPECT_TRUE((back.logits.array() == pre.logits.array()).all()) << tgt;
+    EXPECT_TRUE((back.logits.array() == pre.logits.array()).all()) << fx << " " << tgt;
+    for (const Weight& w : m->weights().layers[size_t(layer)].ffn.experts.down) EXPECT_FALSE(w.is_copy()) << fx;
+  }
   }
 }
 
