@@ -70,6 +70,9 @@ int main(int argc, char** argv) {
   } catch (const moedit::InputError& e) {
     std::fprintf(stderr, "moedit: error: %s\n", e.what());
     return 2;
+  } catch (const moedit::ResourceError& e) {
+    std::fprintf(stderr, "moedit: not enough memory: %s\n", e.what());
+    return 1;
   } catch (const std::bad_alloc&) {
     const moedit::MachineMemory m = moedit::machine_memory();
     std::fprintf(stderr, "moedit: out of memory (%s of %s RAM available%s%s)\n", moedit::gb(m.available).c_str(),

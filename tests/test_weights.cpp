@@ -10,6 +10,7 @@
 #include "io/safetensors.h"
 #include "invariance.h"
 #include "kernels/half.h"
+#include "model/memory.h"
 #include "model/model.h"
 #include "test_util.h"
 
@@ -191,6 +192,42 @@ TEST(TypedWeights, SaveReportsTheRoundingOfTheUpdateOrWritesF32) {
   EXPECT_EQ(re->weights().layers[l].ffn.experts.down[e].type(), ops::WType::F32);
   EXPECT_EQ(re->weights().layers[l].ffn.experts.down[e + 1].type(), ops::WType::BF16);  // the others as stored
   EXPECT_EQ((re->forward(seqs).logits - m->forward(seqs).logits).cwiseAbs().maxCoeff(), 0.f);
+}
+
+TEST(Memory, AModelThatCannotFitSaysWhatItNeedsAndWhatIsAvailable) {
+  const std::string dir = test::fixture("models/olmoe");
+  const CheckpointMemory need = checkpoint_memory(load_config(dir), dir);
+  EXPECT_EQ(need.file_bytes, fs::file_size(dir + "/model.safetensors"));
+  EXPECT_GT(need.fp32_bytes, 0u);  // norms and routers
+  MachineMemory have{64ull << 30, 32ull << 30, (need.file_bytes + need.fp32_bytes) / 2};
+  try {
+    check_fits(dir, need, have);
+    ADD_FAILURE() << "no error";
+  } catch (const ResourceError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(dir + ": the model needs " + gb(need.file_bytes + need.fp32_bytes) + " of address space"),
+              std::string::npos) << msg;
+    EXPECT_NE(msg.find("the address-space limit (ulimit -v) is " + gb(have.as_limit)), std::string::npos) << msg;
+  }
+  have.as_limit = 0;
+  EXPECT_NO_THROW(check_fits(dir, need, have));
+  // FP8 weights are dequantised into fp32 copies: four bytes a parameter, checked against the available RAM.
+  const std::string fp8 = test::fixture("models/deepseek_v3_fp8");
+  const ModelConfig c8 = load_config(fp8);
+  const CheckpointMemory n8 = checkpoint_memory(c8, fp8);
+  EXPECT_GE(n8.fp32_bytes, uint64_t(c8.total_params()) * 4);
+  have.available = n8.fp32_bytes - 1;
+  try {
+    check_fits(fp8, n8, have);
+    ADD_FAILURE() << "no error";
+  } catch (const ResourceError& e) {
+    EXPECT_NE(std::string(e.what()).find("of RAM for fp32 copies"), std::string::npos) << e.what();
+  }
+  // This machine's numbers are read.
+  const MachineMemory mine = machine_memory();
+  EXPECT_GT(mine.ram, 0u);
+  EXPECT_GT(mine.available, 0u);
+  EXPECT_LE(mine.available, mine.ram);
 }
 
 }  // namespace
