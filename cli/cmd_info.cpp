@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 #include "model/config.h"
 #include "model/memory.h"
+#include "model/router.h"
 
 namespace moedit::cli {
 
@@ -38,9 +39,9 @@ std::string router_name(const ModelConfig& c) {
     s += "best " + std::to_string(c.topk_group) + " of " + std::to_string(c.n_group) + " groups (" +
          (c.group_limit == GroupLimit::MaxScore ? "max" : "top-2 sum") + ") → ";
   s += "top-k";
-  const bool norm = c.norm_topk_prob && !(c.arch->norm_replaces_scaling && c.top_k == 1);
-  if (norm) s += " → renormalise";
-  if (c.routed_scaling != 1.f && !(norm && c.arch->norm_replaces_scaling)) {
+  const grad::WeightMode mode = grad::weight_mode(c);
+  if (mode.norm) s += " → renormalise";
+  if (mode.scale) {
     char buf[32];
     std::snprintf(buf, sizeof buf, " → ×%g", double(c.routed_scaling));
     s += buf;

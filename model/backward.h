@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "model/router.h"
 
 namespace moedit {
 
@@ -83,13 +84,7 @@ void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_str
                         int n_k, const ops::AttnShape& s, const T* probs, const T* dout, int dout_stride, T* dq,
                         T* dk, T* dv);
 
-// Model::route for one token's router logits z[E]: ids[k] (top-k order) and weights w[k]. bias [E] (or null):
-// DeepSeek-V3's selection-only e_score_correction_bias. The one implementation of every router kind.
-template <class T>
-void route(const ModelConfig& c, const T* z, int* ids, T* w, const float* bias = nullptr);
-// Backward with the selection fixed: dz[E] (=) from dw[k].
-template <class T>
-void route_backward(const ModelConfig& c, const T* z, const int* ids, const T* dw, T* dz);
+// Routing (route, route_backward) is in model/router.h.
 
 // log-softmax of a row.
 template <class T>
