@@ -79,6 +79,9 @@ void run_edit(const EditArgs& a) {
   else
     opt.layer = parse_layer_index(a.layer);
 
+  require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",
+                "--save-dtype '" + a.save_dtype + "': expected checkpoint or f32");
+
   auto m = load_model(a.model);
   const ModelConfig& c = m->config();
   if (opt.layer >= 0 || opt.target.kind == TargetKind::Expert) {
@@ -204,8 +207,6 @@ void run_edit(const EditArgs& a) {
   if (!a.save.empty()) {
     require_input(!a.independent, "--save with --independent would save the unedited model");
     const auto edited = edited_experts(applied);
-    require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",
-                  "--save-dtype '" + a.save_dtype + "': expected checkpoint or f32");
     const bool f32 = a.save_dtype == "f32";
     const SaveReport sr = save_edited_checkpoint(*m, a.model, a.save, edited, {a.overwrite, f32});
     // What a reload computes: the edited tensors in their stored dtype.

@@ -193,6 +193,9 @@ std::vector<BadInput> cases() {
       {"edit_unknown_objective",
        [](const TempDir&) { return edit_case("--prompt \"{} is in\" --layer 0 --objective best"); },
        "--objective 'best': expected rome or exact"},
+      {"edit_unknown_save_dtype",
+       [](const TempDir& d) { return edit_case("--prompt \"{} is in\" --layer 0 --save " + (d / "out") + " --save-dtype f8"); },
+       "--save-dtype 'f8': expected checkpoint or f32"},
       {"edit_request_without_subject",
        [](const TempDir& d) {
          write_file(d / "req.json", R"([{"prompt": "{} is in", "target_new": {"str": "Paris"}}])");
