@@ -125,7 +125,7 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
                                                       std::to_string(c.n_layers) + ")");
   require_input(c.is_moe(layer), "layer " + std::to_string(layer) + " is a dense layer, not an MoE layer");
   const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
-  const int E = c.n_experts, I = f.experts.I, H = c.hidden;
+  const int E = c.n_experts, I = f.experts.I;
   const int n_shared = shared_expert_count(m, layer);
   const bool shared = n_shared > 0;
   const int n_out = E + n_shared;
@@ -157,11 +157,7 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
     Hooks hooks;
     std::vector<std::shared_ptr<Hooks::Capture>> keys(static_cast<size_t>(E));
     for (int e = 0; e < E; ++e) keys[size_t(e)] = hooks.capture(hook_names::expert_key(layer, e));
-    std::shared_ptr<Hooks::Capture> pre, att;
-    if (shared) {
-      pre = hooks.capture(hook_names::resid_pre(layer));
-      att = hooks.capture(hook_names::attn_out(layer));
-    }
+    const std::shared_ptr<Hooks::Capture> skey = shared ? hooks.capture(hook_names::shared_key(layer)) : nullptr;
     ForwardOptions fo;
     fo.hooks = &hooks;
     fo.stop_after_layer = layer;
@@ -169,18 +165,9 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
     m.forward(batch, fo);
     std::vector<MatR> blocks(static_cast<size_t>(n_out));
     for (int e = 0; e < E; ++e) blocks[size_t(e)] = std::move(keys[size_t(e)]->value);
-    if (shared) {  // shared-expert keys, as the forward computes them: a2 = norm(resid_pre + rm·attn_out)
-      MatR x = att->value;
-      if (c.residual_multiplier != 1.f) x *= c.residual_multiplier;
-      x = pre->value + x;
-      MatR a2(x.rows(), H);
-      ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), H, c.rms_eps);
-      MatR key(x.rows(), f.shared.I);
-      expert_key(f.shared, 0, a2.data(), size_t(H), int(a2.rows()), key.data());
-      for (int j = 0; j < n_shared; ++j) {
-        const auto [b, e] = slice(j);
-        blocks[size_t(E + j)] = key.middleCols(b, e - b);
-      }
+    for (int j = 0; j < n_shared; ++j) {  // shared expert j's columns of the forward's shared key
+      const auto [b, e] = slice(j);
+      blocks[size_t(E + j)] = skey->value.middleCols(b, e - b);
     }
 #pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
     for (int e = 0; e < n_out; ++e) {

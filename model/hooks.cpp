@@ -66,6 +66,8 @@ std::string router_logits(int l) { return "blocks." + std::to_string(l) + ".moe.
 std::string expert_ids(int l) { return "blocks." + std::to_string(l) + ".moe.hook_expert_ids"; }
 std::string expert_weights(int l) { return "blocks." + std::to_string(l) + ".moe.hook_expert_weights"; }
 std::string shared_out(int l) { return "blocks." + std::to_string(l) + ".moe.hook_shared_out"; }
+std::string ffn_in(int l) { return "blocks." + std::to_string(l) + ".hook_ffn_in"; }
+std::string shared_key(int l) { return "blocks." + std::to_string(l) + ".moe.hook_shared_key"; }
 std::string shared_expert_out(int l, int j) {
   return "blocks." + std::to_string(l) + ".moe.shared_experts." + std::to_string(j) + ".hook_out";
 }

@@ -89,6 +89,8 @@ std::string resid_pre(int l);
 std::string attn_out(int l);
 std::string moe_out(int l);
 std::string resid_post(int l);
+std::string ffn_in(int l);      // the FFN/MoE block's input: post-attention RMSNorm output [N, H]
+std::string shared_key(int l);  // the shared expert(s)' key: input of the shared down_proj [N, shared width]
 std::string router_logits(int l);
 std::string expert_ids(int l);
 std::string expert_weights(int l);

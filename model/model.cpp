@@ -339,6 +339,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     const int Is = f.shared.I;
     MatR key(N, Is), s(N, H);
     expert_key(f.shared, 0, a.data(), size_t(H), N, key.data());
+    if (hooked) hooks->run(hook_names::shared_key(l), key, {hook_names::shared_key(l), l, -1, layout, nullptr});
     linear_w(key.data(), N, Is, f.shared.down[0], s.data());
     Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
     if (f.shared_gate.size()) {
@@ -413,6 +414,7 @@ void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, con
   if (rm != 1.f) att *= rm;
   x += att;
   rmsnorm_rows(x, L.ln_post, cfg_.rms_eps, a);
+  if (hooked) hooks->run(hook_names::ffn_in(l), a, {hook_names::ffn_in(l), l, -1, layout, nullptr});
   MatR m = ffn(l, a, layout, hooks, routing);
   if (hooked) hooks->run(hook_names::moe_out(l), m, {hook_names::moe_out(l), l, -1, layout, nullptr});
   if (rm != 1.f) m *= rm;

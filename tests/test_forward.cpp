@@ -121,6 +121,32 @@ TEST(Hooks, ExpertContributionsSumToMoeOutput) {
   }
 }
 
+// hook_ffn_in is the post-attention norm of resid_pre + attn_out; hook_shared_key is the shared expert's
+// down_proj input (its product with the down projection, gated, is hook_shared_out).
+TEST(Hooks, FfnInputAndSharedKey) {
+  const ModelConfig c = tiny("qwen2_moe");
+  Model m(c, random_weights(c, 8, 0.3f));
+  const int l = 2, H = c.hidden;
+  Hooks h;
+  auto pre = h.capture(hook_names::resid_pre(l)), att = h.capture(hook_names::attn_out(l));
+  auto in = h.capture(hook_names::ffn_in(l)), key = h.capture(hook_names::shared_key(l));
+  auto out = h.capture(hook_names::shared_out(l));
+  ForwardOptions o;
+  o.hooks = &h;
+  m.forward(batch(), o);
+  const MatR x = pre->value + att->value;
+  MatR a(x.rows(), H);
+  ops::rmsnorm(x.data(), m.weights().layers[size_t(l)].ln_post.data(), a.data(), int(x.rows()), H, c.rms_eps);
+  EXPECT_EQ(in->value, a);
+  const FFNWeights& f = m.weights().layers[size_t(l)].ffn;
+  ASSERT_EQ(key->value.cols(), f.shared.I);
+  const MatR y = key->value * f.shared.down[0].to_f32().transpose();
+  for (int t = 0; t < int(y.rows()); ++t) {
+    const float g = ops::sigmoid(a.row(t).dot(f.shared_gate.transpose()));
+    EXPECT_LE((g * y.row(t) - out->value.row(t)).cwiseAbs().maxCoeff(), 1e-5f * max_abs(out->value)) << t;
+  }
+}
+
 TEST(Hooks, CaptureMatchesOutputAndPatchingIsCausal) {
   Model m(tiny("qwen2_moe"), random_weights(tiny("qwen2_moe"), 5, 0.3f));
   const auto seqs = batch();

@@ -1,4 +1,4 @@
-// Internals of tokenizer/tokenizer.cpp (not a public header). Mirrors the data model of Hugging Face `tokenizers`:
+// Internals of the tokenizer/*.cpp files (not a public header). Mirrors the data model of Hugging Face `tokenizers`:
 // a "normalized string" is text plus, for every byte of it, the [begin, end) byte span of the original input it
 // came from. Here alignments are kept in global coordinates (offsets into the whole input), which makes slicing
 // free: a View is a window onto some buffer of text + alignments.

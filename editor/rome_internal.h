@@ -1,0 +1,55 @@
+// Internals of the ROME editor (not a public header): the helpers that more than one of editor/rome*.cpp use.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "editor/rome.h"
+#include "io/errors.h"
+
+namespace moedit::rome_detail {
+
+inline void check_layer(const ModelConfig& c, int layer) {
+  require_input(layer >= 0 && layer < c.n_layers, "layer " + std::to_string(layer) + " is out of range [0, " +
+                                                      std::to_string(c.n_layers) + ")");
+  require_input(c.is_moe(layer), "layer " + std::to_string(layer) +
+                                     " is a dense layer (no experts to edit); choose an MoE layer");
+}
+
+inline std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+// Offsets of a packed batch: row of (sequence s, position p) = off[s] + p.
+inline std::vector<int> offsets(const std::vector<std::vector<int32_t>>& seqs) {
+  std::vector<int> off(seqs.size());
+  int o = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    off[s] = o;
+    o += int(seqs[s].size());
+  }
+  return off;
+}
+
+// FFN inputs (post-attention norm) at layer L for the given rows, as the forward computes them.
+inline MatR ffn_inputs(const Model& m, int layer, const MatR& resid_pre, const MatR& attn_out,
+                       const std::vector<int>& rows) {
+  const ModelConfig& c = m.config();
+  MatR x(int(rows.size()), c.hidden);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Eigen::RowVectorXf a = attn_out.row(rows[i]);
+    if (c.residual_multiplier != 1.f) a *= c.residual_multiplier;
+    x.row(int(i)) = resid_pre.row(rows[i]) + a;
+  }
+  MatR a2(x.rows(), c.hidden);
+  ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), c.hidden,
+               c.rms_eps);
+  return a2;
+}
+
+// The text as a continuation of a prompt: a leading space added unless it starts with one.
+inline std::string with_space(const std::string& t) { return (!t.empty() && t[0] == ' ') ? t : " " + t; }
+
+}  // namespace moedit::rome_detail

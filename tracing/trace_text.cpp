@@ -1,0 +1,104 @@
+// Causal tracing at the text level: the prompt tokenized, the subject located through the offsets, the target's
+// first token, the embedding std over CounterFact subjects; trace_fact() on top of trace_ids().
+#include "tracing/trace.h"
+
+#include <cctype>
+#include <fstream>
+
+#include "datasets/counterfact.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moedit::trace {
+
+std::vector<std::string> counterfact_subjects(const std::string& path) {
+  std::vector<std::string> out;
+  std::ifstream f(path);
+  if (!f) return out;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const std::exception& e) {
+    throw InputError(path + ": malformed JSON (" + e.what() + ")");
+  }
+  if (!j.is_array()) return out;
+  for (const auto& r : j) {
+    if (r.contains("requested_rewrite") && r["requested_rewrite"].contains("subject") &&
+        r["requested_rewrite"]["subject"].is_string())
+      out.push_back(r["requested_rewrite"]["subject"].get<std::string>());
+    else if (r.contains("subject") && r["subject"].is_string())
+      out.push_back(r["subject"].get<std::string>());
+  }
+  return out;
+}
+
+double subject_embedding_std(const Model& m, const Tokenizer& tok, const std::vector<std::string>& subjects) {
+  std::vector<std::vector<int32_t>> lists;
+  for (const std::string& s : subjects) {
+    const Tokenizer::Encoding enc = tok.encode(s, true);
+    std::vector<int32_t> ids;
+    for (size_t i = 0; i < enc.size(); ++i)
+      if (!enc.special_mask[i]) ids.push_back(enc.ids[i]);
+    lists.push_back(std::move(ids));
+  }
+  return embedding_std(m, lists);
+}
+
+std::pair<int, int> locate_subject(const Tokenizer& tok, const std::string& prompt, const std::string& subject,
+                                   std::vector<int32_t>* ids) {
+  if (subject.empty()) throw InputError("--subject is empty");
+  const Tokenizer::Encoding enc = tok.encode(prompt, true);
+  const auto span = tok.find_span(enc, prompt, subject);
+  if (!span) throw InputError("subject '" + subject + "' is not in the prompt '" + prompt + "'");
+  if (ids) *ids = enc.ids;
+  return *span;
+}
+
+namespace {
+bool ends_with_space(const std::string& s) { return !s.empty() && std::isspace((unsigned char)s.back()); }
+bool starts_with_space(const std::string& s) { return !s.empty() && std::isspace((unsigned char)s.front()); }
+
+int first_token_of_continuation(const Tokenizer& tok, const std::string& prompt, std::string text,
+                                const char* what) {
+  if (text.empty()) throw InputError(std::string(what) + " is empty");
+  if (!ends_with_space(prompt) && !starts_with_space(text)) text = " " + text;
+  const std::vector<int32_t> ids = tok.encode_ids(text, false);
+  if (ids.empty()) throw InputError(std::string(what) + " '" + text + "' encodes to no tokens");
+  return ids[0];
+}
+}  // namespace
+
+TraceReport trace_fact(const Model& m, const Tokenizer& tok, const TraceRequest& req, const TraceOptions& opt) {
+  TraceInput in;
+  const auto [b, e] = locate_subject(tok, req.prompt, req.subject, &in.ids);
+  in.subject_begin = b;
+  in.subject_end = e;
+  in.prompt = req.prompt;
+  in.subject = req.subject;
+  in.id = req.id;
+  in.expected = req.expected;
+  in.target_text = req.target;
+  if (!req.target.empty()) in.target = first_token_of_continuation(tok, req.prompt, req.target, "--target");
+  for (int32_t id : in.ids) in.tokens.push_back(tok.decode({id}));
+  TraceOptions o = opt;
+  if (o.noise_file.empty() && o.embedding_std < 0 && parse_noise_rule(o.noise).type == NoiseRule::ScaledStd) {
+    const std::vector<std::string> subjects = counterfact_subjects(bundled_counterfact_path());
+    if (!subjects.empty()) {
+      o.embedding_std = subject_embedding_std(m, tok, subjects);
+      o.embedding_std_source = "bundled CounterFact subjects (" + std::to_string(subjects.size()) + ")";
+    } else {
+      o.embedding_std = subject_embedding_std(m, tok, {req.subject});
+      o.embedding_std_source = "prompt subject";
+    }
+  }
+  TraceReport rep = trace_ids(m, in, o);
+  rep.answer_text = tok.decode({rep.answer});
+  if (!req.expected.empty()) {
+    const int want = first_token_of_continuation(tok, req.prompt, req.expected, "expected answer");
+    rep.correct_prediction = rep.answer == want;
+  }
+  return rep;
+}
+
+
+}  // namespace moedit::trace
