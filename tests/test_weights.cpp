@@ -194,6 +194,18 @@ TEST(TypedWeights, SaveReportsTheRoundingOfTheUpdateOrWritesF32) {
   EXPECT_EQ((re->forward(seqs).logits - m->forward(seqs).logits).cwiseAbs().maxCoeff(), 0.f);
 }
 
+// Paging options change where the weights are, never a result: --mlock reads and pins the mapping, --prefetch
+// advises the next layer while one runs.
+TEST(Memory, MlockAndPrefetchGiveTheSameLogits) {
+  const std::string demo = test::source_dir() + "/models/moedit-demo";
+  LoadOptions paged;
+  paged.mlock = true;
+  paged.prefetch = true;
+  const std::vector<std::vector<int32_t>> seqs = {{5, 17, 3, 99, 42}, {7, 8}};
+  const ForwardOutput a = Model::load(demo)->forward(seqs), b = Model::load(demo, paged)->forward(seqs);
+  EXPECT_EQ((a.logits - b.logits).cwiseAbs().maxCoeff(), 0.f);
+}
+
 TEST(Memory, AModelThatCannotFitSaysWhatItNeedsAndWhatIsAvailable) {
   const std::string dir = test::fixture("models/olmoe");
   const CheckpointMemory need = checkpoint_memory(load_config(dir), dir);
