@@ -74,8 +74,7 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
 
   // Keys and routing at L for every template's subject token (bare prompt first).
   Hooks h;
-  auto pre = h.capture(hook_names::resid_pre(layer));
-  auto att = h.capture(hook_names::attn_out(layer));
+  auto ffn_in = h.capture(hook_names::ffn_in(layer));
   ForwardOptions fo;
   fo.hooks = &h;
   fo.stop_after_layer = layer;
@@ -83,7 +82,8 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   const auto off = offsets(ids.prompts);
   std::vector<int> rows;
   for (size_t i = 0; i < ids.prompts.size(); ++i) rows.push_back(off[i] + ids.subject_last[i]);
-  const MatR a2 = ffn_inputs(m, layer, pre->value, att->value, rows);
+  MatR a2(int(rows.size()), c.hidden);  // the FFN inputs at the subject tokens
+  for (size_t i = 0; i < rows.size(); ++i) a2.row(int(i)) = ffn_in->value.row(rows[i]);
   const LayerRouting& rt = f.routing[size_t(layer)];
   const int K = c.top_k;
   for (int j = 0; j < K; ++j) {

@@ -33,22 +33,6 @@ inline std::vector<int> offsets(const std::vector<std::vector<int32_t>>& seqs) {
   return off;
 }
 
-// FFN inputs (post-attention norm) at layer L for the given rows, as the forward computes them.
-inline MatR ffn_inputs(const Model& m, int layer, const MatR& resid_pre, const MatR& attn_out,
-                       const std::vector<int>& rows) {
-  const ModelConfig& c = m.config();
-  MatR x(int(rows.size()), c.hidden);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    Eigen::RowVectorXf a = attn_out.row(rows[i]);
-    if (c.residual_multiplier != 1.f) a *= c.residual_multiplier;
-    x.row(int(i)) = resid_pre.row(rows[i]) + a;
-  }
-  MatR a2(x.rows(), c.hidden);
-  ops::rmsnorm(x.data(), m.weights().layers[size_t(layer)].ln_post.data(), a2.data(), int(x.rows()), c.hidden,
-               c.rms_eps);
-  return a2;
-}
-
 // The text as a continuation of a prompt: a leading space added unless it starts with one.
 inline std::string with_space(const std::string& t) { return (!t.empty() && t[0] == ' ') ? t : " " + t; }
 

@@ -45,8 +45,7 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   require_input(!exact || bool(spread), "the exact v* objective needs the edit's spread");
   Hooks h;
   auto mo = h.capture(hook_names::moe_out(layer));
-  auto pre = exact ? h.capture(hook_names::resid_pre(layer)) : nullptr;
-  auto att = exact ? h.capture(hook_names::attn_out(layer)) : nullptr;
+  auto ffn_in = exact ? h.capture(hook_names::ffn_in(layer)) : nullptr;
   ForwardOptions fo;
   fo.hooks = &h;
   fo.stop_after_layer = layer;
@@ -61,9 +60,7 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   const int N = int(f.hidden.rows());
   VecF scale = VecF::Zero(N);
   if (exact) {
-    std::vector<int> all(static_cast<size_t>(N));
-    for (int i = 0; i < N; ++i) all[size_t(i)] = i;
-    scale = spread(ffn_inputs(m, layer, pre->value, att->value, all), f.routing[size_t(layer)]);
+    scale = spread(ffn_in->value, f.routing[size_t(layer)]);
     require_input(scale.size() == N && scale.allFinite(), "the edit's spread must give one finite factor per token");
   } else {
     for (int s = 0; s < ns; ++s) scale[off[size_t(s)] + idx[size_t(s)]] = 1.f;
