@@ -98,7 +98,12 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   };
   std::vector<Tgt> tg;
   switch (opt.target.kind) {
-    case TargetKind::Dominant: tg.push_back({res.routed[0], res.routed_weights[0], 1.0 / res.routed_weights[0]}); break;
+    case TargetKind::Dominant: {  // the largest routing weight (DeepSeek-V3 orders its top-k by the biased score)
+      const size_t j = size_t(std::max_element(res.routed_weights.begin(), res.routed_weights.end()) -
+                              res.routed_weights.begin());
+      tg.push_back({res.routed[j], res.routed_weights[j], 1.0 / res.routed_weights[j]});
+      break;
+    }
     case TargetKind::Expert: {
       const auto it = std::find(res.routed.begin(), res.routed.end(), opt.target.expert);
       require_input(it != res.routed.end(),

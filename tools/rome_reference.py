@@ -10,18 +10,32 @@ Same method as moedit, step by step, but with autograd for the v* gradient and H
     |delta| clamped to clamp_norm_factor * |target_init| (ROME's compute_v, spec/rome.md 2.6);
   * keys k_e = silu(x W_gate_e^T) * (x W_up_e^T) at the MoE input x (post-attention norm);
     C_e = E[k k^T] over the corpus tokens routed to expert e (all tokens for the shared expert), rounded to fp32
-    as moedit stores it;
-  * targets at the bare prompt's subject token: dominant r = delta / w_e; routed r_e = w_e delta / sum w^2;
-    shared r = delta / sigmoid(x . w_gate);
+    as moedit stores it; DeepSeek's n shared experts (one MLP of width n*I in the checkpoint) are n experts:
+    shared expert j (id -1 - j) = rows [j*I, (j+1)*I) of the shared gate/up projections, the same columns of its
+    down projection, its own C over that slice of every token's key;
+  * routing (own code, float64; the forward is HF's): Qwen2-MoE softmax -> top-k (-> renorm if norm_topk_prob);
+    DeepSeek-V2 softmax -> greedy / group-limited top-k, norm_topk_prob renormalises instead of scaling (DeepSeek's
+    remote code), else x routed_scaling_factor; DeepSeek-V3 sigmoid, selection on score + e_score_correction_bias
+    (noaux_tc groups), weights = the unbiased scores (renormalised if norm_topk_prob) x routed_scaling_factor;
+    checked against HF's router (same top-k sets, weights to 1e-5) before a DeepSeek fixture is written;
+  * targets at the bare prompt's subject token: dominant = the routed expert with the largest weight w_e (on
+    DeepSeek-V3 not always the top selection score), r = delta / w_e; routed r_e = w_e delta / sum w^2 (top-k in
+    descending selection score); shared r = delta / sigmoid(x . w_gate) (Qwen2-MoE), n ungated shared experts
+    (DeepSeek) r_j = delta / n each (the minimum-norm split: sum_j r_j = delta);
   * Delta W = r (C^-1 k*)^T / ((C^-1 k*)^T k), k* = template mean, k = bare-prompt key (ROME's key choice);
   * objective "exact" (moedit's --objective exact): u = C^-1 k* / ((C^-1 k*)^T k) and the shares r = share * delta
     first, then v* adds s_t * delta at every position t of every sequence, s_t = sum_j gate_j(t) share_j u_j^T k_j(t)
     (gate: t's routing weight for expert j, 0 outside its top-k; the shared gate for the shared expert).
 
 Modes
-  --make-fixture   (default) runs the three target kinds on tests/fixtures/models/qwen2_moe (float64, fixed ids)
-                   and writes tests/fixtures/edit/qwen2_moe_rome.safetensors: the inputs (ids, corpus), delta,
-                   the loss curve and post-edit logits per target kind. tests/test_edit.cpp compares moedit to it.
+  (default)        runs the three target kinds, with both objectives, at layer 1 (an MoE layer) of the fixture
+                   model(s) tests/fixtures/models/NAME (float64, fixed ids) and writes
+                   tests/fixtures/edit/NAME_rome.safetensors: the inputs (ids, corpus), delta, the loss curve and
+                   post-edit logits per target kind. tests/test_edit.cpp (EditCrossCheck) compares moedit to them.
+                   --fixture NAME... picks the fixtures (qwen2_moe, deepseek_v2, deepseek_v3; default qwen2_moe),
+                   --out DIR writes elsewhere. Commands that wrote the committed references (repository root):
+                     python3 tools/rome_reference.py                                    (qwen2_moe)
+                     python3 tools/rome_reference.py --fixture deepseek_v2 deepseek_v3
   --bench          times the same edit (statistics precomputed, not timed) on a checkpoint in float32 with the
                    request ids written by bench/bench_edit.cpp (--ids FILE); prints JSON {"seconds": [...]}.
 
@@ -43,13 +57,46 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------ model access
+# Families: Qwen2-MoE (softmax router, one shared expert with a sigmoid gate) and DeepSeek-V2/V3 (MLA attention in
+# HF's forward; routers re-implemented below; n ungated shared experts fused into one MLP `shared_experts` of width
+# n * moe_intermediate_size, shared expert j owning intermediate rows [j*I, (j+1)*I) of its gate/up projections and
+# the same columns of its down projection). Expert ids: routed 0..E-1, shared expert j = -1 - j.
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+
+
+def is_deepseek(config):
+    return config.model_type in DEEPSEEK
+
+
 def moe_block(model, layer):
     return model.model.layers[layer].mlp
 
 
+def num_experts(config):
+    return config.n_routed_experts if is_deepseek(config) else config.num_experts
+
+
+def num_shared(block):
+    """Shared experts of an MoE block (DeepSeek: n_shared_experts slices of one MLP; Qwen2-MoE: 0 or 1)."""
+    if hasattr(block, "shared_experts"):
+        return block.config.n_shared_experts
+    return 1 if hasattr(block, "shared_expert") else 0
+
+
+def shared_slice(block, j):
+    """[begin, end) of shared expert j in the shared MLP's intermediate dimension."""
+    n = num_shared(block)
+    w = block.shared_experts.gate_proj.weight.shape[0] // n
+    return j * w, (j + 1) * w
+
+
 def expert_weights(block, e):
-    """(gate [I,H], up [I,H], down [H,I]) of routed expert e; e = -1: the shared expert."""
+    """(gate [I,H], up [I,H], down [H,I]) of routed expert e; e = -1 - j: shared expert j (views)."""
     if e < 0:
+        if hasattr(block, "shared_experts"):
+            s = block.shared_experts
+            b, end = shared_slice(block, -1 - e)
+            return s.gate_proj.weight[b:end], s.up_proj.weight[b:end], s.down_proj.weight[:, b:end]
         s = block.shared_expert
         return s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight
     ex = block.experts
@@ -61,18 +108,54 @@ def expert_weights(block, e):
     return m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
 
 
-def down_param(block, e):
-    """A (tensor, index) handle to write expert e's down projection in place."""
-    if e < 0:
-        return block.shared_expert.down_proj.weight, None
-    ex = block.experts
-    if hasattr(ex, "down_proj"):
-        return ex.down_proj, e
-    return ex[e].down_proj.weight, None
+def down_view(block, e):
+    """A view of expert e's down projection (shared expert j: its columns of the shared one) to write in place."""
+    return expert_weights(block, e)[2]
+
+
+def shared_gate(block, x):
+    """The factor of the shared experts' output for MoE inputs x [N,H]: Qwen2-MoE sigmoid(x . w_gate); DeepSeek 1."""
+    if hasattr(block, "shared_expert_gate"):
+        return torch.sigmoid(x @ block.shared_expert_gate.weight[0])
+    return torch.ones(x.shape[0], dtype=x.dtype)
+
+
+def deepseek_router(block, x, config):
+    """DeepSeek routers in x's dtype (independent of HF's fp32 one), experts in descending selection score.
+    V2 (remote code): softmax scores; greedy top-k, or group_limited_greedy (group score = max, other groups' scores
+    -> 0); norm_topk_prob (with k > 1) renormalises the k weights INSTEAD of scaling, else x routed_scaling_factor.
+    V3: sigmoid scores s, selection on s + e_score_correction_bias, noaux_tc (group score = sum of its top-2
+    selection scores, other groups -> -inf); weights s of the selected experts, renormalised if norm_topk_prob, then
+    x routed_scaling_factor."""
+    z = x @ block.gate.weight.to(x.dtype).T
+    E, k = num_experts(config), config.num_experts_per_tok
+    v3 = config.model_type == "deepseek_v3"
+    s = torch.sigmoid(z) if v3 else torch.softmax(z, dim=-1)
+    sel = s + block.gate.e_score_correction_bias.to(x.dtype) if v3 else s.clone()
+    method = "noaux_tc" if v3 else config.topk_method
+    if method != "greedy":
+        G = config.n_group
+        grp = sel.view(-1, G, E // G)
+        gs = grp.topk(2, dim=-1).values.sum(-1) if v3 else grp.max(-1).values
+        keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(config.topk_group, dim=-1).indices, True)
+        sel = sel.masked_fill(~keep.repeat_interleave(E // G, 1), float("-inf") if v3 else 0.0)
+    ids = torch.topk(sel, k, dim=-1).indices
+    w = s.gather(1, ids)
+    if v3:
+        if config.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * config.routed_scaling_factor
+    elif k > 1 and config.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    else:
+        w = w * config.routed_scaling_factor
+    return ids, w
 
 
 def router(block, x, config):
     """Top-k ids and weights for MoE inputs x [N,H] (Qwen2-MoE: softmax -> top-k -> renorm if norm_topk_prob)."""
+    if is_deepseek(config):
+        return deepseek_router(block, x, config)
     w = block.gate.weight
     p = torch.softmax(x @ w.T, dim=-1)
     vals, ids = torch.topk(p, config.num_experts_per_tok, dim=-1)
@@ -108,13 +191,13 @@ def key_stats(model, layer, corpus):
     xs = torch.cat(moe_inputs(model, layer, corpus), 0)
     ids, _ = router(block, xs, cfg)
     stats = {}
-    for e in range(cfg.num_experts):
+    for e in range(num_experts(cfg)):
         sel = (ids == e).any(-1)
         k = keys_of(block, e, xs[sel])
         stats[e] = ((k.T @ k) / max(1, k.shape[0])).float().to(xs.dtype)
-    if hasattr(block, "shared_expert"):
-        k = keys_of(block, -1, xs)
-        stats[-1] = ((k.T @ k) / k.shape[0]).float().to(xs.dtype)
+    for j in range(num_shared(block)):  # every token's key (shared expert j: its slice of the shared key)
+        k = keys_of(block, -1 - j, xs)
+        stats[-1 - j] = ((k.T @ k) / k.shape[0]).float().to(xs.dtype)
     return stats
 
 
@@ -196,14 +279,16 @@ def apply_edit(model, layer, req, kind, stats, objective="rome"):
     xs = torch.stack(xs)
     ids, ws = router(block, xs[:1], cfg)
     ids, ws = ids[0].tolist(), ws[0]
-    if kind == "dominant":
-        shares = [(ids[0], 1 / ws[0])]
+    if kind == "dominant":  # the largest routing weight (DeepSeek-V3: not always the top selection score)
+        j = int(torch.argmax(ws))
+        shares = [(ids[j], 1 / ws[j])]
     elif kind == "routed":
         s2 = (ws * ws).sum()
         shares = [(e, ws[j] / s2) for j, e in enumerate(ids)]
-    elif kind == "shared":
-        g = torch.sigmoid(xs[0] @ block.shared_expert_gate.weight[0])
-        shares = [(-1, 1 / g)]
+    elif kind == "shared":  # n shared experts: minimum-norm split r_j = delta / (n g), sum_j g r_j = delta
+        n = num_shared(block)
+        g = shared_gate(block, xs[:1])[0]
+        shares = [(-1 - j, 1 / (n * g)) for j in range(n)]
     else:
         raise ValueError(kind)
     us = []
@@ -221,7 +306,7 @@ def apply_edit(model, layer, req, kind, stats, objective="rome"):
                 rid, rw = router(block, x, cfg)
                 f = torch.zeros(x.shape[0], dtype=x.dtype)
                 for (e, share), u in zip(shares, us):
-                    gate = torch.sigmoid(x @ block.shared_expert_gate.weight[0]) if e < 0 else (rw * (rid == e)).sum(-1)
+                    gate = shared_gate(block, x) if e < 0 else (rw * (rid == e)).sum(-1)
                     f = f + gate * share * (keys_of(block, e, x) @ u)
                 out.append(f)
         return out
@@ -230,8 +315,7 @@ def apply_edit(model, layer, req, kind, stats, objective="rome"):
     saved = []
     with torch.no_grad():
         for (e, share), u in zip(shares, us):
-            t, idx = down_param(block, e)
-            w = t if idx is None else t[idx]
+            w = down_view(block, e)
             saved.append((e, w.detach().clone()))
             w += torch.outer(share * delta, u)
     return delta, losses, saved
@@ -241,8 +325,7 @@ def restore(model, layer, saved):
     block = moe_block(model, layer)
     with torch.no_grad():
         for e, orig in reversed(saved):
-            t, idx = down_param(block, e)
-            (t if idx is None else t[idx]).copy_(orig)
+            down_view(block, e).copy_(orig)
 
 
 def load_model(path, dtype):
@@ -265,14 +348,33 @@ FIXED_IDS = {
 }
 
 
-def make_fixture(args):
+FIXTURES = ("qwen2_moe", "deepseek_v2", "deepseek_v3")  # layer 1 of each is an MoE layer (DeepSeek: 0 is dense)
+
+
+def check_router(model, layer, seqs):
+    """DeepSeek: the own router (float64) selects the same experts with the same weights as HF's (fp32) on seqs."""
+    block = moe_block(model, layer)
+    xs = torch.cat(moe_inputs(model, layer, seqs), 0)
+    with torch.no_grad():
+        ids, ws = router(block, xs, model.config)
+        _, hw, hi = block.gate(xs)
+    o, ho = ids.argsort(-1), hi.argsort(-1)
+    assert torch.equal(ids.gather(1, o), hi.gather(1, ho)), "own top-k set != HF's"
+    err = float(((ws.gather(1, o) - hw.double().gather(1, ho)).abs() / hw.double().gather(1, ho)).max())
+    assert err < 1e-5, f"own routing weights != HF's ({err:.1e})"
+    print(f"router: own top-{ids.shape[1]} = HF's on {xs.shape[0]} tokens, weights max rel diff {err:.1e}")
+
+
+def make_fixture(args, name):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = load_model(os.path.join(ROOT, "tests/fixtures/models/qwen2_moe"), torch.float64)
+    model = load_model(os.path.join(ROOT, "tests/fixtures/models", name), torch.float64)
     layer = 1
     rs = np.random.RandomState(0)
     corpus = rs.randint(0, model.config.vocab_size, size=(40, 32)).tolist()
+    if is_deepseek(model.config):
+        check_router(model, layer, corpus + FIXED_IDS["prompts"] + [FIXED_IDS["kl_prompt"]])
     stats = key_stats(model, layer, corpus)
     req = FIXED_IDS
     evals = req["prompts"] + [req["kl_prompt"], rs.randint(0, model.config.vocab_size, size=12).tolist()]
@@ -303,10 +405,10 @@ def make_fixture(args):
     import transformers
 
     meta = {"layer": str(layer), "n_prompts": str(len(req["prompts"])), "n_eval": str(len(evals)),
-            "model": "tests/fixtures/models/qwen2_moe", "dtype": "float64",
+            "model": f"tests/fixtures/models/{name}", "dtype": "float64",
             "generator": "tools/rome_reference.py", "transformers": transformers.__version__,
             "torch": torch.__version__}
-    path = os.path.join(ROOT, "tests/fixtures/edit/qwen2_moe_rome.safetensors")
+    path = os.path.join(args.out or os.path.join(ROOT, "tests/fixtures/edit"), f"{name}_rome.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, path, metadata=meta)
     print("wrote", path)
@@ -337,6 +439,9 @@ def bench(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--fixture", nargs="+", choices=FIXTURES, default=["qwen2_moe"],
+                    help="fixture model(s) to write a reference for (default: qwen2_moe)")
+    ap.add_argument("--out", help="folder to write the reference(s) to (default: tests/fixtures/edit)")
     ap.add_argument("--model")
     ap.add_argument("--ids")
     ap.add_argument("--repeat", type=int, default=1)
@@ -347,7 +452,8 @@ def main():
             sys.exit("--bench needs --model and --ids")
         bench(args)
     else:
-        make_fixture(args)
+        for name in args.fixture:
+            make_fixture(args, name)
 
 
 if __name__ == "__main__":

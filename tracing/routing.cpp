@@ -176,12 +176,13 @@ json routing_json(const SequenceRouting& r, const ModelConfig& cfg, const std::v
     for (int l : moe_layers(cfg)) {
       const int* ids = r.experts[size_t(l)].row(t).data();
       const float* w = r.weights[size_t(l)].row(t).data();
+      const int d = dominant_slot(w, k);
       lj.push_back({{"layer", l},
                     {"experts", std::vector<int>(ids, ids + k)},
                     {"weights", std::vector<float>(w, w + k)},
                     {"entropy", num(entropy_at(r, l, t, E))},
-                    {"dominant", ids[0]},
-                    {"dominant_weight", w[0]}});
+                    {"dominant", ids[d]},
+                    {"dominant_weight", w[d]}});
     }
     tj["layers"] = std::move(lj);
     toks.push_back(std::move(tj));
@@ -225,8 +226,9 @@ std::string routing_table(const SequenceRouting& r, const ModelConfig& cfg, cons
         o << buf;
       }
       const double h = entropy_at(r, l, t, E);
-      if (std::isfinite(h)) std::snprintf(buf, sizeof buf, "  %7.4f  %d\n", h, r.experts[size_t(l)](t, 0));
-      else std::snprintf(buf, sizeof buf, "  %7s  %d\n", "-", r.experts[size_t(l)](t, 0));
+      const int d = r.experts[size_t(l)](t, dominant_slot(r.weights[size_t(l)].row(t).data(), k));
+      if (std::isfinite(h)) std::snprintf(buf, sizeof buf, "  %7.4f  %d\n", h, d);
+      else std::snprintf(buf, sizeof buf, "  %7s  %d\n", "-", d);
       o << buf;
     }
   }

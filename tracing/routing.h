@@ -2,8 +2,9 @@
 // paraphrases route through the same experts.
 //
 // Definitions (every number moedit reports about routing uses these):
-//   top-k set        the k experts the router selected for a token (ForwardOutput.routing, top-k order, so the
-//                    first is the dominant expert: the highest routing weight).
+//   top-k set        the k experts the router selected for a token (ForwardOutput.routing, in selection order).
+//   dominant expert  the one with the highest routing weight (ties: the earlier slot). Usually the first, but not
+//                    for DeepSeek-V3, whose selection-only bias orders the top-k differently from the weights.
 //   router dist. p   the FULL softmax over all E experts of the router logits z (hook
 //                    `blocks.{l}.moe.hook_router_logits`), for every router kind. For GraniteMoE, whose router takes
 //                    the top-k of z and then a softmax over those k only, p is still softmax(z) over all E: the
@@ -16,6 +17,7 @@
 //   symmetric KL     KL(p‖q) + KL(q‖p) (Jeffreys divergence), nats; terms with p_e = 0 contribute 0 to KL(p‖q).
 // Dense layers (Qwen's mlp_only_layers / decoder_sparse_step) have no router and are skipped everywhere.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -26,6 +28,9 @@
 #include "tracing/interventions.h"
 
 namespace moedit {
+
+// The slot of the dominant expert among a token's k routing weights w (see "dominant expert" above).
+inline int dominant_slot(const float* w, int k) { return int(std::max_element(w, w + k) - w); }
 
 class Tokenizer;
 struct CounterFactRecord;
