@@ -1,32 +1,30 @@
-// Causal tracing: ROME's noise generator reproduced bit for bit, cached = naive restorations on every fixture family,
-// agreement with an independent HF-transformers implementation (tools/trace_reference.py → tests/fixtures/trace/),
-// the restoration invariants (nothing → low, everything → high, every expert + shared → the MoE block), the text
-// path (subject lookup through offsets), outputs, dataset mode and the CLI.
+// Causal tracing engine (tracing/trace): cached = naive restorations on every fixture family and on deep models, the
+// restoration invariants (nothing → low, everything → high, every expert + shared → the MoE block), hand-computed
+// expert restorations, token-row subsets, bad requests and noise-file round trips.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "io/errors.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "test_util.h"
+#include "trace_util.h"
 #include "tracing/trace.h"
 
 namespace moedit {
 namespace {
 
+using namespace trace_test;
 using trace::Kind;
 using trace::Patch;
 using trace::Restoration;
 
 const char* kFixtures[] = {"granitemoe", "mixtral_fused", "mixtral_gqa", "olmoe", "olmoe_clip",
                            "qwen2_moe", "qwen2_moe_fused_norm", "qwen3_moe", "qwen3_moe_nonorm"};
-
-std::shared_ptr<Model> fixture_model(const std::string& name) { return Model::load(test::fixture("models/" + name)); }
 
 // A prompt of n ids valid for the model.
 std::vector<int32_t> prompt_ids(const Model& m, int n, int salt = 0) {
@@ -64,165 +62,6 @@ double max_abs_diff(const trace::KindResult& a, const trace::KindResult& b) {
       EXPECT_GE(b.experts[i].score, b.scores[row][size_t(x.layer)] - 1e-6) << "token " << x.token << " layer " << x.layer;
   }
   return d;
-}
-
-// Tiny models on a shared machine: one thread avoids OpenMP barrier stalls (the results do not depend on it).
-struct OneThread {
-  int ops_prev = ops::num_threads(), omp_prev = omp_get_max_threads();
-  OneThread() {
-    ops::set_num_threads(1);
-    omp_set_num_threads(1);
-  }
-  ~OneThread() {
-    ops::set_num_threads(ops_prev);
-    omp_set_num_threads(omp_prev);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------------- noise
-
-TEST(TraceNoise, NumpyRandomStateIsReproducedBitForBit) {
-  const OneThread one_thread;
-  // numpy.random.RandomState(1).randn(7) and RandomState(7).uniform(-1, 1, 3) (numpy 2.4.6; the legacy stream is
-  // frozen by numpy's compatibility policy).
-  const double randn1[7] = {1.6243453636632417, -0.6117564136500754, -0.5281717522634557, -1.0729686221561705,
-                            0.8654076293246785, -2.3015386968802827, 1.74481176421648};
-  trace::NumpyRandomState rs(1);
-  for (double want : randn1) EXPECT_EQ(rs.gauss(), want);
-  const double unif7[3] = {-0.8473834212520857, 0.5598375844802292, -0.123181537118213};
-  trace::NumpyRandomState ru(7);
-  for (double want : unif7) EXPECT_EQ(ru.uniform(-1, 1), want);
-  trace::NumpyRandomState r2(12345);
-  EXPECT_EQ(r2.gauss(), -0.20470765948471295);
-}
-
-TEST(TraceNoise, RulesAndKinds) {
-  const OneThread one_thread;
-  auto r = trace::parse_noise_rule("s3");
-  EXPECT_EQ(r.type, trace::NoiseRule::ScaledStd);
-  EXPECT_EQ(r.value, 3.0);
-  EXPECT_EQ(trace::parse_noise_rule("s").value, 1.0);
-  r = trace::parse_noise_rule("0.025");
-  EXPECT_EQ(r.type, trace::NoiseRule::Fixed);
-  EXPECT_DOUBLE_EQ(r.value, 0.025);
-  r = trace::parse_noise_rule("u0.5");
-  EXPECT_EQ(r.type, trace::NoiseRule::Uniform);
-  EXPECT_THROW(trace::parse_noise_rule("x3"), InputError);
-  EXPECT_THROW(trace::parse_noise_rule("s-1"), InputError);
-  EXPECT_THROW(trace::parse_noise_rule(""), InputError);
-  EXPECT_EQ(trace::parse_kinds("resid,mlp,attn,resid"), (std::vector<Kind>{Kind::Resid, Kind::Moe, Kind::Attn}));
-  EXPECT_EQ(trace::parse_kinds("all").size(), 5u);
-  EXPECT_THROW(trace::parse_kinds("resid,bogus"), InputError);
-}
-
-TEST(TraceNoise, ScaledNoiseIsSigmaTimesRandn) {
-  const OneThread one_thread;
-  const trace::Noise n = trace::make_noise(trace::parse_noise_rule("s3"), 0.5, 2, 3, 4, 1);
-  ASSERT_EQ(n.size(), 2u);
-  trace::NumpyRandomState rs(1);
-  for (int s = 0; s < 2; ++s)
-    for (int i = 0; i < 3; ++i)
-      for (int h = 0; h < 4; ++h) EXPECT_EQ(n[size_t(s)](i, h), float(1.5 * rs.gauss()));
-  const trace::Noise u = trace::make_noise(trace::parse_noise_rule("u0.25"), 0, 1, 2, 2, 7);
-  EXPECT_FLOAT_EQ(u[0](0, 0), float(0.25 * -0.8473834212520857));
-}
-
-TEST(TraceNoise, EmbeddingStdIsRomesUnbiasedStd) {
-  const OneThread one_thread;
-  auto m = fixture_model("qwen2_moe");
-  const std::vector<std::vector<int32_t>> lists = {{3, 88}, {42}};
-  double sum = 0, sq = 0;
-  int n = 0;
-  for (const auto& l : lists)
-    for (int id : l)
-      for (int h = 0; h < m->config().hidden; ++h) {
-        const double x = m->weights().embed(id, h);
-        sum += x;
-        ++n;
-      }
-  const double mean = sum / n;
-  for (const auto& l : lists)
-    for (int id : l)
-      for (int h = 0; h < m->config().hidden; ++h) sq += std::pow(m->weights().embed(id, h) - mean, 2);
-  EXPECT_NEAR(trace::embedding_std(*m, lists), std::sqrt(sq / (n - 1)), 1e-12);
-}
-
-// ---------------------------------------------------------------------------------- cross-check with HF
-
-// tests/fixtures/trace/<fixture>/{reference.json, noise.safetensors}: tools/trace_reference.py, HF float64.
-TEST(Trace, MatchesTransformersReference) {
-  const OneThread one_thread;
-  int checked = 0;
-  for (const auto& dir : std::filesystem::directory_iterator(test::fixture("trace"))) {
-    if (!dir.is_directory()) continue;
-    const std::string name = dir.path().filename().string();
-    const nlohmann::json ref = nlohmann::json::parse(test::read_file((dir.path() / "reference.json").string()));
-    auto m = fixture_model(name);
-    trace::TraceInput in;
-    in.ids = ref["ids"].get<std::vector<int32_t>>();
-    in.subject_begin = ref["subject_range"][0];
-    in.subject_end = ref["subject_range"][1];
-    trace::TraceOptions o;
-    o.noise_file = (dir.path() / "noise.safetensors").string();
-    o.window = ref["window"];
-    // The noise file is the one HF used; moedit's own generator must reproduce it from the same rule and seed.
-    const trace::Noise file_noise = trace::load_noise_file(o.noise_file, in.subject_end - in.subject_begin,
-                                                           m->config().hidden);
-    ASSERT_EQ(int(file_noise.size()), ref["samples"].get<int>());
-    double sd = ref["embedding_std"];
-    const trace::Noise mine = trace::make_noise(trace::parse_noise_rule(ref["noise_rule"]), sd,
-                                                int(file_noise.size()), in.subject_end - in.subject_begin,
-                                                m->config().hidden, ref["seed"]);
-    double nd = 0;
-    for (size_t s = 0; s < mine.size(); ++s) nd = std::max(nd, double((mine[s] - file_noise[s]).cwiseAbs().maxCoeff()));
-    EXPECT_LE(nd, 1e-6 * file_noise[0].cwiseAbs().maxCoeff()) << name << ": built-in noise differs from numpy's";
-    const double std_mine = trace::embedding_std(
-        *m, {std::vector<int32_t>(in.ids.begin() + in.subject_begin, in.ids.begin() + in.subject_end)});
-    EXPECT_NEAR(std_mine, sd, 1e-9 * sd) << name;
-
-    for (bool naive : {false, true}) {
-      o.naive = naive;
-      const trace::TraceReport r = trace::trace_ids(*m, in, o);
-      EXPECT_EQ(r.answer, ref["answer"].get<int>()) << name;
-      double err = std::max(std::abs(r.high_score - ref["high_score"].get<double>()),
-                            std::abs(r.low_score - ref["low_score"].get<double>()));
-      int cells = 0;
-      for (const auto& [kname, kref] : ref["kinds"].items()) {
-        const trace::KindResult* k = r.find(trace::parse_kind(kname));
-        ASSERT_NE(k, nullptr) << name << " " << kname;
-        if (kname == "expert") {
-          ASSERT_EQ(k->experts.size(), kref.size()) << name;
-          for (const auto& x : kref) {
-            auto it = std::find_if(k->experts.begin(), k->experts.end(), [&](const trace::ExpertScore& e) {
-              return e.token == x["token"].get<int>() && e.layer == x["layer"].get<int>() &&
-                     e.expert == x["expert"].get<int>();
-            });
-            ASSERT_NE(it, k->experts.end()) << name << " expert " << x.dump();
-            err = std::max(err, std::abs(it->score - x["score"].get<double>()));
-            ++cells;
-          }
-          continue;
-        }
-        for (size_t t = 0; t < kref.size(); ++t)
-          for (size_t l = 0; l < kref[t].size(); ++l) {
-            const double v = k->scores[t][l];
-            if (kref[t][l].is_null()) {
-              EXPECT_TRUE(std::isnan(v)) << name << " " << kname;
-              continue;
-            }
-            err = std::max(err, std::abs(v - kref[t][l].get<double>()));
-            ++cells;
-          }
-      }
-      EXPECT_LE(err, 1e-5) << name << (naive ? " naive" : " cached");
-      EXPECT_GT(cells, 40) << name;
-      RecordProperty(name + (naive ? "_naive" : "_cached") + "_max_abs_err", std::to_string(err));
-      // The corruption must matter, or the comparison says little.
-      EXPECT_GT(r.high_score - r.low_score, 0.05) << name;
-    }
-    ++checked;
-  }
-  EXPECT_GE(checked, 3);
 }
 
 // ------------------------------------------------------------------------------------------- cached = naive
@@ -400,8 +239,6 @@ TEST(Trace, EveryExpertPlusSharedEqualsTheMoeBlock) {
     EXPECT_GT(pairs, 2);
   }
 }
-
-Tokenizer char_tokenizer();  // below
 
 // Several shared experts (DeepSeek, 2 of width 12 side by side in one MLP): the per-expert hook points split the
 // shared output exactly (hand computation in double), capturing them leaves the forward bit-identical, and restoring
@@ -646,217 +483,6 @@ TEST(Trace, NoiseFileRoundTripGivesTheSameTrace) {
   // Wrong subject length for the file.
   in.subject_end = 5;
   EXPECT_THROW(trace::trace_ids(*m, in, o), InputError);
-}
-
-// -------------------------------------------------------------------------------------------- text path
-
-// A character-level BPE tokenizer (no merges): printable ASCII c → id c, which fits the 128-token fixtures.
-Tokenizer char_tokenizer() {
-  nlohmann::json vocab = nlohmann::json::object();
-  for (int ch = 32; ch < 127; ++ch) vocab[std::string(1, char(ch))] = ch;
-  nlohmann::json j = {{"version", "1.0"},
-                      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
-  return Tokenizer::from_json(j.dump(), "char-tokenizer.json");
-}
-
-TEST(Trace, TextPathLocatesTheSubjectThroughOffsets) {
-  const OneThread one_thread;
-  auto m = fixture_model("qwen2_moe");
-  const Tokenizer tok = char_tokenizer();
-  EXPECT_EQ(trace::locate_subject(tok, "Paris is in France", "is in"), (std::pair<int, int>{6, 11}));
-  try {
-    trace::locate_subject(tok, "Paris is in France", "Spain");
-    FAIL() << "expected InputError";
-  } catch (const InputError& e) {
-    EXPECT_NE(std::string(e.what()).find("'Spain' is not in the prompt"), std::string::npos) << e.what();
-  }
-  trace::TraceOptions o;
-  o.samples = 3;
-  o.kinds = {Kind::Resid, Kind::Expert};
-  const trace::TraceReport r = trace::trace_fact(*m, tok, {"Rome is in", "Rome", "Italy", "", ""}, o);
-  EXPECT_EQ(r.subject_begin, 0);
-  EXPECT_EQ(r.subject_end, 4);
-  EXPECT_EQ(r.answer, int(' '));  // " Italy": a space is prepended, its first (character) token is ' '
-  EXPECT_EQ(r.answer_source, "target");
-  EXPECT_EQ(r.tokens[0], "R");
-  EXPECT_NE(r.noise_source.find("CounterFact"), std::string::npos) << r.noise_source;
-  const trace::TraceReport r2 = trace::trace_fact(*m, tok, {"Rome is in ", "Rome", "Italy", "", ""}, o);
-  EXPECT_EQ(r2.answer, int('I'));
-  EXPECT_THROW(trace::trace_fact(*m, tok, {"Rome is in", "Paris", "", "", ""}, o), InputError);
-  // Expert kind defaults to the last subject token and the last token.
-  EXPECT_EQ(r.find(Kind::Expert)->rows, (std::vector<int>{3, 9}));
-}
-
-// ------------------------------------------------------------------------------------------------ outputs
-
-TEST(Trace, OutputsJsonSvgAndSelfContainedHtml) {
-  const OneThread one_thread;
-  auto m = fixture_model("qwen2_moe");
-  const Tokenizer tok = char_tokenizer();
-  trace::TraceOptions o;
-  o.samples = 3;
-  const trace::TraceReport r = trace::trace_fact(*m, tok, {"Bob <lives> in", "Bob", "", "", ""}, o);
-  test::TempDir tmp;
-  const auto files = trace::write_trace_outputs(r, tmp.path.string());
-  for (const char* f : {"trace_resid.json", "trace_attn.json", "trace_moe.json", "trace_expert.json",
-                        "trace_shared.json", "trace_resid.svg", "trace_attn.svg", "trace_moe.svg", "trace_shared.svg",
-                        "trace_expert.svg", "trace_expert_dominant.svg", "trace_report.html"})
-    EXPECT_TRUE(std::filesystem::exists(tmp.path / f)) << f;
-  EXPECT_EQ(files.size(), 12u);
-  const nlohmann::json j = nlohmann::json::parse(test::read_file(tmp / "trace_moe.json"));
-  for (const char* key : {"scores", "low_score", "high_score", "input_tokens", "subject_range", "answer", "window",
-                          "kind", "input_ids", "noise", "rows"})
-    EXPECT_TRUE(j.contains(key)) << key;
-  EXPECT_EQ(j["kind"], "moe");
-  EXPECT_EQ(j["window"], 10);
-  EXPECT_EQ(j["scores"].size(), r.ids.size());
-  EXPECT_EQ(j["scores"][0].size(), size_t(m->config().n_layers));
-  EXPECT_EQ(j["subject_range"], nlohmann::json({0, 3}));
-  EXPECT_DOUBLE_EQ(j["low_score"].get<double>(), r.low_score);
-  const nlohmann::json js = nlohmann::json::parse(test::read_file(tmp / "trace_shared.json"));
-  EXPECT_TRUE(js["scores"][0][2].is_null());  // layer 2 is dense: no shared expert
-  const nlohmann::json je = nlohmann::json::parse(test::read_file(tmp / "trace_expert.json"));
-  EXPECT_EQ(je["experts"].size(), 2u * 3u * 3u);  // 2 tokens × 3 MoE layers × top-3
-  EXPECT_EQ(je["dominant"].size(), 2u);
-  const std::string resid = test::read_file(tmp / "trace_resid.svg");
-  EXPECT_NE(resid.find("<svg"), std::string::npos);
-  EXPECT_NE(resid.find(">B*</text>"), std::string::npos);  // subject tokens starred
-  EXPECT_NE(resid.find("&lt;"), std::string::npos);        // escaped
-  EXPECT_NE(resid.find("Impact of restoring state"), std::string::npos);
-  EXPECT_NE(test::read_file(tmp / "trace_moe.svg").find("#00441b"), std::string::npos);   // Greens top (colour bar)
-  EXPECT_NE(test::read_file(tmp / "trace_attn.svg").find("#67000d"), std::string::npos);  // Reds
-  EXPECT_NE(resid.find("#3f007d"), std::string::npos);                                     // Purples
-  const std::string html = test::read_file(tmp / "trace_report.html");
-  size_t svgs = 0;
-  for (size_t p = html.find("<svg"); p != std::string::npos; p = html.find("<svg", p + 1)) ++svgs;
-  EXPECT_EQ(svgs, 6u);
-  EXPECT_EQ(html.find("<script"), std::string::npos);
-  EXPECT_EQ(html.find("src="), std::string::npos);
-  EXPECT_NE(html.find("href=\"trace_expert.json\""), std::string::npos);
-  // report_json (the --json output) holds every kind.
-  EXPECT_EQ(trace::report_json(r)["kinds"].size(), 5u);
-}
-
-// ---------------------------------------------------------------------------------------------- dataset mode
-
-TEST(Trace, DatasetModeAveragesRomesSixTokenGroups) {
-  const OneThread one_thread;
-  auto m = fixture_model("qwen2_moe");
-  const Tokenizer tok = char_tokenizer();
-  test::TempDir tmp;
-  const nlohmann::json data = nlohmann::json::array(
-      {{{"case_id", 7},
-        {"requested_rewrite",
-         {{"prompt", "{} is from"}, {"subject", "Ann Lee"}, {"target_true", {{"str", "Oslo"}}},
-          {"target_new", {{"str", "Rome"}}}}}},
-       {{"case_id", 9},
-        {"requested_rewrite",
-         {{"prompt", "Home of {}:"}, {"subject", "Bo"}, {"target_true", {{"str", "Y"}}},
-          {"target_new", {{"str", "Z"}}}}}},
-       {{"case_id", 11},
-        {"requested_rewrite",
-         {{"prompt", "{} plays"}, {"subject", "absent subject?"}, {"target_true", {{"str", "x"}}}}}}});
-  test::write_file(tmp / "cf.json", data.dump());
-  trace::TraceOptions o;
-  o.samples = 2;
-  o.kinds = {Kind::Resid, Kind::Moe, Kind::Expert, Kind::Shared};
-  trace::DatasetOptions d;
-  d.out_dir = tmp / "out";
-  d.only_correct = false;
-  d.plots = 1;
-  const trace::DatasetSummary s = trace::trace_dataset(*m, tok, tmp / "cf.json", o, d);
-  EXPECT_EQ(s.facts, 3);
-  EXPECT_EQ(s.traced, 3);  // "{} plays" with subject "absent subject?" still contains it: formatted from the record
-  const nlohmann::json& j = s.json;
-  // Recompute the last-token and last-subject-token averages from the per-fact files.
-  double low = 0;
-  std::vector<nlohmann::json> facts;
-  for (const char* id : {"7", "9", "11"}) {
-    facts.push_back(nlohmann::json::parse(test::read_file(tmp / ("out/cases/" + std::string(id) + "_resid.json"))));
-    low += facts.back()["low_score"].get<double>() / 3;
-  }
-  EXPECT_NEAR(j["avg_low_score"].get<double>(), low, 1e-12);
-  for (int l = 0; l < m->config().n_layers; ++l) {
-    double last = 0, last_subj = 0;
-    for (const auto& f : facts) {
-      const int S = int(f["input_ids"].size()), e = f["subject_range"][1];
-      last += f["scores"][S - 1][l].get<double>() / 3;
-      last_subj += f["scores"][e - 1][l].get<double>() / 3;
-    }
-    EXPECT_NEAR(j["kinds"]["resid"]["groups"]["last"]["aie"][l].get<double>(), last - low, 1e-12);
-    EXPECT_NEAR(j["kinds"]["resid"]["groups"]["last_subject"]["aie"][l].get<double>(), last_subj - low, 1e-12);
-  }
-  for (const char* g : {"first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last"})
-    EXPECT_TRUE(j["kinds"]["moe"]["groups"].contains(g)) << g;
-  // "Bo" has no middle tokens, "Ann Lee" has 5: middle-subject counts per layer = 5.
-  EXPECT_EQ(j["kinds"]["resid"]["groups"]["middle_subject"]["n"][0], 5 + 0 + 13);
-  ASSERT_EQ(j["expert_last_subject"].size(), 3u);  // three MoE layers
-  EXPECT_EQ(j["expert_last_subject"][0]["rank_aie"].size(), 3u);
-  EXPECT_TRUE(j["expert_last_subject"][0]["shared_aie"].is_number());
-  EXPECT_TRUE(std::filesystem::exists(tmp / "out/summary.json"));
-  EXPECT_TRUE(std::filesystem::exists(tmp / "out/report.html"));
-  EXPECT_TRUE(std::filesystem::exists(tmp / "out/summary_resid.svg"));
-  EXPECT_TRUE(std::filesystem::exists(tmp / "out/cases/7/trace_report.html"));
-  EXPECT_FALSE(std::filesystem::exists(tmp / "out/cases/9/trace_report.html"));  // plots = 1
-  // Resume: a second run re-reads the cases and gives the same summary.
-  const trace::DatasetSummary s2 = trace::trace_dataset(*m, tok, tmp / "cf.json", o, d);
-  EXPECT_EQ(s2.json["kinds"], j["kinds"]);
-}
-
-// ------------------------------------------------------------------------------------------------------ CLI
-
-TEST(TraceCli, IdsModeJsonAndNoiseFileCrossCheck) {
-  const std::string model = test::fixture("models/qwen2_moe");
-  const nlohmann::json ref = nlohmann::json::parse(test::read_file(test::fixture("trace/qwen2_moe/reference.json")));
-  std::string ids;
-  for (int id : ref["ids"]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
-  const std::string range = std::to_string(ref["subject_range"][0].get<int>()) + ":" +
-                            std::to_string(ref["subject_range"][1].get<int>());
-  auto r = test::run_cli("trace " + model + " --ids " + ids + " --subject-range " + range + " --window " +
-                         std::to_string(ref["window"].get<int>()) + " --kinds resid,expert --noise-file " +
-                         test::fixture("trace/qwen2_moe/noise.safetensors") + " --json --threads 1");
-  ASSERT_EQ(r.code, 0) << r.err;
-  const nlohmann::json j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["kinds"].size(), 2u);
-  double err = 0;
-  for (size_t t = 0; t < ref["kinds"]["resid"].size(); ++t)
-    for (size_t l = 0; l < ref["kinds"]["resid"][t].size(); ++l)
-      err = std::max(err, std::abs(j["kinds"]["resid"]["scores"][t][l].get<double>() -
-                                   ref["kinds"]["resid"][t][l].get<double>()));
-  EXPECT_LE(err, 1e-5);
-  EXPECT_EQ(j["answer"]["id"], ref["answer"]);
-
-  test::TempDir tmp;
-  r = test::run_cli("trace " + model + " --ids " + ids + " --subject-range " + range + " --samples 2 --threads 1 --out " +
-                    tmp.path.string());
-  ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_NE(r.out.find("answer"), std::string::npos);
-  EXPECT_TRUE(std::filesystem::exists(tmp / "trace_report.html"));
-  EXPECT_EQ(r.err.find("\r"), std::string::npos);  // no progress bar when stderr is not a TTY
-
-  r = test::run_cli("trace " + model + " --ids " + ids + " --subject-range " + range +
-                    " --samples 2 --threads 1 --kinds resid,moe --tokens subject_last,last --json");
-  ASSERT_EQ(r.code, 0) << r.err;
-  const nlohmann::json jt = nlohmann::json::parse(r.out);
-  EXPECT_EQ(jt["kinds"]["moe"]["rows"], nlohmann::json({ref["subject_range"][1].get<int>() - 1,
-                                                         int(ref["ids"].size()) - 1}));
-}
-
-TEST(TraceCli, BadInputExitsWithTwo) {
-  const std::string model = test::fixture("models/qwen2_moe");
-  for (const std::string args :
-       {"--ids 1,2,3", "--ids 1,2,3 --subject-range 2:9", "--ids 1,2,3 --subject-range a:b",
-        "--ids 1,2,3 --subject-range 0:1 --kinds nope", "--ids 1,2,3 --subject-range 0:1 --noise q",
-        "--prompt 'Rome is' --subject Rome",  // fixture has no tokenizer.json
-        "--ids 1,2,3 --subject-range 0:1 --noise-file /nonexistent.safetensors",
-        "--dataset /nonexistent.json --out /tmp/x", "--ids 1,2,3 --subject-range 0:1 --prompt x"}) {
-    const auto r = test::run_cli("trace " + model + " " + args);
-    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
-    EXPECT_NE(r.err.find("error"), std::string::npos) << args;
-  }
-  const auto r = test::run_cli("trace " + test::fixture("models/qwen3_moe") + " --ids 1,2,3 --subject-range 0:1 --kinds shared");
-  EXPECT_EQ(r.code, 2);
-  EXPECT_NE(r.err.find("no shared expert"), std::string::npos) << r.err;
 }
 
 }  // namespace
