@@ -259,7 +259,9 @@ TEST(BackwardOps, Router) {
 // One block of every family (every layer: MoE with and without shared expert, dense): ∂(Σ R ⊙ out)/∂x.
 TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
   SerialOps serial;
-  for (const auto& [fam, c] : gradient_configs()) {
+  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
+    const std::string& fam = fc.first;
+    const ModelConfig& c = fc.second;
     Model m(c, random_weights(c, 21, 0.3f));
     const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
     const int N = 9;
@@ -286,7 +288,9 @@ TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
 // full run; and the whole stack's input gradient (with a constant prefix) matches finite differences.
 TEST(BackwardStack, TapedForwardMatchesModel) {
   SerialOps serial;
-  for (const auto& [fam, c] : gradient_configs()) {
+  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
+    const std::string& fam = fc.first;
+    const ModelConfig& c = fc.second;
     Model m(c, random_weights(c, 31, 0.3f));
     const std::vector<std::vector<int32_t>> seqs = {{5, 17, 3, 58, 42, 7, 7, 1}, {9, 2, 33, 34, 35}};
     ForwardOutput ref = m.forward(seqs);
@@ -326,7 +330,9 @@ TEST(BackwardStack, TapedForwardMatchesModel) {
 
 TEST(BackwardStack, InputGradientWithPrefixMatchesFiniteDifferences) {
   SerialOps serial;
-  for (const auto& [fam, c] : gradient_configs()) {
+  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
+    const std::string& fam = fc.first;
+    const ModelConfig& c = fc.second;
     Model m(c, random_weights(c, 41, 0.3f));
     const int first = 1;
     // Constant prefix K/V from a double forward of 2 + 3 prefix tokens.
