@@ -15,17 +15,17 @@ namespace moedit {
 
 namespace {
 
+// y = x·Wᵀ (+ b) for typed W [out, in] on contiguous rows.
+void linear_w(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) {
+  ops::linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
+}
+
 // The whole SwiGLU MLP (bank with E = 1) on x [N, H] → [N, H].
 MatR swiglu(const ExpertBank& b, const MatR& x) {
   MatR key(x.rows(), b.I), y(x.rows(), b.H);
   expert_key(b, 0, x.data(), size_t(b.H), int(x.rows()), key.data());
-  ops::linear(key.data(), size_t(b.I), int(x.rows()), b.I, b.down[0].kernel(), b.H, y.data(), size_t(b.H));
+  linear_w(key.data(), int(x.rows()), b.I, b.down[0], y.data());
   return y;
-}
-
-// y = x·Wᵀ (+ b) for typed W [out, in] on contiguous rows.
-void linear_w(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) {
-  ops::linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
 }
 
 void rmsnorm_rows(const MatR& x, const VecF& w, float eps, MatR& y) {

@@ -53,12 +53,7 @@ float* Weight::mutable_f32() {
 }
 
 bool Weight::drop_copy_if_unchanged() {
-  if (!copy_ || !view_) return false;
-  std::vector<float> r(static_cast<size_t>(cols_));
-  for (int64_t i = 0; i < rows_; ++i) {
-    ops::widen_row({view_, vtype_, ld_}, i, 0, cols_, r.data());
-    if (std::memcmp(r.data(), own_.row(i).data(), sizeof(float) * size_t(cols_)) != 0) return false;
-  }
+  if (!copy_ || !view_ || !(*this == view(view_, vtype_, rows_, cols_, ld_))) return false;
   own_ = MatR();
   copy_ = false;
   return true;
@@ -73,15 +68,6 @@ bool operator==(const Weight& a, const Weight& b) {
     if (std::memcmp(ra.data(), rb.data(), sizeof(float) * ra.size()) != 0) return false;
   }
   return true;
-}
-
-void ExpertBank::resize(int e, int i, int h) {
-  E = e;
-  I = i;
-  H = h;
-  gate.assign(size_t(e), Weight(MatR::Zero(i, h)));
-  up.assign(size_t(e), Weight(MatR::Zero(i, h)));
-  down.assign(size_t(e), Weight(MatR::Zero(h, i)));
 }
 
 void expert_gate_up(const ExpertBank& b, int e, const float* x, size_t ldx, int n, float* gu) {

@@ -68,8 +68,6 @@ bool operator==(const Weight& a, const Weight& b);
 struct ExpertBank {
   int E = 0, I = 0, H = 0;
   std::vector<Weight> gate, up, down;  // per expert: [I, H], [I, H], [H, I]
-  // E owned zero experts (random weights, tests).
-  void resize(int e, int i, int h);
 };
 
 struct AttnWeights {
