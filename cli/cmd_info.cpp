@@ -39,7 +39,7 @@ std::string router_name(const ModelConfig& c) {
     s += "best " + std::to_string(c.topk_group) + " of " + std::to_string(c.n_group) + " groups (" +
          (c.group_limit == GroupLimit::MaxScore ? "max" : "top-2 sum") + ") → ";
   s += "top-k";
-  const grad::WeightMode mode = grad::weight_mode(c);
+  const WeightMode mode = weight_mode(c);
   if (mode.norm) s += " → renormalise";
   if (mode.scale) {
     char buf[32];

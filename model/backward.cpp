@@ -184,27 +184,12 @@ void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_
 
 template <class T>
 void softmax(T* x, int n) {
-  if constexpr (std::is_same_v<T, float>) {
-    ops::softmax_inplace(x, n);
-  } else {
-    T m = -std::numeric_limits<T>::infinity();
-    for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
-    if (m == -std::numeric_limits<T>::infinity()) {
-      std::fill(x, x + n, T(0));
-      return;
-    }
-    T s = 0;
-    for (int i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
-    const T inv = T(1) / s;
-    for (int i = 0; i < n; ++i) x[i] *= inv;
-  }
+  ops::softmax_row(x, n);
 }
 
 template <class T>
 void softmax_backward(const T* p, const T* dp, int n, T* dz) {
-  T s = 0;
-  for (int i = 0; i < n; ++i) s += p[i] * dp[i];
-  for (int i = 0; i < n; ++i) dz[i] = p[i] * (dp[i] - s);
+  ops::softmax_row_backward(p, dp, n, dz);
 }
 
 template <class T>

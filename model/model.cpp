@@ -8,32 +8,38 @@
 
 #include "model/backward.h"
 #include "model/memory.h"
+#include "model/router.h"
 #include "io/errors.h"
 #include "io/safetensors.h"
 
 namespace moedit {
 
-namespace {
-
-// y = x·Wᵀ (+ b) for typed W [out, in] on contiguous rows.
-void linear_w(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) {
-  ops::linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
+void Model::linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b) const {
+  be_->linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
 }
 
-// The whole SwiGLU MLP (bank with E = 1) on x [N, H] → [N, H].
-MatR swiglu(const ExpertBank& b, const MatR& x) {
-  MatR key(x.rows(), b.I), y(x.rows(), b.H);
-  expert_key(b, 0, x.data(), size_t(b.H), int(x.rows()), key.data());
-  linear_w(key.data(), int(x.rows()), b.I, b.down[0], y.data());
+void Model::rmsnorm(const MatR& x, const VecF& w, MatR& y) const {
+  y.resize(x.rows(), x.cols());
+  be_->rmsnorm(x.data(), w.data(), y.data(), int(x.rows()), int(x.cols()), cfg_.rms_eps);
+}
+
+// The key of expert e of a bank on x [N, H]: silu(x·gateᵀ) ⊙ x·upᵀ [N, I], the input of its down projection.
+void Model::expert_key(const ExpertBank& b, int e, const MatR& x, MatR& key) const {
+  const int N = int(x.rows());
+  MatR gu(N, 2 * b.I);
+  be_->linear(x.data(), size_t(b.H), N, b.H, b.gate[size_t(e)].kernel(), b.I, gu.data(), 2 * size_t(b.I));
+  be_->linear(x.data(), size_t(b.H), N, b.H, b.up[size_t(e)].kernel(), b.I, gu.data() + b.I, 2 * size_t(b.I));
+  key.resize(N, b.I);
+  be_->silu_mul(gu.data(), N, b.I, key.data());
+}
+
+// The whole SwiGLU of expert e on x [N, H] → [N, H].
+MatR Model::swiglu(const ExpertBank& b, int e, const MatR& x) const {
+  MatR key, y(x.rows(), b.H);
+  expert_key(b, e, x, key);
+  linear(key.data(), int(x.rows()), b.I, b.down[size_t(e)], y.data());
   return y;
 }
-
-void rmsnorm_rows(const MatR& x, const VecF& w, float eps, MatR& y) {
-  y.resize(x.rows(), x.cols());
-  ops::rmsnorm(x.data(), w.data(), y.data(), int(x.rows()), int(x.cols()), eps);
-}
-
-}  // namespace
 
 TokenLayout layout_from_lengths(const std::vector<int>& lengths, const std::vector<int>& first_pos) {
   TokenLayout t;
@@ -55,29 +61,75 @@ TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVC
   return layout_from_lengths(lengths, first);
 }
 
-KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer) const {
+void KVCache::reserve(int n_layers, int n_seqs, int tokens, int kw, int vw) {
+  if (layers_.empty()) {
+    layers_.assign(size_t(n_layers), {});
+    kw_ = kw;
+    vw_ = vw;
+  }
+  if (int(layers_.size()) != n_layers || kw_ != kw || vw_ != vw)
+    throw std::invalid_argument("KVCache: this cache belongs to a model of another shape");
+  if (std::all_of(layers_.begin(), layers_.end(), [](const Layer& L) { return L.k.empty(); })) {
+    // Nothing allocated yet: every layer (a gathered cache keeps its empty lower layers, and has others).
+    cap_ = std::max(cap_, tokens);
+    len_.resize(size_t(std::max(n_seqs, int(len_.size()))), 0);
+    for (auto& L : layers_) {
+      L.k.assign(len_.size() * size_t(cap_) * size_t(kw_), 0.f);
+      L.v.assign(len_.size() * size_t(cap_) * size_t(vw_), 0.f);
+    }
+    return;
+  }
+  grow(n_seqs, tokens);
+}
+
+void KVCache::grow(int n_seqs, int tokens) {
+  const int n_old = int(len_.size());
+  const int n_new = std::max(n_old, n_seqs);
+  const int cap_new = tokens > cap_ ? std::max(tokens, 2 * cap_) : cap_;
+  if (n_new == n_old && cap_new == cap_) return;
+  for (auto& L : layers_) {
+    if (L.k.empty()) continue;  // a layer this (gathered) cache may not run stays empty
+    auto relayout = [&](std::vector<float>& buf, int w) {
+      std::vector<float> out(size_t(n_new) * size_t(cap_new) * size_t(w), 0.f);
+      for (int s = 0; s < n_old; ++s)  // every row, cached or written by this forward's earlier layers
+        std::copy_n(buf.data() + size_t(s) * cap_ * size_t(w), size_t(cap_) * size_t(w),
+                    out.data() + size_t(s) * cap_new * size_t(w));
+      buf.swap(out);
+    };
+    relayout(L.k, kw_);
+    relayout(L.v, vw_);
+  }
+  len_.resize(size_t(n_new), 0);
+  cap_ = cap_new;
+}
+
+KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer,
+                        int capacity) const {
   if (from.size() != lengths.size()) throw std::invalid_argument("KVCache::gather: from/lengths size mismatch");
-  KVCache c;
-  const size_t L = k_.size(), n = from.size();
-  c.k_.assign(L, std::vector<std::vector<float>>(n));
-  c.v_.assign(L, std::vector<std::vector<float>>(n));
-  c.len_ = lengths;
+  const size_t n = from.size();
   for (size_t i = 0; i < n; ++i) {
     const int s = from[i];
     if (s < 0 || s >= n_seqs() || lengths[i] < 0 || lengths[i] > len_[size_t(s)])
       throw std::invalid_argument("KVCache::gather: sequence or length out of range");
   }
-  for (size_t l = size_t(std::max(first_layer, 0)); l < L; ++l)
+  KVCache c;
+  c.kw_ = kw_;
+  c.vw_ = vw_;
+  c.len_ = lengths;
+  c.cap_ = std::max({1, capacity, n ? *std::max_element(lengths.begin(), lengths.end()) : 0});
+  c.layers_.assign(layers_.size(), {});
+  for (size_t l = size_t(std::max(first_layer, 0)); l < layers_.size(); ++l) {
+    const Layer& L = layers_[l];
+    if (L.k.empty()) continue;
+    Layer& D = c.layers_[l];
+    D.k.assign(n * size_t(c.cap_) * size_t(kw_), 0.f);
+    D.v.assign(n * size_t(c.cap_) * size_t(vw_), 0.f);
     for (size_t i = 0; i < n; ++i) {
-      const size_t s = size_t(from[i]);
-      const int len = len_[s];
-      if (len == 0) continue;
-      const auto& ks = k_[l][s];
-      const auto& vs = v_[l][s];
-      const size_t kw = ks.size() / size_t(len), vw = vs.size() / size_t(len);
-      c.k_[l][i].assign(ks.begin(), ks.begin() + std::ptrdiff_t(kw * size_t(lengths[i])));
-      c.v_[l][i].assign(vs.begin(), vs.begin() + std::ptrdiff_t(vw * size_t(lengths[i])));
+      const size_t s = size_t(from[i]), rows = size_t(lengths[i]);
+      std::copy_n(L.k.data() + s * cap_ * size_t(kw_), rows * size_t(kw_), D.k.data() + i * c.cap_ * size_t(kw_));
+      std::copy_n(L.v.data() + s * cap_ * size_t(vw_), rows * size_t(vw_), D.v.data() + i * c.cap_ * size_t(vw_));
     }
+  }
   return c;
 }
 
@@ -136,7 +188,8 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
 }
 }  // namespace
 
-Model::Model(ModelConfig cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)), inv_freq_(rope_inv_freq(cfg_)) {}
+Model::Model(ModelConfig cfg, Weights w)
+    : cfg_(std::move(cfg)), w_(std::move(w)), inv_freq_(rope_inv_freq(cfg_)), route_(route_spec(cfg_)) {}
 
 MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, const Hooks* hooks) const {
   const int N = int(ids.size()), H = cfg_.hidden;
@@ -160,21 +213,21 @@ void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, Ma
   q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
   if (rq) {
     MatR qa(N, rq);
-    linear_w(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
-    ops::rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kMlaLatentEps);
-    linear_w(qa.data(), N, rq, at.wq_b, q.data());
+    linear(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
+    be_->rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kMlaLatentEps);
+    linear(qa.data(), N, rq, at.wq_b, q.data());
   } else {
-    linear_w(a.data(), N, H, at.wq, q.data());
+    linear(a.data(), N, H, at.wq, q.data());
   }
   MatR ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
-  linear_w(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
+  linear(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
   MatR lat = ckv.leftCols(rkv);  // [N, rkv]
-  ops::rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
+  be_->rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
   MatR kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
-  linear_w(lat.data(), N, rkv, at.wkv_b, kv.data());
+  linear(lat.data(), N, rkv, at.wkv_b, kv.data());
   // RoPE on each query head's rope part and on the single k_pe head (not normalised).
-  ops::rope_neox(q.data() + dn, N, Hq * dq, Hq, dq, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-  ops::rope_neox(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+  be_->rope(q.data() + dn, N, Hq * dq, Hq, dq, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+  be_->rope(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
   k.resize(N, Hq * dq);
   v.resize(N, Hq * dv);
   for (int t = 0; t < N; ++t)
@@ -204,18 +257,18 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
     q.resize(N, Hq * D);
     k.resize(N, Hkv * D);
     v.resize(N, Hkv * D);
-    linear_w(a.data(), N, H, at.wq, q.data(), at.bq);
-    linear_w(a.data(), N, H, at.wk, k.data(), at.bk);
-    linear_w(a.data(), N, H, at.wv, v.data(), at.bv);
+    linear(a.data(), N, H, at.wq, q.data(), at.bq);
+    linear(a.data(), N, H, at.wk, k.data(), at.bk);
+    linear(a.data(), N, H, at.wv, v.data(), at.bv);
     switch (cfg_.arch->qk_norm) {
       case QKNorm::None: break;
       case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
-        ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
-        ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
+        be_->rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
+        be_->rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
         break;
       case QKNorm::WholeProjection:
-        ops::rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
-        ops::rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
+        be_->rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
+        be_->rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
         break;
     }
     if (cfg_.clip_qkv > 0.f) {
@@ -224,8 +277,8 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
       k = k.cwiseMax(-c).cwiseMin(c);
       v = v.cwiseMax(-c).cwiseMin(c);
     }
-    ops::rope_neox(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-    ops::rope_neox(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+    be_->rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
+    be_->rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
   }
   const int qw = int(q.cols()), kw = int(k.cols()), vw = int(v.cols()), ow = Hq * shape.Dv;
 
@@ -238,22 +291,23 @@ MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* 
     while (end < N && layout.seq[size_t(end)] == s) ++end;
     const int n = end - start, p0 = layout.pos[size_t(start)];
     if (cache) {
-      auto& kc = cache->k_[size_t(l)][size_t(s)];
-      auto& vc = cache->v_[size_t(l)][size_t(s)];
-      if (int(kc.size()) != p0 * kw) throw std::logic_error("KV cache length does not match the token positions");
-      kc.insert(kc.end(), k.data() + size_t(start) * kw, k.data() + size_t(end) * kw);
-      vc.insert(vc.end(), v.data() + size_t(start) * vw, v.data() + size_t(end) * vw);
-      ops::attention(q.data() + size_t(start) * qw, n, qw, p0, kc.data(), kw, vc.data(), vw, p0 + n, shape,
-                     o.data() + size_t(start) * ow, ow);
+      if (cache->layers_.empty() || cache->layers_[size_t(l)].k.empty())
+        throw std::logic_error("this KV cache holds no layer " + std::to_string(l));
+      if (cache->length(s) != p0) throw std::logic_error("KV cache length does not match the token positions");
+      if (p0 + n > cache->cap_) cache->grow(cache->n_seqs(), p0 + n);
+      std::copy_n(k.data() + size_t(start) * kw, size_t(n) * kw, cache->k_row(l, s, p0));
+      std::copy_n(v.data() + size_t(start) * vw, size_t(n) * vw, cache->v_row(l, s, p0));
+      be_->attention(q.data() + size_t(start) * qw, n, qw, p0, cache->k_row(l, s, 0), kw, cache->v_row(l, s, 0), vw,
+                     p0 + n, shape, o.data() + size_t(start) * ow, ow);
     } else {
       if (p0 != 0) throw std::logic_error("positions must start at 0 without a KV cache");
-      ops::attention(q.data() + size_t(start) * qw, n, qw, 0, k.data() + size_t(start) * kw, kw,
+      be_->attention(q.data() + size_t(start) * qw, n, qw, 0, k.data() + size_t(start) * kw, kw,
                      v.data() + size_t(start) * vw, vw, n, shape, o.data() + size_t(start) * ow, ow);
     }
     start = end;
   }
   MatR out(N, H);
-  linear_w(o.data(), N, ow, at.wo, out.data(), at.bo);
+  linear(o.data(), N, ow, at.wo, out.data(), at.bo);
   return out;
 }
 
@@ -262,20 +316,19 @@ void Model::route(const MatR& z, LayerRouting& r, int layer) const {
   r.ids.resize(N, k);
   r.weights.resize(N, k);
   const VecF* bias = layer >= 0 ? &w_.layers[size_t(layer)].ffn.router_bias : nullptr;
-  const float* b = bias && bias->size() ? bias->data() : nullptr;
-  for (int t = 0; t < N; ++t) grad::route<float>(cfg_, z.row(t).data(), r.ids.row(t).data(), r.weights.row(t).data(), b);
+  be_->route(z.data(), N, route_, bias && bias->size() ? bias->data() : nullptr, r.ids.data(), r.weights.data());
 }
 
 MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* hooks, LayerRouting* routing) const {
   const FFNWeights& f = w_.layers[size_t(l)].ffn;
   const int N = int(a.rows()), H = cfg_.hidden;
   const bool hooked = hooks && !hooks->empty();
-  if (!f.moe) return swiglu(f.experts, a);
+  if (!f.moe) return swiglu(f.experts, 0, a);
 
-  // Router: z = a·Wrᵀ [N, E].
-  const int E = cfg_.n_experts, k = cfg_.top_k, I = f.experts.I;
+  // Router: z = a·Wrᵀ [N, E] → top-k ids and weights [N, k].
+  const int E = cfg_.n_experts;
   MatR z(N, E);
-  ops::linear(a.data(), N, H, f.router.data(), E, z.data());
+  be_->linear(a.data(), size_t(H), N, H, ops::WeightView(f.router.data(), size_t(H)), E, z.data(), size_t(E));
   if (hooked) hooks->run(hook_names::router_logits(l), z, {hook_names::router_logits(l), l, -1, layout, nullptr});
   LayerRouting local;
   LayerRouting& r = routing ? *routing : local;
@@ -286,65 +339,38 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
     hooks->run(hook_names::expert_weights(l), r.weights, {hook_names::expert_weights(l), l, -1, layout, nullptr});
   }
 
-  // Group (token, slot) pairs by expert, tokens ascending within each expert.
-  std::vector<std::vector<int>> tok(static_cast<size_t>(E)), slot(static_cast<size_t>(E));
-  for (int t = 0; t < N; ++t)
-    for (int j = 0; j < k; ++j) {
-      tok[size_t(r.ids(t, j))].push_back(t);
-      slot[size_t(r.ids(t, j))].push_back(j);
-    }
-  std::vector<int> active;
-  for (int e = 0; e < E; ++e)
-    if (!tok[size_t(e)].empty()) active.push_back(e);
-
-  // Phase 1: keys per expert (one grouped GEMM per active expert, in parallel when there is enough work: a parallel
-  // region costs more than a decoding step's few expert rows).
-  std::vector<MatR> key(static_cast<size_t>(E)), out(static_cast<size_t>(E));
-  const bool par = !omp_in_parallel() && 2.0 * N * k * 3.0 * H * I > 4e6;
-#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
-  for (int i = 0; i < int(active.size()); ++i) {
-    const int e = active[size_t(i)];
-    const auto& ts = tok[size_t(e)];
-    const int n = int(ts.size());
-    MatR xe(n, H);  // gathered rows
-    for (int j = 0; j < n; ++j) xe.row(j) = a.row(ts[size_t(j)]);
-    key[size_t(e)].resize(n, I);
-    expert_key(f.experts, e, xe.data(), size_t(H), n, key[size_t(e)].data());
+  // Routed experts: one backend op for the whole batch; the per-expert hooks see (and may change) keys and outputs.
+  std::vector<ops::WeightView> views(3 * size_t(E));
+  for (int e = 0; e < E; ++e) {
+    views[size_t(e)] = f.experts.gate[size_t(e)].kernel();
+    views[size_t(E + e)] = f.experts.up[size_t(e)].kernel();
+    views[size_t(2 * E + e)] = f.experts.down[size_t(e)].kernel();
   }
-  if (hooked)
-    for (int e : active) {
-      const std::string name = hook_names::expert_key(l, e);
-      hooks->run(name, key[size_t(e)], {name, l, e, layout, &tok[size_t(e)]});
-    }
-  // Phase 2: down projection, scaled by each token's routing weight.
-#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
-  for (int i = 0; i < int(active.size()); ++i) {
-    const int e = active[size_t(i)];
-    const int n = int(tok[size_t(e)].size());
-    out[size_t(e)].resize(n, H);
-    linear_w(key[size_t(e)].data(), n, I, f.experts.down[size_t(e)], out[size_t(e)].data());
-    for (int j = 0; j < n; ++j) out[size_t(e)].row(j) *= r.weights(tok[size_t(e)][size_t(j)], slot[size_t(e)][size_t(j)]);
+  const ExpertsView ex{E, f.experts.I, H, views.data(), views.data() + E, views.data() + 2 * E};
+  MoeTaps taps;
+  if (hooked) {
+    auto tap = [&](std::string (*name_of)(int, int)) {
+      return [&, name_of](int e, MapMatR rows, const std::vector<int>& tokens) {
+        const std::string name = name_of(l, e);
+        hooks->run(name, rows, {name, l, e, layout, &tokens});
+      };
+    };
+    taps.key = tap(&hook_names::expert_key);
+    taps.out = tap(&hook_names::expert_out);
   }
-  if (hooked)
-    for (int e : active) {
-      const std::string name = hook_names::expert_out(l, e);
-      hooks->run(name, out[size_t(e)], {name, l, e, layout, &tok[size_t(e)]});
-    }
-  // Combine in ascending expert id per token (the order transformers accumulates in).
-  MatR y = MatR::Zero(N, H);
-  for (int e : active)
-    for (int j = 0; j < int(tok[size_t(e)].size()); ++j) y.row(tok[size_t(e)][size_t(j)]) += out[size_t(e)].row(j);
+  MatR y(N, H);
+  be_->moe_experts(a.data(), N, ex, r.ids.data(), r.weights.data(), cfg_.top_k, y.data(), hooked ? &taps : nullptr);
 
   if (f.has_shared) {
     const int Is = f.shared.I;
-    MatR key(N, Is), s(N, H);
-    expert_key(f.shared, 0, a.data(), size_t(H), N, key.data());
+    MatR key, s(N, H);
+    expert_key(f.shared, 0, a, key);  // [N, Is]
     if (hooked) hooks->run(hook_names::shared_key(l), key, {hook_names::shared_key(l), l, -1, layout, nullptr});
-    linear_w(key.data(), N, Is, f.shared.down[0], s.data());
+    linear(key.data(), N, Is, f.shared.down[0], s.data());
     Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
     if (f.shared_gate.size()) {
-      g.resize(N);  // a·gate, [N]: through ops::linear, so each token's gate is the same whatever its batch
-      ops::linear(a.data(), N, H, f.shared_gate.data(), 1, g.data());
+      g.resize(N);  // a·gate, [N]: through linear, so each token's gate is the same whatever its batch
+      be_->linear(a.data(), size_t(H), N, H, ops::WeightView(f.shared_gate.data(), size_t(H)), 1, g.data(), 1);
       for (int t = 0; t < N; ++t) s.row(t) *= (g[t] = ops::sigmoid(g[t]));
     }
     if (hooked) {
@@ -355,7 +381,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
         if (!hooks->has(name)) continue;
         const auto [b, e] = cfg_.shared_slice(j);
         MatR out(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, both slices read in place
-        ops::linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
+        be_->linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
         if (g.size()) out.array().colwise() *= g.array();
         const MatR before = out;
         hooks->run(name, out, {name, l, j, layout, nullptr});
@@ -371,7 +397,7 @@ MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* ho
 MatR Model::ffn_reference(int l, const MatR& a) const {
   const FFNWeights& f = w_.layers[size_t(l)].ffn;
   const int N = int(a.rows()), H = cfg_.hidden;
-  if (!f.moe) return swiglu(f.experts, a);
+  if (!f.moe) return swiglu(f.experts, 0, a);
   MatR z = a * f.router.transpose();
   LayerRouting r;
   route(z, r, l);
@@ -392,7 +418,7 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
     }
   }
   if (f.has_shared) {
-    MatR s = swiglu(f.shared, a);
+    MatR s = swiglu(f.shared, 0, a);
     if (f.shared_gate.size())
       for (int t = 0; t < N; ++t) s.row(t) *= ops::sigmoid(a.row(t).dot(f.shared_gate.transpose()));
     y += s;
@@ -408,12 +434,12 @@ void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, con
   const float rm = cfg_.residual_multiplier;
   if (hooked) hooks->run(hook_names::resid_pre(l), x, {hook_names::resid_pre(l), l, -1, layout, nullptr});
   MatR a;
-  rmsnorm_rows(x, L.ln_in, cfg_.rms_eps, a);
+  rmsnorm(x, L.ln_in, a);
   MatR att = attention(l, a, layout, cache, hooks);
   if (hooked) hooks->run(hook_names::attn_out(l), att, {hook_names::attn_out(l), l, -1, layout, nullptr});
   if (rm != 1.f) att *= rm;
   x += att;
-  rmsnorm_rows(x, L.ln_post, cfg_.rms_eps, a);
+  rmsnorm(x, L.ln_post, a);
   if (hooked) hooks->run(hook_names::ffn_in(l), a, {hook_names::ffn_in(l), l, -1, layout, nullptr});
   MatR m = ffn(l, a, layout, hooks, routing);
   if (hooked) hooks->run(hook_names::moe_out(l), m, {hook_names::moe_out(l), l, -1, layout, nullptr});
@@ -424,12 +450,12 @@ void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, con
 
 MatR Model::logits(const MatR& x, const TokenLayout& layout, const Hooks* hooks) const {
   MatR h;
-  rmsnorm_rows(x, w_.final_norm, cfg_.rms_eps, h);
+  rmsnorm(x, w_.final_norm, h);
   if (hooks && !hooks->empty())
     hooks->run(hook_names::final_norm(), h, {hook_names::final_norm(), -1, -1, layout, nullptr});
   const Weight& W = w_.output_matrix();
   MatR out(h.rows(), W.rows());
-  linear_w(h.data(), int(h.rows()), cfg_.hidden, W, out.data());
+  linear(h.data(), int(h.rows()), cfg_.hidden, W, out.data());
   if (cfg_.logits_scaling != 1.f) out /= cfg_.logits_scaling;
   return out;
 }
@@ -445,18 +471,11 @@ ForwardOutput Model::forward(const std::vector<std::vector<int32_t>>& seqs, cons
   }
   if (total == 0) throw InputError("no tokens to run");
   KVCache* cache = opt.cache;
-  if (cache) {
-    if (cache->k_.empty()) {
-      cache->k_.assign(size_t(cfg_.n_layers), {});
-      cache->v_.assign(size_t(cfg_.n_layers), {});
-    }
-    if (cache->n_seqs() < int(seqs.size())) {
-      cache->len_.resize(seqs.size(), 0);
-      for (int l = 0; l < cfg_.n_layers; ++l) {
-        cache->k_[size_t(l)].resize(seqs.size());
-        cache->v_[size_t(l)].resize(seqs.size());
-      }
-    }
+  if (cache) {  // room for every sequence's new tokens
+    int need = 0;
+    for (size_t b = 0; b < seqs.size(); ++b) need = std::max(need, cache->length(int(b)) + int(seqs[b].size()));
+    const ops::AttnShape sh = attn_shape(cfg_);
+    cache->reserve(cfg_.n_layers, int(seqs.size()), need, sh.Hkv * sh.Dk, sh.Hkv * sh.Dv);
   }
   ForwardOutput out;
   out.layout = make_layout(seqs, cache);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/hooks.h"
@@ -16,23 +17,37 @@
 
 namespace moedit {
 
-// Per-layer, per-sequence K/V history (after norms and RoPE).
+// Per-layer, per-sequence K/V history (after norms and RoPE), contiguous: layer l holds one buffer
+// [n_seqs, capacity, width] for K and one for V, so a sequence's cached rows are one strided block the attention
+// reads in place. Capacity grows geometrically when a sequence outgrows it (or is set up front with reserve()).
 class KVCache {
  public:
   KVCache() = default;
   int length(int seq) const { return seq < int(len_.size()) ? len_[size_t(seq)] : 0; }
   int n_seqs() const { return int(len_.size()); }
-  void clear() { k_.clear(); v_.clear(); len_.clear(); }
+  int capacity() const { return cap_; }  // tokens per sequence before the next growth
+  void clear() { *this = KVCache(); }
+  // Room for n_seqs sequences of `tokens` tokens each in every layer (K rows kw floats wide, V rows vw), so that
+  // decoding up to that length allocates nothing. The model sets the widths on first use otherwise.
+  void reserve(int n_layers, int n_seqs, int tokens, int kw, int vw);
   // A new cache whose sequence i copies the first lengths[i] tokens of this cache's sequence from[i] (continuing
   // many copies of one cached prefix: causal tracing). Only layers >= first_layer are copied; the others are left
-  // empty, so the result may only run blocks >= first_layer.
-  KVCache gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer = 0) const;
+  // empty, so the result may only run blocks >= first_layer. capacity: tokens per sequence to make room for.
+  KVCache gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer = 0,
+                 int capacity = 0) const;
 
  private:
   friend class Model;
-  // [layer][seq] → rows of width Hkv·D (k) / Hkv·Dv (v)
-  std::vector<std::vector<std::vector<float>>> k_, v_;
+  struct Layer {
+    std::vector<float> k, v;  // [n_seqs, cap, kw], [n_seqs, cap, vw]; empty: a layer this cache may not run
+  };
+  float* k_row(int l, int s, int pos) { return layers_[size_t(l)].k.data() + (size_t(s) * cap_ + size_t(pos)) * kw_; }
+  float* v_row(int l, int s, int pos) { return layers_[size_t(l)].v.data() + (size_t(s) * cap_ + size_t(pos)) * vw_; }
+  // Makes room for n_seqs sequences of `tokens` tokens (keeps the cached rows; grows capacity at least 2×).
+  void grow(int n_seqs, int tokens);
+  std::vector<Layer> layers_;
   std::vector<int> len_;
+  int cap_ = 0, kw_ = 0, vw_ = 0;
 };
 
 struct ForwardOptions {
@@ -81,6 +96,9 @@ class Model {
   const std::string& path() const { return path_; }
   // RoPE inverse frequencies [head_dim/2] (theta, linear or yarn scaling applied), as the forward uses them.
   const std::vector<float>& inv_freq() const { return inv_freq_; }
+  // The backend every op runs on (default: the CPU backend); it must outlive the model.
+  const Backend& backend() const { return *be_; }
+  void set_backend(const Backend& b) { be_ = &b; }
 
   // Runs the sequences (token ids) as one packed batch.
   ForwardOutput forward(const std::vector<std::vector<int32_t>>& seqs, const ForwardOptions& opt = {}) const;
@@ -102,6 +120,11 @@ class Model {
 
  private:
   MatR attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const;
+  // y [n, W.rows()] = x [n, in]·Wᵀ (+ b); y [N, H] = rmsnorm(x) with weight w; expert e of a bank (key, whole).
+  void linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) const;
+  void rmsnorm(const MatR& x, const VecF& w, MatR& y) const;
+  void expert_key(const ExpertBank& b, int e, const MatR& x, MatR& key) const;
+  MatR swiglu(const ExpertBank& b, int e, const MatR& x) const;
   // MLA projections: q [N, Hq·dq], k [N, Hq·dq], v [N, Hq·dv], RoPE applied.
   void mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, MatR& k, MatR& v) const;
 
@@ -110,6 +133,8 @@ class Model {
   bool prefetch_ = false;
   std::string path_;
   std::vector<float> inv_freq_;
+  ops::RouteSpec route_;
+  const Backend* be_ = &cpu_backend();
 };
 
 // The attention geometry of a config: GQA/MHA (Hq, Hkv, head_dim, head_dim, window) or MLA (Hq, Hq, qk_dim,

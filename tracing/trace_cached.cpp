@@ -54,7 +54,7 @@ std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan
     from[size_t(j)] = j % samples;
     lens[size_t(j)] = plans[size_t(j / samples)].t0;
   }
-  KVCache kv = lmin < L ? cache.gather(from, lens, lmin) : KVCache{};
+  KVCache kv = lmin < L ? cache.gather(from, lens, lmin, S) : KVCache{};
   Hooks h;
   std::vector<const Restoration*> rs;
   for (const Plan& p : plans) rs.push_back(p.r);

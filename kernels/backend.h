@@ -1,0 +1,94 @@
+// The backend seam: one object per device that owns its scratch memory and threads and implements every op the
+// model layer runs — Linear on typed weights, RMSNorm, RoPE, causal attention, SwiGLU, and the two MoE ops for a
+// whole batch: route (router logits → top-k ids and weights) and moe_experts (group the (token, slot) pairs by
+// expert, one grouped GEMM per active expert, weighted combine). The model calls only these, so no MoE step needs
+// the host between kernels; a CUDA backend is a second implementation of this interface, tested op by op against
+// the CPU one (tests/test_backend_ops.cpp).
+//
+// Pointers passed to a backend's ops address its own memory (host memory for the CPU backend). Shapes are given in
+// comments as [rows, columns] of row-major float matrices; weights are ops::WeightView (fp32, bf16 or f16, read in
+// place). Every CPU op keeps the batch invariance of kernels/ops.h: a row's result is the same whatever else the call
+// holds.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "kernels/route.h"
+
+namespace moedit {
+
+// A bank of E SwiGLU experts: expert e has gate [I, H], up [I, H], down [H, I] (views of the checkpoint).
+struct ExpertsView {
+  int E = 0, I = 0, H = 0;
+  const ops::WeightView* gate = nullptr;  // [E]
+  const ops::WeightView* up = nullptr;    // [E]
+  const ops::WeightView* down = nullptr;  // [E]
+};
+
+// What moe_experts shows its caller, only when asked: expert e's key rows (the input of its down projection, [n_e, I])
+// and its weighted output rows ([n_e, H]); tokens[j] is the batch row of row j (ascending). A tap may change the rows
+// in place; the op goes on with what it leaves. A device backend copies to the host only for a set tap.
+struct MoeTaps {
+  std::function<void(int e, MapMatR rows, const std::vector<int>& tokens)> key, out;
+};
+
+// Scratch memory that grows to the largest request and is then reused: no allocation per call in steady state.
+// Ops take their scratch from the calling thread's workspace and reset it when they start, so no workspace pointer
+// outlives the op that took it.
+class Workspace {
+ public:
+  // n floats, valid until the next reset() (64-byte aligned).
+  float* take(size_t n);
+  void reset();
+  size_t capacity() const { return capacity_; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const;
+  };
+  using Block = std::unique_ptr<float[], Free>;
+  std::vector<Block> old_;  // blocks outgrown since the last reset (earlier pieces stay valid until it)
+  Block block_;
+  size_t capacity_ = 0, used_ = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;  // "cpu", "cuda:0", ...
+  virtual int threads() const = 0;
+  // Scratch memory of the calling thread (calls on different threads never share it).
+  virtual Workspace& workspace() const = 0;
+
+  // Y[n, out] = X[n, in]·Wᵀ (+ bias[out]); rows of X, Y are ldx, ldy floats apart.
+  virtual void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y,
+                      size_t ldy, const float* bias = nullptr) const = 0;
+  // y[rows, dim] = w ⊙ x·rsqrt(mean(x²) + eps) (x and y may alias).
+  virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps) const = 0;
+  // Rotate-half RoPE in place (ops::rope_neox).
+  virtual void rope(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+                    const float* inv_freq, float attn_scaling) const = 0;
+  // Causal attention of one sequence (ops::attention).
+  virtual void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                         const float* v, int v_stride, int n_k, const ops::AttnShape& s, float* out,
+                         int out_stride) const = 0;
+  // key[rows, I] = silu(gu[:, :I]) ⊙ gu[:, I:] for gate‖up rows gu [rows, 2I].
+  virtual void silu_mul(const float* gu, int rows, int I, float* key) const = 0;
+
+  // Routing of N tokens: router logits z [N, E] → ids [N, k] (top-k order) and weights w [N, k]; bias [E] or null.
+  virtual void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
+                     float* w) const = 0;
+  // y [N, H] = Σ_j w[t, j]·E_{ids[t, j]}(a[t]) for the rows a [N, H]: tokens grouped by expert (ascending within
+  // each), one gate‖up and one down GEMM per active expert, each output row scaled by its routing weight and summed
+  // per token in ascending expert id (the order transformers accumulates in). taps may be null.
+  virtual void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
+                           float* y, const MoeTaps* taps = nullptr) const = 0;
+};
+
+// The CPU backend (kernels/cpu/): OpenMP threads (ops::num_threads()), a workspace per calling thread.
+const Backend& cpu_backend();
+
+}  // namespace moedit

@@ -1,0 +1,154 @@
+// The CPU backend: ops from kernels/cpu/ops.cpp and route.cpp, and the MoE expert step over a whole batch.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+
+#include "kernels/backend.h"
+
+namespace moedit {
+
+void Workspace::Free::operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+
+void Workspace::reset() {
+  used_ = 0;
+  old_.clear();
+}
+
+float* Workspace::take(size_t n) {
+  n = (n + 15) / 16 * 16;  // keep every piece 64-byte aligned
+  if (used_ + n > capacity_) {
+    // Earlier pieces stay valid: the outgrown block lives until reset().
+    if (block_) old_.push_back(std::move(block_));
+    capacity_ = std::max(2 * capacity_, used_ + n);
+    block_.reset(static_cast<float*>(::operator new[](sizeof(float) * capacity_, std::align_val_t(64))));
+    used_ = 0;
+  }
+  float* p = block_.get() + used_;
+  used_ += n;
+  return p;
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  int threads() const override { return ops::num_threads(); }
+  Workspace& workspace() const override {
+    thread_local Workspace ws;
+    return ws;
+  }
+
+  void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y, size_t ldy,
+              const float* bias) const override {
+    ops::linear(X, ldx, n, in, W, out, Y, ldy, bias);
+  }
+  void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps) const override {
+    ops::rmsnorm(x, w, y, rows, dim, eps);
+  }
+  void rope(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+            const float* inv_freq, float attn_scaling) const override {
+    ops::rope_neox(x, rows, row_stride, n_heads, head_stride, rot_dim, pos, inv_freq, attn_scaling);
+  }
+  void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride, const float* v,
+                 int v_stride, int n_k, const ops::AttnShape& s, float* out, int out_stride) const override {
+    ops::attention(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, s, out, out_stride);
+  }
+  void silu_mul(const float* gu, int rows, int I, float* key) const override { ops::silu_mul(gu, rows, I, key); }
+
+  void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
+             float* w) const override {
+    for (int t = 0; t < N; ++t)
+      ops::route_row(spec, z + size_t(t) * spec.E, bias, ids + size_t(t) * spec.k, w + size_t(t) * spec.k);
+  }
+
+  void moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k, float* y,
+                   const MoeTaps* taps) const override;
+};
+
+void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
+                             float* y, const MoeTaps* taps) const {
+  const int E = ex.E, I = ex.I, H = ex.H;
+  // Counting sort of the (token, slot) pairs by expert: pair p of expert e is row p of its group, tokens ascending.
+  std::vector<int> start(size_t(E) + 1, 0);
+  for (int p = 0; p < N * k; ++p) ++start[size_t(ids[p]) + 1];
+  for (int e = 0; e < E; ++e) start[size_t(e) + 1] += start[size_t(e)];
+  std::vector<int> tok(size_t(N) * k), pair(size_t(N) * k), fill(start.begin(), start.end() - 1);
+  for (int t = 0; t < N; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int e = ids[size_t(t) * k + j], r = fill[size_t(e)]++;
+      tok[size_t(r)] = t;
+      pair[size_t(r)] = t * k + j;
+    }
+  std::vector<int> active;
+  for (int e = 0; e < E; ++e)
+    if (start[size_t(e) + 1] > start[size_t(e)]) active.push_back(e);
+
+  // Scratch for every group at once (groups are disjoint row ranges): gathered rows, gate‖up, keys, outputs.
+  Workspace& ws = workspace();
+  ws.reset();
+  const size_t P = size_t(N) * k;
+  float* xg = ws.take(P * H);
+  float* gu = ws.take(P * 2 * size_t(I));
+  float* key = ws.take(P * I);
+  float* out = ws.take(P * H);
+
+  // A parallel region costs more than a decoding step's few expert rows: parallel over experts only with real work.
+  const bool par = !omp_in_parallel() && 2.0 * P * 3.0 * H * I > 4e6;
+  auto group = [&](int e) { return std::pair<size_t, int>(size_t(start[size_t(e)]), start[size_t(e) + 1] - start[size_t(e)]); };
+  // Phase 1: keys (gate‖up GEMMs, SwiGLU).
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
+  for (int i = 0; i < int(active.size()); ++i) {
+    const int e = active[size_t(i)];
+    const auto [r0, n] = group(e);
+    for (int j = 0; j < n; ++j)
+      std::memcpy(xg + (r0 + j) * H, a + size_t(tok[r0 + j]) * H, sizeof(float) * size_t(H));
+    float* g = gu + r0 * 2 * I;
+    ops::linear(xg + r0 * H, size_t(H), n, H, ex.gate[e], I, g, 2 * size_t(I));
+    ops::linear(xg + r0 * H, size_t(H), n, H, ex.up[e], I, g + I, 2 * size_t(I));
+    ops::silu_mul(g, n, I, key + r0 * I);
+  }
+  std::vector<int> rows;
+  auto tap = [&](const std::function<void(int, MapMatR, const std::vector<int>&)>& f, float* base, int width) {
+    for (int e : active) {
+      const auto [r0, n] = group(e);
+      rows.assign(tok.begin() + long(r0), tok.begin() + long(r0) + n);
+      f(e, MapMatR(base + r0 * width, n, width), rows);
+    }
+  };
+  if (taps && taps->key) tap(taps->key, key, I);
+  // Phase 2: down projections, each row scaled by its routing weight.
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
+  for (int i = 0; i < int(active.size()); ++i) {
+    const int e = active[size_t(i)];
+    const auto [r0, n] = group(e);
+    float* o = out + r0 * H;
+    ops::linear(key + r0 * I, size_t(I), n, I, ex.down[e], H, o, size_t(H));
+    for (int j = 0; j < n; ++j) {
+      const float wt = w[pair[r0 + j]];
+      for (int h = 0; h < H; ++h) o[size_t(j) * H + h] *= wt;
+    }
+  }
+  if (taps && taps->out) tap(taps->out, out, H);
+  // Combine per token in ascending expert id.
+  std::fill(y, y + size_t(N) * H, 0.f);
+  for (int e : active) {
+    const auto [r0, n] = group(e);
+    for (int j = 0; j < n; ++j) {
+      float* yt = y + size_t(tok[r0 + j]) * H;
+      const float* o = out + (r0 + j) * H;
+      for (int h = 0; h < H; ++h) yt[h] += o[h];
+    }
+  }
+}
+
+}  // namespace
+
+const Backend& cpu_backend() {
+  static const CpuBackend b;
+  return b;
+}
+
+}  // namespace moedit
