@@ -99,6 +99,36 @@ TEST(Forward, KvCachedDecodeEqualsFullRecompute) {
   }
 }
 
+// The cache is one contiguous block per layer: reserved up front, decoding allocates nothing (its capacity stays) and
+// gives the same logits, bit for bit, as a cache that grows; a reservation of another shape is refused.
+TEST(Forward, KvCacheReservedUpFrontKeepsItsCapacity) {
+  for (const char* fam : {"qwen2_moe", "deepseek_v2"}) {  // GQA widths; MLA widths (a fixture checkpoint)
+    const std::string f = fam;
+    const std::shared_ptr<Model> loaded = f == "deepseek_v2" ? Model::load(test::fixture("models/" + f)) : nullptr;
+    const Model& m = loaded ? *loaded : Model(tiny(fam), random_weights(tiny(fam), 4, 0.3f));
+    const ops::AttnShape sh = attn_shape(m.config());
+    const auto seqs = batch();
+    KVCache grown, reserved;
+    reserved.reserve(m.config().n_layers, int(seqs.size()), 12, sh.Hkv * sh.Dk, sh.Hkv * sh.Dv);
+    EXPECT_EQ(reserved.capacity(), 12);
+    EXPECT_THROW(reserved.reserve(m.config().n_layers, 1, 4, sh.Hkv * sh.Dk + 1, sh.Hkv * sh.Dv), std::invalid_argument);
+    for (size_t t = 0; t < 9; ++t) {
+      std::vector<std::vector<int32_t>> step;
+      for (const auto& s : seqs) step.push_back(t < s.size() ? std::vector<int32_t>{s[t]} : std::vector<int32_t>{});
+      ForwardOptions a, b;
+      a.cache = &grown;
+      b.cache = &reserved;
+      const MatR la = m.forward(step, a).logits, lb = m.forward(step, b).logits;
+      ASSERT_EQ(la.rows(), lb.rows());
+      EXPECT_EQ(max_abs(la - lb), 0.f) << fam << " step " << t;
+      EXPECT_EQ(reserved.capacity(), 12) << fam;
+    }
+    EXPECT_GE(grown.capacity(), 9);
+    EXPECT_EQ(reserved.length(0), 9);
+    EXPECT_EQ(reserved.length(1), 2);
+  }
+}
+
 TEST(Hooks, ExpertContributionsSumToMoeOutput) {
   for (const char* fam : kFamilies) {
     Model m(tiny(fam), random_weights(tiny(fam), 4, 0.3f));
