@@ -28,21 +28,38 @@ void set_num_threads(int n);
 
 // Storage type of a weight matrix that linear() reads in place. bf16 and f16 are widened to fp32 in registers; both
 // conversions are exact, so a product with bf16 weights is bit for bit the product with those weights widened first.
-enum class WType : uint8_t { F32, BF16, F16 };
+// FP8 E4M3 carries block scales (DeepSeek-V3's weight_scale_inv): element (r, c) is fp8(W[r, c]) · scale[r / br,
+// c / bc] rounded once to fp32 — the value a dequantised copy holds, so products equal those of the copy bit for bit.
+enum class WType : uint8_t { F32, BF16, F16, F8E4M3 };
 size_t wtype_size(WType t);
+
+// Block scales of an FP8 weight: scale [ceil(rows/br), ceil(cols/bc)] fp32, ld floats between rows; (r0, c0) is
+// where the view starts in the scaled matrix (a view of rows r0.. and columns c0.. of it keeps the block grid).
+struct BlockScales {
+  const float* data = nullptr;
+  size_t ld = 0;
+  int32_t br = 0, bc = 0;
+  int64_t r0 = 0, c0 = 0;
+  float at(int64_t r, int64_t c) const { return data[size_t((r0 + r) / br) * ld + size_t((c0 + c) / bc)]; }
+};
 
 // A row-major weight matrix read in place (a view into a mapped checkpoint or an fp32 buffer): row c starts at
 // element c·ld of data. Elements are naturally aligned (2 bytes for bf16/f16, 4 for f32).
 struct WeightView {
   const void* data = nullptr;
   WType type = WType::F32;
-  size_t ld = 0;  // elements between rows
+  size_t ld = 0;        // elements between rows
+  BlockScales scales;   // FP8 only
   WeightView() = default;
   WeightView(const float* p, size_t ld_) : data(p), type(WType::F32), ld(ld_) {}
   WeightView(const void* p, WType t, size_t ld_) : data(p), type(t), ld(ld_) {}
+  WeightView(const void* p, WType t, size_t ld_, BlockScales s) : data(p), type(t), ld(ld_), scales(s) {}
   // The view starting at row r and column c.
   WeightView at(int64_t r, int64_t c = 0) const {
-    return {static_cast<const uint8_t*>(data) + (size_t(r) * ld + size_t(c)) * wtype_size(type), type, ld};
+    WeightView v{static_cast<const uint8_t*>(data) + (size_t(r) * ld + size_t(c)) * wtype_size(type), type, ld, scales};
+    v.scales.r0 += r;
+    v.scales.c0 += c;
+    return v;
   }
 };
 // Element (r, c) of W, widened to fp32; widen_row writes n elements of row r from column c0.

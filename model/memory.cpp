@@ -69,11 +69,10 @@ CheckpointMemory checkpoint_memory(const ModelConfig& c, const std::string& path
   const uint64_t H = uint64_t(c.hidden), f4 = sizeof(float);
   // Always copied: norms and biases (≈ a few H per layer), routers [E, H] of MoE layers.
   m.fp32_bytes = uint64_t(c.n_layers) * 8 * H * f4 + uint64_t(c.n_moe_layers()) * uint64_t(c.n_experts) * H * f4;
-  const bool fp8 = c.raw.contains("quantization_config") && c.raw["quantization_config"].is_object() &&
-                   c.raw["quantization_config"].value("quant_method", "") == "fp8";
+  // FP8 matrices are read in place with their block scales, like bf16/f16/f32 ones.
   const bool readable = c.dtype.empty() || c.dtype == "bfloat16" || c.dtype == "float16" || c.dtype == "float32";
-  if (fp8 || !readable) {
-    m.fp32_bytes += uint64_t(c.total_params()) * f4;  // every matrix dequantised / widened to fp32
+  if (!readable) {
+    m.fp32_bytes += uint64_t(c.total_params()) * f4;  // every matrix widened to fp32
   } else if (c.arch->attention == AttentionKind::MLA && c.rope_interleave) {  // de-interleaved q and kv_a rows
     const uint64_t q_in = c.q_lora_rank ? uint64_t(c.q_lora_rank) : H;
     m.fp32_bytes += uint64_t(c.n_layers) * f4 *
@@ -90,7 +89,7 @@ void check_fits(const std::string& path, const CheckpointMemory& need, const Mac
                         " of fp32 copies) but the address-space limit (ulimit -v) is " + gb(have.as_limit));
   if (have.available && need.fp32_bytes > have.available)
     throw ResourceError(path + ": the model needs " + gb(need.fp32_bytes) +
-                        " of RAM for fp32 copies (FP8 or non-16-bit weights are widened at load) but only " +
+                        " of RAM for fp32 copies (weights of other dtypes are widened at load) but only " +
                         gb(have.available) + " of " + gb(have.ram) + " is available");
 }
 

@@ -17,11 +17,12 @@ namespace moedit {
 
 Weight::Weight(MatR m) : own_(std::move(m)), rows_(own_.rows()), cols_(own_.cols()), copy_(true) {}
 
-Weight Weight::view(const void* data, ops::WType t, int64_t rows, int64_t cols, size_t ld) {
+Weight Weight::view(const void* data, ops::WType t, int64_t rows, int64_t cols, size_t ld, ops::BlockScales scales) {
   Weight w;
   w.view_ = data;
   w.vtype_ = t;
   w.ld_ = ld;
+  w.scales_ = scales;
   w.rows_ = rows;
   w.cols_ = cols;
   return w;
@@ -29,7 +30,7 @@ Weight Weight::view(const void* data, ops::WType t, int64_t rows, int64_t cols, 
 
 ops::WeightView Weight::kernel() const {
   if (copy_) return {own_.data(), size_t(cols_)};
-  return {view_, vtype_, ld_};
+  return {view_, vtype_, ld_, scales_};
 }
 
 MatR Weight::to_f32() const {
@@ -53,7 +54,7 @@ float* Weight::mutable_f32() {
 }
 
 bool Weight::drop_copy_if_unchanged() {
-  if (!copy_ || !view_ || !(*this == view(view_, vtype_, rows_, cols_, ld_))) return false;
+  if (!copy_ || !view_ || !(*this == view(view_, vtype_, rows_, cols_, ld_, scales_))) return false;
   own_ = MatR();
   copy_ = false;
   return true;
@@ -183,10 +184,24 @@ std::optional<ops::WType> view_type(const TensorView& t) {
   }
 }
 
-// A weight matrix: a view into the mapped file, or an fp32 copy (other dtypes; FP8 dequantised with its scales).
+// The block scales of an FP8 matrix [rows, cols] when they can be read in place (an aligned F32 companion
+// "<name>_scale_inv" [ceil(rows/br), ceil(cols/bc)]); nullopt otherwise (the matrix is then dequantised at load).
+std::optional<ops::BlockScales> fp8_scales(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols) {
+  const std::string sname = name + "_scale_inv";
+  if (!st.has(sname)) return std::nullopt;
+  const int64_t br = g_fp8.rows, bc = g_fp8.cols, sc = (cols + bc - 1) / bc;
+  const TensorView& s = expect(st, sname, {(rows + br - 1) / br, sc});
+  if (s.dtype != DType::F32 || reinterpret_cast<uintptr_t>(s.data) % 4 != 0) return std::nullopt;
+  return ops::BlockScales{reinterpret_cast<const float*>(s.data), size_t(sc), int32_t(br), int32_t(bc), 0, 0};
+}
+
+// A weight matrix: a view into the mapped file (FP8 with its block scales), or an fp32 copy (other dtypes).
 Weight load_weight(const TensorStore& st, const std::string& name, int64_t rows, int64_t cols) {
   const TensorView& t = expect(st, name, {rows, cols});
   if (const auto wt = view_type(t)) return Weight::view(t.data, *wt, rows, cols, size_t(cols));
+  if (t.dtype == DType::F8_E4M3)
+    if (const auto sc = fp8_scales(st, name, rows, cols))
+      return Weight::view(t.data, ops::WType::F8E4M3, rows, cols, size_t(cols), *sc);
   return Weight(load_matrix(st, name, rows, cols));
 }
 

@@ -1,9 +1,9 @@
 // Model weights in their checkpoint dtype.
 //
 // A Weight is a row-major matrix [rows, cols] that the kernels read in place: a view into the memory-mapped
-// safetensors file (f32, bf16 or f16, widened to fp32 in registers — exact), or an owned fp32 matrix (random weights,
-// FP8 dequantised with its block scales, de-interleaved MLA rotary rows, and every matrix an edit changed: edits are
-// copy-on-write). Loading converts nothing else, so a bf16 checkpoint takes its file size in page cache, and a model
+// safetensors file (f32, bf16 or f16, widened to fp32 in registers — exact; FP8 E4M3 with its fp32 block scales,
+// dequantised a block of rows at a time), or an owned fp32 matrix (random weights, de-interleaved MLA rotary rows,
+// and every matrix an edit changed: edits are copy-on-write). Loading converts nothing else, so a bf16 checkpoint takes its file size in page cache, and a model
 // larger than RAM runs with the kernel paging weights in and out.
 //
 // Canonical structure (whatever the checkpoint's layout): experts are banks of per-expert gate [I, H], up [I, H] and
@@ -26,8 +26,10 @@ class Weight {
  public:
   Weight() = default;
   explicit Weight(MatR m);  // owned fp32
-  // A view of rows × cols elements of type t, rows ld elements apart (kept alive by Weights::storage).
-  static Weight view(const void* data, ops::WType t, int64_t rows, int64_t cols, size_t ld);
+  // A view of rows × cols elements of type t, rows ld elements apart (kept alive by Weights::storage); FP8 views
+  // carry their block scales (mapped too).
+  static Weight view(const void* data, ops::WType t, int64_t rows, int64_t cols, size_t ld,
+                     ops::BlockScales scales = {});
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
@@ -58,6 +60,7 @@ class Weight {
   const void* view_ = nullptr;
   ops::WType vtype_ = ops::WType::F32;
   size_t ld_ = 0;
+  ops::BlockScales scales_;
   int64_t rows_ = 0, cols_ = 0;
   bool copy_ = false;  // own_ holds the values (an owned matrix, or a view's copy-on-write copy)
 };

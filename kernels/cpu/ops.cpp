@@ -10,6 +10,7 @@
 #include <limits>
 #include <numeric>
 
+#include "kernels/cpu/fp8.h"
 #include "kernels/half.h"
 #include "kernels/ops.h"
 
@@ -209,7 +210,7 @@ void linear_typed(const float* X, size_t ldx, int n, int in, const WT* W, size_t
 }
 }  // namespace
 
-size_t wtype_size(WType t) { return t == WType::F32 ? 4 : 2; }
+size_t wtype_size(WType t) { return t == WType::F32 ? 4 : t == WType::F8E4M3 ? 1 : 2; }
 
 float widen(const WeightView& W, int64_t r, int64_t c) {
   const void* p = W.at(r, c).data;
@@ -217,6 +218,7 @@ float widen(const WeightView& W, int64_t r, int64_t c) {
     case WType::F32: return *static_cast<const float*>(p);
     case WType::BF16: return bf16_to_f32(*static_cast<const uint16_t*>(p));
     case WType::F16: return f16_to_f32(*static_cast<const uint16_t*>(p));
+    case WType::F8E4M3: return f8e4m3_to_f32(*static_cast<const uint8_t*>(p)) * W.scales.at(r, c);
   }
   return 0.f;
 }
@@ -231,6 +233,7 @@ void widen_row(const WeightView& W, int64_t r, int64_t c0, int64_t n, float* out
     case WType::F16:
       for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(static_cast<const uint16_t*>(p)[i]);
       return;
+    case WType::F8E4M3: widen_row_f8(W, r, c0, n, out); return;
   }
 }
 
@@ -240,6 +243,7 @@ void linear(const float* X, size_t ldx, int n, int in, const WeightView& W, int 
     case WType::F32: return linear_typed(X, ldx, n, in, static_cast<const float*>(W.data), W.ld, out, Y, ldy, bias);
     case WType::BF16: return linear_typed(X, ldx, n, in, static_cast<const Bf16*>(W.data), W.ld, out, Y, ldy, bias);
     case WType::F16: return linear_typed(X, ldx, n, in, static_cast<const F16*>(W.data), W.ld, out, Y, ldy, bias);
+    case WType::F8E4M3: return linear_f8(X, ldx, n, in, W, out, Y, ldy, bias);
   }
 }
 
