@@ -1,6 +1,8 @@
 // Backward passes and the taped block stack (see model/backward.h).
 #include "model/backward.h"
 
+#include "model/block.h"
+
 #include "io/errors.h"
 
 #include <omp.h>
@@ -294,21 +296,6 @@ int PrefixKV<T>::n_prefix(int l, int s) const {
 
 namespace {
 
-// The SwiGLU expert e of a bank on gathered rows xe [n, H]: gate‖up, key, output (unweighted).
-template <class T>
-void expert_forward(const ExpertBank& b, int e, const MatT<T>& xe, MatT<T>& gu, MatT<T>& key, MatT<T>& y) {
-  const int n = int(xe.rows());
-  gu.resize(n, 2 * b.I);
-  key.resize(n, b.I);
-  y.resize(n, b.H);
-  MatT<T> g(n, b.I), u(n, b.I);
-  linear(xe.data(), n, b.H, b.gate[size_t(e)], g.data());
-  linear(xe.data(), n, b.H, b.up[size_t(e)], u.data());
-  gu << g, u;
-  swiglu(gu.data(), n, b.I, key.data());
-  linear(key.data(), n, b.I, b.down[size_t(e)], y.data());
-}
-
 // ∂/∂(expert input) [n, H] (=) given ∂/∂(unweighted output) dy [n, H].
 template <class T>
 MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const MatT<T>& dy) {
@@ -322,134 +309,15 @@ MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const Mat
   return dx;
 }
 
-const float* ptr_or_null(const VecF& v) { return v.size() ? v.data() : nullptr; }
-
 }  // namespace
 
 template <class T>
 void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const PrefixKV<T>* prefix,
                    BlockTape<T>& tp) {
-  const ModelConfig& c = m.config();
-  const LayerWeights& L = m.weights().layers[size_t(l)];
-  const AttnWeights& at = L.attn;
-  const int N = int(x.rows()), H = c.hidden, Hq = c.n_heads;
-  const float rm = c.residual_multiplier;
-  if (int(layout.seq.size()) != N) throw std::logic_error("block_forward: layout and rows disagree");
-
-  tp.x_in = x;
-  tp.a1.resize(N, H);
-  rmsnorm(x.data(), L.ln_in.data(), tp.a1.data(), N, H, c.rms_eps);
-
-  // q, k, v
-  const ops::AttnShape shape = attn_shape(c);
-  MatT<T> q, k, v;
-  if (c.arch->attention == AttentionKind::MLA)
-    mla_forward(m, l, tp.a1, layout.pos.data(), tp, q, k, v);
-  else
-    qkv_forward(m, l, layout, tp, q, k, v);
-  const int qw = Hq * shape.Dk, kw = shape.Hkv * shape.Dk, vw = shape.Hkv * shape.Dv, ow = Hq * shape.Dv;
-
-  // Attention per segment (one sequence's rows), keys = prefix ‖ this call's rows.
-  tp.seg_begin.clear();
-  tp.seg_end.clear();
-  tp.seg_seq.clear();
-  for (int start = 0; start < N;) {
-    int end = start;
-    while (end < N && layout.seq[size_t(end)] == layout.seq[size_t(start)]) ++end;
-    tp.seg_begin.push_back(start);
-    tp.seg_end.push_back(end);
-    tp.seg_seq.push_back(layout.seq[size_t(start)]);
-    start = end;
-  }
-  const size_t nseg = tp.seg_begin.size();
-  tp.kf.assign(nseg, {});
-  tp.vf.assign(nseg, {});
-  tp.probs.assign(nseg, {});
-  tp.o.resize(N, ow);
-  for (size_t g = 0; g < nseg; ++g) {
-    const int b = tp.seg_begin[g], e = tp.seg_end[g], s = tp.seg_seq[g], n = e - b;
-    const int np = prefix ? prefix->n_prefix(l, s) : 0;
-    if (layout.pos[size_t(b)] != np)
-      throw std::logic_error("block_forward: a sequence's first position must equal its prefix length");
-    MatT<T>& kf = tp.kf[g];
-    MatT<T>& vf = tp.vf[g];
-    kf.resize(np + n, kw);
-    vf.resize(np + n, vw);
-    if (np) {
-      kf.topRows(np) = prefix->k[size_t(l)][size_t(s)];
-      vf.topRows(np) = prefix->v[size_t(l)][size_t(s)];
-    }
-    kf.bottomRows(n) = k.middleRows(b, n);
-    vf.bottomRows(n) = v.middleRows(b, n);
-    tp.probs[g].resize(size_t(Hq) * n, np + n);
-    attention(q.data() + size_t(b) * qw, n, qw, np, kf.data(), kw, vf.data(), vw, np + n, shape,
-              tp.o.data() + size_t(b) * ow, ow, tp.probs[g].data());
-  }
-  tp.q = std::move(q);
-  MatT<T> att(N, H);
-  linear(tp.o.data(), N, ow, at.wo, att.data(), ptr_or_null(at.bo));
-  if (rm != 1.f) att *= T(rm);
-  x += att;
-  tp.x_mid = x;
-
-  // FFN
-  tp.a2.resize(N, H);
-  rmsnorm(x.data(), L.ln_post.data(), tp.a2.data(), N, H, c.rms_eps);
-  const FFNWeights& f = L.ffn;
-  MatT<T> mo = MatT<T>::Zero(N, H);
-  if (!f.moe) {
-    tp.tok.assign(1, {});
-    tp.tok[0].resize(size_t(N));
-    std::iota(tp.tok[0].begin(), tp.tok[0].end(), 0);
-    tp.gu.assign(1, {});
-    tp.key.assign(1, {});
-    tp.y.assign(1, {});
-    expert_forward(f.experts, 0, tp.a2, tp.gu[0], tp.key[0], tp.y[0]);
-    mo = tp.y[0];
-  } else {
-    const int E = c.n_experts, kk = c.top_k;
-    tp.z.resize(N, E);
-    linear(tp.a2.data(), N, H, f.router.data(), E, tp.z.data());
-    tp.ids.resize(N, kk);
-    tp.w.resize(N, kk);
-    for (int t = 0; t < N; ++t)
-      route(c, tp.z.row(t).data(), tp.ids.row(t).data(), tp.w.row(t).data(), ptr_or_null(f.router_bias));
-    tp.tok.assign(size_t(E), {});
-    tp.slot.assign(size_t(E), {});
-    for (int t = 0; t < N; ++t)
-      for (int j = 0; j < kk; ++j) {
-        tp.tok[size_t(tp.ids(t, j))].push_back(t);
-        tp.slot[size_t(tp.ids(t, j))].push_back(j);
-      }
-    tp.gu.assign(size_t(E), {});
-    tp.key.assign(size_t(E), {});
-    tp.y.assign(size_t(E), {});
-    const bool par = !omp_in_parallel() && double(N) * kk * 6.0 * H * f.experts.I > 2e6;
-#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
-    for (int e = 0; e < E; ++e) {
-      const auto& ts = tp.tok[size_t(e)];
-      if (ts.empty()) continue;
-      MatT<T> xe(int(ts.size()), H);
-      for (size_t j = 0; j < ts.size(); ++j) xe.row(int(j)) = tp.a2.row(ts[j]);
-      expert_forward(f.experts, e, xe, tp.gu[size_t(e)], tp.key[size_t(e)], tp.y[size_t(e)]);
-    }
-    for (int e = 0; e < E; ++e)  // ascending expert id per token, as the forward
-      for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) {
-        const int t = tp.tok[size_t(e)][j];
-        mo.row(t) += tp.y[size_t(e)].row(int(j)) * tp.w(t, tp.slot[size_t(e)][j]);
-      }
-    if (f.has_shared) {
-      expert_forward(f.shared, 0, tp.a2, tp.s_gu, tp.s_key, tp.s_y);
-      if (f.shared_gate.size()) {
-        tp.s_logit = tp.a2 * f.shared_gate.template cast<T>();
-        for (int t = 0; t < N; ++t) mo.row(t) += tp.s_y.row(t) * sigmoid_t(tp.s_logit[t]);
-      } else {
-        mo += tp.s_y;
-      }
-    }
-  }
-  if (rm != 1.f) mo *= T(rm);
-  x += mo;
+  BlockIO<T> io;
+  io.prefix = prefix;
+  io.tape = &tp;
+  run_block(m, l, x, layout, io);
 }
 
 template <class T>

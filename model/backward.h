@@ -7,15 +7,13 @@
 // take optional dW / dw / db outputs and the tape keeps every op input a weight gradient needs (a1, o, a2,
 // per-expert gate‖up outputs and keys); block_backward computes only the input gradient for now.
 //
-// Everything is templated on the scalar: float in production (GEMMs go through kernels/ops.h, so the forward
-// matches Model::forward to fp32 reassociation), double in tests (finite-difference checks at 1e-4 relative).
-// Weights stay in the model's storage dtype; they are widened on use (to fp32, and to double in double mode).
-//
-// Semantics follow Model::forward exactly: RMSNorm, q/k/v (+bias), q/k-norm (per head or whole projection),
-// clip_qkv, rotate-half RoPE, causal (+sliding-window) GQA attention, o_proj, residual multiplier, router
-// (softmax→top-k→renorm→scale, or top-k→softmax), grouped SwiGLU experts, sigmoid-gated or ungated shared
-// expert, dense SwiGLU layers, final RMSNorm, lm_head, logits_scaling. Routing is recomputed in the forward and
-// held fixed in the backward (the gradient flows through the selected experts' weights, not the selection).
+// Everything is templated on the scalar: float in production, double in tests (finite-difference checks at 1e-4
+// relative). The taped forward is the model's own block (model/block.h) run with a tape: in fp32 it computes what
+// Model::forward computes except where the tape needs more than the backend op gives (attention keeps its
+// probabilities, the routed experts their unweighted outputs: those two differ by fp32 reassociation). Weights stay
+// in the model's storage dtype; they are widened on use (to fp32, and to double in double mode). Routing is
+// recomputed in the forward and held fixed in the backward (the gradient flows through the selected experts'
+// weights, not the selection).
 #pragma once
 #include <vector>
 
@@ -125,28 +123,19 @@ struct BlockTape {
   VecT<T> s_logit;                   // shared-expert gate logits [N] (sigmoid-gated only)
 };
 
-// The attention projections, as Model::attention computes them from tape.a1 [N, H]: q [N, Hq·D], k and v
-// [N, Hkv·D] after bias, q/k-norm, clip_qkv and RoPE (recording q_raw/k_raw, q_pre/k_pre/v_pre as needed). The
-// backward takes ∂/∂q, k, v after RoPE (modified in place) and adds ∂/∂a1 to da1.
-template <class T>
-void qkv_forward(const Model& m, int l, const TokenLayout& layout, BlockTape<T>& tape, MatT<T>& q, MatT<T>& k,
-                 MatT<T>& v);
+// The backward of the attention projections (the forward is model/block.cpp, recording q_raw/k_raw, q_pre/k_pre/
+// v_pre, mla_qa/mla_ckv as needed): takes ∂/∂q, k, v after RoPE (dq, and for standard attention dk/dv, modified in
+// place) and adds ∂/∂a1 to da1. pos: the rows' positions.
 template <class T>
 void qkv_backward(const Model& m, int l, const BlockTape<T>& tape, const int* pos, MatT<T>& dq, MatT<T>& dk,
                   MatT<T>& dv, MatT<T>& da1);
-// Multi-head latent attention's projections (DeepSeek-V2/V3), as Model::attention computes them: q [N, Hq·dq],
-// k [N, Hq·dq] (per head: k_nope ‖ the shared k_pe), v [N, Hq·dv], RoPE applied at positions pos; records
-// tape.mla_qa / mla_ckv. The backward takes ∂/∂q, k, v (after RoPE; dq is modified) and adds ∂/∂a1 to da1.
-template <class T>
-void mla_forward(const Model& m, int l, const MatT<T>& a1, const int* pos, BlockTape<T>& tape, MatT<T>& q, MatT<T>& k,
-                 MatT<T>& v);
 template <class T>
 void mla_backward(const Model& m, int l, const BlockTape<T>& tape, const int* pos, MatT<T>& dq, const MatT<T>& dk,
                   const MatT<T>& dv, MatT<T>& da1);
 
 // One block forward on rows x [N, H] (in place) whose seq/pos are given by `layout` (a sequence's rows are
-// contiguous with consecutive positions; with a prefix, its first position equals the prefix length). Records
-// the tape.
+// contiguous with consecutive positions; with a prefix, its first position equals the prefix length): the model's
+// own block code (model/block.h) with a tape.
 template <class T>
 void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const PrefixKV<T>* prefix,
                    BlockTape<T>& tape);

@@ -1,5 +1,5 @@
-// The attention projections with a tape, and their backward (see model/backward.h): q/k/v (+ bias, q/k-norm,
-// clip_qkv, RoPE) as Model::attention computes them, and multi-head latent attention (the forward is Model::mla_qkv):
+// The backward of the attention projections (see model/backward.h; the forward is model/block.cpp): q/k/v (+ bias,
+// q/k-norm, clip_qkv, RoPE), and multi-head latent attention:
 //
 //   q    = (q_lora ? rmsnorm(a·Wq_aᵀ + b) · Wq_bᵀ : a·Wqᵀ)             [N, Hq·(dn + dr)]
 //   ckv  = a·Wkv_aᵀ + b = [latent rkv ‖ k_pe dr]                       [N, rkv + dr]
@@ -9,46 +9,6 @@
 #include "model/backward.h"
 
 namespace moedit::grad {
-
-namespace {
-const float* ptr_or_null(const VecF& v) { return v.size() ? v.data() : nullptr; }
-}  // namespace
-
-template <class T>
-void qkv_forward(const Model& m, int l, const TokenLayout& layout, BlockTape<T>& tp, MatT<T>& q, MatT<T>& k,
-                 MatT<T>& v) {
-  const ModelConfig& c = m.config();
-  const AttnWeights& at = m.weights().layers[size_t(l)].attn;
-  const int N = int(tp.a1.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
-  q.resize(N, Hq * D);
-  k.resize(N, Hkv * D);
-  v.resize(N, Hkv * D);
-  linear(tp.a1.data(), N, H, at.wq, q.data(), ptr_or_null(at.bq));
-  linear(tp.a1.data(), N, H, at.wk, k.data(), ptr_or_null(at.bk));
-  linear(tp.a1.data(), N, H, at.wv, v.data(), ptr_or_null(at.bv));
-  if (c.arch->qk_norm != QKNorm::None) {
-    tp.q_raw = q;
-    tp.k_raw = k;
-    if (c.arch->qk_norm == QKNorm::PerHead) {
-      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N * Hq, D, c.rms_eps);
-      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N * Hkv, D, c.rms_eps);
-    } else {
-      rmsnorm(tp.q_raw.data(), at.q_norm.data(), q.data(), N, Hq * D, c.rms_eps);
-      rmsnorm(tp.k_raw.data(), at.k_norm.data(), k.data(), N, Hkv * D, c.rms_eps);
-    }
-  }
-  if (c.clip_qkv > 0.f) {
-    tp.q_pre = q;
-    tp.k_pre = k;
-    tp.v_pre = v;
-    const T cl = T(c.clip_qkv);
-    q = q.cwiseMax(-cl).cwiseMin(cl);
-    k = k.cwiseMax(-cl).cwiseMin(cl);
-    v = v.cwiseMax(-cl).cwiseMin(cl);
-  }
-  rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
-  rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), m.inv_freq().data(), false, c.rope_attn_factor);
-}
 
 template <class T>
 void qkv_backward(const Model& m, int l, const BlockTape<T>& tp, const int* pos, MatT<T>& dq, MatT<T>& dk,
@@ -86,40 +46,6 @@ void qkv_backward(const Model& m, int l, const BlockTape<T>& tp, const int* pos,
 }
 
 template <class T>
-void mla_forward(const Model& m, int l, const MatT<T>& a1, const int* pos, BlockTape<T>& tp, MatT<T>& q, MatT<T>& k,
-                 MatT<T>& v) {
-  const ModelConfig& c = m.config();
-  const AttnWeights& at = m.weights().layers[size_t(l)].attn;
-  const int N = int(a1.rows()), H = c.hidden, Hq = c.n_heads, dn = c.qk_nope_dim, dr = c.qk_rope_dim,
-            dv = c.v_head_dim, dq = dn + dr, rkv = c.kv_lora_rank, rq = c.q_lora_rank;
-  q.resize(N, Hq * dq);
-  if (rq) {
-    tp.mla_qa.resize(N, rq);
-    linear(a1.data(), N, H, at.wq_a, tp.mla_qa.data(), ptr_or_null(at.bq_a));
-    MatT<T> qan(N, rq);
-    rmsnorm(tp.mla_qa.data(), at.q_a_norm.data(), qan.data(), N, rq, kMlaLatentEps);
-    linear(qan.data(), N, rq, at.wq_b, q.data());
-  } else {
-    linear(a1.data(), N, H, at.wq, q.data());
-  }
-  tp.mla_ckv.resize(N, rkv + dr);
-  linear(a1.data(), N, H, at.wkv_a, tp.mla_ckv.data(), ptr_or_null(at.bkv_a));
-  MatT<T> lat = tp.mla_ckv.leftCols(rkv), kpe = tp.mla_ckv.rightCols(dr);  // [N, rkv], [N, dr]
-  rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
-  MatT<T> kv(N, Hq * (dn + dv));
-  linear(lat.data(), N, rkv, at.wkv_b, kv.data());
-  rope(q.data() + dn, N, Hq * dq, Hq, dq, dr, pos, m.inv_freq().data(), false, c.rope_attn_factor);
-  rope(kpe.data(), N, dr, 1, dr, dr, pos, m.inv_freq().data(), false, c.rope_attn_factor);
-  k.resize(N, Hq * dq);
-  v.resize(N, Hq * dv);
-  for (int h = 0; h < Hq; ++h) {
-    k.middleCols(h * dq, dn) = kv.middleCols(h * (dn + dv), dn);
-    k.middleCols(h * dq + dn, dr) = kpe;
-    v.middleCols(h * dv, dv) = kv.middleCols(h * (dn + dv) + dn, dv);
-  }
-}
-
-template <class T>
 void mla_backward(const Model& m, int l, const BlockTape<T>& tp, const int* pos, MatT<T>& dq, const MatT<T>& dk,
                   const MatT<T>& dv, MatT<T>& da1) {
   const ModelConfig& c = m.config();
@@ -153,12 +79,8 @@ void mla_backward(const Model& m, int l, const BlockTape<T>& tp, const int* pos,
 }
 
 #define MOEDIT_QKV_INSTANTIATE(T)                                                                               \
-  template void qkv_forward<T>(const Model&, int, const TokenLayout&, BlockTape<T>&, MatT<T>&, MatT<T>&,          \
-                               MatT<T>&);                                                                       \
   template void qkv_backward<T>(const Model&, int, const BlockTape<T>&, const int*, MatT<T>&, MatT<T>&, MatT<T>&, \
                                 MatT<T>&);                                                                      \
-  template void mla_forward<T>(const Model&, int, const MatT<T>&, const int*, BlockTape<T>&, MatT<T>&, MatT<T>&, \
-                               MatT<T>&);                                                                       \
   template void mla_backward<T>(const Model&, int, const BlockTape<T>&, const int*, MatT<T>&, const MatT<T>&,  \
                                 const MatT<T>&, MatT<T>&);
 

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "model/backward.h"
+#include "model/block.h"
 #include "model/memory.h"
 #include "model/router.h"
 #include "io/errors.h"
@@ -206,109 +206,9 @@ MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, co
   return x;
 }
 
-void Model::mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, MatR& k, MatR& v) const {
-  const AttnWeights& at = w_.layers[size_t(l)].attn;
-  const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads, dn = cfg_.qk_nope_dim, dr = cfg_.qk_rope_dim,
-            dv = cfg_.v_head_dim, dq = dn + dr, rkv = cfg_.kv_lora_rank, rq = cfg_.q_lora_rank;
-  q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
-  if (rq) {
-    MatR qa(N, rq);
-    linear(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
-    be_->rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kMlaLatentEps);
-    linear(qa.data(), N, rq, at.wq_b, q.data());
-  } else {
-    linear(a.data(), N, H, at.wq, q.data());
-  }
-  MatR ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
-  linear(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
-  MatR lat = ckv.leftCols(rkv);  // [N, rkv]
-  be_->rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
-  MatR kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
-  linear(lat.data(), N, rkv, at.wkv_b, kv.data());
-  // RoPE on each query head's rope part and on the single k_pe head (not normalised).
-  be_->rope(q.data() + dn, N, Hq * dq, Hq, dq, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-  be_->rope(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-  k.resize(N, Hq * dq);
-  v.resize(N, Hq * dv);
-  for (int t = 0; t < N; ++t)
-    for (int h = 0; h < Hq; ++h) {
-      const float* src = kv.data() + size_t(t) * Hq * (dn + dv) + size_t(h) * (dn + dv);
-      float* kd = k.data() + size_t(t) * Hq * dq + size_t(h) * dq;
-      std::copy(src, src + dn, kd);
-      std::copy(ckv.data() + size_t(t) * (rkv + dr) + rkv, ckv.data() + size_t(t + 1) * (rkv + dr), kd + dn);
-      std::copy(src + dn, src + dn + dv, v.data() + size_t(t) * Hq * dv + size_t(h) * dv);
-    }
-}
-
 ops::AttnShape attn_shape(const ModelConfig& c) {
   if (c.arch->attention == AttentionKind::MLA) return {c.n_heads, c.n_heads, c.qk_dim(), c.v_head_dim, c.attn_scale, 0};
   return {c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.attn_scale, c.sliding_window};
-}
-
-MatR Model::attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const {
-  const AttnWeights& at = w_.layers[size_t(l)].attn;
-  const int N = int(a.rows()), H = cfg_.hidden, Hq = cfg_.n_heads;
-  MatR q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
-  const ops::AttnShape shape = attn_shape(cfg_);
-  if (cfg_.arch->attention == AttentionKind::MLA) {
-    mla_qkv(l, a, layout, q, k, v);
-  } else {
-    const int D = cfg_.head_dim, Hkv = cfg_.n_kv_heads;
-    q.resize(N, Hq * D);
-    k.resize(N, Hkv * D);
-    v.resize(N, Hkv * D);
-    linear(a.data(), N, H, at.wq, q.data(), at.bq);
-    linear(a.data(), N, H, at.wk, k.data(), at.bk);
-    linear(a.data(), N, H, at.wv, v.data(), at.bv);
-    switch (cfg_.arch->qk_norm) {
-      case QKNorm::None: break;
-      case QKNorm::PerHead:  // every head's D values normalised with the shared [D] weight
-        be_->rmsnorm(q.data(), at.q_norm.data(), q.data(), N * Hq, D, cfg_.rms_eps);
-        be_->rmsnorm(k.data(), at.k_norm.data(), k.data(), N * Hkv, D, cfg_.rms_eps);
-        break;
-      case QKNorm::WholeProjection:
-        be_->rmsnorm(q.data(), at.q_norm.data(), q.data(), N, Hq * D, cfg_.rms_eps);
-        be_->rmsnorm(k.data(), at.k_norm.data(), k.data(), N, Hkv * D, cfg_.rms_eps);
-        break;
-    }
-    if (cfg_.clip_qkv > 0.f) {
-      const float c = cfg_.clip_qkv;
-      q = q.cwiseMax(-c).cwiseMin(c);
-      k = k.cwiseMax(-c).cwiseMin(c);
-      v = v.cwiseMax(-c).cwiseMin(c);
-    }
-    be_->rope(q.data(), N, Hq * D, Hq, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-    be_->rope(k.data(), N, Hkv * D, Hkv, D, D, layout.pos.data(), inv_freq_.data(), cfg_.rope_attn_factor);
-  }
-  const int qw = int(q.cols()), kw = int(k.cols()), vw = int(v.cols()), ow = Hq * shape.Dv;
-
-  MatR o(N, ow);
-  // Tokens of one sequence are contiguous in the packed batch.
-  int start = 0;
-  while (start < N) {
-    const int s = layout.seq[size_t(start)];
-    int end = start;
-    while (end < N && layout.seq[size_t(end)] == s) ++end;
-    const int n = end - start, p0 = layout.pos[size_t(start)];
-    if (cache) {
-      if (cache->layers_.empty() || cache->layers_[size_t(l)].k.empty())
-        throw std::logic_error("this KV cache holds no layer " + std::to_string(l));
-      if (cache->length(s) != p0) throw std::logic_error("KV cache length does not match the token positions");
-      if (p0 + n > cache->cap_) cache->grow(cache->n_seqs(), p0 + n);
-      std::copy_n(k.data() + size_t(start) * kw, size_t(n) * kw, cache->k_row(l, s, p0));
-      std::copy_n(v.data() + size_t(start) * vw, size_t(n) * vw, cache->v_row(l, s, p0));
-      be_->attention(q.data() + size_t(start) * qw, n, qw, p0, cache->k_row(l, s, 0), kw, cache->v_row(l, s, 0), vw,
-                     p0 + n, shape, o.data() + size_t(start) * ow, ow);
-    } else {
-      if (p0 != 0) throw std::logic_error("positions must start at 0 without a KV cache");
-      be_->attention(q.data() + size_t(start) * qw, n, qw, 0, k.data() + size_t(start) * kw, kw,
-                     v.data() + size_t(start) * vw, vw, n, shape, o.data() + size_t(start) * ow, ow);
-    }
-    start = end;
-  }
-  MatR out(N, H);
-  linear(o.data(), N, ow, at.wo, out.data(), at.bo);
-  return out;
 }
 
 void Model::route(const MatR& z, LayerRouting& r, int layer) const {
@@ -320,78 +220,10 @@ void Model::route(const MatR& z, LayerRouting& r, int layer) const {
 }
 
 MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* hooks, LayerRouting* routing) const {
-  const FFNWeights& f = w_.layers[size_t(l)].ffn;
-  const int N = int(a.rows()), H = cfg_.hidden;
-  const bool hooked = hooks && !hooks->empty();
-  if (!f.moe) return swiglu(f.experts, 0, a);
-
-  // Router: z = a·Wrᵀ [N, E] → top-k ids and weights [N, k].
-  const int E = cfg_.n_experts;
-  MatR z(N, E);
-  be_->linear(a.data(), size_t(H), N, H, ops::WeightView(f.router.data(), size_t(H)), E, z.data(), size_t(E));
-  if (hooked) hooks->run(hook_names::router_logits(l), z, {hook_names::router_logits(l), l, -1, layout, nullptr});
-  LayerRouting local;
-  LayerRouting& r = routing ? *routing : local;
-  route(z, r, l);
-  if (hooked) {
-    MatR ids = r.ids.cast<float>();
-    hooks->run(hook_names::expert_ids(l), ids, {hook_names::expert_ids(l), l, -1, layout, nullptr});
-    hooks->run(hook_names::expert_weights(l), r.weights, {hook_names::expert_weights(l), l, -1, layout, nullptr});
-  }
-
-  // Routed experts: one backend op for the whole batch; the per-expert hooks see (and may change) keys and outputs.
-  std::vector<ops::WeightView> views(3 * size_t(E));
-  for (int e = 0; e < E; ++e) {
-    views[size_t(e)] = f.experts.gate[size_t(e)].kernel();
-    views[size_t(E + e)] = f.experts.up[size_t(e)].kernel();
-    views[size_t(2 * E + e)] = f.experts.down[size_t(e)].kernel();
-  }
-  const ExpertsView ex{E, f.experts.I, H, views.data(), views.data() + E, views.data() + 2 * E};
-  MoeTaps taps;
-  if (hooked) {
-    auto tap = [&](std::string (*name_of)(int, int)) {
-      return [&, name_of](int e, MapMatR rows, const std::vector<int>& tokens) {
-        const std::string name = name_of(l, e);
-        hooks->run(name, rows, {name, l, e, layout, &tokens});
-      };
-    };
-    taps.key = tap(&hook_names::expert_key);
-    taps.out = tap(&hook_names::expert_out);
-  }
-  MatR y(N, H);
-  be_->moe_experts(a.data(), N, ex, r.ids.data(), r.weights.data(), cfg_.top_k, y.data(), hooked ? &taps : nullptr);
-
-  if (f.has_shared) {
-    const int Is = f.shared.I;
-    MatR key, s(N, H);
-    expert_key(f.shared, 0, a, key);  // [N, Is]
-    if (hooked) hooks->run(hook_names::shared_key(l), key, {hook_names::shared_key(l), l, -1, layout, nullptr});
-    linear(key.data(), N, Is, f.shared.down[0], s.data());
-    Eigen::VectorXf g;  // sigmoid gate per token, empty when ungated
-    if (f.shared_gate.size()) {
-      g.resize(N);  // a·gate, [N]: through linear, so each token's gate is the same whatever its batch
-      be_->linear(a.data(), size_t(H), N, H, ops::WeightView(f.shared_gate.data(), size_t(H)), 1, g.data(), 1);
-      for (int t = 0; t < N; ++t) s.row(t) *= (g[t] = ops::sigmoid(g[t]));
-    }
-    if (hooked) {
-      // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
-      const ops::WeightView dn = f.shared.down[0].kernel();  // [H, Is]
-      for (int j = 0; j < cfg_.n_shared_experts; ++j) {
-        const std::string name = hook_names::shared_expert_out(l, j);
-        if (!hooks->has(name)) continue;
-        const auto [b, e] = cfg_.shared_slice(j);
-        MatR out(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, both slices read in place
-        be_->linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
-        if (g.size()) out.array().colwise() *= g.array();
-        const MatR before = out;
-        hooks->run(name, out, {name, l, j, layout, nullptr});
-        s += out - before;
-      }
-      hooks->run(hook_names::shared_out(l), s, {hook_names::shared_out(l), l, -1, layout, nullptr});
-    }
-    y += s;
-  }
-  return y;
+  BlockIO<float> io;
+  io.hooks = hooks;
+  io.routing = routing;
+  return run_ffn(*this, l, a, layout, io);
 }
 
 MatR Model::ffn_reference(int l, const MatR& a) const {
@@ -428,24 +260,12 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
 
 void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, const Hooks* hooks,
                   LayerRouting* routing) const {
-  const LayerWeights& L = w_.layers[size_t(l)];
   if (prefetch_ && l + 1 < cfg_.n_layers) prefetch_layer(w_, l + 1);
-  const bool hooked = hooks && !hooks->empty();
-  const float rm = cfg_.residual_multiplier;
-  if (hooked) hooks->run(hook_names::resid_pre(l), x, {hook_names::resid_pre(l), l, -1, layout, nullptr});
-  MatR a;
-  rmsnorm(x, L.ln_in, a);
-  MatR att = attention(l, a, layout, cache, hooks);
-  if (hooked) hooks->run(hook_names::attn_out(l), att, {hook_names::attn_out(l), l, -1, layout, nullptr});
-  if (rm != 1.f) att *= rm;
-  x += att;
-  rmsnorm(x, L.ln_post, a);
-  if (hooked) hooks->run(hook_names::ffn_in(l), a, {hook_names::ffn_in(l), l, -1, layout, nullptr});
-  MatR m = ffn(l, a, layout, hooks, routing);
-  if (hooked) hooks->run(hook_names::moe_out(l), m, {hook_names::moe_out(l), l, -1, layout, nullptr});
-  if (rm != 1.f) m *= rm;
-  x += m;
-  if (hooked) hooks->run(hook_names::resid_post(l), x, {hook_names::resid_post(l), l, -1, layout, nullptr});
+  BlockIO<float> io;
+  io.cache = cache;
+  io.hooks = hooks;
+  io.routing = routing;
+  run_block(*this, l, x, layout, io);
 }
 
 MatR Model::logits(const MatR& x, const TokenLayout& layout, const Hooks* hooks) const {

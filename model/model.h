@@ -36,15 +36,19 @@ class KVCache {
   KVCache gather(const std::vector<int>& from, const std::vector<int>& lengths, int first_layer = 0,
                  int capacity = 0) const;
 
+  // For the block that reads and appends: whether layer l is held, the K/V row of sequence s at position pos (rows
+  // of one sequence are consecutive, kw / vw floats wide), and room for `tokens` tokens in every sequence (keeps
+  // every row, grows capacity at least 2×).
+  bool holds_layer(int l) const { return l < int(layers_.size()) && !layers_[size_t(l)].k.empty(); }
+  float* k_row(int l, int s, int pos) { return layers_[size_t(l)].k.data() + (size_t(s) * cap_ + size_t(pos)) * kw_; }
+  float* v_row(int l, int s, int pos) { return layers_[size_t(l)].v.data() + (size_t(s) * cap_ + size_t(pos)) * vw_; }
+  void grow(int n_seqs, int tokens);
+
  private:
   friend class Model;
   struct Layer {
     std::vector<float> k, v;  // [n_seqs, cap, kw], [n_seqs, cap, vw]; empty: a layer this cache may not run
   };
-  float* k_row(int l, int s, int pos) { return layers_[size_t(l)].k.data() + (size_t(s) * cap_ + size_t(pos)) * kw_; }
-  float* v_row(int l, int s, int pos) { return layers_[size_t(l)].v.data() + (size_t(s) * cap_ + size_t(pos)) * vw_; }
-  // Makes room for n_seqs sequences of `tokens` tokens (keeps the cached rows; grows capacity at least 2×).
-  void grow(int n_seqs, int tokens);
   std::vector<Layer> layers_;
   std::vector<int> len_;
   int cap_ = 0, kw_ = 0, vw_ = 0;
@@ -119,14 +123,11 @@ class Model {
   void route(const MatR& z, LayerRouting& r, int layer = -1) const;
 
  private:
-  MatR attention(int l, const MatR& a, const TokenLayout& layout, KVCache* cache, const Hooks* hooks) const;
   // y [n, W.rows()] = x [n, in]·Wᵀ (+ b); y [N, H] = rmsnorm(x) with weight w; expert e of a bank (key, whole).
   void linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b = VecF()) const;
   void rmsnorm(const MatR& x, const VecF& w, MatR& y) const;
   void expert_key(const ExpertBank& b, int e, const MatR& x, MatR& key) const;
   MatR swiglu(const ExpertBank& b, int e, const MatR& x) const;
-  // MLA projections: q [N, Hq·dq], k [N, Hq·dq], v [N, Hq·dv], RoPE applied.
-  void mla_qkv(int l, const MatR& a, const TokenLayout& layout, MatR& q, MatR& k, MatR& v) const;
 
   ModelConfig cfg_;
   Weights w_;

@@ -12,19 +12,14 @@
 
 #include "kernels/backend.h"
 #include "kernels/half.h"
+#include "test_util.h"
 
 namespace moedit {
 namespace {
 
 std::vector<const Backend*> backends() { return {&cpu_backend()}; }
 
-std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using test::randn;
 
 // A [rows, cols] weight of random values stored as `t` (rounded when narrow), and the values it holds widened.
 struct TypedWeight {

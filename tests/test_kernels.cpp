@@ -7,17 +7,12 @@
 
 #include "kernels/ops.h"
 #include "io/safetensors.h"
+#include "test_util.h"
 
 namespace moedit {
 namespace {
 
-std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using test::randn;
 
 TEST(Kernels, LinearMatchesScalarLoop) {
   for (auto [n, in, out] : {std::tuple{1, 7, 5}, {13, 64, 300}, {64, 256, 1031}}) {

@@ -4,7 +4,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
+#include <vector>
 #include <sys/wait.h>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +17,15 @@
 namespace moedit::test {
 
 inline std::string source_dir() { return MOEDIT_SOURCE_DIR; }
+
+// n normal samples of standard deviation sd (fixed seed).
+inline std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
 inline std::string fixture(const std::string& rel) { return source_dir() + "/tests/fixtures/" + rel; }
 
 // A fresh scratch directory under the build tree's temp, removed by the caller's TempDir destructor.
