@@ -19,6 +19,7 @@
 #include "editor/save.h"
 #include "io/errors.h"
 #include "model/model.h"
+#include "model/routing_drift.h"
 #include "tokenizer/tokenizer.h"
 #include "tracing/trace.h"
 
@@ -32,8 +33,24 @@ struct EditArgs {
   std::string save, save_dtype = "checkpoint";
   bool json = false, overwrite = false, independent = false, quiet = false;
   int limit = -1;
+  int drift_tokens = 512;
   EditorFlags editor;
 };
+
+nlohmann::json drift_json(const RoutingDrift& d) {
+  return {{"cells", d.cells}, {"changed_share", d.changed_share}, {"mean_kl", d.mean_kl}};
+}
+
+// The prompts routing drift is measured on besides a request's neighbourhood prompts: the first `tokens` tokens of
+// the bundled WikiText-2 test split, in windows of 128.
+std::vector<std::vector<int32_t>> drift_corpus(const Tokenizer& tok, int tokens) {
+  if (tokens <= 0) return {};
+  std::ifstream f(bundled_wikitext_path(), std::ios::binary);
+  if (!f) throw InputError(bundled_wikitext_path() + ": cannot open the WikiText-2 sample for routing drift");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return corpus_windows(tok, ss.str(), 128, tokens);
+}
 
 // --layer auto: the MoE layer whose MoE block has the largest indirect effect at the subject's last token.
 int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, double* embedding_std,
@@ -127,6 +144,9 @@ void run_edit(const EditArgs& a) {
   out["edits"] = nlohmann::json::array();
   std::vector<std::string> templates;
   std::vector<EditResult> applied;
+  const auto wiki = drift_corpus(tok, a.drift_tokens);
+  const RouterSnapshot wiki_original = wiki.empty() ? RouterSnapshot{} : snapshot_routers(*m, wiki);
+  RouterSnapshot wiki_before = wiki_original;
   double embedding_std = -1;
   int n_true = 0, es = 0, ps_n = 0, ns_n = 0;
   double ps = 0, ns = 0;
@@ -141,8 +161,29 @@ void run_edit(const EditArgs& a) {
     EditResult probe;
     probe.layer = layer;
     const EditReport pre = report_edit(*m, tok, req, probe);
+    std::vector<std::vector<int32_t>> neigh;
+    for (const auto& p : req.neighbors) neigh.push_back(tok.encode_ids(p, true));
+    const RouterSnapshot neigh_before = neigh.empty() ? RouterSnapshot{} : snapshot_routers(*m, neigh);
     EditResult r = apply_edit(*m, tok, req, o, &templates);
     const EditReport rep = report_edit(*m, tok, req, r);
+    // Routing drift of this edit: the routers before and after it, on the neighbourhood prompts and WikiText-2.
+    nlohmann::json drift = nlohmann::json::object();
+    std::string drift_line;
+    auto measure = [&](const char* name, const char* label, const std::vector<std::vector<int32_t>>& seqs,
+                       const RouterSnapshot& before, RouterSnapshot* keep) {
+      if (seqs.empty()) return;
+      RouterSnapshot after = snapshot_routers(*m, seqs);
+      const RoutingDrift d = routing_drift(before, after);
+      drift[name] = drift_json(d);
+      char b[160];
+      std::snprintf(b, sizeof b, "%s%s %.1f%% of (token, layer) top-k sets changed, router KL %.2g",
+                    drift_line.empty() ? "" : "; ", label, 100 * d.changed_share, d.mean_kl);
+      drift_line += b;
+      if (keep) *keep = std::move(after);
+    };
+    measure("neighborhood", "neighbourhood", neigh, neigh_before, nullptr);
+    RouterSnapshot wiki_after;
+    measure("wikitext", "WikiText-2", wiki, wiki_before, &wiki_after);
     nlohmann::json j;
     j["case_id"] = req.case_id;
     j["request"] = {{"prompt", req.prompt}, {"subject", req.subject}, {"target_new", req.target_new},
@@ -151,6 +192,7 @@ void run_edit(const EditArgs& a) {
     j["edit"] = edit_json(r);
     j["pre"] = pre.to_json(has_true);
     j["report"] = rep.to_json(has_true);
+    j["routing_drift"] = drift;
     if (has_true) {
       ++n_true;
       es += rep.rewrite.nll_new < rep.rewrite.nll_true;
@@ -180,12 +222,15 @@ void run_edit(const EditArgs& a) {
       print_score("rewrite", rep.rewrite, has_true, false);
       for (const auto& p : rep.paraphrases) print_score("paraphrase", p, has_true, false);
       for (const auto& p : rep.neighbors) print_score("neighbor", p, has_true, true);
+      if (!drift_line.empty()) std::printf("  routing drift: %s\n", drift_line.c_str());
     }
     out["edits"].push_back(std::move(j));
-    if (a.independent)
+    if (a.independent) {
       revert(*m, r);
-    else
+    } else {
       applied.push_back(std::move(r));
+      if (!wiki.empty()) wiki_before = std::move(wiki_after);  // the next edit starts from this model
+    }
   }
   if (n_true > 0) {
     // A rate over no prompts is absent (null / "—"), never 0.
@@ -202,6 +247,13 @@ void run_edit(const EditArgs& a) {
     if (!a.json)
       std::printf("summary over %d requests: efficacy %s, paraphrase %s, neighborhood %s\n", n_true,
                   pct(es, n_true).c_str(), pct(ps, ps_n).c_str(), pct(ns, ns_n).c_str());
+  }
+  if (!wiki.empty() && !a.independent && reqs.size() > 1) {  // every edit together: unedited vs final model
+    const RoutingDrift d = routing_drift(wiki_original, wiki_before);
+    out["routing_drift_wikitext"] = drift_json(d);
+    if (!a.json)
+      std::printf("routing drift of all %zu edits on the WikiText-2 sample: %.1f%% of (token, layer) routings changed, "
+                  "mean router KL %.2g\n", reqs.size(), 100 * d.changed_share, d.mean_kl);
   }
   out["templates"] = templates;
   if (!a.save.empty()) {
@@ -257,6 +309,11 @@ void register_edit(CLI::App& app) {
   cmd->add_option("--save-dtype", a.save_dtype,
                   "checkpoint: edited tensors in their stored dtype (the rounding of dW is reported) | f32: as F32")
       ->capture_default_str();
+  cmd->add_option("--drift-tokens", a.drift_tokens,
+                  "Routing drift is measured on the neighbourhood prompts and on this many WikiText-2 tokens (0: only "
+                  "the neighbourhood prompts)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--quiet", a.quiet, "No progress messages");
   cmd->add_flag("--json", a.json, "Print JSON");
   cmd->callback([] { run_edit(a); });

@@ -172,6 +172,14 @@ TEST(EditCli, EditsReportsAndSaves) {
   EXPECT_EQ(e["report"]["paraphrases"].size(), 1u);
   EXPECT_EQ(e["report"]["neighborhood"][0]["routes_through_edited"], nullptr);  // subject absent there
   EXPECT_GT(e["report"]["rewrite"]["p_new"].get<double>(), e["pre"]["rewrite"]["p_new"].get<double>());
+  // Routing drift of the edit on the neighbourhood prompt and the WikiText-2 sample: cells of every MoE layer.
+  for (const char* on : {"neighborhood", "wikitext"}) {
+    const auto& d = e["routing_drift"][on];
+    EXPECT_GT(d["cells"].get<int>(), 0) << on;
+    EXPECT_GE(d["changed_share"].get<double>(), 0.0) << on;
+    EXPECT_LE(d["changed_share"].get<double>(), 1.0) << on;
+    EXPECT_GE(d["mean_kl"].get<double>(), 0.0) << on;
+  }
   EXPECT_TRUE(fs::exists(tmp / "saved/model.safetensors"));
   EXPECT_TRUE(fs::exists(tmp / "saved/tokenizer.json"));
   // The saved model reproduces the edited probabilities.
