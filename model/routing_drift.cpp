@@ -23,7 +23,6 @@ RouterSnapshot snapshot_routers(const Model& m, const std::vector<std::vector<in
   o.hooks = &h;
   o.stop_after_layer = s.layers.empty() ? 0 : s.layers.back();
   const ForwardOutput f = m.forward(seqs, o);
-  const bool sigmoid = c.router == RouterKind::SigmoidTopK;
   for (size_t i = 0; i < s.layers.size(); ++i) {
     const LayerRouting& r = f.routing[size_t(s.layers[i])];
     const MatR& zl = z[i]->value;  // [N, E]
@@ -33,15 +32,7 @@ RouterSnapshot snapshot_routers(const Model& m, const std::vector<std::vector<in
       std::sort(sets[size_t(t)].begin(), sets[size_t(t)].end());
     }
     MatR p = zl;
-    for (Eigen::Index t = 0; t < p.rows(); ++t) {
-      float* row = p.row(t).data();
-      if (sigmoid) {
-        for (Eigen::Index e = 0; e < p.cols(); ++e) row[e] = 1.f / (1.f + std::exp(-row[e]));
-        p.row(t) /= p.row(t).sum();
-      } else {
-        ops::softmax_row(row, int(p.cols()));
-      }
-    }
+    for (Eigen::Index t = 0; t < p.rows(); ++t) ops::softmax_row(p.row(t).data(), int(p.cols()));
     s.sets.push_back(std::move(sets));
     s.probs.push_back(std::move(p));
   }

@@ -2,9 +2,8 @@
 // layer) cell the top-k expert set and the router's distribution over all experts are compared:
 //
 //   changed share = #cells whose top-k set (ignoring order) changed / #cells   (MoEEdit's routing similarity is 1 − it)
-//   mean KL       = mean over cells of KL(p_before ‖ p_after), p = softmax(z) for softmax routers (and for top-k →
-//                   softmax ones: their selection is the top-k of z), p = σ(z) / Σ σ(z) for sigmoid routers
-//                   (DeepSeek-V3; the selection bias moves the selection, not the scores)
+//   mean KL       = mean over cells of KL(p_before ‖ p_after), p = softmax(z) over all E router logits for every
+//                   router kind (the router distribution of tracing/routing.h)
 //
 // An edit of layer L's experts cannot move the routers of layers ≤ L (their inputs do not change), so drift is
 // reported over every MoE layer and over the layers after the earliest edited one.
