@@ -1,0 +1,68 @@
+// Router embeddings (see tracing/router_embed.h).
+#include "tracing/router_embed.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace moedit {
+
+namespace {
+
+// Frequencies of tokens [t0, t1) of one routed sequence over its MoE layers.
+MatR frequencies(const SequenceRouting& r, const std::vector<int>& layers, int E, int t0, int t1) {
+  MatR f = MatR::Zero(Eigen::Index(layers.size()), E);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const IdMat& ids = r.experts[size_t(layers[i])];
+    for (int t = t0; t < t1; ++t)
+      for (Eigen::Index j = 0; j < ids.cols(); ++j) f(Eigen::Index(i), ids(t, j)) += 1.f;
+  }
+  return f / float(t1 - t0);
+}
+
+}  // namespace
+
+std::vector<RouterEmbedding> router_embeddings(const Model& m, const std::vector<std::vector<int32_t>>& texts,
+                                               const EmbedOptions& opt) {
+  for (size_t i = 0; i < texts.size(); ++i)
+    if (texts[i].empty()) throw std::invalid_argument("router_embeddings: text " + std::to_string(i) + " has no tokens");
+  RoutingOptions ro = opt.routing;
+  ro.probabilities = false;  // counts only: no router-logit capture
+  const std::vector<SequenceRouting> routing = capture_routing(m, texts, ro);
+  const std::vector<int> layers = moe_layers(m.config());
+  const int E = m.config().n_experts;
+  std::vector<RouterEmbedding> out;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const int T = routing[i].n_tokens();
+    out.push_back({int(i), 0, T, false, frequencies(routing[i], layers, E, 0, T)});
+  }
+  if (opt.window > 0)
+    for (size_t i = 0; i < texts.size(); ++i) {
+      const int T = routing[i].n_tokens();
+      for (int s = 0; s < T; s += opt.window) {
+        const int e = std::min(T, s + opt.window);
+        out.push_back({int(i), s, e - s, true, frequencies(routing[i], layers, E, s, e)});
+      }
+    }
+  return out;
+}
+
+std::string embeddings_npy(const std::vector<RouterEmbedding>& e) {
+  const long L = e.empty() ? 0 : long(e[0].freq.rows()), E = e.empty() ? 0 : long(e[0].freq.cols());
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(e.size()) + ", " +
+                       std::to_string(L) + ", " + std::to_string(E) + "), }";
+  // Magic (6) + version (2) + header length (2) + header, padded with spaces to a multiple of 64, ending in '\n'.
+  const size_t total = (10 + header.size() + 1 + 63) / 64 * 64;
+  header.append(total - 10 - header.size() - 1, ' ');
+  header += '\n';
+  std::string out("\x93NUMPY\x01\x00", 8);
+  out += char(header.size() & 0xff);
+  out += char(header.size() >> 8);
+  out += header;
+  for (const auto& x : e) {
+    if (x.freq.rows() != L || x.freq.cols() != E) throw std::logic_error("embeddings_npy: shapes differ");
+    out.append(reinterpret_cast<const char*>(x.freq.data()), sizeof(float) * size_t(x.freq.size()));
+  }
+  return out;
+}
+
+}  // namespace moedit
