@@ -40,9 +40,15 @@ void print_comparison(const std::string& title, const std::vector<LayerCompariso
   std::printf("  %s (prompt pos %d vs paraphrase pos %d)\n", title.c_str(), pa, pb);
   std::printf("    layer  prompt experts      paraphrase experts  shared  overlap  jaccard    sym KL  consistent\n");
   for (const auto& c : comps) {
-    std::string a, b;
-    for (size_t i = 0; i < c.a_ids.size(); ++i) a += (i ? "," : "") + std::to_string(c.a_ids[i]);
-    for (size_t i = 0; i < c.b_ids.size(); ++i) b += (i ? "," : "") + std::to_string(c.b_ids[i]);
+    auto join = [](const std::vector<int>& ids) {  // appended piece by piece (GCC 12 -Wrestrict misfires on a + b)
+      std::string s;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        if (i) s += ',';
+        s += std::to_string(ids[i]);
+      }
+      return s;
+    };
+    const std::string a = join(c.a_ids), b = join(c.b_ids);
     std::printf("    %5d  %-18s  %-18s  %6d  %7.3f  %7.3f  %8.4f  %s\n", c.layer, a.c_str(), b.c_str(), c.topk.shared,
                 c.topk.overlap, c.topk.jaccard, c.sym_kl, c.topk.consistent ? "yes" : "no");
   }

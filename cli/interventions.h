@@ -2,6 +2,7 @@
 //   --mask L:E,...      never route to these experts (repeatable)
 //   --boost L:E=c,...   add c to these experts' router logits (repeatable)
 //   --boost-mode add|norm   norm: zero the boosted logits, then set them to c·max(row) (see tracing/interventions.h)
+//   --steer FILE [--steer-coef c] [--steer-form 3|4|5] [--steer-threshold t]   add a cluster's expert vector
 // Parsing happens while CLI11 parses (syntax errors exit 2 naming the flag); ranges are checked against the model
 // when the command installs them: install_interventions(spec, model.config(), hooks).
 #pragma once
@@ -37,6 +38,26 @@ inline void add_intervention_flags(CLI::App* cmd, InterventionSpec& spec) {
          "--boost-mode", [&spec](const std::string& s) { spec.boost_mode = parse_boost_mode(s); },
          "add: logit += C (default); norm: boosted logits zeroed, then set to C·max(logits of that token)")
       ->type_name("add|norm");
+  // The steering file is read once every flag is parsed (its threshold may come after it).
+  static std::string steer_file;
+  static double steer_threshold = -1;
+  cmd->add_option("--steer", steer_file, "Steer the routers with a cluster's expert vector: JSON {layers, vector}");
+  cmd->add_option("--steer-coef", spec.steer.c, "Steering coefficient c")->capture_default_str();
+  cmd->add_option("--steer-form", spec.steer.form, "3: z + c·v; 4: z + max(z)·c·v; 5: zero v's experts, + max(z)·c·v")
+      ->capture_default_str();
+  cmd->add_option("--steer-threshold", steer_threshold, "Binarise the vector: v ≥ t → 1, else 0 (e.g. 3/E)");
+  cmd->preparse_callback([](size_t) {
+    steer_file.clear();
+    steer_threshold = -1;
+  });
+  cmd->parse_complete_callback([&spec] {
+    if (!steer_file.empty()) {
+      const Steering s = load_steering(steer_file, steer_threshold);
+      spec.steer.layers = s.layers;
+      spec.steer.vector = s.vector;
+      spec.steer.source = s.source;
+    }
+  });
 }
 
 }  // namespace moedit::cli

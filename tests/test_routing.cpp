@@ -125,6 +125,66 @@ TEST(Interventions, LogitEditsByHand) {
   EXPECT_EQ(a, z);
 }
 
+// Steering with a cluster vector v, forms 3–5, against hand-computed logits (m = the row's max before steering).
+TEST(Interventions, SteeringFormsByHand) {
+  MatR z(2, 4);
+  z << 1.f, -2.f, 3.f, 0.5f,  //
+      -1.f, -0.5f, -3.f, -2.f;
+  InterventionSpec s;
+  s.steer.layers = {0};
+  s.steer.vector = {VecF(4)};
+  s.steer.vector[0] << 0.f, 1.f, 0.5f, 0.f;
+  s.steer.c = 2.f;
+  auto run = [&](int form) {
+    s.steer.form = form;
+    MatR a = z;
+    apply_interventions(s, 0, a);
+    return a;
+  };
+  MatR a = run(3);  // z + c·v
+  EXPECT_FLOAT_EQ(a(0, 1), 0.f);   // −2 + 2·1
+  EXPECT_FLOAT_EQ(a(0, 2), 4.f);   // 3 + 2·0.5
+  EXPECT_FLOAT_EQ(a(1, 1), 1.5f);  // −0.5 + 2
+  EXPECT_FLOAT_EQ(a(0, 0), 1.f);
+  a = run(4);  // z + m·c·v: m = 3 (row 0), −0.5 (row 1)
+  EXPECT_FLOAT_EQ(a(0, 1), 4.f);     // −2 + 3·2·1
+  EXPECT_FLOAT_EQ(a(0, 2), 6.f);     // 3 + 3·2·0.5
+  EXPECT_FLOAT_EQ(a(1, 1), -1.5f);   // −0.5 + (−0.5)·2·1
+  EXPECT_FLOAT_EQ(a(1, 2), -3.5f);   // −3 + (−0.5)·2·0.5
+  a = run(5);  // Z_v(z) + m·c·v
+  EXPECT_FLOAT_EQ(a(0, 1), 6.f);     // 0 + 3·2·1
+  EXPECT_FLOAT_EQ(a(0, 2), 3.f);     // 0 + 3·2·0.5
+  EXPECT_FLOAT_EQ(a(0, 3), 0.5f);    // v = 0: untouched
+  EXPECT_FLOAT_EQ(a(1, 1), -1.f);    // 0 + (−0.5)·2·1
+  MatR b = z;
+  apply_interventions(s, 1, b);  // another layer: untouched
+  EXPECT_EQ(b, z);
+}
+
+TEST(Interventions, SteeringFilesAreReadAndChecked) {
+  test::TempDir tmp;
+  test::write_file(tmp / "s.json", R"({"layers": [1], "vector": [[0.1, 0.5, 0.2, 0.9, 0.0, 0.3]]})");
+  const Steering st = load_steering(tmp / "s.json", 0.3);  // binarised at 0.3
+  ASSERT_EQ(st.layers, std::vector<int>{1});
+  EXPECT_EQ(st.vector[0], (VecF(6) << 0, 1, 0, 1, 0, 1).finished());
+  Fixture f("mixtral_gqa");  // 2 layers, 6 experts
+  InterventionSpec s;
+  s.steer = st;
+  EXPECT_NO_THROW(validate_interventions(s, f.cfg()));
+  s.steer.form = 6;
+  EXPECT_THROW(validate_interventions(s, f.cfg()), InputError);
+  test::write_file(tmp / "bad.json", R"({"layers": [1], "vector": [[0.1, 0.5]]})");
+  s.steer = load_steering(tmp / "bad.json");
+  try {
+    validate_interventions(s, f.cfg());
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("has 2 entries, the model 6 experts"), std::string::npos) << e.what();
+  }
+  test::write_file(tmp / "bad2.json", R"({"layers": [1, 0], "vector": [[0.1]]})");
+  EXPECT_THROW(load_steering(tmp / "bad2.json"), InputError);
+}
+
 // ---- the numbers ------------------------------------------------------------------------------------------------
 
 TEST(RoutingMath, EntropyKLOverlapByHand) {

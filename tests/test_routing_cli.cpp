@@ -113,6 +113,18 @@ TEST(RouteCli, LogitsAndGenerateTakeMaskAndBoost) {
   go.max_new_tokens = 6;
   go.hooks = &h;
   EXPECT_EQ(json::parse(g1.out)["ids"].get<std::vector<int32_t>>(), generate(*f.model, {5, 17, 3}, go));
+  // Steering with a vector that strongly favours expert 4 at layer 1 (form 3): it is always chosen there.
+  test::TempDir tmp;
+  test::write_file(tmp / "steer.json", R"({"layers": [1], "vector": [[0, 0, 0, 0, 1, 0]]})");
+  r = test::run_cli("logits " + m + " --ids 5,17,3 --steer " + (tmp / "steer.json") + " --steer-coef 1000 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  j = json::parse(r.out);
+  for (const auto& lj : j["routing"])
+    if (lj["layer"] == 1)
+      for (const auto& ids : lj["expert_ids"]) EXPECT_EQ(ids[0].get<int>(), 4);
+  r = test::run_cli("logits " + m + " --ids 5,17,3 --steer " + (tmp / "missing.json"));
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("missing.json: cannot open the steering file"), std::string::npos) << r.err;
 }
 
 TEST(ExpertsCli, ProfileFormatsAndDomains) {

@@ -8,6 +8,10 @@
 #include <sstream>
 
 #include "io/errors.h"
+#include "io/files.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 namespace moedit {
 
@@ -87,6 +91,42 @@ BoostMode parse_boost_mode(const std::string& s, const std::string& flag) {
   throw InputError(flag + ": '" + s + "' is not a boost mode (add | norm)");
 }
 
+Steering load_steering(const std::string& path, double threshold) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw InputError(path + ": cannot open the steering file");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path + ": not JSON (" + e.what() + ")");
+  }
+  Steering s;
+  s.source = path;
+  if (!j.is_object() || !j.contains("layers") || !j["layers"].is_array() || !j.contains("vector") ||
+      !j["vector"].is_array())
+    throw InputError(path + ": expected {\"layers\": [...], \"vector\": [[...], ...]}");
+  if (j["layers"].size() != j["vector"].size())
+    throw InputError(path + ": field 'vector' has " + std::to_string(j["vector"].size()) + " rows for " +
+                     std::to_string(j["layers"].size()) + " layers");
+  for (size_t i = 0; i < j["layers"].size(); ++i) {
+    const auto& l = j["layers"][i];
+    const auto& row = j["vector"][i];
+    if (!l.is_number_integer()) throw InputError(path + ": field 'layers[" + std::to_string(i) + "]' is not an integer");
+    if (!row.is_array()) throw InputError(path + ": field 'vector[" + std::to_string(i) + "]' is not a list");
+    VecF v(Eigen::Index(row.size()));
+    for (size_t e = 0; e < row.size(); ++e) {
+      if (!row[e].is_number())
+        throw InputError(path + ": field 'vector[" + std::to_string(i) + "][" + std::to_string(e) + "]' is not a number");
+      const double x = row[e].get<double>();
+      if (!std::isfinite(x)) throw InputError(path + ": field 'vector[" + std::to_string(i) + "]' is not finite");
+      v[Eigen::Index(e)] = threshold >= 0 ? float(x >= threshold) : float(x);
+    }
+    s.layers.push_back(l.get<int>());
+    s.vector.push_back(std::move(v));
+  }
+  return s;
+}
+
 void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg) {
   auto check = [&](int l, int e, const std::string& flag) {
     if (l < 0 || l >= cfg.n_layers)
@@ -109,6 +149,22 @@ void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg
       throw InputError(spec.boost_flag + ": expert " + std::to_string(b.layer) + ":" + std::to_string(b.expert) +
                        " is also given to " + spec.mask_flag);
   }
+  const Steering& st = spec.steer;
+  if (!st.empty()) {
+    const std::string where = spec.steer_flag + " " + st.source;
+    if (st.form < 3 || st.form > 5) throw InputError(spec.steer_flag + "-form: " + std::to_string(st.form) + " (expected 3, 4 or 5)");
+    if (!std::isfinite(st.c)) throw InputError(spec.steer_flag + "-coef: the coefficient must be finite");
+    std::set<int> seen;
+    for (size_t i = 0; i < st.layers.size(); ++i) {
+      check(st.layers[i], 0, where);
+      if (!seen.insert(st.layers[i]).second)
+        throw InputError(where + ": layer " + std::to_string(st.layers[i]) + " is listed twice");
+      if (st.vector[i].size() != cfg.n_experts)
+        throw InputError(where + ": the row of layer " + std::to_string(st.layers[i]) + " has " +
+                         std::to_string(st.vector[i].size()) + " entries, the model " + std::to_string(cfg.n_experts) +
+                         " experts");
+    }
+  }
   for (const auto& [l, es] : masked)
     if (cfg.n_experts - int(es.size()) < cfg.top_k)
       throw InputError(spec.mask_flag + ": masking " + std::to_string(es.size()) + " experts of layer " +
@@ -118,6 +174,19 @@ void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg
 
 void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z) {
   const int E = int(z.cols());
+  const Steering& st = spec.steer;
+  for (size_t i = 0; i < st.layers.size(); ++i) {
+    if (st.layers[i] != l) continue;
+    const VecF& v = st.vector[i];
+    for (int t = 0; t < int(z.rows()); ++t) {
+      const float m = z.row(t).maxCoeff();  // before steering
+      const float scale = st.form == 3 ? st.c : m * st.c;
+      for (int e = 0; e < E; ++e) {
+        if (st.form == 5 && v[e] != 0.f) z(t, e) = 0.f;
+        z(t, e) += scale * v[e];
+      }
+    }
+  }
   std::vector<char> is_masked(size_t(E), 0);
   for (const auto& m : spec.mask)
     if (m.layer == l && m.expert < E) is_masked[size_t(m.expert)] = 1;
@@ -147,10 +216,18 @@ void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg,
   std::set<int> layers;
   for (const auto& m : spec.mask) layers.insert(m.layer);
   for (const auto& b : spec.boost) layers.insert(b.layer);
+  for (int l : spec.steer.layers) layers.insert(l);
   for (int l : layers) {
     // Each hook keeps only its own layer's part of the spec.
     InterventionSpec part;
     part.boost_mode = spec.boost_mode;
+    part.steer.c = spec.steer.c;
+    part.steer.form = spec.steer.form;
+    for (size_t i = 0; i < spec.steer.layers.size(); ++i)
+      if (spec.steer.layers[i] == l) {
+        part.steer.layers.push_back(l);
+        part.steer.vector.push_back(spec.steer.vector[i]);
+      }
     for (const auto& m : spec.mask)
       if (m.layer == l) part.mask.push_back(m);
     for (const auto& b : spec.boost)
@@ -171,6 +248,10 @@ std::string describe(const InterventionSpec& spec) {
     o << "boost(" << (spec.boost_mode == BoostMode::Add ? "add" : "norm") << ") ";
     for (size_t i = 0; i < spec.boost.size(); ++i)
       o << (i ? "," : "") << spec.boost[i].layer << ":" << spec.boost[i].expert << "=" << spec.boost[i].c;
+  }
+  if (!spec.steer.empty()) {
+    if (!spec.mask.empty() || !spec.boost.empty()) o << "; ";
+    o << "steer(form " << spec.steer.form << ", c=" << spec.steer.c << ") " << spec.steer.source;
   }
   return o.str();
 }

@@ -12,8 +12,18 @@
 //                      z_E ← c·m. With c > 1 and m > 0 a boosted expert outranks every other expert; the scale of
 //                      the logits is tied to the row's own maximum rather than an absolute constant.
 //
-// Order inside one layer: boosts, then masks (a mask always wins; masking and boosting the same expert is an
-// error). Specs: "L:E,L:E,..." for masks and "L:E=c,..." for boosts; whitespace around items is ignored.
+//   steer with a vector v_l [E] per MoE layer (a cluster's expert vector E_c, issue 20; formulas of the GigaChat
+//   expert-concentration study), m = max_j z_j of the row before steering:
+//     form 3   z ← z + c·v
+//     form 4   z ← z + m·c·v
+//     form 5   z ← Z_v(z) + m·c·v, Z_v zeroing z_e wherever v_e ≠ 0 (the stabilised form; `--boost-mode norm` is
+//              the same idea for hand-picked experts, with m taken after the zeroing)
+//   A steering file is JSON {"layers": [l, ...], "vector": [[v_0 .. v_{E-1}], ...]} (one row per listed MoE layer);
+//   with a threshold t the vector is binarised (v_e ≥ t → 1, else 0), so a cluster's mean router embedding can be
+//   given directly (the study thresholds at 3/E).
+//
+// Order inside one layer: steering, boosts, then masks (a mask always wins; masking and boosting the same expert is
+// an error). Specs: "L:E,L:E,..." for masks and "L:E=c,..." for boosts; whitespace around items is ignored.
 #pragma once
 #include <string>
 #include <vector>
@@ -35,14 +45,26 @@ struct ExpertBoost {
 
 enum class BoostMode { Add, NormPreserving };
 
+struct Steering {
+  std::vector<int> layers;    // MoE layers with a row
+  std::vector<VecF> vector;   // [layers.size()] rows of E
+  float c = 1.f;
+  int form = 3;               // 3, 4 or 5 (see above)
+  std::string source;         // the file (messages)
+  bool empty() const { return layers.empty(); }
+};
+// Reads a steering file; threshold ≥ 0 binarises the vector. InputError naming the file and field.
+Steering load_steering(const std::string& path, double threshold = -1);
+
 struct InterventionSpec {
   std::vector<ExpertRef> mask;
   std::vector<ExpertBoost> boost;
   BoostMode boost_mode = BoostMode::Add;
+  Steering steer;
   // Flag names used in error messages.
-  std::string mask_flag = "--mask", boost_flag = "--boost";
+  std::string mask_flag = "--mask", boost_flag = "--boost", steer_flag = "--steer";
 
-  bool empty() const { return mask.empty() && boost.empty(); }
+  bool empty() const { return mask.empty() && boost.empty() && steer.empty(); }
 };
 
 // "1:3,2:0" → {{1,3},{2,0}}. InputError naming `flag` on malformed items (syntax only; ranges are checked against a
