@@ -1,7 +1,8 @@
 // Router embeddings (see tracing/router_embed.h).
 #include "tracing/router_embed.h"
 
-#include <cstring>
+#include "io/npy.h"
+
 #include <stdexcept>
 
 namespace moedit {
@@ -47,22 +48,14 @@ std::vector<RouterEmbedding> router_embeddings(const Model& m, const std::vector
 }
 
 std::string embeddings_npy(const std::vector<RouterEmbedding>& e) {
-  const long L = e.empty() ? 0 : long(e[0].freq.rows()), E = e.empty() ? 0 : long(e[0].freq.cols());
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(e.size()) + ", " +
-                       std::to_string(L) + ", " + std::to_string(E) + "), }";
-  // Magic (6) + version (2) + header length (2) + header, padded with spaces to a multiple of 64, ending in '\n'.
-  const size_t total = (10 + header.size() + 1 + 63) / 64 * 64;
-  header.append(total - 10 - header.size() - 1, ' ');
-  header += '\n';
-  std::string out("\x93NUMPY\x01\x00", 8);
-  out += char(header.size() & 0xff);
-  out += char(header.size() >> 8);
-  out += header;
+  const size_t L = e.empty() ? 0 : size_t(e[0].freq.rows()), E = e.empty() ? 0 : size_t(e[0].freq.cols());
+  std::vector<float> v;
+  v.reserve(e.size() * L * E);
   for (const auto& x : e) {
-    if (x.freq.rows() != L || x.freq.cols() != E) throw std::logic_error("embeddings_npy: shapes differ");
-    out.append(reinterpret_cast<const char*>(x.freq.data()), sizeof(float) * size_t(x.freq.size()));
+    if (size_t(x.freq.rows()) != L || size_t(x.freq.cols()) != E) throw std::logic_error("embeddings_npy: shapes differ");
+    v.insert(v.end(), x.freq.data(), x.freq.data() + x.freq.size());
   }
-  return out;
+  return npy_f32({e.size(), L, E}, v);
 }
 
 }  // namespace moedit

@@ -11,6 +11,7 @@
 #include "datasets/counterfact.h"
 #include "io/errors.h"
 #include "io/files.h"
+#include "io/npy.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moedit {
@@ -221,21 +222,11 @@ std::string ActivationProfile::to_csv() const {
 }
 
 void ActivationProfile::write_npy(const std::string& path) const {
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(layers.size()) + ", " +
-                       std::to_string(n_experts) + "), }";
-  const size_t unpadded = 10 + header.size() + 1;
-  header += std::string((64 - unpadded % 64) % 64, ' ') + "\n";
-  std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
-  bytes += char(header.size() & 0xff);
-  bytes += char((header.size() >> 8) & 0xff);
-  bytes += header;
   const Eigen::MatrixXd f = frequency();
+  std::vector<float> v;
   for (long i = 0; i < f.rows(); ++i)
-    for (long e = 0; e < f.cols(); ++e) {
-      const float v = float(f(i, e));
-      bytes.append(reinterpret_cast<const char*>(&v), sizeof v);  // x86/ARM: little-endian
-    }
-  write_file_atomic(path, bytes);
+    for (long e = 0; e < f.cols(); ++e) v.push_back(float(f(i, e)));
+  write_file_atomic(path, npy_f32({layers.size(), size_t(n_experts)}, v));
 }
 
 std::string ActivationProfile::table() const {
