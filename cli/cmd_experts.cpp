@@ -3,6 +3,7 @@
 //   --compare FILE_A FILE_B                     which experts one corpus uses more than the other
 //   --domain NAME=FILE (twice or more)          domain experts (entropy-based)
 //   --drivers FILE                              driver experts (causal: mask or scale each router logit, KL)
+//   --triggers L:E,... with --text/--ids/--corpus  tokens that activate those experts (count, lift), position rates
 // Output: a table, or --format json|csv|npy (npy/csv: the profile's frequency matrix; npy needs --out).
 // Corpora: see load_corpus in tracing/routing_profile.h (.ids lines of token ids need no tokenizer).
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include "io/files.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#include "tracing/expert_triggers.h"
 #include "tracing/routing_profile.h"
 
 namespace moedit::cli {
@@ -28,7 +30,7 @@ namespace moedit::cli {
 namespace {
 
 struct Args {
-  std::string model, text, ids, corpus, drivers, format = "table", out, perturb = "mask";
+  std::string model, text, ids, corpus, drivers, format = "table", out, perturb = "mask", triggers, svg;
   std::vector<std::string> compare, domains;
   std::vector<int> layers;
   bool as_json = false;
@@ -43,6 +45,50 @@ struct Args {
 void emit(const Args& a, const std::string& text) {
   if (a.out.empty()) std::printf("%s", text.c_str());
   else write_file_atomic(a.out, text);
+}
+
+// --triggers: which tokens activate the given experts, and where in a sequence.
+void run_triggers(const Args& a, const std::string& fmt, const Model& m, const Tokenizer* tok,
+                  const std::vector<std::vector<int32_t>>& seqs, const RoutingOptions& ro) {
+  TriggerOptions o;
+  o.top = a.top;
+  o.routing = ro;
+  const auto ts = expert_triggers(m, seqs, parse_mask_spec(a.triggers, "--triggers"), o);
+  std::vector<std::string> pieces;
+  if (tok)
+    for (int id = 0; id < m.config().vocab_size; ++id) pieces.push_back(tok->id_to_token(id));
+  if (!a.svg.empty()) write_file_atomic(a.svg, triggers_svg(ts, "Expert activation rate by token position"));
+  if (fmt == "json") {
+    nlohmann::json j = {{"model", a.model}, {"interventions", describe(a.iv)}, {"experts", triggers_json(ts, pieces)}};
+    emit(a, j.dump() + "\n");
+    return;
+  }
+  std::string out;
+  char b[256];
+  for (const auto& t : ts) {
+    std::snprintf(b, sizeof b, "layer %d expert %d: active on %lld of %lld tokens (%.1f%%)\n  %-16s %8s %8s %7s\n",
+                  t.layer, t.expert, static_cast<long long>(t.active), static_cast<long long>(t.tokens),
+                  t.tokens ? 100.0 * double(t.active) / double(t.tokens) : 0.0, "token", "count", "seen", "lift");
+    out += b;
+    for (const auto& k : t.top) {
+      const std::string piece = size_t(k.id) < pieces.size() ? pieces[size_t(k.id)] : std::to_string(k.id);
+      std::snprintf(b, sizeof b, "  %-16s %8lld %8lld %7.2f\n", piece.c_str(), static_cast<long long>(k.count),
+                    static_cast<long long>(k.occurrences), k.lift);
+      out += b;
+    }
+    out += "  rate by position:";
+    for (size_t p = 0; p < t.tokens_at.size() && p < 12; ++p) {
+      std::snprintf(b, sizeof b, " %zu:%.2f", p, t.rate_at(p));
+      out += b;
+    }
+    out += "\n  rate by relative position (tenths):";
+    for (size_t r = 0; r < t.tokens_rel.size(); ++r) {
+      std::snprintf(b, sizeof b, " %.2f", t.rate_rel(r));
+      out += b;
+    }
+    out += "\n";
+  }
+  emit(a, out);
 }
 
 void register_experts(CLI::App& app) {
@@ -89,11 +135,18 @@ void register_experts(CLI::App& app) {
       ->check(CLI::IsMember({"mask", "scale"}));
   cmd->add_option("--scale", a.scale, "Driver experts: the factor for --perturb scale");
   cmd->add_option("--layers", a.layers, "Driver experts: only these MoE layers (comma-separated)")->delimiter(',');
+  cmd->add_option("--triggers", a.triggers,
+                  "Token triggers and position rates of these experts (L:E,...) on --text/--ids/--corpus");
+  cmd->add_option("--svg", a.svg, "--triggers: also write the activation rate by position as an SVG heatmap");
   add_intervention_flags(cmd, a.iv);
 
   cmd->callback([] {
     const std::string fmt = a.as_json ? "json" : a.format;
     const bool profile_mode = !a.text.empty() || !a.ids.empty() || !a.corpus.empty();
+    if (!a.triggers.empty() && !profile_mode)
+      throw InputError("--triggers needs the texts to count on: --text, --ids or --corpus");
+    if (!a.triggers.empty() && (fmt == "csv" || fmt == "npy"))
+      throw InputError("--triggers prints a table or JSON (--format table|json)");
     if (!profile_mode && a.compare.empty() && a.domains.empty() && a.drivers.empty())
       throw InputError("experts: give one of --text, --ids, --corpus, --compare, --domain, --drivers");
     if ((fmt == "csv" || fmt == "npy") && !profile_mode)
@@ -123,6 +176,10 @@ void register_experts(CLI::App& app) {
         if (seqs[0].empty()) throw InputError("--text: the text encodes to no tokens");
       } else {
         seqs = corpus_of(a.corpus);
+      }
+      if (!a.triggers.empty()) {
+        run_triggers(a, fmt, *m, tok ? &*tok : nullptr, seqs, ro);
+        return;
       }
       const ActivationProfile p = activation_profile(*m, seqs, ro);
       if (fmt == "npy") p.write_npy(a.out);
