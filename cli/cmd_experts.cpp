@@ -4,6 +4,7 @@
 //   --domain NAME=FILE (twice or more)          domain experts (entropy-based)
 //   --drivers FILE                              driver experts (causal: mask or scale each router logit, KL)
 //   --triggers L:E,... with --text/--ids/--corpus  tokens that activate those experts (count, lift), position rates
+//   --examples N with --text/--ids/--corpus --out F  every expert's N top-activating contexts + keywords (JSONL)
 // Output: a table, or --format json|csv|npy (npy/csv: the profile's frequency matrix; npy needs --out).
 // Corpora: see load_corpus in tracing/routing_profile.h (.ids lines of token ids need no tokenizer).
 #include <unistd.h>
@@ -31,6 +32,7 @@ namespace {
 
 struct Args {
   std::string model, text, ids, corpus, drivers, format = "table", out, perturb = "mask", triggers, svg;
+  int examples = 0, context = 12;
   std::vector<std::string> compare, domains;
   std::vector<int> layers;
   bool as_json = false;
@@ -91,6 +93,36 @@ void run_triggers(const Args& a, const std::string& fmt, const Model& m, const T
   emit(a, out);
 }
 
+// --examples N: one JSONL line per expert with its top-activating contexts and keywords.
+void run_examples(const Args& a, const Model& m, const Tokenizer* tok, const std::vector<std::vector<int32_t>>& seqs,
+                  const RoutingOptions& ro) {
+  const auto xs = expert_examples(m, seqs, a.examples, 10, ro);
+  auto text = [&](const std::vector<int32_t>& ids) {
+    if (tok) return tok->decode(ids);
+    std::string s;
+    for (size_t i = 0; i < ids.size(); ++i) s += (i ? "," : "") + std::to_string(ids[i]);
+    return s;
+  };
+  std::string out;
+  for (const auto& x : xs) {
+    nlohmann::json j = {{"layer", x.layer}, {"expert", x.expert}, {"active_tokens", x.active}};
+    j["examples"] = nlohmann::json::array();
+    for (const auto& ex : x.top) {
+      const auto& s = seqs[size_t(ex.seq)];
+      const size_t b = size_t(std::max(0, ex.pos - a.context)), e = std::min(s.size(), size_t(ex.pos) + 3);
+      j["examples"].push_back({{"sequence", ex.seq}, {"position", ex.pos}, {"weight", ex.weight},
+                               {"before", text({s.begin() + long(b), s.begin() + ex.pos})},
+                               {"token", text({s[size_t(ex.pos)]})},
+                               {"after", text({s.begin() + ex.pos + 1, s.begin() + long(e)})}});
+    }
+    j["keywords"] = nlohmann::json::array();
+    for (const auto& [id, n] : x.keywords) j["keywords"].push_back({{"token", text({id})}, {"count", n}});
+    out += j.dump() + "\n";
+  }
+  write_file_atomic(a.out, out);
+  std::printf("%zu experts, up to %d contexts each → %s\n", xs.size(), a.examples, a.out.c_str());
+}
+
 void register_experts(CLI::App& app) {
   auto* cmd = app.add_subcommand("experts",
                                  "Expert statistics: activation profiles, corpus comparison, domain and driver experts");
@@ -138,11 +170,19 @@ void register_experts(CLI::App& app) {
   cmd->add_option("--triggers", a.triggers,
                   "Token triggers and position rates of these experts (L:E,...) on --text/--ids/--corpus");
   cmd->add_option("--svg", a.svg, "--triggers: also write the activation rate by position as an SVG heatmap");
+  cmd->add_option("--examples", a.examples,
+                  "Each expert's N top-activating contexts as JSONL (for labelling experts elsewhere), with keywords")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--context", a.context, "--examples: tokens of context before the token (2 after)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   add_intervention_flags(cmd, a.iv);
 
   cmd->callback([] {
     const std::string fmt = a.as_json ? "json" : a.format;
     const bool profile_mode = !a.text.empty() || !a.ids.empty() || !a.corpus.empty();
+    if (a.examples > 0 && (!profile_mode || a.out.empty()))
+      throw InputError("--examples needs texts (--text, --ids or --corpus) and --out FILE.jsonl");
     if (!a.triggers.empty() && !profile_mode)
       throw InputError("--triggers needs the texts to count on: --text, --ids or --corpus");
     if (!a.triggers.empty() && (fmt == "csv" || fmt == "npy"))
@@ -179,6 +219,10 @@ void register_experts(CLI::App& app) {
       }
       if (!a.triggers.empty()) {
         run_triggers(a, fmt, *m, tok ? &*tok : nullptr, seqs, ro);
+        return;
+      }
+      if (a.examples > 0) {
+        run_examples(a, *m, tok ? &*tok : nullptr, seqs, ro);
         return;
       }
       const ActivationProfile p = activation_profile(*m, seqs, ro);

@@ -2,6 +2,7 @@
 // forwards, and the CLI.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -71,6 +72,35 @@ TEST(ExpertTriggers, CountsLiftAndPositionsFromTheRouting) {
   EXPECT_THROW(expert_triggers(m, seqs, {{0, c.n_experts}}, o), InputError);
 }
 
+TEST(ExpertTriggers, TopActivatingExamples) {
+  const ModelConfig c = test::tiny_config("qwen2_moe");
+  Model m(c, random_weights(c, 10, 0.3f));
+  const std::vector<std::vector<int32_t>> seqs = {{5, 17, 5, 88, 5, 7, 9}, {9, 5, 60}};
+  const auto xs = expert_examples(m, seqs, 3, 2);
+  const std::vector<int> layers = moe_layers(c);
+  ASSERT_EQ(xs.size(), layers.size() * size_t(c.n_experts));
+  for (const auto& x : xs) {
+    // Every (token, weight) of this expert from separate forwards; the top 3 by weight, earlier first on ties.
+    std::vector<ExpertExample> all;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const ForwardOutput f = m.forward({seqs[s]});
+      const LayerRouting& r = f.routing[size_t(x.layer)];
+      for (int p = 0; p < int(seqs[s].size()); ++p)
+        for (int j = 0; j < c.top_k; ++j)
+          if (r.ids(p, j) == x.expert) all.push_back({int(s), p, r.weights(p, j)});
+    }
+    EXPECT_EQ(x.active, int64_t(all.size()));
+    std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.weight > b.weight; });
+    ASSERT_EQ(x.top.size(), std::min<size_t>(3, all.size()));
+    for (size_t i = 0; i < x.top.size(); ++i) {
+      EXPECT_EQ(x.top[i].seq, all[i].seq);
+      EXPECT_EQ(x.top[i].pos, all[i].pos);
+      EXPECT_EQ(x.top[i].weight, all[i].weight);
+    }
+    EXPECT_LE(x.keywords.size(), 2u);
+  }
+}
+
 TEST(ExpertTriggers, Cli) {
   test::TempDir tmp;
   const auto r = test::run_cli("experts --text \"The capital of France is Paris and the capital of Italy is Rome\" "
@@ -80,6 +110,12 @@ TEST(ExpertTriggers, Cli) {
   ASSERT_EQ(j["experts"].size(), 2u);
   EXPECT_EQ(j["experts"][1]["layer"], 3);
   EXPECT_TRUE(std::filesystem::exists(tmp / "t.svg"));
+  const auto ex = test::run_cli("experts --text \"The capital of France is Paris\" --examples 2 --out " + (tmp / "e.jsonl"));
+  ASSERT_EQ(ex.code, 0) << ex.err;
+  const std::string lines = test::read_file(tmp / "e.jsonl");
+  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 4 * 8);  // the demo model: 4 MoE layers × 8 experts
+  const auto first = nlohmann::json::parse(lines.substr(0, lines.find('\n')));
+  EXPECT_TRUE(first.contains("examples") && first.contains("keywords"));
   const auto bad = test::run_cli("experts --triggers 0:1");
   EXPECT_EQ(bad.code, 2);
   EXPECT_NE(bad.err.find("--triggers needs"), std::string::npos) << bad.err;

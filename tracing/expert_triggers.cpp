@@ -69,6 +69,43 @@ std::vector<ExpertTriggers> expert_triggers(const Model& m, const std::vector<st
   return out;
 }
 
+std::vector<ExpertExamples> expert_examples(const Model& m, const std::vector<std::vector<int32_t>>& seqs, int n,
+                                            int n_keywords, const RoutingOptions& routing) {
+  const ModelConfig& c = m.config();
+  RoutingOptions ro = routing;
+  ro.probabilities = false;
+  const std::vector<SequenceRouting> r = capture_routing(m, seqs, ro);
+  std::vector<ExpertExamples> out;
+  for (int l : moe_layers(c))
+    for (int e = 0; e < c.n_experts; ++e) {
+      ExpertExamples x;
+      x.layer = l;
+      x.expert = e;
+      std::map<int32_t, int64_t> count;
+      for (size_t s = 0; s < r.size(); ++s) {
+        const IdMat& ids = r[s].experts[size_t(l)];
+        const MatR& w = r[s].weights[size_t(l)];
+        for (int p = 0; p < r[s].n_tokens(); ++p)
+          for (Eigen::Index j = 0; j < ids.cols(); ++j)
+            if (ids(p, j) == e) {
+              ++x.active;
+              ++count[r[s].ids[size_t(p)]];
+              x.top.push_back({int(s), p, w(p, j)});
+            }
+      }
+      // Largest weight first; the sort is stable, so ties keep corpus order.
+      std::stable_sort(x.top.begin(), x.top.end(),
+                       [](const ExpertExample& a, const ExpertExample& b) { return a.weight > b.weight; });
+      if (int(x.top.size()) > n) x.top.resize(size_t(n));
+      x.keywords.assign(count.begin(), count.end());
+      std::stable_sort(x.keywords.begin(), x.keywords.end(),
+                       [](const auto& a, const auto& b) { return a.second > b.second; });
+      if (int(x.keywords.size()) > n_keywords) x.keywords.resize(size_t(n_keywords));
+      out.push_back(std::move(x));
+    }
+  return out;
+}
+
 nlohmann::json triggers_json(const std::vector<ExpertTriggers>& ts, const std::vector<std::string>& pieces) {
   nlohmann::json j = nlohmann::json::array();
   for (const auto& t : ts) {

@@ -43,6 +43,22 @@ struct TriggerOptions {
 std::vector<ExpertTriggers> expert_triggers(const Model& m, const std::vector<std::vector<int32_t>>& seqs,
                                             const std::vector<ExpertRef>& experts, const TriggerOptions& opt = {});
 
+// Each expert's top-activating contexts (for labelling experts elsewhere, e.g. by an LLM): over every MoE layer and
+// expert, the n tokens with the largest routing weight for it, each with its sequence, position and weight; ties
+// keep the earlier token.
+struct ExpertExample {
+  int seq = 0, pos = 0;
+  float weight = 0;
+};
+struct ExpertExamples {
+  int layer = 0, expert = 0;
+  int64_t active = 0;
+  std::vector<ExpertExample> top;             // by weight descending
+  std::vector<std::pair<int32_t, int64_t>> keywords;  // the tokens it is active on most (id, count)
+};
+std::vector<ExpertExamples> expert_examples(const Model& m, const std::vector<std::vector<int32_t>>& seqs, int n,
+                                            int n_keywords = 10, const RoutingOptions& routing = {});
+
 // JSON (pieces: token id → text, may be empty) and an SVG heatmap of the rate by absolute position.
 nlohmann::json triggers_json(const std::vector<ExpertTriggers>& t, const std::vector<std::string>& pieces);
 std::string triggers_svg(const std::vector<ExpertTriggers>& t, const std::string& title);
