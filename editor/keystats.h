@@ -38,6 +38,13 @@ class Tokenizer;
 constexpr int kSharedExpert = -1;
 constexpr int shared_expert_id(int j) { return kSharedExpert - j; }
 constexpr bool is_shared_expert(int id) { return id <= kSharedExpert; }
+// The down projection an expert id names at a layer (every shared id: the whole shared down-projection), of a
+// Weights or const Weights.
+template <class Ws>
+auto& down_weight(Ws& w, int layer, int expert) {
+  auto& f = w.layers[size_t(layer)].ffn;
+  return is_shared_expert(expert) ? f.shared.down[0] : f.experts.down[size_t(expert)];
+}
 constexpr int shared_index(int id) { return kSharedExpert - id; }
 // Shared experts a layer's shared block holds (0 without one).
 int shared_expert_count(const Model& m, int layer);

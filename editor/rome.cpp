@@ -235,13 +235,8 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   return res;
 }
 
-Weight& down_weight(Model& m, int layer, int expert) {
-  FFNWeights& f = m.mutable_weights().layers[size_t(layer)].ffn;
-  return is_shared_expert(expert) ? f.shared.down[0] : f.experts.down[size_t(expert)];
-}
-
 DownMap expert_down(Model& m, int layer, int expert) {
-  Weight& w = down_weight(m, layer, expert);
+  Weight& w = down_weight(m.mutable_weights(), layer, expert);
   const auto [b, e] = is_shared_expert(expert) ? shared_columns(m, layer, expert)
                                                : std::pair<int, int>{0, int(w.cols())};
   return DownMap(w.mutable_f32() + b, w.rows(), e - b, Eigen::OuterStride<>(w.cols()));
@@ -252,7 +247,7 @@ void revert(Model& m, const EditResult& r) {
     if (it->original.empty()) continue;  // not applied (an edit that failed part-way)
     DownMap dn = expert_down(m, r.layer, it->expert);
     dn = CMapMatR(it->original.data(), dn.rows(), dn.cols());
-    down_weight(m, r.layer, it->expert).drop_copy_if_unchanged();  // back to the checkpoint's own bytes
+    down_weight(m.mutable_weights(), r.layer, it->expert).drop_copy_if_unchanged();  // back to the checkpoint's own bytes
   }
 }
 

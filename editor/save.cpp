@@ -65,11 +65,6 @@ std::set<std::pair<int, int>> edited_tensors(const std::vector<std::pair<int, in
   return out;
 }
 
-const Weight& down_weight(const Model& m, int layer, int expert) {
-  const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
-  return expert == kSharedExpert ? f.shared.down[0] : f.experts.down[size_t(expert)];
-}
-
 }  // namespace
 
 DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& st, int layer, int expert) {
@@ -179,7 +174,7 @@ SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir,
           const ExpertBank& b = p.expert == kSharedExpert ? m.weights().layers[size_t(p.layer)].ffn.shared
                                                           : m.weights().layers[size_t(p.layer)].ffn.experts;
           const size_t n = size_t(b.H) * size_t(b.I), first = p.slice < 0 ? 0 : size_t(p.slice) * n;
-          const MatR cur = down_weight(m, p.layer, p.expert).to_f32();
+          const MatR cur = down_weight(m.weights(), p.layer, p.expert).to_f32();
           convert_into(t.dtype, cur.data(), n, t.bytes.data() + first * dtype_size(t.dtype));
           for (size_t i = 0; i < n; ++i) {  // ΔW = W − W_source; what the file holds minus ΔW = round(W) − W
             rep.max_delta = std::max(rep.max_delta, std::abs(double(cur.data()[i]) - source[first + i]));
