@@ -224,6 +224,28 @@ std::vector<BadInput> cases() {
       {"stats_corpus_missing",
        [](const TempDir& d) { return "stats " + demo_model() + " --layer 0 --corpus " + (d / "nofile.txt"); },
        "nofile.txt' cannot be read"},
+      {"embed_no_texts", [](const TempDir& d) { return "embed " + demo_model() + " --out " + (d / "e.json"); },
+       "give exactly one of --corpus FILE and --dataset FILE"},
+      {"embed_jsonl_without_text",
+       [](const TempDir& d) {
+         write_file(d / "c.jsonl", "{\"text\": \"a b\"}\n{\"label\": \"x\"}\n");
+         return "embed " + demo_model() + " --corpus " + (d / "c.jsonl") + " --out " + (d / "e.json");
+       },
+       "c.jsonl: line 2: field 'text' (a string) is missing"},
+      {"steer_row_length",
+       [](const TempDir& d) {
+         write_file(d / "s.json", R"({"layers": [1], "vector": [[1, 0]]})");
+         return "logits " + demo_model() + " --ids 1,2 --steer " + (d / "s.json");
+       },
+       "the row of layer 1 has 2 entries, the model 8 experts"},
+      {"steer_dense_layer_or_range",
+       [](const TempDir& d) {
+         write_file(d / "s.json", R"({"layers": [9], "vector": [[1, 0, 0, 0, 0, 0, 0, 0]]})");
+         return "logits " + demo_model() + " --ids 1,2 --steer " + (d / "s.json");
+       },
+       "layer 9 out of range (the model has 4 layers, 0..3)"},
+      {"triggers_without_texts", [](const TempDir&) { return "experts " + demo_model() + " --triggers 0:1"; },
+       "--triggers needs the texts to count on: --text, --ids or --corpus"},
   };
   return v;
 }
