@@ -3,8 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 
+#include "kernels/half.h"
 #include "kernels/ops.h"
 #include "io/safetensors.h"
 #include "test_util.h"
@@ -52,6 +55,85 @@ TEST(Kernels, LinearIsBatchInvariant) {
         }
     }
     ops::set_num_threads(0);
+  }
+}
+
+// ops::linear's contract, bit for bit (==, no tolerance): every output is eight FMA lane sums over k ≡ l (mod 8) in
+// order of k, reduced as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), then the k tail in order with FMAs, then + bias — for
+// every weight type, whatever the row count (1–3 rows take the small tiles, more the packed AVX-512 ones where the
+// build has them, a panel's last few rows the small ones again), the tile a column falls in (out not a multiple of
+// any tile width), the strides and the thread count. The reference is that sequence, one element at a time.
+float linear_sequence(const float* x, const float* w, int in, const float* bias) {
+  float l[8] = {};
+  const int in8 = in & ~7;
+  for (int k = 0; k < in8; ++k) l[k % 8] = std::fma(x[k], w[k], l[k % 8]);
+  float s = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  for (int k = in8; k < in; ++k) s = std::fma(x[k], w[k], s);
+  return bias ? s + *bias : s;
+}
+
+TEST(Kernels, LinearIsBitExactToItsScalarSequence) {
+  struct Shape {
+    int n, in, out;
+  };
+  std::vector<Shape> shapes;
+  for (int n = 1; n <= 7; ++n)
+    for (int in : {5, 8, 37, 64}) shapes.push_back({n, in, n % 2 ? 29 : 13});
+  // Packed tiles with a k tail; several row panels (in 1024: 60 rows a panel, the last one 2 rows, so small tiles);
+  // enough work for two threads to split the columns.
+  for (Shape s : {Shape{12, 256, 67}, {40, 67, 515}, {122, 1024, 67}, {130, 1027, 200}}) shapes.push_back(s);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (ops::WType t : {ops::WType::F32, ops::WType::BF16, ops::WType::F16})
+    for (const Shape& sh : shapes) {
+      const int n = sh.n, in = sh.in, out = sh.out;
+      const size_t ldx = size_t(in) + 3, ldw = size_t(in) + 2, ldy = size_t(out) + 5;  // strided rows
+      // Padding is NaN: a kernel that read past a row would poison its output.
+      std::vector<float> X = randn(size_t(n) * ldx, 21), Wf = randn(size_t(out) * ldw, 22, 0.5f);
+      const std::vector<float> b = randn(size_t(out), 23);
+      for (int r = 0; r < n; ++r) std::fill_n(X.begin() + long(r * ldx) + in, ldx - size_t(in), nan);
+      std::vector<uint16_t> half(Wf.size());
+      for (size_t i = 0; i < Wf.size(); ++i) {
+        if (i % ldw >= size_t(in)) Wf[i] = nan;
+        half[i] = t == ops::WType::BF16 ? f32_to_bf16(Wf[i]) : f32_to_f16(Wf[i]);
+      }
+      const ops::WeightView W = t == ops::WType::F32 ? ops::WeightView(Wf.data(), ldw) : ops::WeightView(half.data(), t, ldw);
+      std::vector<float> w(size_t(out) * in);  // the weights as the kernel sees them (widening is exact)
+      for (int c = 0; c < out; ++c) ops::widen_row(W, c, 0, in, w.data() + size_t(c) * in);
+      for (const float* bias : {b.data(), static_cast<const float*>(nullptr)}) {
+        std::vector<float> ref(size_t(n) * ldy, -7.f);
+        for (int r = 0; r < n; ++r)
+          for (int c = 0; c < out; ++c)
+            ref[size_t(r) * ldy + c] =
+                linear_sequence(X.data() + size_t(r) * ldx, w.data() + size_t(c) * in, in, bias ? bias + c : nullptr);
+        for (int threads : {1, 2}) {
+          ops::set_num_threads(threads);
+          std::vector<float> Y(size_t(n) * ldy, -7.f);  // the padding must stay as it is
+          ops::linear(X.data(), ldx, n, in, W, out, Y.data(), ldy, bias);
+          ASSERT_EQ(std::memcmp(Y.data(), ref.data(), sizeof(float) * Y.size()), 0)
+              << "type " << int(t) << ", " << n << "x" << in << "x" << out << (bias ? ", bias" : "") << ", "
+              << threads << " threads";
+        }
+      }
+    }
+  ops::set_num_threads(0);
+}
+
+// silu_mul is silu(g)·u element by element, bit for bit, at any row width and address.
+TEST(Kernels, SiluMulIsSiluTimesUp) {
+  for (int I : {1, 63, 64, 100, 300}) {
+    const int rows = 3;
+    std::vector<float> gu = randn(size_t(rows) * 2 * I + 1, 24, 4.f), out(size_t(rows) * I + 1);
+    gu[1] = 100.f;  // exp underflows / overflows at the ends
+    if (I > 2) gu[2] = -100.f;
+    for (int off : {0, 1}) {
+      ops::silu_mul(gu.data() + off, rows, I, out.data() + off);
+      for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < I; ++i) {
+          const float* g = gu.data() + off + size_t(r) * 2 * I;
+          const float want = ops::silu(g[i]) * g[I + i], got = out[size_t(off) + size_t(r) * I + i];
+          ASSERT_EQ(std::memcmp(&want, &got, sizeof(float)), 0) << "I " << I << ", row " << r << ", " << i;
+        }
+    }
   }
 }
 

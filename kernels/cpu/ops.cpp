@@ -1,5 +1,5 @@
-// CPU kernels: batch-invariant dot-product tiles (AVX2 + FMA, or the same arithmetic lane by lane) for Linear and the
-// attention scores, OpenMP across column blocks.
+// CPU kernels: batch-invariant dot-product tiles (AVX2 + FMA, or the same arithmetic lane by lane; packed AVX-512
+// tiles for more rows) for Linear and the attention scores, OpenMP across column blocks.
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <numeric>
 
 #include "kernels/cpu/fp8.h"
@@ -160,15 +162,158 @@ struct Tiles {
   static constexpr Fn row[2] = {&dot_tile<WT, 1, 2, false>, &dot_tile<WT, 1, 2, true>};
 };
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define MOEDIT_PACKED_TILES 1
+// Packed tiles (AVX-512): one zmm register holds the eight lane sums of TWO outputs, Y[r, c+j] in lanes 0–7 and
+// Y[r, c+j+4] in lanes 8–15, so a tile of 6 rows by 8 columns keeps its 48 outputs in 24 registers and issues 24 FMAs
+// per k-step for 10 loads (dot_tile: 12 FMAs of half the width for 7). Every lane still does fma(x[k], w[k], lane)
+// in order of k; the reduction adds the same lanes in the same tree (with shuffles, below), then come the k tail in
+// order and the bias. So an output is bit for bit what dot_tile gives, and rows may take either path by count alone.
+//
+// A tile's 8 W rows are first packed, widened to fp32 (exact), into a small per-thread buffer: k-step s holds four
+// 16-float pairs [W[c+j][8s, 8s+8) | W[c+j+4][8s, 8s+8)], j < 4; then each tail column k ≥ in8 holds
+// [W[c..c+8)[k] | W[c..c+8)[k]]. Rows past the matrix are zeros; their outputs are never stored.
+struct PackBuf {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~PackBuf() { std::free(p); }
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 15) / 16 * 16;  // whole 64-byte lines
+      p = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+};
+inline size_t packed_size(int in) { return size_t(in & ~7) * 8 + size_t(in & 7) * 16; }
+
+// Rows [c, c + nc) of W (nc ≤ 8) into P.
+template <class WT>
+void pack8(const WT* W, size_t ldw, int in, int nc, float* P) {
+  const int in8 = in & ~7;
+  const WT* w[8];
+  for (int c = 0; c < 8; ++c) w[c] = W + size_t(std::min(c, nc - 1)) * ldw;
+  for (int k = 0; k < in8; k += 8, P += 64)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 a = j < nc ? lanes_load(w[j] + k) : _mm256_setzero_ps();
+      const __m256 b = j + 4 < nc ? lanes_load(w[j + 4] + k) : _mm256_setzero_ps();
+      _mm512_store_ps(P + 16 * j, _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+    }
+  for (int k = in8; k < in; ++k, P += 16)
+    for (int c = 0; c < 8; ++c) P[c] = P[c + 8] = c < nc ? wf(w[c][k]) : 0.f;
+}
+
+// The all-lanes masked forms below compile to the plain instructions; they spare GCC 12's -Wuninitialized false alarm
+// on the unmasked intrinsics' undefined pass-through operand.
+constexpr __mmask16 kAll = 0xffff;
+// [v | v].
+inline __m512 bcast8(__m256 v) { return _mm512_maskz_broadcast_f32x8(kAll, v); }
+// The reduction works on 128-bit quarters of four lanes. hsum adds adjacent lanes of a and b in every quarter:
+// [a0+a1, a2+a3, b0+b1, b2+b3].
+inline __m512 hsum(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xdd));
+}
+// One row's registers [c+j | c+j+4], j < 4, → quarters [q0 of c..c+4 | q1 of c..c+4 | q0 of c+4..c+8 | q1 of
+// c+4..c+8], where q0 = (l0+l1)+(l2+l3) and q1 = (l4+l5)+(l6+l7) of each output's lanes.
+inline __m512 row_halves(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { return hsum(hsum(a0, a1), hsum(a2, a3)); }
+// Two rows' halves → [row a: q0+q1 of c..c+8 | row b: q0+q1 of c..c+8].
+inline __m512 rows_final(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, a, b, 0x88), _mm512_maskz_shuffle_f32x4(kAll, a, b, 0xdd));
+}
+
+// Rows r < R (R ≤ 6) of X by the 8 packed columns P: Y[r, 0..nc) (+ bias). With Fetch, 8 W rows of a later tile
+// (`next`, rows `ldn` bytes apart, `es` bytes an element) are brought towards the core while this tile runs, a line
+// of each row as k passes it: once a model's weights outgrow the caches they stream from memory, and the packing
+// would otherwise wait for every line.
+template <int R, bool Fetch>
+void packed_tile(const float* X, size_t ldx, const float* P, int in, int nc, float* Y, size_t ldy, const float* bias,
+                 const char* next, size_t ldn, int es) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int in8 = in & ~7;
+  const float* p = P;
+  for (int k = 0; k < in8; k += 8, p += 64) {
+    if (Fetch && (size_t(k) * es & 63) == 0)
+      for (int c = 0; c < 8; ++c) __builtin_prefetch(next + c * ldn + size_t(k) * es, 0, 2);  // to L2
+    const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16), w2 = _mm512_load_ps(p + 32),
+                 w3 = _mm512_load_ps(p + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = bcast8(_mm256_loadu_ps(X + r * ldx + k));
+      acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(x, w3, acc[r][3]);
+    }
+  }
+  const __mmask8 live = __mmask8((1u << nc) - 1);
+  const __m512 b = bias ? bcast8(_mm256_maskz_loadu_ps(live, bias)) : _mm512_setzero_ps();
+#pragma GCC unroll 6  // acc stays in registers only if every index is a constant
+  for (int r = 0; r < R; r += 2) {
+    const int r1 = r + 1 < R ? r + 1 : r;  // an odd last row is paired with itself
+    // [row r: c..c+8 | row r1: c..c+8], each ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
+    __m512 s = rows_final(row_halves(acc[r][0], acc[r][1], acc[r][2], acc[r][3]),
+                          row_halves(acc[r1][0], acc[r1][1], acc[r1][2], acc[r1][3]));
+    for (int k = in8; k < in; ++k) {
+      const __m512 x = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(X[r * ldx + k]), _mm512_set1_ps(X[r1 * ldx + k]));
+      s = _mm512_fmadd_ps(x, _mm512_load_ps(p + 16 * (k - in8)), s);
+    }
+    if (bias) s = _mm512_add_ps(s, b);
+    _mm512_mask_storeu_ps(Y + r * ldy, live, s);
+    if (r1 != r) _mm256_mask_storeu_ps(Y + r1 * ldy, live, _mm512_maskz_extractf32x8_ps(__mmask8(0xff), s, 1));
+  }
+}
+
+using PackedFn = void (*)(const float*, size_t, const float*, int, int, float*, size_t, const float*, const char*,
+                          size_t, int);
+// packed_tiles[fetch][rows - 1]
+constexpr PackedFn packed_tiles[2][6] = {
+    {&packed_tile<1, false>, &packed_tile<2, false>, &packed_tile<3, false>, &packed_tile<4, false>,
+     &packed_tile<5, false>, &packed_tile<6, false>},
+    {&packed_tile<1, true>, &packed_tile<2, true>, &packed_tile<3, true>, &packed_tile<4, true>,
+     &packed_tile<5, true>, &packed_tile<6, true>}};
+// Fewer rows than this take dot_tile (packing 8 W rows costs about as much as a few rows' products).
+constexpr int kPackedMinRows = 4;
+// The tile whose W rows are fetched ahead: this many 8-column tiles on (measured on weights streamed from memory).
+constexpr int kFetchAhead = 2;
+
+// The panel rows [p0, p1) of columns [c0, c1), through packed tiles.
+template <class WT>
+void packed_columns(const float* X, size_t ldx, int p0, int p1, int in, const WT* W, size_t ldw, float* Y,
+                    size_t ldy, const float* bias, int c0, int c1) {
+  thread_local PackBuf buf;
+  float* P = buf.get(packed_size(in));
+  for (int c = c0; c < c1; c += 8) {
+    const int nc = std::min(8, c1 - c);
+    pack8(W + size_t(c) * ldw, ldw, in, nc, P);
+    const int ahead = c + 8 * kFetchAhead;
+    const char* next = ahead + 8 <= c1 ? reinterpret_cast<const char*>(W + size_t(ahead) * ldw) : nullptr;
+    for (int r = p0; r < p1; r += 6)  // the first row tile fetches
+      packed_tiles[next && r == p0][std::min(6, p1 - r) - 1](X + size_t(r) * ldx, ldx, P, in, nc,
+                                                             Y + size_t(r) * ldy + c, ldy, bias ? bias + c : nullptr,
+                                                             next, ldw * sizeof(WT), int(sizeof(WT)));
+  }
+}
+#endif
+
 // Columns [c0, c1) of Y = X·Wᵀ (+ bias), all n rows; rows of X, W and Y are ldx, ldw and ldy floats apart. Rows in
 // panels whose slice of X fits in L2; per panel, column tiles outer (a tile's W rows stay in L1 while the panel's rows
-// pass them). A single row takes 8 columns at a time (fewer loads per FMA); more rows take 4 columns by up to 3 rows.
+// pass them). A single row takes 8 columns at a time (fewer loads per FMA); more rows take 4 columns by up to 3 rows,
+// or, with AVX-512 and enough rows, packed 8-column tiles by up to 6 rows.
 template <class WT>
 void linear_columns(const float* X, size_t ldx, int n, int in, const WT* W, size_t ldw, float* Y, size_t ldy,
                     const float* bias, int c0, int c1) {
-  const int panel = std::max(3, int((256 * 1024) / (sizeof(float) * size_t(in))) / 3 * 3);
+  const int panel = std::max(6, int((256 * 1024) / (sizeof(float) * size_t(in))) / 6 * 6);
   for (int p0 = 0; p0 < n; p0 += panel) {
     const int p1 = std::min(n, p0 + panel);
+#ifdef MOEDIT_PACKED_TILES
+    if (p1 - p0 >= kPackedMinRows) {
+      packed_columns(X, ldx, p0, p1, in, W, ldw, Y, ldy, bias, c0, c1);
+      continue;
+    }
+#endif
     const int tile_cols = p1 - p0 == 1 ? 8 : 4;
     for (int c = c0; c < c1; c += tile_cols) {
       const int nc = std::min(tile_cols, c1 - c);
@@ -300,10 +445,18 @@ void silu_mul(const float* gu, int rows, int I, float* out) {
   for (int r = 0; r < rows; ++r) {
     const float* g = gu + size_t(r) * 2 * I;
     const float* u = g + I;
-    // Scalar on purpose: Eigen's vectorised exp peels to the destination's alignment, so one element's result would
-    // depend on its row's address — and a token's activations on how it is batched (cached vs naive traces differ).
+    // The exponentials scalar on purpose, through libm's expf as silu() does: Eigen's vectorised exp peels to the
+    // destination's alignment, so one element's result would depend on its row's address — and a token's activations
+    // on how it is batched (cached vs naive traces differ). The divisions and products round each element on its own,
+    // so they run vectorised over a block of exponentials: g / (1 + e) · u, bit for bit silu(g) · u.
     float* o = out + size_t(r) * I;
-    for (int i = 0; i < I; ++i) o[i] = silu(g[i]) * u[i];
+    constexpr int B = 64;
+    float e[B];
+    for (int i0 = 0; i0 < I; i0 += B) {
+      const int m = std::min(B, I - i0);
+      for (int i = 0; i < m; ++i) e[i] = std::exp(-g[i0 + i]);
+      for (int i = 0; i < m; ++i) o[i0 + i] = g[i0 + i] / (1.f + e[i]) * u[i0 + i];
+    }
   }
 }
 
