@@ -66,7 +66,9 @@ TEST(ExpertTriggers, CountsLiftAndPositionsFromTheRouting) {
       EXPECT_EQ(k.count, count[k.id]);
       EXPECT_EQ(k.occurrences, occ[k.id]);
       EXPECT_DOUBLE_EQ(k.lift, (double(k.count) / double(active)) / (double(occ[k.id]) / double(tokens)));
-      if (i) EXPECT_GE(t.top[i - 1].count, k.count);  // ranked by count
+      if (i) {
+        EXPECT_GE(t.top[i - 1].count, k.count);  // ranked by count
+      }
     }
   }
   EXPECT_THROW(expert_triggers(m, seqs, {{0, c.n_experts}}, o), InputError);

@@ -90,15 +90,17 @@ TEST(RouteCli, LogitsAndGenerateTakeMaskAndBoost) {
   for (const auto& lj : j["routing"])
     for (const auto& ids : lj["expert_ids"])
       for (int e : ids) {
-        if (lj["layer"] == 0) EXPECT_TRUE(e != 0 && e != 1);
-        if (lj["layer"] == 1) EXPECT_NE(e, 2);
+        const int layer = lj["layer"];
+        EXPECT_TRUE(layer != 0 || (e != 0 && e != 1)) << "layer 0 routed to masked expert " << e;
+        EXPECT_TRUE(layer != 1 || e != 2) << "layer 1 routed to masked expert 2";
       }
   r = test::run_cli("logits " + m + " --ids 5,17,3 --boost 1:4=1000 --json");
   ASSERT_EQ(r.code, 0) << r.err;
   j = json::parse(r.out);
-  for (const auto& lj : j["routing"])
-    if (lj["layer"] == 1)
-      for (const auto& ids : lj["expert_ids"]) EXPECT_EQ(ids[0].get<int>(), 4);
+  for (const auto& lj : j["routing"]) {
+    if (lj["layer"] != 1) continue;
+    for (const auto& ids : lj["expert_ids"]) EXPECT_EQ(ids[0].get<int>(), 4);
+  }
   const auto g0 = test::run_cli("generate " + m + " --ids 5,17,3 -n 6 --json");
   const auto g1 = test::run_cli("generate " + m + " --ids 5,17,3 -n 6 --json --boost 0:3=50 --boost-mode add");
   ASSERT_EQ(g0.code, 0) << g0.err;
@@ -119,9 +121,10 @@ TEST(RouteCli, LogitsAndGenerateTakeMaskAndBoost) {
   r = test::run_cli("logits " + m + " --ids 5,17,3 --steer " + (tmp / "steer.json") + " --steer-coef 1000 --json");
   ASSERT_EQ(r.code, 0) << r.err;
   j = json::parse(r.out);
-  for (const auto& lj : j["routing"])
-    if (lj["layer"] == 1)
-      for (const auto& ids : lj["expert_ids"]) EXPECT_EQ(ids[0].get<int>(), 4);
+  for (const auto& lj : j["routing"]) {
+    if (lj["layer"] != 1) continue;
+    for (const auto& ids : lj["expert_ids"]) EXPECT_EQ(ids[0].get<int>(), 4);
+  }
   r = test::run_cli("logits " + m + " --ids 5,17,3 --steer " + (tmp / "missing.json"));
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("missing.json: cannot open the steering file"), std::string::npos) << r.err;

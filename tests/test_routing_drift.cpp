@@ -57,7 +57,9 @@ TEST(RoutingDrift, AnEditMovesOnlyTheRoutersAfterIt) {
     // The first MoE layer's routers read an unchanged input: no cell of it moved, so all drift is later.
     EXPECT_DOUBLE_EQ(at_first.changed_share * double(at_first.cells), later.changed_share * double(later.cells)) << fam;
     EXPECT_NEAR(at_first.mean_kl * double(at_first.cells), later.mean_kl * double(later.cells), 1e-9) << fam;
-    if (before.layers.size() > 1) EXPECT_GT(later.mean_kl, 0.0) << fam;
+    if (before.layers.size() > 1) {
+      EXPECT_GT(later.mean_kl, 0.0) << fam;
+    }
   }
 }
 
