@@ -355,7 +355,9 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
     for (int e = 0; e < E; ++e)
       for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) da2.row(tp.tok[size_t(e)][j]) += dxe[size_t(e)].row(int(j));
     MatT<T> dz(N, E);
-    for (int t = 0; t < N; ++t) route_backward(c, tp.z.row(t).data(), tp.ids.row(t).data(), dw.row(t).data(), dz.row(t).data());
+    for (int t = 0; t < N; ++t)
+      ops::route_row_backward(m.route_spec(), tp.z.row(t).data(), tp.ids.row(t).data(), dw.row(t).data(),
+                              dz.row(t).data());
     linear_backward(dz.data(), N, H, f.router.data(), E, da2.data(), true);
     if (f.has_shared) {
       MatT<T> dys = dm;

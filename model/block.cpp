@@ -56,7 +56,7 @@ struct Ops {
       grad::swiglu(gu, rows, I, key);
   }
   void route(const T* z, int N, const float* bias, int* ids, T* w) const {
-    const ops::RouteSpec spec = route_spec(m.config());
+    const ops::RouteSpec& spec = m.route_spec();
     if constexpr (f32)
       be.route(z, N, spec, bias, ids, w);
     else

@@ -189,7 +189,7 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
 }  // namespace
 
 Model::Model(ModelConfig cfg, Weights w)
-    : cfg_(std::move(cfg)), w_(std::move(w)), inv_freq_(rope_inv_freq(cfg_)), route_(route_spec(cfg_)) {}
+    : cfg_(std::move(cfg)), w_(std::move(w)), inv_freq_(rope_inv_freq(cfg_)), route_(moedit::route_spec(cfg_)) {}
 
 MatR Model::embed(const std::vector<int32_t>& ids, const TokenLayout& layout, const Hooks* hooks) const {
   const int N = int(ids.size()), H = cfg_.hidden;

@@ -100,6 +100,8 @@ class Model {
   const std::string& path() const { return path_; }
   // RoPE inverse frequencies [head_dim/2] (theta, linear or yarn scaling applied), as the forward uses them.
   const std::vector<float>& inv_freq() const { return inv_freq_; }
+  // The config's router as kernel data (model/router.h), computed once.
+  const ops::RouteSpec& route_spec() const { return route_; }
   // The backend every op runs on (default: the CPU backend); it must outlive the model.
   const Backend& backend() const { return *be_; }
   void set_backend(const Backend& b) { be_ = &b; }
