@@ -5,13 +5,16 @@
 // the host between kernels; a CUDA backend is a second implementation of this interface, tested op by op against
 // the CPU one (tests/test_backend_ops.cpp).
 //
-// Pointers passed to a backend's ops address its own memory (host memory for the CPU backend). Shapes are given in
-// comments as [rows, columns] of row-major float matrices; weights are ops::WeightView (fp32, bf16 or f16, read in
-// place). Every CPU op keeps the batch invariance of kernels/ops.h: a row's result is the same whatever else the call
-// holds.
+// Pointers passed to a backend's ops address its own memory (host memory for the CPU backend): activations are Bufs
+// from the backend's pool, and weights, norms and biases reach it through resident(). Shapes are given in comments
+// as [rows, columns] of row-major float matrices; weights are ops::WeightView (fp32, bf16, f16 or FP8-E4M3 with
+// block scales, read in place). Every CPU op keeps the batch invariance of kernels/ops.h: a row's result is the same
+// whatever else the call holds.
 #pragma once
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -55,13 +58,95 @@ class Workspace {
   size_t capacity_ = 0, used_ = 0;
 };
 
+class Backend;
+
+// Backend memory with an owner: n bytes from the backend's caching pool, back to the pool when dropped (so a forward
+// that asks for the same shapes every layer allocates nothing in steady state). Movable, not copyable.
+class Buf {
+ public:
+  Buf() = default;
+  Buf(const Backend& be, size_t bytes);
+  Buf(Buf&& o) noexcept { *this = std::move(o); }
+  Buf& operator=(Buf&& o) noexcept;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { drop(); }
+  template <class T = float>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  size_t bytes() const { return bytes_; }
+  const Backend* backend() const { return be_; }
+
+ private:
+  void drop();
+  const Backend* be_ = nullptr;
+  void* p_ = nullptr;
+  size_t bytes_ = 0;  // as asked
+};
+
+// Freed buffers by size class, reused by the next request of that class (bounded: beyond `limit` cached bytes a
+// freed buffer goes back to the backend). Thread-safe. The owning backend's destructor calls trim() (the pool cannot:
+// it is destroyed after the backend's allocator is gone).
+class BufferPool {
+ public:
+  explicit BufferPool(const Backend& be, size_t limit = size_t(1) << 31) : be_(be), limit_(limit) {}
+  void* get(size_t bytes);
+  void put(void* p, size_t bytes);
+  void trim();                 // hand every cached buffer back
+  size_t cached() const;       // bytes held for reuse
+  static size_t size_class(size_t bytes);  // 256 B granularity up to 4 KiB, then 8 classes per power of two
+
+ private:
+  const Backend& be_;
+  const size_t limit_;
+  mutable std::mutex mu_;
+  std::map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
 class Backend {
  public:
+  Backend() : pool_(*this) {}
   virtual ~Backend() = default;
   virtual std::string name() const = 0;  // "cpu", "cuda:0", ...
   virtual int threads() const = 0;
   // Scratch memory of the calling thread (calls on different threads never share it).
   virtual Workspace& workspace() const = 0;
+
+  // ---- memory ------------------------------------------------------------------------------------------------
+  // Whether this backend's pointers are host pointers (the CPU backend) or a device's.
+  virtual bool host_memory() const = 0;
+  // Raw memory (256-byte aligned) and its release; Buf and the pool call these, the model does not.
+  virtual void* allocate(size_t bytes) const = 0;
+  virtual void deallocate(void* p, size_t bytes) const = 0;
+  // Copies between the host and this backend's memory (plain memcpy on the CPU).
+  virtual void to_device(void* dst, const void* host, size_t bytes) const = 0;
+  virtual void to_host(void* host, const void* src, size_t bytes) const = 0;
+  // The backend's copy of host data that stays as it is between calls (weights, norms, biases, RoPE frequencies):
+  // the CPU returns `host` itself; a device backend uploads the range once and returns its device address. The
+  // model calls forget(host) after it changes such data in place (an edit), so the next call uploads it again.
+  virtual const void* resident(const void* host, size_t bytes) const = 0;
+  virtual void forget(const void* host) const { (void)host; }
+  // Wait until every op issued so far has finished (a no-op where ops are synchronous).
+  virtual void synchronize() const {}
+  BufferPool& pool() const { return pool_; }
+
+  // ---- elementwise ops on activations (row-major float matrices in this backend's memory) ---------------------
+  // y[rows, cols] (rows ldy apart) = x[rows, cols] (rows ldx apart); x and y do not overlap.
+  virtual void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const = 0;
+  // y[n] += x[n]
+  virtual void add(float* y, const float* x, size_t n) const = 0;
+  // x[n] *= s
+  virtual void scale(float* x, size_t n, float s) const = 0;
+  // x[n] = min(max(x, −c), c)
+  virtual void clamp(float* x, size_t n, float c) const = 0;
+  // x[n] ← 1 / (1 + exp(−x))
+  virtual void sigmoid(float* x, size_t n) const = 0;
+  // y[r, :cols] *= g[r] for r < rows (rows of y contiguous)
+  virtual void scale_rows(float* y, int rows, int cols, const float* g) const = 0;
+  // y[n, H] = rows ids[n] of a typed table (the embedding), widened to fp32; ids in backend memory.
+  virtual void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const = 0;
 
   // Y[n, out] = X[n, in]·Wᵀ (+ bias[out]); rows of X, Y are ldx, ldy floats apart.
   virtual void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y,
@@ -86,6 +171,9 @@ class Backend {
   // per token in ascending expert id (the order transformers accumulates in). taps may be null.
   virtual void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                            float* y, const MoeTaps* taps = nullptr) const = 0;
+
+ private:
+  mutable BufferPool pool_;
 };
 
 // The CPU backend (kernels/cpu/): OpenMP threads (ops::num_threads()), a workspace per calling thread.

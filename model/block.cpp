@@ -12,7 +12,19 @@ namespace moedit {
 
 namespace {
 
-constexpr bool kF32 = true;
+// An activation [rows, cols], row-major: fp32 rows live in the model backend's memory (a Buf from its pool, so a
+// forward asks the same sizes every layer and allocates nothing in steady state), double rows (taped runs, the
+// finite-difference tests) in host memory. view() wraps memory the caller owns (the residual stream).
+template <class T>
+struct Act {
+  Buf buf;
+  T* p = nullptr;
+  int rows = 0, cols = 0;
+  T* data() const { return p; }
+  T* row(int r) const { return p + size_t(r) * size_t(cols); }
+  size_t size() const { return size_t(rows) * size_t(cols); }
+  static Act view(T* p, int rows, int cols) { return {Buf(), p, rows, cols}; }
+};
 
 // The ops of a block run: fp32 through the model's backend; double through the reference ops of model/backward.h.
 template <class T>
@@ -21,33 +33,54 @@ struct Ops {
   const Backend& be;
   static constexpr bool f32 = std::is_same_v<T, float>;
 
+  // Where activations live: the backend's memory (fp32), the host (double).
+  const Backend& mem() const {
+    if constexpr (f32) return be;
+    else return cpu_backend();
+  }
+  Act<T> act(int rows, int cols) const {
+    Buf b(mem(), sizeof(T) * size_t(rows) * size_t(cols));
+    T* p = b.template as<T>();
+    return {std::move(b), p, rows, cols};
+  }
+  // A host copy of an activation (the tape, hooks on a device).
+  MatT<T> host(const Act<T>& a) const {
+    MatT<T> h(a.rows, a.cols);
+    mem().to_host(h.data(), a.data(), sizeof(T) * a.size());
+    return h;
+  }
+  // Host data that does not change between calls (norms, biases, routers), in the backend's memory.
+  const float* on(const float* host, size_t n) const { return static_cast<const float*>(be.resident(host, 4 * n)); }
+  const float* on(const VecF& v) const { return v.size() ? on(v.data(), size_t(v.size())) : nullptr; }
+
   // y [n, W.rows()] = x [n, in]·Wᵀ (+ b)
   void linear(const T* x, int n, int in, const Weight& W, T* y, const VecF& b = VecF()) const {
-    const float* bp = b.size() ? b.data() : nullptr;
     if constexpr (f32)
-      be.linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), bp);
+      be.linear(x, size_t(in), n, in, W.on(be), int(W.rows()), y, size_t(W.rows()), on(b));
     else
-      grad::linear(x, n, in, W, y, bp);
+      grad::linear(x, n, in, W, y, b.size() ? b.data() : nullptr);
   }
-  // y [n, out] = x [n, in]·Wᵀ for a small fp32 matrix (router, shared-expert gate)
+  // y [n, out] = x [n, in]·Wᵀ for a small fp32 matrix W [out, in] (router, shared-expert gate)
   void linear(const T* x, int n, int in, const float* W, int out, T* y) const {
     if constexpr (f32)
-      be.linear(x, size_t(in), n, in, ops::WeightView(W, size_t(in)), out, y, size_t(out));
+      be.linear(x, size_t(in), n, in, ops::WeightView(on(W, size_t(out) * in), size_t(in)), out, y, size_t(out));
     else
       grad::linear(x, n, in, W, out, y);
   }
-  void rmsnorm(const T* x, const float* w, T* y, int rows, int dim, float eps) const {
+  void rmsnorm(const T* x, const VecF& w, T* y, int rows, int dim, float eps) const {
     if constexpr (f32)
-      be.rmsnorm(x, w, y, rows, dim, eps);
+      be.rmsnorm(x, on(w), y, rows, dim, eps);
     else
-      grad::rmsnorm(x, w, y, rows, dim, eps);
+      grad::rmsnorm(x, w.data(), y, rows, dim, eps);
   }
+  // pos: the rows' positions in the activations' memory (staged by the block).
   void rope(T* x, int rows, int row_stride, int heads, int head_stride, int rot, const int* pos) const {
     const ModelConfig& c = m.config();
+    const std::vector<float>& f = m.inv_freq();
     if constexpr (f32)
-      be.rope(x, rows, row_stride, heads, head_stride, rot, pos, m.inv_freq().data(), c.rope_attn_factor);
+      be.rope(x, rows, row_stride, heads, head_stride, rot, pos, on(f.data(), f.size()), c.rope_attn_factor);
     else
-      grad::rope(x, rows, row_stride, heads, head_stride, rot, pos, m.inv_freq().data(), false, c.rope_attn_factor);
+      grad::rope(x, rows, row_stride, heads, head_stride, rot, pos, f.data(), false, c.rope_attn_factor);
   }
   void silu_mul(const T* gu, int rows, int I, T* key) const {
     if constexpr (f32)
@@ -55,70 +88,115 @@ struct Ops {
     else
       grad::swiglu(gu, rows, I, key);
   }
-  void route(const T* z, int N, const float* bias, int* ids, T* w) const {
+  void route(const T* z, int N, const VecF& bias, int* ids, T* w) const {
     const ops::RouteSpec& spec = m.route_spec();
-    if constexpr (f32)
-      be.route(z, N, spec, bias, ids, w);
-    else
-      for (int t = 0; t < N; ++t) ops::route_row(spec, z + size_t(t) * spec.E, bias, ids + size_t(t) * spec.k, w + size_t(t) * spec.k);
-  }
-  // Expert e of a bank on rows x [n, H]: gate‖up gu [n, 2I] and key [n, I].
-  void gate_up_key(const ExpertBank& b, int e, const T* x, int n, MatT<T>& gu, MatT<T>& key) const {
-    gu.resize(n, 2 * b.I);
-    key.resize(n, b.I);
     if constexpr (f32) {
-      be.linear(x, size_t(b.H), n, b.H, b.gate[size_t(e)].kernel(), b.I, gu.data(), 2 * size_t(b.I));
-      be.linear(x, size_t(b.H), n, b.H, b.up[size_t(e)].kernel(), b.I, gu.data() + b.I, 2 * size_t(b.I));
+      be.route(z, N, spec, on(bias), ids, w);
+    } else {
+      const float* b = bias.size() ? bias.data() : nullptr;
+      for (int t = 0; t < N; ++t) ops::route_row(spec, z + size_t(t) * spec.E, b, ids + size_t(t) * spec.k, w + size_t(t) * spec.k);
+    }
+  }
+  // Elementwise ops (kernels/backend.h); double runs on the host.
+  void copy2d(const T* x, size_t ldx, T* y, size_t ldy, int rows, int cols) const {
+    if constexpr (f32)
+      be.copy2d(x, ldx, y, ldy, rows, cols);
+    else
+      for (int r = 0; r < rows; ++r) std::copy_n(x + size_t(r) * ldx, cols, y + size_t(r) * ldy);
+  }
+  void add(const Act<T>& y, const Act<T>& x) const {
+    if constexpr (f32)
+      be.add(y.data(), x.data(), y.size());
+    else
+      for (size_t i = 0; i < y.size(); ++i) y.p[i] += x.p[i];
+  }
+  void scale(const Act<T>& x, T s) const {
+    if constexpr (f32)
+      be.scale(x.data(), x.size(), s);
+    else
+      for (size_t i = 0; i < x.size(); ++i) x.p[i] *= s;
+  }
+  void clamp(const Act<T>& x, T c) const {
+    if constexpr (f32)
+      be.clamp(x.data(), x.size(), c);
+    else
+      for (size_t i = 0; i < x.size(); ++i) x.p[i] = std::min(std::max(x.p[i], -c), c);
+  }
+  // g ← sigmoid(g) [rows]; y[r, :] *= g[r]
+  void sigmoid_gate(const Act<T>& y, const Act<T>& g) const {
+    if constexpr (f32) {
+      be.sigmoid(g.data(), g.size());
+      be.scale_rows(y.data(), y.rows, y.cols, g.data());
+    } else {
+      for (int r = 0; r < y.rows; ++r) {
+        g.p[r] = T(1) / (T(1) + std::exp(-g.p[r]));
+        for (int c = 0; c < y.cols; ++c) y.p[size_t(r) * y.cols + c] *= g.p[r];
+      }
+    }
+  }
+  // Expert e of a bank on rows x [n, H]: gate‖up [n, 2I] and key [n, I].
+  void gate_up_key(const ExpertBank& b, int e, const T* x, int n, Act<T>& gu, Act<T>& key) const {
+    gu = act(n, 2 * b.I);
+    key = act(n, b.I);
+    if constexpr (f32) {
+      be.linear(x, size_t(b.H), n, b.H, b.gate[size_t(e)].on(be), b.I, gu.data(), 2 * size_t(b.I));
+      be.linear(x, size_t(b.H), n, b.H, b.up[size_t(e)].on(be), b.I, gu.data() + b.I, 2 * size_t(b.I));
     } else {
       MatT<T> g(n, b.I), u(n, b.I);
       grad::linear(x, n, b.H, b.gate[size_t(e)], g.data());
       grad::linear(x, n, b.H, b.up[size_t(e)], u.data());
-      gu << g, u;
+      Eigen::Map<MatT<T>>(gu.data(), n, 2 * b.I) << g, u;
     }
     silu_mul(gu.data(), n, b.I, key.data());
   }
 };
 
-void run_hook(const Hooks* h, const std::string& name, Eigen::Ref<MatR> act, int l, int e, const TokenLayout& lay,
-              const std::vector<int>* tokens = nullptr) {
-  h->run(name, act, {name, l, e, lay, tokens});
+// Hook `name` on an fp32 activation: in place on the host; through a host copy (down and back) on a device.
+void run_hook(const Ops<float>& op, const Hooks* h, const std::string& name, const Act<float>& act, int l, int e,
+              const TokenLayout& lay, const std::vector<int>* tokens = nullptr) {
+  const HookContext ctx{name, l, e, lay, tokens};
+  if (op.be.host_memory()) {
+    MapMatR rows(act.data(), act.rows, act.cols);
+    h->run(name, rows, ctx);
+  } else if (h->has(name)) {
+    MatR rows = op.host(act);
+    h->run(name, rows, ctx);
+    op.be.to_device(act.data(), rows.data(), sizeof(float) * act.size());
+  }
 }
 
 // ---- attention ---------------------------------------------------------------------------------------------------
 
 // q [N, Hq·Dk], k [N, Hkv·Dk], v [N, Hkv·Dv] after bias, q/k-norm, clip_qkv and RoPE (standard attention).
 template <class T>
-void qkv(const Ops<T>& op, int l, const MatT<T>& a, const int* pos, grad::BlockTape<T>* tp, MatT<T>& q, MatT<T>& k,
-         MatT<T>& v) {
+void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, Act<T>& q, Act<T>& k,
+         Act<T>& v) {
   const ModelConfig& c = op.m.config();
   const AttnWeights& at = op.m.weights().layers[size_t(l)].attn;
-  const int N = int(a.rows()), H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
-  q.resize(N, Hq * D);
-  k.resize(N, Hkv * D);
-  v.resize(N, Hkv * D);
+  const int N = a.rows, H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  q = op.act(N, Hq * D);
+  k = op.act(N, Hkv * D);
+  v = op.act(N, Hkv * D);
   op.linear(a.data(), N, H, at.wq, q.data(), at.bq);
   op.linear(a.data(), N, H, at.wk, k.data(), at.bk);
   op.linear(a.data(), N, H, at.wv, v.data(), at.bv);
   if (c.arch->qk_norm != QKNorm::None) {
     if (tp) {
-      tp->q_raw = q;
-      tp->k_raw = k;
+      tp->q_raw = op.host(q);
+      tp->k_raw = op.host(k);
     }
     // PerHead: every head's D values normalised with the shared [D] weight; WholeProjection: the whole row.
     const bool per_head = c.arch->qk_norm == QKNorm::PerHead;
-    op.rmsnorm(q.data(), at.q_norm.data(), q.data(), per_head ? N * Hq : N, per_head ? D : Hq * D, c.rms_eps);
-    op.rmsnorm(k.data(), at.k_norm.data(), k.data(), per_head ? N * Hkv : N, per_head ? D : Hkv * D, c.rms_eps);
+    op.rmsnorm(q.data(), at.q_norm, q.data(), per_head ? N * Hq : N, per_head ? D : Hq * D, c.rms_eps);
+    op.rmsnorm(k.data(), at.k_norm, k.data(), per_head ? N * Hkv : N, per_head ? D : Hkv * D, c.rms_eps);
   }
   if (c.clip_qkv > 0.f) {
     if (tp) {
-      tp->q_pre = q;
-      tp->k_pre = k;
-      tp->v_pre = v;
+      tp->q_pre = op.host(q);
+      tp->k_pre = op.host(k);
+      tp->v_pre = op.host(v);
     }
-    const T cl = T(c.clip_qkv);
-    q = q.cwiseMax(-cl).cwiseMin(cl);
-    k = k.cwiseMax(-cl).cwiseMin(cl);
-    v = v.cwiseMax(-cl).cwiseMin(cl);
+    for (const Act<T>* x : {&q, &k, &v}) op.clamp(*x, T(c.clip_qkv));
   }
   op.rope(q.data(), N, Hq * D, Hq, D, D, pos);
   op.rope(k.data(), N, Hkv * D, Hkv, D, D, pos);
@@ -127,58 +205,61 @@ void qkv(const Ops<T>& op, int l, const MatT<T>& a, const int* pos, grad::BlockT
 // Multi-head latent attention (DeepSeek-V2/V3): q [N, Hq·dq], k [N, Hq·dq] (per head k_nope ‖ the shared k_pe),
 // v [N, Hq·dv], RoPE applied (formulas in model/backward_qkv.cpp).
 template <class T>
-void mla_qkv(const Ops<T>& op, int l, const MatT<T>& a, const int* pos, grad::BlockTape<T>* tp, MatT<T>& q,
-             MatT<T>& k, MatT<T>& v) {
+void mla_qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, Act<T>& q,
+             Act<T>& k, Act<T>& v) {
   const ModelConfig& c = op.m.config();
   const AttnWeights& at = op.m.weights().layers[size_t(l)].attn;
-  const int N = int(a.rows()), H = c.hidden, Hq = c.n_heads, dn = c.qk_nope_dim, dr = c.qk_rope_dim,
-            dv = c.v_head_dim, dq = dn + dr, rkv = c.kv_lora_rank, rq = c.q_lora_rank;
-  q.resize(N, Hq * dq);  // per head [nope dn | rope dr]
+  const int N = a.rows, H = c.hidden, Hq = c.n_heads, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim,
+            dq = dn + dr, rkv = c.kv_lora_rank, rq = c.q_lora_rank;
+  q = op.act(N, Hq * dq);  // per head [nope dn | rope dr]
   if (rq) {
-    MatT<T> qa(N, rq);
+    Act<T> qa = op.act(N, rq);
     op.linear(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
-    if (tp) tp->mla_qa = qa;
-    op.rmsnorm(qa.data(), at.q_a_norm.data(), qa.data(), N, rq, kMlaLatentEps);
+    if (tp) tp->mla_qa = op.host(qa);
+    op.rmsnorm(qa.data(), at.q_a_norm, qa.data(), N, rq, kMlaLatentEps);
     op.linear(qa.data(), N, rq, at.wq_b, q.data());
   } else {
     op.linear(a.data(), N, H, at.wq, q.data());
   }
-  MatT<T> ckv(N, rkv + dr);  // [latent rkv | shared k_pe dr]
+  Act<T> ckv = op.act(N, rkv + dr);  // [latent rkv | shared k_pe dr]
   op.linear(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
-  if (tp) tp->mla_ckv = ckv;
-  MatT<T> lat = ckv.leftCols(rkv);  // [N, rkv]
-  op.rmsnorm(lat.data(), at.kv_a_norm.data(), lat.data(), N, rkv, kMlaLatentEps);
-  MatT<T> kv(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
+  if (tp) tp->mla_ckv = op.host(ckv);
+  Act<T> lat = op.act(N, rkv);  // [N, rkv]
+  op.copy2d(ckv.data(), size_t(rkv + dr), lat.data(), size_t(rkv), N, rkv);
+  op.rmsnorm(lat.data(), at.kv_a_norm, lat.data(), N, rkv, kMlaLatentEps);
+  Act<T> kv = op.act(N, Hq * (dn + dv));  // per head [k_nope dn | v dv]
   op.linear(lat.data(), N, rkv, at.wkv_b, kv.data());
   // RoPE on each query head's rope part and on the single k_pe head (not normalised).
   op.rope(q.data() + dn, N, Hq * dq, Hq, dq, dr, pos);
   op.rope(ckv.data() + rkv, N, rkv + dr, 1, dr, dr, pos);
-  k.resize(N, Hq * dq);
-  v.resize(N, Hq * dv);
+  k = op.act(N, Hq * dq);
+  v = op.act(N, Hq * dv);
+  const size_t ldkv = size_t(Hq) * (dn + dv);
   for (int h = 0; h < Hq; ++h) {
-    k.middleCols(h * dq, dn) = kv.middleCols(h * (dn + dv), dn);
-    k.middleCols(h * dq + dn, dr) = ckv.rightCols(dr);
-    v.middleCols(h * dv, dv) = kv.middleCols(h * (dn + dv) + dn, dv);
+    op.copy2d(kv.data() + size_t(h) * (dn + dv), ldkv, k.data() + size_t(h) * dq, size_t(k.cols), N, dn);
+    op.copy2d(ckv.data() + rkv, size_t(rkv + dr), k.data() + size_t(h) * dq + dn, size_t(k.cols), N, dr);
+    op.copy2d(kv.data() + size_t(h) * (dn + dv) + dn, ldkv, v.data() + size_t(h) * dv, size_t(v.cols), N, dv);
   }
 }
 
 // Attention of layer l on its input a [N, H] → o_proj output [N, H]. Keys of a sequence: its cached or prefix rows,
 // then this call's rows.
 template <class T>
-MatT<T> attention(const Ops<T>& op, int l, const MatT<T>& a, const TokenLayout& layout, const BlockIO<T>& io) {
+Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, const int* pos,
+                 const BlockIO<T>& io) {
   const ModelConfig& c = op.m.config();
   const AttnWeights& at = op.m.weights().layers[size_t(l)].attn;
   grad::BlockTape<T>* tp = io.tape;
-  const int N = int(a.rows()), H = c.hidden, Hq = c.n_heads;
+  const int N = a.rows, H = c.hidden, Hq = c.n_heads;
   const ops::AttnShape shape = attn_shape(c);
-  MatT<T> q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
+  Act<T> q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
   if (c.arch->attention == AttentionKind::MLA)
-    mla_qkv(op, l, a, layout.pos.data(), tp, q, k, v);
+    mla_qkv(op, l, a, pos, tp, q, k, v);
   else
-    qkv(op, l, a, layout.pos.data(), tp, q, k, v);
-  const int qw = int(q.cols()), kw = int(k.cols()), vw = int(v.cols()), ow = Hq * shape.Dv;
+    qkv(op, l, a, pos, tp, q, k, v);
+  const int qw = q.cols, kw = k.cols, vw = v.cols, ow = Hq * shape.Dv;
 
-  MatT<T> o(N, ow);
+  Act<T> o = op.act(N, ow);
   KVCache* cache = io.cache;
   if (tp) {
     tp->seg_begin.clear();
@@ -194,21 +275,19 @@ MatT<T> attention(const Ops<T>& op, int l, const MatT<T>& a, const TokenLayout& 
     int end = start;
     while (end < N && layout.seq[size_t(end)] == s) ++end;
     const int n = end - start, p0 = layout.pos[size_t(start)];
-    const T* qs = q.data() + size_t(start) * qw;
-    T* os = o.data() + size_t(start) * ow;
     const int np = io.prefix ? io.prefix->n_prefix(l, s) : cache ? cache->length(s) : 0;
     if (p0 != np) throw std::logic_error("a sequence's first position must equal its cached length");
     if (cache) {
       if constexpr (Ops<T>::f32) {
         if (!cache->holds_layer(l)) throw std::logic_error("this KV cache holds no layer " + std::to_string(l));
         if (p0 + n > cache->capacity()) cache->grow(cache->n_seqs(), p0 + n);
-        std::copy_n(k.data() + size_t(start) * kw, size_t(n) * kw, cache->k_row(l, s, p0));
-        std::copy_n(v.data() + size_t(start) * vw, size_t(n) * vw, cache->v_row(l, s, p0));
+        op.copy2d(k.row(start), size_t(kw), cache->k_row(l, s, p0), size_t(kw), n, kw);
+        op.copy2d(v.row(start), size_t(vw), cache->v_row(l, s, p0), size_t(vw), n, vw);
       } else {
         throw std::logic_error("a KV cache holds fp32 rows");
       }
     }
-    if (tp) {  // keys and values prefix ‖ this call's rows, probabilities kept
+    if (tp) {  // keys and values prefix ‖ this call's rows, probabilities kept (host memory)
       MatT<T> kf(np + n, kw), vf(np + n, vw);
       if (np && io.prefix) {
         kf.topRows(np) = io.prefix->k[size_t(l)][size_t(s)];
@@ -219,10 +298,11 @@ MatT<T> attention(const Ops<T>& op, int l, const MatT<T>& a, const TokenLayout& 
           vf.topRows(np) = Eigen::Map<const MatR>(cache->v_row(l, s, 0), np, vw);
         }
       }
-      kf.bottomRows(n) = k.middleRows(start, n);
-      vf.bottomRows(n) = v.middleRows(start, n);
+      kf.bottomRows(n) = Eigen::Map<const MatT<T>>(k.row(start), n, kw);
+      vf.bottomRows(n) = Eigen::Map<const MatT<T>>(v.row(start), n, vw);
       MatT<T> probs(size_t(Hq) * n, np + n);
-      grad::attention(qs, n, qw, np, kf.data(), kw, vf.data(), vw, np + n, shape, os, ow, probs.data());
+      grad::attention(q.row(start), n, qw, np, kf.data(), kw, vf.data(), vw, np + n, shape, o.row(start), ow,
+                      probs.data());
       tp->seg_begin.push_back(start);
       tp->seg_end.push_back(end);
       tp->seg_seq.push_back(s);
@@ -231,31 +311,34 @@ MatT<T> attention(const Ops<T>& op, int l, const MatT<T>& a, const TokenLayout& 
       tp->probs.push_back(std::move(probs));
     } else if constexpr (Ops<T>::f32) {
       if (cache)
-        op.be.attention(qs, n, qw, p0, cache->k_row(l, s, 0), kw, cache->v_row(l, s, 0), vw, p0 + n, shape, os, ow);
+        op.be.attention(q.row(start), n, qw, p0, cache->k_row(l, s, 0), kw, cache->v_row(l, s, 0), vw, p0 + n, shape,
+                        o.row(start), ow);
       else
-        op.be.attention(qs, n, qw, 0, k.data() + size_t(start) * kw, kw, v.data() + size_t(start) * vw, vw, n, shape,
-                        os, ow);
+        op.be.attention(q.row(start), n, qw, 0, k.row(start), kw, v.row(start), vw, n, shape, o.row(start), ow);
     } else {
       throw std::logic_error("double-precision blocks run with a tape");
     }
     start = end;
   }
-  MatT<T> out(N, H);
+  Act<T> out = op.act(N, H);
   op.linear(o.data(), N, ow, at.wo, out.data(), at.bo);
   if (tp) {
-    tp->q = std::move(q);
-    tp->o = std::move(o);
+    tp->q = op.host(q);
+    tp->o = op.host(o);
   }
   return out;
 }
 
 // ---- FFN --------------------------------------------------------------------------------------------------------
 
-// The routed experts with a tape: tokens grouped by expert (ascending), each expert's gate‖up, key and unweighted
-// output kept; y [N, H] = Σ weight · output in ascending expert id per token (the backend's moe_experts order).
+// The routed experts with a tape (host memory): tokens grouped by expert (ascending), each expert's gate‖up, key and
+// unweighted output kept; y [N, H] = Σ weight · output in ascending expert id per token (the backend's moe_experts
+// order).
 template <class T>
-void experts_taped(const Ops<T>& op, const ExpertBank& b, const MatT<T>& a, grad::BlockTape<T>& tp, MatT<T>& y) {
-  const int N = int(a.rows()), H = b.H, E = b.E, kk = int(tp.ids.cols());
+void experts_taped(const Ops<T>& op, const ExpertBank& b, const Act<T>& a_rows, grad::BlockTape<T>& tp,
+                   const Act<T>& y_rows) {
+  const Eigen::Map<const MatT<T>> a(a_rows.data(), a_rows.rows, a_rows.cols);
+  const int N = a_rows.rows, H = b.H, E = b.E, kk = int(tp.ids.cols());
   tp.tok.assign(size_t(E), {});
   tp.slot.assign(size_t(E), {});
   for (int t = 0; t < N; ++t)
@@ -274,11 +357,15 @@ void experts_taped(const Ops<T>& op, const ExpertBank& b, const MatT<T>& a, grad
     const int n = int(ts.size());
     MatT<T> xe(n, H);
     for (int j = 0; j < n; ++j) xe.row(j) = a.row(ts[size_t(j)]);
-    op.gate_up_key(b, e, xe.data(), n, tp.gu[size_t(e)], tp.key[size_t(e)]);
+    Act<T> gu, key;
+    op.gate_up_key(b, e, xe.data(), n, gu, key);
+    tp.gu[size_t(e)] = op.host(gu);
+    tp.key[size_t(e)] = op.host(key);
     tp.y[size_t(e)].resize(n, H);
-    op.linear(tp.key[size_t(e)].data(), n, b.I, b.down[size_t(e)], tp.y[size_t(e)].data());
+    op.linear(key.data(), n, b.I, b.down[size_t(e)], tp.y[size_t(e)].data());
   }
-  y = MatT<T>::Zero(N, H);
+  Eigen::Map<MatT<T>> y(y_rows.data(), N, H);
+  y.setZero();
   for (int e = 0; e < E; ++e)
     for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) {
       const int t = tp.tok[size_t(e)][j];
@@ -286,166 +373,233 @@ void experts_taped(const Ops<T>& op, const ExpertBank& b, const MatT<T>& a, grad
     }
 }
 
-// The routed experts through the backend, per-expert hooks as taps.
-void experts_backend(const Ops<float>& op, int l, const ExpertBank& b, const MatR& a, const LayerRouting& r,
-                     const TokenLayout& layout, const Hooks* hooks, MatR& y) {
+// The routed experts through the backend (ids [N, k], weights w [N, k] in its memory), per-expert hooks as taps.
+void experts_backend(const Ops<float>& op, int l, const ExpertBank& b, const Act<float>& a, const int* ids,
+                     const Act<float>& w, const TokenLayout& layout, const Hooks* hooks, const Act<float>& y) {
   const int E = b.E;
   std::vector<ops::WeightView> views(3 * size_t(E));
   for (int e = 0; e < E; ++e) {
-    views[size_t(e)] = b.gate[size_t(e)].kernel();
-    views[size_t(E + e)] = b.up[size_t(e)].kernel();
-    views[size_t(2 * E + e)] = b.down[size_t(e)].kernel();
+    views[size_t(e)] = b.gate[size_t(e)].on(op.be);
+    views[size_t(E + e)] = b.up[size_t(e)].on(op.be);
+    views[size_t(2 * E + e)] = b.down[size_t(e)].on(op.be);
   }
   const ExpertsView ex{E, b.I, b.H, views.data(), views.data() + E, views.data() + 2 * E};
   MoeTaps taps;
   if (hooks) {
     auto tap = [&](std::string (*name_of)(int, int)) {
       return [&, name_of](int e, MapMatR rows, const std::vector<int>& tokens) {
-        run_hook(hooks, name_of(l, e), rows, l, e, layout, &tokens);
+        const std::string name = name_of(l, e);
+        hooks->run(name, rows, {name, l, e, layout, &tokens});
       };
     };
     taps.key = tap(&hook_names::expert_key);
     taps.out = tap(&hook_names::expert_out);
   }
-  y.resize(a.rows(), b.H);
-  op.be.moe_experts(a.data(), int(a.rows()), ex, r.ids.data(), r.weights.data(), int(r.ids.cols()), y.data(),
-                    hooks ? &taps : nullptr);
+  op.be.moe_experts(a.data(), a.rows, ex, ids, w.data(), w.cols, y.data(), hooks ? &taps : nullptr);
+}
+
+// The FFN/MoE block of layer l on a [N, H] → [N, H].
+template <class T>
+Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, const BlockIO<T>& io) {
+  constexpr bool f32 = Ops<T>::f32;
+  const ModelConfig& c = op.m.config();
+  const FFNWeights& f = op.m.weights().layers[size_t(l)].ffn;
+  grad::BlockTape<T>* tp = io.tape;
+  const Hooks* hooks = io.hooks && !io.hooks->empty() ? io.hooks : nullptr;
+  const int N = a.rows, H = c.hidden;
+  Act<T> y = op.act(N, H);
+  if (!f.moe) {  // dense SwiGLU: expert 0 of a one-expert bank, every token
+    Act<T> gu, key;
+    op.gate_up_key(f.experts, 0, a.data(), N, gu, key);
+    op.linear(key.data(), N, f.experts.I, f.experts.down[0], y.data());
+    if (tp) {
+      tp->tok.assign(1, std::vector<int>(size_t(N)));
+      std::iota(tp->tok[0].begin(), tp->tok[0].end(), 0);
+      tp->gu.assign(1, op.host(gu));
+      tp->key.assign(1, op.host(key));
+      tp->y.assign(1, op.host(y));
+    }
+    return y;
+  }
+
+  // Router: z = a·Wrᵀ [N, E] → top-k ids and weights [N, k], in the activations' memory.
+  const int E = c.n_experts, k = c.top_k;
+  Act<T> z = op.act(N, E), w = op.act(N, k);
+  op.linear(a.data(), N, H, f.router.data(), E, z.data());
+  if constexpr (f32)
+    if (hooks) run_hook(op, hooks, hook_names::router_logits(l), z, l, -1, layout);
+  Buf ids(op.mem(), sizeof(int) * size_t(N) * k);
+  op.route(z.data(), N, f.router_bias, ids.as<int>(), w.data());
+  // The choices on the host where someone reads them (the caller, hooks, the tape); a weights hook may change them.
+  LayerRouting local;
+  LayerRouting* r = io.routing ? io.routing : (hooks || tp) ? &local : nullptr;
+  IdxMat ids_h;
+  MatT<T> w_h;
+  if (r || tp) {
+    ids_h.resize(N, k);
+    w_h.resize(N, k);
+    op.mem().to_host(ids_h.data(), ids.as<int>(), sizeof(int) * ids_h.size());
+    op.mem().to_host(w_h.data(), w.data(), sizeof(T) * w_h.size());
+  }
+  if constexpr (f32) {
+    if (r) {
+      r->ids = ids_h;
+      r->weights = w_h;
+    }
+    if (hooks) {
+      MatR idf = r->ids.cast<float>();
+      hooks->run(hook_names::expert_ids(l), idf, {hook_names::expert_ids(l), l, -1, layout, nullptr});
+      hooks->run(hook_names::expert_weights(l), r->weights,
+                 {hook_names::expert_weights(l), l, -1, layout, nullptr});
+      op.be.to_device(w.data(), r->weights.data(), sizeof(float) * w.size());
+      w_h = r->weights;
+    }
+  }
+  if (tp) {
+    tp->z = op.host(z);
+    tp->ids = ids_h;
+    tp->w = w_h;
+    experts_taped(op, f.experts, a, *tp, y);
+  } else if constexpr (f32) {
+    experts_backend(op, l, f.experts, a, ids.as<int>(), w, layout, hooks, y);
+  } else {
+    throw std::logic_error("double-precision blocks run with a tape");
+  }
+
+  if (f.has_shared) {
+    const int Is = f.shared.I;
+    Act<T> gu, key, s = op.act(N, H);
+    op.gate_up_key(f.shared, 0, a.data(), N, gu, key);  // key [N, Is]
+    if constexpr (f32)
+      if (hooks) run_hook(op, hooks, hook_names::shared_key(l), key, l, -1, layout);
+    op.linear(key.data(), N, Is, f.shared.down[0], s.data());
+    if (tp) {
+      tp->s_gu = op.host(gu);
+      tp->s_key = op.host(key);
+      tp->s_y = op.host(s);
+    }
+    Act<T> g;  // sigmoid gate per token [N, 1], empty when ungated
+    if (f.shared_gate.size()) {
+      g = op.act(N, 1);  // a·gate: through linear, so each token's gate is the same whatever its batch
+      op.linear(a.data(), N, H, f.shared_gate.data(), 1, g.data());
+      if (tp) tp->s_logit = op.host(g).col(0);
+      op.sigmoid_gate(s, g);
+    }
+    if constexpr (f32) {
+      if (hooks) {
+        // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
+        const ops::WeightView dn = f.shared.down[0].on(op.be);  // [H, Is]
+        for (int j = 0; j < c.n_shared_experts; ++j) {
+          const std::string name = hook_names::shared_expert_out(l, j);
+          if (!hooks->has(name)) continue;
+          const auto [b, e] = c.shared_slice(j);
+          Act<float> out = op.act(N, H), change = op.act(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, read in place
+          op.be.linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
+          if (g.size()) op.be.scale_rows(out.data(), N, H, g.data());
+          op.copy2d(out.data(), size_t(H), change.data(), size_t(H), N, H);
+          run_hook(op, hooks, name, out, l, j, layout);
+          op.scale(change, -1.f);  // change = out after the hook − out before it
+          op.add(change, out);
+          op.add(s, change);
+        }
+        run_hook(op, hooks, hook_names::shared_out(l), s, l, -1, layout);
+      }
+    }
+    op.add(y, s);
+  }
+  return y;
+}
+
+// Block l on the rows x [N, H] (in the activations' memory) in place; pos: their positions, in the same memory.
+template <class T>
+void block(const Ops<T>& op, int l, const Act<T>& x, const TokenLayout& layout, const int* pos,
+           const BlockIO<T>& io) {
+  const ModelConfig& c = op.m.config();
+  const LayerWeights& L = op.m.weights().layers[size_t(l)];
+  grad::BlockTape<T>* tp = io.tape;
+  const Hooks* hooks = io.hooks && !io.hooks->empty() ? io.hooks : nullptr;
+  const int N = x.rows, H = c.hidden;
+  const T rm = T(c.residual_multiplier);
+  auto hook = [&](std::string (*name_of)(int), const Act<T>& act) {
+    if constexpr (Ops<T>::f32)
+      if (hooks) run_hook(op, hooks, name_of(l), act, l, -1, layout);
+  };
+  hook(&hook_names::resid_pre, x);
+  if (tp) tp->x_in = op.host(x);
+  Act<T> a = op.act(N, H);
+  op.rmsnorm(x.data(), L.ln_in, a.data(), N, H, c.rms_eps);
+  Act<T> att = attention(op, l, a, layout, pos, io);
+  if (tp) tp->a1 = op.host(a);
+  hook(&hook_names::attn_out, att);
+  if (rm != T(1)) op.scale(att, rm);
+  op.add(x, att);
+  if (tp) tp->x_mid = op.host(x);
+  op.rmsnorm(x.data(), L.ln_post, a.data(), N, H, c.rms_eps);
+  hook(&hook_names::ffn_in, a);
+  Act<T> mo = ffn(op, l, a, layout, io);
+  if (tp) tp->a2 = op.host(a);
+  hook(&hook_names::moe_out, mo);
+  if (rm != T(1)) op.scale(mo, rm);
+  op.add(x, mo);
+  hook(&hook_names::resid_post, x);
+}
+
+// Host rows [rows, cols] as an activation: the rows themselves where the activations' memory is the host's, else
+// a copy (back_to_host() writes it back).
+template <class T>
+struct Staged {
+  const Ops<T>& op;
+  MatT<T>& host;
+  Act<T> act;
+  Staged(const Ops<T>& o, MatT<T>& h) : op(o), host(h) {
+    if (op.mem().host_memory()) {
+      act = Act<T>::view(host.data(), int(host.rows()), int(host.cols()));
+    } else {
+      act = op.act(int(host.rows()), int(host.cols()));
+      op.mem().to_device(act.data(), host.data(), sizeof(T) * act.size());
+    }
+  }
+  void back_to_host() {
+    if (!op.mem().host_memory()) op.mem().to_host(host.data(), act.data(), sizeof(T) * act.size());
+  }
+};
+
+template <class T>
+Ops<T> ops_of(const Model& m, const BlockIO<T>& io) {
+  const Ops<T> op{m, m.backend()};
+  if (io.tape && !op.mem().host_memory()) throw std::logic_error("taped blocks run on a host backend");
+  return op;
 }
 
 }  // namespace
 
 template <class T>
 MatT<T> run_ffn(const Model& m, int l, const MatT<T>& a, const TokenLayout& layout, const BlockIO<T>& io) {
-  const Ops<T> op{m, m.backend()};
-  const ModelConfig& c = m.config();
-  const FFNWeights& f = m.weights().layers[size_t(l)].ffn;
-  grad::BlockTape<T>* tp = io.tape;
-  const Hooks* hooks = io.hooks && !io.hooks->empty() ? io.hooks : nullptr;
-  const int N = int(a.rows()), H = c.hidden;
-  MatT<T> y;
-  if (!f.moe) {  // dense SwiGLU: expert 0 of a one-expert bank, every token
-    MatT<T> gu, key;
-    op.gate_up_key(f.experts, 0, a.data(), N, gu, key);
-    y.resize(N, H);
-    op.linear(key.data(), N, f.experts.I, f.experts.down[0], y.data());
-    if (tp) {
-      tp->tok.assign(1, std::vector<int>(size_t(N)));
-      std::iota(tp->tok[0].begin(), tp->tok[0].end(), 0);
-      tp->gu.assign(1, std::move(gu));
-      tp->key.assign(1, std::move(key));
-      tp->y.assign(1, y);
-    }
-    return y;
-  }
-
-  // Router: z = a·Wrᵀ [N, E] → top-k ids and weights [N, k].
-  const int E = c.n_experts, k = c.top_k;
-  MatT<T> z(N, E);
-  op.linear(a.data(), N, H, f.router.data(), E, z.data());
-  const float* bias = f.router_bias.size() ? f.router_bias.data() : nullptr;
-  LayerRouting local;
-  if constexpr (std::is_same_v<T, float>) {
-    if (hooks) run_hook(hooks, hook_names::router_logits(l), z, l, -1, layout);
-    LayerRouting& r = io.routing ? *io.routing : local;
-    r.ids.resize(N, k);
-    r.weights.resize(N, k);
-    op.route(z.data(), N, bias, r.ids.data(), r.weights.data());
-    if (hooks) {
-      MatR ids = r.ids.cast<float>();
-      run_hook(hooks, hook_names::expert_ids(l), ids, l, -1, layout);
-      run_hook(hooks, hook_names::expert_weights(l), r.weights, l, -1, layout);
-    }
-    if (tp) {
-      tp->z = z;
-      tp->ids = r.ids;
-      tp->w = r.weights;
-      experts_taped(op, f.experts, a, *tp, y);
-    } else {
-      experts_backend(op, l, f.experts, a, r, layout, hooks, y);
-    }
+  const Ops<T> op = ops_of(m, io);
+  Act<T> in;  // the FFN only reads its input: the rows themselves on the host
+  if (op.mem().host_memory()) {
+    in = Act<T>::view(const_cast<T*>(a.data()), int(a.rows()), int(a.cols()));
   } else {
-    tp->z = z;
-    tp->ids.resize(N, k);
-    tp->w.resize(N, k);
-    op.route(z.data(), N, bias, tp->ids.data(), tp->w.data());
-    experts_taped(op, f.experts, a, *tp, y);
+    in = op.act(int(a.rows()), int(a.cols()));
+    op.mem().to_device(in.data(), a.data(), sizeof(T) * in.size());
   }
-
-  if (f.has_shared) {
-    const int Is = f.shared.I;
-    MatT<T> gu, key, s(N, H);
-    op.gate_up_key(f.shared, 0, a.data(), N, gu, key);  // key [N, Is]
-    if constexpr (std::is_same_v<T, float>)
-      if (hooks) run_hook(hooks, hook_names::shared_key(l), key, l, -1, layout);
-    op.linear(key.data(), N, Is, f.shared.down[0], s.data());
-    if (tp) {
-      tp->s_gu = std::move(gu);
-      tp->s_key = key;
-      tp->s_y = s;
-    }
-    VecT<T> g;  // sigmoid gate per token, empty when ungated
-    if (f.shared_gate.size()) {
-      g.resize(N);  // a·gate [N]: through linear, so each token's gate is the same whatever its batch
-      op.linear(a.data(), N, H, f.shared_gate.data(), 1, g.data());
-      if (tp) tp->s_logit = g;
-      for (int t = 0; t < N; ++t) s.row(t) *= (g[t] = T(1) / (T(1) + std::exp(-g[t])));
-    }
-    if constexpr (std::is_same_v<T, float>) {
-      if (hooks) {
-        // Shared expert j alone (only where hooked): its slice of the down projection on its slice of the key.
-        const ops::WeightView dn = f.shared.down[0].kernel();  // [H, Is]
-        for (int j = 0; j < c.n_shared_experts; ++j) {
-          const std::string name = hook_names::shared_expert_out(l, j);
-          if (!hooks->has(name)) continue;
-          const auto [b, e] = c.shared_slice(j);
-          MatR out(N, H);  // key[:, b:e] · dn[:, b:e]ᵀ, both slices read in place
-          op.be.linear(key.data() + b, size_t(Is), N, e - b, dn.at(0, b), H, out.data(), size_t(H));
-          if (g.size()) out.array().colwise() *= g.array();
-          const MatR before = out;
-          run_hook(hooks, name, out, l, j, layout);
-          s += out - before;
-        }
-        run_hook(hooks, hook_names::shared_out(l), s, l, -1, layout);
-      }
-    }
-    y += s;
-  }
-  return y;
+  return op.host(ffn(op, l, in, layout, io));
 }
 
 template <class T>
 void run_block(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const BlockIO<T>& io) {
-  const Ops<T> op{m, m.backend()};
-  const ModelConfig& c = m.config();
-  const LayerWeights& L = m.weights().layers[size_t(l)];
-  grad::BlockTape<T>* tp = io.tape;
-  const Hooks* hooks = io.hooks && !io.hooks->empty() ? io.hooks : nullptr;
-  const int N = int(x.rows()), H = c.hidden;
-  const T rm = T(c.residual_multiplier);
-  if (int(layout.seq.size()) != N) throw std::logic_error("run_block: layout and rows disagree");
-  auto hook = [&](std::string (*name_of)(int), MatT<T>& act) {
-    if constexpr (std::is_same_v<T, float>)
-      if (hooks) run_hook(hooks, name_of(l), act, l, -1, layout);
-  };
-  hook(&hook_names::resid_pre, x);
-  if (tp) tp->x_in = x;
-  MatT<T> a(N, H);
-  op.rmsnorm(x.data(), L.ln_in.data(), a.data(), N, H, c.rms_eps);
-  MatT<T> att = attention(op, l, a, layout, io);
-  if (tp) tp->a1 = std::move(a);
-  hook(&hook_names::attn_out, att);
-  if (rm != T(1)) att *= rm;
-  x += att;
-  if (tp) tp->x_mid = x;
-  a.resize(N, H);
-  op.rmsnorm(x.data(), L.ln_post.data(), a.data(), N, H, c.rms_eps);
-  hook(&hook_names::ffn_in, a);
-  MatT<T> mo = run_ffn(m, l, a, layout, io);
-  if (tp) tp->a2 = std::move(a);
-  hook(&hook_names::moe_out, mo);
-  if (rm != T(1)) mo *= rm;
-  x += mo;
-  hook(&hook_names::resid_post, x);
+  const Ops<T> op = ops_of(m, io);
+  if (int(layout.seq.size()) != int(x.rows())) throw std::logic_error("run_block: layout and rows disagree");
+  Staged<T> xs(op, x);
+  Buf pos_b;
+  const int* pos = layout.pos.data();
+  if (!op.mem().host_memory()) {
+    pos_b = Buf(op.mem(), sizeof(int) * layout.pos.size());
+    op.mem().to_device(pos_b.as<int>(), pos, pos_b.bytes());
+    pos = pos_b.as<int>();
+  }
+  block(op, l, xs.act, layout, pos, io);
+  xs.back_to_host();
 }
 
 #define MOEDIT_BLOCK_INSTANTIATE(T)                                                                            \

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <optional>
 
+#include "kernels/backend.h"
 #include "model/config.h"
 #include "io/errors.h"
 #include "io/safetensors.h"
@@ -31,6 +32,18 @@ Weight Weight::view(const void* data, ops::WType t, int64_t rows, int64_t cols, 
 ops::WeightView Weight::kernel() const {
   if (copy_) return {own_.data(), size_t(cols_)};
   return {view_, vtype_, ld_, scales_};
+}
+
+ops::WeightView Weight::on(const Backend& be) const {
+  ops::WeightView v = kernel();
+  if (be.host_memory() || empty()) return v;
+  const size_t elems = size_t(rows_ - 1) * v.ld + size_t(cols_);
+  v.data = be.resident(v.data, elems * ops::wtype_size(v.type));
+  if (v.scales.data) {  // every block row the matrix spans
+    const size_t block_rows = size_t((v.scales.r0 + rows_ - 1) / v.scales.br + 1);
+    v.scales.data = static_cast<const float*>(be.resident(v.scales.data, block_rows * v.scales.ld * sizeof(float)));
+  }
+  return v;
 }
 
 MatR Weight::to_f32() const {

@@ -19,6 +19,7 @@
 
 namespace moedit {
 
+class Backend;
 class TensorStore;
 struct ModelConfig;
 
@@ -38,6 +39,8 @@ class Weight {
   // What the kernels read now: the owned copy when there is one, else the view.
   ops::WeightView kernel() const;
   ops::WType type() const { return kernel().type; }
+  // kernel() in a backend's memory: the same view on the CPU, the backend's resident copy on a device.
+  ops::WeightView on(const Backend& be) const;
   bool is_copy() const { return copy_; }
   // Bytes of the checkpoint view (0 for an owned matrix).
   size_t view_bytes() const { return view_ ? size_t(size()) * ops::wtype_size(vtype_) : 0; }

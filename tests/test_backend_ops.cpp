@@ -25,9 +25,26 @@ using test::randn;
 struct TypedWeight {
   std::vector<float> f32, value;  // storage for F32; widened values for every type
   std::vector<uint16_t> half;
+  std::vector<uint8_t> fp8;
+  std::vector<float> scales;      // FP8: one per 4 × 8 block
   ops::WeightView view;
   TypedWeight(int rows, int cols, ops::WType t, uint64_t seed, float sd = 0.5f) {
     value = randn(size_t(rows) * cols, seed, sd);
+    if (t == ops::WType::F8E4M3) {  // random E4M3 values in [1/8, 4) of either sign, block scales around 1/4
+      std::mt19937_64 rng(seed);
+      const int br = 4, bc = 8, sr = (rows + br - 1) / br, sc = (cols + bc - 1) / bc;
+      scales.resize(size_t(sr) * sc);
+      for (auto& x : scales) x = 0.125f + float(rng() % 1000) / 4000.f;
+      fp8.resize(value.size());
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          const uint8_t b = uint8_t((rng() & 0x80) | ((4 + rng() % 5) << 3) | (rng() & 7));
+          fp8[size_t(r) * cols + c] = b;
+          value[size_t(r) * cols + c] = f8e4m3_to_f32(b) * scales[size_t(r / br) * sc + size_t(c / bc)];
+        }
+      view = ops::WeightView(fp8.data(), t, size_t(cols), {scales.data(), size_t(sc), br, bc, 0, 0});
+      return;
+    }
     if (t == ops::WType::F32) {
       f32 = value;
       view = ops::WeightView(f32.data(), size_t(cols));
@@ -42,8 +59,10 @@ struct TypedWeight {
   }
 };
 
-constexpr ops::WType kTypes[] = {ops::WType::F32, ops::WType::BF16, ops::WType::F16};
-const char* type_name(ops::WType t) { return t == ops::WType::F32 ? "f32" : t == ops::WType::BF16 ? "bf16" : "f16"; }
+constexpr ops::WType kTypes[] = {ops::WType::F32, ops::WType::BF16, ops::WType::F16, ops::WType::F8E4M3};
+const char* type_name(ops::WType t) {
+  return t == ops::WType::F32 ? "f32" : t == ops::WType::BF16 ? "bf16" : t == ops::WType::F16 ? "f16" : "fp8";
+}
 
 // |fp32 sum of n products − exact| ≤ γ·Σ|terms| with γ = n·2⁻²⁴ (any order; FMA only tightens it), plus slack.
 double dot_bound(int n, double abs_sum) { return (n + 2) * 6e-8 * abs_sum + 1e-30; }
@@ -378,6 +397,90 @@ TEST(BackendOps, WorkspaceKeepsEarlierPiecesWhenItGrows) {
   EXPECT_EQ(ws.capacity(), cap);
   EXPECT_EQ(c, b);  // b opened the new block; after the reset the next piece starts there again
 
+}
+
+// The Buf pool's size classes (256 B steps to 4 KiB, then 8 per power of two: at most 12.5 % over) and reuse: a
+// dropped Buf serves the next request of its class. (The cached buffers are handed back at the end: the pool must be
+// empty when the CPU backend is destroyed at exit.)
+TEST(BackendOps, BufferPoolSizeClassesAndReuse) {
+  EXPECT_EQ(BufferPool::size_class(1), 256u);
+  EXPECT_EQ(BufferPool::size_class(256), 256u);
+  EXPECT_EQ(BufferPool::size_class(257), 512u);
+  EXPECT_EQ(BufferPool::size_class(4096), 4096u);
+  EXPECT_EQ(BufferPool::size_class(4097), 4608u);
+  EXPECT_EQ(BufferPool::size_class(size_t(1) << 20), size_t(1) << 20);
+  for (size_t b = 1, prev = 0; b < (size_t(1) << 26); b += b / 7 + 1) {
+    const size_t c = BufferPool::size_class(b);
+    EXPECT_GE(c, b);
+    EXPECT_GE(c, prev);  // monotone
+    EXPECT_EQ(c % 256, 0u);
+    if (b > 4096) EXPECT_LE(double(c), 1.125 * double(b)) << b;
+    EXPECT_EQ(BufferPool::size_class(c), c);  // a class is its own class
+    prev = c;
+  }
+  const Backend& be = cpu_backend();
+  void* first = nullptr;
+  {
+    Buf a(be, 5000);
+    first = a.as<void>();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % 256, 0u);
+  }
+  const size_t cached = be.pool().cached();
+  EXPECT_GE(cached, BufferPool::size_class(5000));
+  {
+    Buf b(be, 4700);  // the same class
+    EXPECT_EQ(b.as<void>(), first);
+    EXPECT_EQ(be.pool().cached(), cached - BufferPool::size_class(5000));
+  }
+  be.pool().trim();
+  EXPECT_EQ(be.pool().cached(), 0u);
+}
+
+
+// The elementwise ops the block runs between the big ones: exact where IEEE arithmetic is (copy, add, scale, clamp,
+// row scaling, the embedding gather of widened typed rows), sigmoid to 2 ulp of its double value.
+TEST(BackendOps, ElementwiseOpsAndGather) {
+  for (const Backend* be : backends()) {
+    const int rows = 6, cols = 13;
+    const size_t ldx = 17, ldy = 20;
+    const auto x = randn(size_t(rows) * ldx, 31, 2.f);
+    std::vector<float> y(size_t(rows) * ldy, -3.f);
+    be->copy2d(x.data(), ldx, y.data(), ldy, rows, cols);
+    for (int r = 0; r < rows; ++r)
+      for (size_t c = 0; c < ldy; ++c)
+        ASSERT_EQ(y[size_t(r) * ldy + c], c < size_t(cols) ? x[size_t(r) * ldx + c] : -3.f) << be->name();
+
+    const size_t n = 1000;
+    const auto a = randn(n, 32, 3.f), b = randn(n, 33, 3.f);
+    std::vector<float> v = a;
+    be->add(v.data(), b.data(), n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(v[i], a[i] + b[i]);
+    v = a;
+    be->scale(v.data(), n, -0.37f);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(v[i], a[i] * -0.37f);
+    v = a;
+    be->clamp(v.data(), n, 2.5f);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(v[i], std::min(std::max(a[i], -2.5f), 2.5f));
+    v = a;
+    be->sigmoid(v.data(), n);
+    for (size_t i = 0; i < n; ++i) {
+      const double ref = 1.0 / (1.0 + std::exp(-double(a[i])));
+      ASSERT_NEAR(v[i], ref, 2.5e-7 * ref) << a[i];
+    }
+    v = a;  // [100, 10] rows scaled by g
+    be->scale_rows(v.data(), 100, 10, b.data());
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(v[i], a[i] * b[i / 10]);
+
+    for (ops::WType t : kTypes) {  // rows 5, 0, 5, 8 of a typed [9, 24] table
+      const TypedWeight table(9, 24, t, 34);
+      const std::vector<int> ids = {5, 0, 5, 8};
+      std::vector<float> e(ids.size() * 24);
+      be->gather_rows(table.view, ids.data(), int(ids.size()), 24, e.data());
+      for (size_t i = 0; i < ids.size(); ++i)
+        for (int c = 0; c < 24; ++c)
+          ASSERT_EQ(e[i * 24 + size_t(c)], table.value[size_t(ids[i]) * 24 + size_t(c)]) << type_name(t);
+    }
+  }
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <new>
 
@@ -34,11 +35,42 @@ namespace {
 
 class CpuBackend final : public Backend {
  public:
+  ~CpuBackend() override { pool().trim(); }
   std::string name() const override { return "cpu"; }
   int threads() const override { return ops::num_threads(); }
   Workspace& workspace() const override {
     thread_local Workspace ws;
     return ws;
+  }
+
+  bool host_memory() const override { return true; }
+  void* allocate(size_t bytes) const override { return ::operator new[](bytes, std::align_val_t(256)); }
+  void deallocate(void* p, size_t) const override { ::operator delete[](p, std::align_val_t(256)); }
+  void to_device(void* dst, const void* host, size_t bytes) const override { std::memcpy(dst, host, bytes); }
+  void to_host(void* host, const void* src, size_t bytes) const override { std::memcpy(host, src, bytes); }
+  const void* resident(const void* host, size_t) const override { return host; }
+
+  void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override {
+    for (int r = 0; r < rows; ++r) std::copy_n(x + size_t(r) * ldx, cols, y + size_t(r) * ldy);
+  }
+  void add(float* y, const float* x, size_t n) const override {
+    for (size_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+  void scale(float* x, size_t n, float s) const override {
+    for (size_t i = 0; i < n; ++i) x[i] *= s;
+  }
+  void clamp(float* x, size_t n, float c) const override {
+    for (size_t i = 0; i < n; ++i) x[i] = std::min(std::max(x[i], -c), c);
+  }
+  void sigmoid(float* x, size_t n) const override {
+    for (size_t i = 0; i < n; ++i) x[i] = 1.f / (1.f + std::exp(-x[i]));
+  }
+  void scale_rows(float* y, int rows, int cols, const float* g) const override {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) y[size_t(r) * cols + c] *= g[r];
+  }
+  void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const override {
+    for (int i = 0; i < n; ++i) ops::widen_row(table, ids[i], 0, H, y + size_t(i) * H);
   }
 
   void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y, size_t ldy,
