@@ -61,25 +61,34 @@ TokenLayout make_layout(const std::vector<std::vector<int32_t>>& seqs, const KVC
   return layout_from_lengths(lengths, first);
 }
 
-void KVCache::reserve(int n_layers, int n_seqs, int tokens, int kw, int vw) {
+void KVCache::reserve(int n_layers, int n_seqs, int tokens, int kw, int vw, const Backend& be) {
   if (layers_.empty()) {
-    layers_.assign(size_t(n_layers), {});
+    layers_.resize(size_t(n_layers));
     kw_ = kw;
     vw_ = vw;
+    be_ = &be;
   }
   if (int(layers_.size()) != n_layers || kw_ != kw || vw_ != vw)
     throw std::invalid_argument("KVCache: this cache belongs to a model of another shape");
-  if (std::all_of(layers_.begin(), layers_.end(), [](const Layer& L) { return L.k.empty(); })) {
+  if (be_ != &be) throw std::invalid_argument("KVCache: this cache lives on backend " + be_->name());
+  if (std::none_of(layers_.begin(), layers_.end(), [](const Layer& L) { return L.k.bytes() != 0; })) {
     // Nothing allocated yet: every layer (a gathered cache keeps its empty lower layers, and has others).
     cap_ = std::max(cap_, tokens);
     len_.resize(size_t(std::max(n_seqs, int(len_.size()))), 0);
     for (auto& L : layers_) {
-      L.k.assign(len_.size() * size_t(cap_) * size_t(kw_), 0.f);
-      L.v.assign(len_.size() * size_t(cap_) * size_t(vw_), 0.f);
+      L.k = Buf(be, sizeof(float) * len_.size() * size_t(cap_) * size_t(kw_));
+      L.v = Buf(be, sizeof(float) * len_.size() * size_t(cap_) * size_t(vw_));
     }
     return;
   }
   grow(n_seqs, tokens);
+}
+
+Buf KVCache::relayout(const Buf& b, int w, int n_new, int cap_new) const {
+  Buf out(*be_, sizeof(float) * size_t(n_new) * size_t(cap_new) * size_t(w));
+  const int n_old = int(len_.size());  // every row, cached or written by this forward's earlier layers
+  be_->copy2d(b.as<float>(), size_t(cap_) * w, out.as<float>(), size_t(cap_new) * w, n_old, cap_ * w);
+  return out;
 }
 
 void KVCache::grow(int n_seqs, int tokens) {
@@ -88,16 +97,9 @@ void KVCache::grow(int n_seqs, int tokens) {
   const int cap_new = tokens > cap_ ? std::max(tokens, 2 * cap_) : cap_;
   if (n_new == n_old && cap_new == cap_) return;
   for (auto& L : layers_) {
-    if (L.k.empty()) continue;  // a layer this (gathered) cache may not run stays empty
-    auto relayout = [&](std::vector<float>& buf, int w) {
-      std::vector<float> out(size_t(n_new) * size_t(cap_new) * size_t(w), 0.f);
-      for (int s = 0; s < n_old; ++s)  // every row, cached or written by this forward's earlier layers
-        std::copy_n(buf.data() + size_t(s) * cap_ * size_t(w), size_t(cap_) * size_t(w),
-                    out.data() + size_t(s) * cap_new * size_t(w));
-      buf.swap(out);
-    };
-    relayout(L.k, kw_);
-    relayout(L.v, vw_);
+    if (!L.k.bytes()) continue;  // a layer this (gathered) cache may not run stays empty
+    L.k = relayout(L.k, kw_, n_new, cap_new);
+    L.v = relayout(L.v, vw_, n_new, cap_new);
   }
   len_.resize(size_t(n_new), 0);
   cap_ = cap_new;
@@ -115,19 +117,19 @@ KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& le
   KVCache c;
   c.kw_ = kw_;
   c.vw_ = vw_;
+  c.be_ = be_;
   c.len_ = lengths;
   c.cap_ = std::max({1, capacity, n ? *std::max_element(lengths.begin(), lengths.end()) : 0});
-  c.layers_.assign(layers_.size(), {});
-  for (size_t l = size_t(std::max(first_layer, 0)); l < layers_.size(); ++l) {
-    const Layer& L = layers_[l];
-    if (L.k.empty()) continue;
-    Layer& D = c.layers_[l];
-    D.k.assign(n * size_t(c.cap_) * size_t(kw_), 0.f);
-    D.v.assign(n * size_t(c.cap_) * size_t(vw_), 0.f);
+  c.layers_.resize(layers_.size());
+  for (int l = std::max(first_layer, 0); l < int(layers_.size()); ++l) {
+    if (!holds_layer(l)) continue;
+    Layer& D = c.layers_[size_t(l)];
+    D.k = Buf(*be_, sizeof(float) * n * size_t(c.cap_) * size_t(kw_));
+    D.v = Buf(*be_, sizeof(float) * n * size_t(c.cap_) * size_t(vw_));
     for (size_t i = 0; i < n; ++i) {
-      const size_t s = size_t(from[i]), rows = size_t(lengths[i]);
-      std::copy_n(L.k.data() + s * cap_ * size_t(kw_), rows * size_t(kw_), D.k.data() + i * c.cap_ * size_t(kw_));
-      std::copy_n(L.v.data() + s * cap_ * size_t(vw_), rows * size_t(vw_), D.v.data() + i * c.cap_ * size_t(vw_));
+      const int s = from[i], rows = lengths[i];
+      be_->copy2d(k_row(l, s, 0), size_t(kw_), c.k_row(l, int(i), 0), size_t(kw_), rows, kw_);
+      be_->copy2d(v_row(l, s, 0), size_t(vw_), c.v_row(l, int(i), 0), size_t(vw_), rows, vw_);
     }
   }
   return c;
@@ -295,7 +297,7 @@ ForwardOutput Model::forward(const std::vector<std::vector<int32_t>>& seqs, cons
     int need = 0;
     for (size_t b = 0; b < seqs.size(); ++b) need = std::max(need, cache->length(int(b)) + int(seqs[b].size()));
     const ops::AttnShape sh = attn_shape(cfg_);
-    cache->reserve(cfg_.n_layers, int(seqs.size()), need, sh.Hkv * sh.Dk, sh.Hkv * sh.Dv);
+    cache->reserve(cfg_.n_layers, int(seqs.size()), need, sh.Hkv * sh.Dk, sh.Hkv * sh.Dv, *be_);
   }
   ForwardOutput out;
   out.layout = make_layout(seqs, cache);

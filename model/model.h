@@ -28,8 +28,9 @@ class KVCache {
   int capacity() const { return cap_; }  // tokens per sequence before the next growth
   void clear() { *this = KVCache(); }
   // Room for n_seqs sequences of `tokens` tokens each in every layer (K rows kw floats wide, V rows vw), so that
-  // decoding up to that length allocates nothing. The model sets the widths on first use otherwise.
-  void reserve(int n_layers, int n_seqs, int tokens, int kw, int vw);
+  // decoding up to that length allocates nothing. The model sets the widths on first use otherwise. The rows live in
+  // the memory of `be` (the model's backend: a cache belongs to one backend).
+  void reserve(int n_layers, int n_seqs, int tokens, int kw, int vw, const Backend& be = cpu_backend());
   // A new cache whose sequence i copies the first lengths[i] tokens of this cache's sequence from[i] (continuing
   // many copies of one cached prefix: causal tracing). Only layers >= first_layer are copied; the others are left
   // empty, so the result may only run blocks >= first_layer. capacity: tokens per sequence to make room for.
@@ -39,17 +40,25 @@ class KVCache {
   // For the block that reads and appends: whether layer l is held, the K/V row of sequence s at position pos (rows
   // of one sequence are consecutive, kw / vw floats wide), and room for `tokens` tokens in every sequence (keeps
   // every row, grows capacity at least 2×).
-  bool holds_layer(int l) const { return l < int(layers_.size()) && !layers_[size_t(l)].k.empty(); }
-  float* k_row(int l, int s, int pos) { return layers_[size_t(l)].k.data() + (size_t(s) * cap_ + size_t(pos)) * kw_; }
-  float* v_row(int l, int s, int pos) { return layers_[size_t(l)].v.data() + (size_t(s) * cap_ + size_t(pos)) * vw_; }
+  bool holds_layer(int l) const { return l < int(layers_.size()) && layers_[size_t(l)].k.bytes(); }
+  float* k_row(int l, int s, int pos) const {
+    return layers_[size_t(l)].k.as<float>() + (size_t(s) * cap_ + size_t(pos)) * kw_;
+  }
+  float* v_row(int l, int s, int pos) const {
+    return layers_[size_t(l)].v.as<float>() + (size_t(s) * cap_ + size_t(pos)) * vw_;
+  }
+  const Backend* backend() const { return be_; }
   void grow(int n_seqs, int tokens);
 
  private:
   friend class Model;
   struct Layer {
-    std::vector<float> k, v;  // [n_seqs, cap, kw], [n_seqs, cap, vw]; empty: a layer this cache may not run
+    Buf k, v;  // [n_seqs, cap, kw], [n_seqs, cap, vw]; empty: a layer this cache may not run
   };
+  // A sequence's K or V block of every layer, grown to n_new sequences of cap_new rows (rows kept).
+  Buf relayout(const Buf& b, int w, int n_new, int cap_new) const;
   std::vector<Layer> layers_;
+  const Backend* be_ = nullptr;
   std::vector<int> len_;
   int cap_ = 0, kw_ = 0, vw_ = 0;
 };
