@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "bench_util.h"
 #include "editor/keystats.h"
 #include "editor/rome.h"
 #include "model/model.h"
@@ -56,13 +57,7 @@ int main(int argc, char** argv) {
   bool anchor = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return bench::flag_value(argc, argv, i, "%s needs a value\n"); };
     if (a == "--requests") n_req = std::stoi(next());
     else if (a == "--repeat") repeat = std::stoi(next());
     else if (a == "--layer") layer = std::stoi(next());

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <string>
 
+#include "bench_util.h"
+#include "io/text.h"
 #include "model/model.h"
 #include "tracing/trace.h"
 
@@ -26,13 +28,7 @@ namespace {
 
 std::vector<int32_t> parse_list(const std::string& s) {
   std::vector<int32_t> v;
-  size_t i = 0;
-  while (i < s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    v.push_back(std::stoi(s.substr(i, j - i)));
-    i = j + 1;
-  }
+  for (const std::string& t : split_list(s)) v.push_back(std::stoi(t));
   return v;
 }
 
@@ -65,13 +61,7 @@ int main(int argc, char** argv) {
   bool unbatched = false, as_json = false, prune = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value for %s\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return bench::flag_value(argc, argv, i, "missing value for %s\n"); };
     if (a == "--ids") ids_arg = next();
     else if (a == "--subject-range") range = next();
     else if (a == "--samples") samples = std::stoi(next());

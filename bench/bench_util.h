@@ -2,6 +2,9 @@
 #pragma once
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 
 namespace moedit::bench {
 
@@ -19,6 +22,16 @@ double best_of(int reps, F&& f) {
     best = std::min(best, seconds_since(t0));
   }
   return best;
+}
+
+// The value after the flag argv[i] (i moves onto it); without one, prints `missing` (a printf format given the
+// flag) to stderr and exits 2.
+inline std::string flag_value(int argc, char** argv, int& i, const char* missing) {
+  if (i + 1 >= argc) {
+    std::fprintf(stderr, missing, argv[i]);
+    std::exit(2);
+  }
+  return argv[++i];
 }
 
 }  // namespace moedit::bench

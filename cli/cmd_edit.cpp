@@ -286,10 +286,8 @@ void run_edit(const EditArgs& a) {
 }
 
 void register_edit(CLI::App& app) {
-  auto* cmd = app.add_subcommand("edit", "ROME rank-one edit of the experts of one MoE layer");
   static EditArgs a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(app, "edit", "ROME rank-one edit of the experts of one MoE layer", a.model);
   cmd->add_option("--subject", a.subject, "The subject whose fact is rewritten");
   cmd->add_option("--prompt", a.prompt, "Prompt with {} where the subject goes, e.g. \"{} is located in\"");
   cmd->add_option("--target-new", a.target_new, "The new object");
@@ -315,7 +313,7 @@ void register_edit(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--quiet", a.quiet, "No progress messages");
-  cmd->add_flag("--json", a.json, "Print JSON");
+  add_json_flag(cmd, a.json);
   cmd->callback([] { run_edit(a); });
 }
 

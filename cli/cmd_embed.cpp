@@ -137,10 +137,9 @@ void run_embed(const Args& a) {
 }
 
 void register_embed(CLI::App& app) {
-  auto* cmd = app.add_subcommand("embed", "Router embeddings: per text, expert activation frequencies per MoE layer");
   static Args a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "embed", "Router embeddings: per text, expert activation frequencies per MoE layer", a.model);
   cmd->add_option("--corpus", a.corpus, "Texts: one per non-blank line, or JSONL {\"text\", \"label\"}");
   cmd->add_option("--dataset", a.dataset, "CounterFact records (or 'bundled'): rewrite prompt + true object");
   cmd->add_option("--labels", a.labels, "One label per line, one per text");

@@ -167,10 +167,9 @@ void run(const EvalArgs& a) {
 }
 
 void register_eval(CLI::App& app) {
-  auto* cmd = app.add_subcommand("eval", "CounterFact-style evaluation of ROME edits (ES/PS/NS, magnitudes, fluency)");
   static EvalArgs a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "eval", "CounterFact-style evaluation of ROME edits (ES/PS/NS, magnitudes, fluency)", a.model);
   cmd->add_option("--dataset", a.dataset, "CounterFact / MEMIT mcf / zsRE / EasyEdit JSON list");
   cmd->add_option("--format", a.format, "auto | counterfact | mcf | zsre | easyedit")->capture_default_str();
   cmd->add_option("--out", a.out, "Output directory (cases/, summary.json, summary.md, distributions.svg)");

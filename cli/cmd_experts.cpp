@@ -124,11 +124,9 @@ void run_examples(const Args& a, const Model& m, const Tokenizer* tok, const std
 }
 
 void register_experts(CLI::App& app) {
-  auto* cmd = app.add_subcommand("experts",
-                                 "Expert statistics: activation profiles, corpus comparison, domain and driver experts");
   static Args a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "experts", "Expert statistics: activation profiles, corpus comparison, domain and driver experts", a.model);
   auto* text = cmd->add_option("--text", a.text, "Profile: one text (needs the model's tokenizer.json)");
   auto* ids = cmd->add_option("--ids", a.ids, "Profile: one sequence of comma-separated token ids");
   auto* corpus = cmd->add_option("--corpus", a.corpus, "Profile: a corpus file (.txt/.raw lines, .jsonl, .json, .ids)")

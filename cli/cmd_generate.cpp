@@ -14,14 +14,13 @@ namespace moedit::cli {
 namespace {
 
 void register_generate(CLI::App& app) {
-  auto* cmd = app.add_subcommand("generate", "Continue a prompt (greedy or top-k sampling), with a KV cache");
   static std::string model, ids_arg, prompt_text;
   static int n = 16, top_k = 0;
   static uint64_t seed = 0;
   static bool greedy = false, as_json = false;
   static InterventionSpec iv;
-  add_model_arg(cmd, model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "generate", "Continue a prompt (greedy or top-k sampling), with a KV cache", model);
   auto* ids_opt = cmd->add_option("--ids", ids_arg, "Prompt as comma-separated token ids");
   auto* text_opt = cmd->add_option("--prompt", prompt_text, "Prompt text (needs the model's tokenizer.json)");
   ids_opt->excludes(text_opt);
@@ -29,7 +28,7 @@ void register_generate(CLI::App& app) {
   auto* g = cmd->add_flag("--greedy", greedy, "Greedy decoding (the default)");
   cmd->add_option("--top-k", top_k, "Sample from the k most likely tokens")->check(CLI::Range(1, 1 << 24))->excludes(g);
   cmd->add_option("--seed", seed, "Sampling seed");
-  cmd->add_flag("--json", as_json, "Print JSON: {\"prompt_ids\": [...], \"ids\": [...]} (+ \"text\" with --prompt)");
+  add_json_flag(cmd, as_json, "{\"prompt_ids\": [...], \"ids\": [...]} (+ \"text\" with --prompt)");
   add_intervention_flags(cmd, iv);
   cmd->callback([] {
     if (ids_arg.empty() == prompt_text.empty()) throw InputError("generate: give exactly one of --prompt and --ids");

@@ -53,12 +53,11 @@ std::string router_name(const ModelConfig& c) {
 namespace {
 
 void register_info(CLI::App& app) {
-  auto* cmd = app.add_subcommand("info", "Architecture, sizes, parameter counts and memory estimate of a checkpoint");
   static std::string model;
   static bool as_json = false;
-  add_model_arg(cmd, model);
-  add_load_options(cmd, false);
-  cmd->add_flag("--json", as_json, "Print JSON");
+  auto* cmd = add_model_command(
+      app, "info", "Architecture, sizes, parameter counts and memory estimate of a checkpoint", model, false);
+  add_json_flag(cmd, as_json);
   cmd->callback([] {
     ModelConfig c = load_config(model);
     // DeepSeek-V2's norm_topk_prob: which of the two published semantics this run uses.

@@ -12,16 +12,15 @@ namespace moedit::cli {
 namespace {
 
 void register_logits(CLI::App& app) {
-  auto* cmd = app.add_subcommand("logits", "Logits of every position, and the experts each token is routed to");
   static std::string model, ids_arg;
   static bool as_json = false;
   static int top = 5;
   static InterventionSpec iv;
-  add_model_arg(cmd, model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "logits", "Logits of every position, and the experts each token is routed to", model);
   cmd->add_option("--ids", ids_arg, "Comma-separated token ids")->required();
   cmd->add_option("--top", top, "Top tokens to list per position (text output)")->check(CLI::Range(1, 100));
-  cmd->add_flag("--json", as_json, "Print JSON: {\"logits\": [[...]], \"routing\": [...]}");
+  add_json_flag(cmd, as_json, "{\"logits\": [[...]], \"routing\": [...]}");
   add_intervention_flags(cmd, iv);
   cmd->callback([] {
     const auto ids = parse_ids(ids_arg);

@@ -181,11 +181,10 @@ void run_single(const Args& a, const Model& m) {
 }
 
 void register_route(CLI::App& app) {
-  auto* cmd = app.add_subcommand(
-      "route", "Which experts each token is routed to; paraphrase routing consistency (one prompt or CounterFact)");
   static Args a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "route", "Which experts each token is routed to; paraphrase routing consistency (one prompt or CounterFact)",
+      a.model);
   auto* prompt = cmd->add_option("--prompt", a.prompt, "Prompt text (needs the model's tokenizer.json)");
   auto* ids = cmd->add_option("--ids", a.ids, "Prompt as comma-separated token ids");
   prompt->excludes(ids);
@@ -205,7 +204,7 @@ void register_route(CLI::App& app) {
   cmd->add_option("--svg", a.svg, "Dataset mode: write the per-layer chart to this SVG file")->needs(cf);
   cmd->add_option("--cases", a.cases, "Dataset mode: how many most-different cases to list")->needs(cf)->check(CLI::Range(0, 100000));
   cmd->add_option("--batch-tokens", a.batch_tokens, "Tokens per forward call")->check(CLI::Range(1, 1 << 24));
-  cmd->add_flag("--json", a.as_json, "Print JSON");
+  add_json_flag(cmd, a.as_json);
   cf->excludes(prompt)->excludes(ids)->excludes(para)->excludes(para_ids)->excludes(subject);
   add_intervention_flags(cmd, a.iv);
   cmd->callback([] {

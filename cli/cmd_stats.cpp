@@ -90,17 +90,16 @@ void run_stats(const StatsArgs& a) {
 }
 
 void register_stats(CLI::App& app) {
-  auto* cmd = app.add_subcommand("stats", "Per-expert key statistics (E[k kᵀ]) for ROME edits, cached on disk");
   static StatsArgs a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "stats", "Per-expert key statistics (E[k kᵀ]) for ROME edits, cached on disk", a.model);
   cmd->add_option("--layer", a.layers, "MoE layer(s)")->required();
   cmd->add_option("--corpus", a.corpus, "Text corpus (default: bundled WikiText-2 test split)");
   cmd->add_option("--max-tokens", a.max_tokens, "Cap on corpus tokens (0: all)")->capture_default_str();
   cmd->add_option("--seq-len", a.seq_len, "Window length")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--cache-dir", a.cache_dir, "Cache folder (default: $MOEDIT_CACHE or ~/.cache/moedit)");
   cmd->add_flag("--force", a.force, "Recompute even when cached");
-  cmd->add_flag("--json", a.json, "Print JSON");
+  add_json_flag(cmd, a.json);
   cmd->callback([] { run_stats(a); });
 }
 

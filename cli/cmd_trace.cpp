@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "cli/ids.h"
 #include "io/errors.h"
+#include "io/text.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "tracing/trace.h"
@@ -41,16 +42,11 @@ std::pair<int, int> parse_range(const std::string& s) {
 // --tokens: subject_last | last | i,j,... (comma list may mix names and indices).
 std::vector<int> resolve_tokens(const std::string& spec, int subject_end, int n_tokens) {
   std::vector<int> out;
-  size_t i = 0;
-  while (i <= spec.size()) {
-    size_t j = spec.find(',', i);
-    if (j == std::string::npos) j = spec.size();
-    const std::string t = spec.substr(i, j - i);
+  for (const std::string& t : split_list(spec)) {
     if (t == "subject_last") out.push_back(subject_end - 1);
     else if (t == "last") out.push_back(n_tokens - 1);
     else if (t == "all") for (int k = 0; k < n_tokens; ++k) out.push_back(k);
     else if (!t.empty()) out.push_back(int(parse_ids(t, "--tokens")[0]));
-    i = j + 1;
   }
   if (out.empty()) throw InputError("--tokens: no token given");
   return out;
@@ -82,11 +78,10 @@ void print_text(const trace::TraceReport& r) {
 }
 
 void register_trace(CLI::App& app) {
-  auto* cmd = app.add_subcommand(
-      "trace", "Causal tracing (ROME) for MoE: restore hidden states, attention, MoE blocks, single experts");
   static TraceArgs a;
-  add_model_arg(cmd, a.model);
-  add_load_options(cmd);
+  auto* cmd = add_model_command(
+      app, "trace", "Causal tracing (ROME) for MoE: restore hidden states, attention, MoE blocks, single experts",
+      a.model);
   cmd->add_option("--prompt", a.prompt, "Prompt text (needs tokenizer.json in MODEL)");
   cmd->add_option("--subject", a.subject, "Subject string (must occur in the prompt)");
   cmd->add_option("--target", a.target, "Answer text whose first token is measured (default: the clean argmax)");

@@ -19,6 +19,11 @@ void add_model_arg(CLI::App* cmd, std::string& model);
 // with paging --mlock and --prefetch. Every command that loads a model has them.
 void add_load_options(CLI::App* cmd, bool paging = true);
 const LoadOptions& load_options();
+// The subcommand `name` of a command that loads a model: app.add_subcommand, then add_model_arg and add_load_options.
+CLI::App* add_model_command(CLI::App& app, const std::string& name, const std::string& about, std::string& model,
+                            bool paging = true);
+// A --json flag: "Print JSON" (+ what it prints).
+CLI::Option* add_json_flag(CLI::App* cmd, bool& json, const std::string& what = "");
 // Model::load with the loading flags given on the command line.
 std::shared_ptr<Model> load_model(const std::string& path);
 

@@ -8,32 +8,34 @@
 #pragma once
 #include <CLI/CLI.hpp>
 #include <string>
+#include <vector>
 
 #include "tracing/interventions.h"
 
 namespace moedit::cli {
 
+// A repeatable flag whose every value parse(value) turns into items appended to `out`.
+template <class T, class Parse>
+void add_list_flag(CLI::App* cmd, const std::string& name, std::vector<T>& out, Parse parse, const std::string& help,
+                   const std::string& type) {
+  cmd->add_option_function<std::vector<std::string>>(
+         name,
+         [&out, parse](const std::vector<std::string>& v) {
+           for (const auto& s : v)
+             for (const auto& x : parse(s)) out.push_back(x);
+         },
+         help)
+      ->type_name(type)
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+}
+
 inline void add_intervention_flags(CLI::App* cmd, InterventionSpec& spec) {
-  cmd->add_option_function<std::vector<std::string>>(
-         "--mask",
-         [&spec](const std::vector<std::string>& v) {
-           for (const auto& s : v)
-             for (const auto& r : parse_mask_spec(s, spec.mask_flag)) spec.mask.push_back(r);
-         },
-         "Never route to these experts: LAYER:EXPERT[,LAYER:EXPERT...] (repeatable)")
-      ->type_name("L:E,...")
-      ->expected(1)
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
-  cmd->add_option_function<std::vector<std::string>>(
-         "--boost",
-         [&spec](const std::vector<std::string>& v) {
-           for (const auto& s : v)
-             for (const auto& b : parse_boost_spec(s, spec.boost_flag)) spec.boost.push_back(b);
-         },
-         "Boost these experts' router logits: LAYER:EXPERT=C[,...] (repeatable; see --boost-mode)")
-      ->type_name("L:E=C,...")
-      ->expected(1)
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  add_list_flag(cmd, "--mask", spec.mask, [&spec](const std::string& s) { return parse_mask_spec(s, spec.mask_flag); },
+                "Never route to these experts: LAYER:EXPERT[,LAYER:EXPERT...] (repeatable)", "L:E,...");
+  add_list_flag(cmd, "--boost", spec.boost,
+                [&spec](const std::string& s) { return parse_boost_spec(s, spec.boost_flag); },
+                "Boost these experts' router logits: LAYER:EXPERT=C[,...] (repeatable; see --boost-mode)", "L:E=C,...");
   cmd->add_option_function<std::string>(
          "--boost-mode", [&spec](const std::string& s) { spec.boost_mode = parse_boost_mode(s); },
          "add: logit += C (default); norm: boosted logits zeroed, then set to C·max(logits of that token)")

@@ -36,6 +36,18 @@ void add_model_arg(CLI::App* cmd, std::string& model) {
   cmd->add_option("MODEL", model, "Hugging Face checkpoint folder (default: the bundled demo model)");
 }
 
+CLI::App* add_model_command(CLI::App& app, const std::string& name, const std::string& about, std::string& model,
+                            bool paging) {
+  CLI::App* cmd = app.add_subcommand(name, about);
+  add_model_arg(cmd, model);
+  add_load_options(cmd, paging);
+  return cmd;
+}
+
+CLI::Option* add_json_flag(CLI::App* cmd, bool& json, const std::string& what) {
+  return cmd->add_flag("--json", json, what.empty() ? "Print JSON" : "Print JSON: " + what);
+}
+
 const LoadOptions& load_options() { return g_load; }
 
 std::shared_ptr<Model> load_model(const std::string& path) { return Model::load(path, g_load); }

@@ -14,17 +14,20 @@ namespace moedit {
 
 void write_file_atomic(const std::string& path, std::string_view bytes) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());  // concurrent writers never share one
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw InputError(path + ": cannot write (does the folder exist?)");
-    out.write(bytes.data(), std::streamsize(bytes.size()));
-    out.flush();
-    if (!out) {
-      out.close();
-      std::remove(tmp.c_str());
-      throw std::runtime_error(path + ": write failed");
-    }
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out) throw InputError(path + ": cannot write (does the folder exist?)");
+  out.write(bytes.data(), std::streamsize(bytes.size()));
+  commit_temp_file(out, tmp, path, path);
+}
+
+void commit_temp_file(std::ofstream& out, const std::string& tmp, const std::string& path, const std::string& name) {
+  out.flush();
+  if (!out) {
+    out.close();
+    std::remove(tmp.c_str());
+    throw std::runtime_error(name + ": write failed");
   }
+  out.close();
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
   if (ec) {

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/errors.h"
+#include "io/files.h"
 
 namespace moedit {
 namespace fs = std::filesystem;
@@ -38,6 +39,22 @@ T load_unaligned(const uint8_t* p) {
   T v;
   std::memcpy(&v, p, sizeof(T));
   return v;
+}
+
+// out[i] = widen(i-th T stored at p), i < n.
+template <typename T, typename F>
+void widen_all(const uint8_t* p, int64_t n, float* out, F widen) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float(widen(load_unaligned<T>(p + int64_t(sizeof(T)) * i)));
+}
+const auto as_is = [](auto v) { return v; };
+
+// Stores narrow(data[i]) as the i-th T at p, i < n.
+template <typename T, typename F>
+void narrow_all(const float* data, int64_t n, uint8_t* p, F narrow) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = narrow(data[i]);
+    std::memcpy(p + int64_t(sizeof(T)) * i, &v, sizeof(T));
+  }
 }
 
 }  // namespace
@@ -75,34 +92,16 @@ void TensorView::to_f32(float* out) const {
   const uint8_t* p = data;
   switch (dtype) {
     case DType::F32: std::memcpy(out, p, size_t(n) * 4); break;
-    case DType::BF16:
-      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(load_unaligned<uint16_t>(p + 2 * i));
-      break;
-    case DType::F16:
-      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(load_unaligned<uint16_t>(p + 2 * i));
-      break;
-    case DType::F64:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(load_unaligned<double>(p + 8 * i));
-      break;
-    case DType::F8_E4M3:
-      for (int64_t i = 0; i < n; ++i) out[i] = f8e4m3_to_f32(p[i]);
-      break;
-    case DType::I64:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(load_unaligned<int64_t>(p + 8 * i));
-      break;
-    case DType::I32:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(load_unaligned<int32_t>(p + 4 * i));
-      break;
-    case DType::I16:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(load_unaligned<int16_t>(p + 2 * i));
-      break;
-    case DType::I8:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(int8_t(p[i]));
-      break;
+    case DType::BF16: widen_all<uint16_t>(p, n, out, bf16_to_f32); break;
+    case DType::F16: widen_all<uint16_t>(p, n, out, f16_to_f32); break;
+    case DType::F64: widen_all<double>(p, n, out, as_is); break;
+    case DType::F8_E4M3: widen_all<uint8_t>(p, n, out, f8e4m3_to_f32); break;
+    case DType::I64: widen_all<int64_t>(p, n, out, as_is); break;
+    case DType::I32: widen_all<int32_t>(p, n, out, as_is); break;
+    case DType::I16: widen_all<int16_t>(p, n, out, as_is); break;
+    case DType::I8: widen_all<int8_t>(p, n, out, as_is); break;
     case DType::U8:
-    case DType::BOOL:
-      for (int64_t i = 0; i < n; ++i) out[i] = float(p[i]);
-      break;
+    case DType::BOOL: widen_all<uint8_t>(p, n, out, as_is); break;
   }
 }
 
@@ -304,18 +303,8 @@ OwnedTensor make_tensor(DType dtype, const std::vector<int64_t>& shape, const fl
   uint8_t* p = t.bytes.data();
   switch (dtype) {
     case DType::F32: std::memcpy(p, data, size_t(n) * 4); break;
-    case DType::BF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t v = f32_to_bf16(data[i]);
-        std::memcpy(p + 2 * i, &v, 2);
-      }
-      break;
-    case DType::F16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t v = f32_to_f16(data[i]);
-        std::memcpy(p + 2 * i, &v, 2);
-      }
-      break;
+    case DType::BF16: narrow_all<uint16_t>(data, n, p, f32_to_bf16); break;
+    case DType::F16: narrow_all<uint16_t>(data, n, p, f32_to_f16); break;
     default: throw std::invalid_argument(std::string("make_tensor: cannot write dtype ") + dtype_name(dtype));
   }
   return t;
@@ -333,26 +322,13 @@ void write_safetensors(const std::string& path, const std::map<std::string, Owne
   std::string h = hdr.dump();
   h.append((8 - (8 + h.size()) % 8) % 8, ' ');
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error(tmp + ": cannot open for writing");
-    const uint64_t n = h.size();
-    out.write(reinterpret_cast<const char*>(&n), 8);
-    out.write(h.data(), std::streamsize(h.size()));
-    for (const auto& [name, t] : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
-    out.flush();
-    if (!out) {
-      out.close();
-      std::remove(tmp.c_str());
-      throw std::runtime_error(tmp + ": write failed");
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": rename failed (" + ec.message() + ")");
-  }
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out) throw std::runtime_error(tmp + ": cannot open for writing");
+  const uint64_t n = h.size();
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out.write(h.data(), std::streamsize(h.size()));
+  for (const auto& [name, t] : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
+  commit_temp_file(out, tmp, path, tmp);
 }
 
 }  // namespace moedit

@@ -12,7 +12,9 @@
 
 #include "editor/keystats.h"
 #include "editor/rome.h"
+#include "model/model.h"
 #include "test_util.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moedit::edit_test {
 
@@ -86,6 +88,16 @@ inline std::string model_with_tokenizer(const test::TempDir& tmp, const std::str
   test::write_file(dir + "/tokenizer.json", char_tokenizer_json());
   test::write_file(dir + "/tokenizer_config.json", R"({"eos_token": "<|endoftext|>"})");
   return dir;
+}
+
+// The same fixture copy, loaded: its model and its (character) tokenizer.
+struct WithTokenizer {
+  std::shared_ptr<Model> m;
+  Tokenizer tok;
+};
+inline WithTokenizer load_with_tokenizer(const test::TempDir& tmp, const std::string& fixture) {
+  const std::string dir = model_with_tokenizer(tmp, fixture);
+  return {Model::load(dir), Tokenizer::from_file(dir)};
 }
 
 }  // namespace moedit::edit_test

@@ -41,6 +41,15 @@ std::vector<std::pair<std::string, ModelConfig>> gradient_configs() {
   return v;
 }
 
+// body(family, config, model) for every gradient config, the model with random weights (seed, scale 0.3).
+template <class F>
+void for_each_gradient_model(uint64_t seed, F body) {
+  for (const auto& [fam, c] : gradient_configs()) {
+    Model m(c, random_weights(c, seed, 0.3f));
+    body(fam, c, m);
+  }
+}
+
 MatD random_mat(int r, int c, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 g(seed);
   std::normal_distribution<double> n(0.0, scale);
@@ -259,10 +268,7 @@ TEST(BackwardOps, Router) {
 // One block of every family (every layer: MoE with and without shared expert, dense): ∂(Σ R ⊙ out)/∂x.
 TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
   SerialOps serial;
-  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
-    const std::string& fam = fc.first;
-    const ModelConfig& c = fc.second;
-    Model m(c, random_weights(c, 21, 0.3f));
+  for_each_gradient_model(21, [&](const std::string& fam, const ModelConfig& c, Model& m) {
     const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
     const int N = 9;
     const MatD X = random_mat(N, c.hidden, 22), R = random_mat(N, c.hidden, 23);
@@ -281,17 +287,14 @@ TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
       const double err = fd_error(f, X, dx);
       EXPECT_LE(err, kTol) << fam << " layer " << l;
     }
-  }
+  });
 }
 
 // The taped forward (float) from the embeddings equals Model::forward; a prefix-cached continuation equals the
 // full run; and the whole stack's input gradient (with a constant prefix) matches finite differences.
 TEST(BackwardStack, TapedForwardMatchesModel) {
   SerialOps serial;
-  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
-    const std::string& fam = fc.first;
-    const ModelConfig& c = fc.second;
-    Model m(c, random_weights(c, 31, 0.3f));
+  for_each_gradient_model(31, [&](const std::string& fam, const ModelConfig& c, Model& m) {
     const std::vector<std::vector<int32_t>> seqs = {{5, 17, 3, 58, 42, 7, 7, 1}, {9, 2, 33, 34, 35}};
     ForwardOutput ref = m.forward(seqs);
     TokenLayout lay = make_layout(seqs, nullptr);
@@ -325,15 +328,12 @@ TEST(BackwardStack, TapedForwardMatchesModel) {
     MatR la = act.logits(all);
     for (size_t i = 0; i < act_rows.size(); ++i)
       EXPECT_LE((la.row(int(i)) - ref.logits.row(act_rows[i])).cwiseAbs().maxCoeff(), 1e-5f * scale) << fam;
-  }
+  });
 }
 
 TEST(BackwardStack, InputGradientWithPrefixMatchesFiniteDifferences) {
   SerialOps serial;
-  for (const auto& fc : gradient_configs()) {  // no structured binding: lambdas below capture c (clang 14)
-    const std::string& fam = fc.first;
-    const ModelConfig& c = fc.second;
-    Model m(c, random_weights(c, 41, 0.3f));
+  for_each_gradient_model(41, [&](const std::string& fam, const ModelConfig& c, Model& m) {
     const int first = 1;
     // Constant prefix K/V from a double forward of 2 + 3 prefix tokens.
     const std::vector<int> np = {2, 3}, na = {4, 3};
@@ -354,7 +354,7 @@ TEST(BackwardStack, InputGradientWithPrefixMatchesFiniteDifferences) {
     st.logits(rows);
     const MatD dx = st.backward(R);
     EXPECT_LE(fd_error(f, X, dx), kTol) << fam;
-  }
+  });
 }
 
 }  // namespace

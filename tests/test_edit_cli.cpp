@@ -35,9 +35,7 @@ struct SerialCli {
 TEST(Edit, TemplatesAreDeterministicAndIdsFollowRome) {
   SerialOps serial;
   test::TempDir tmp;
-  const std::string dir = model_with_tokenizer(tmp, "qwen2_moe");
-  auto m = Model::load(dir);
-  const Tokenizer tok = Tokenizer::from_file(dir);
+  const auto [m, tok] = load_with_tokenizer(tmp, "qwen2_moe");
   EditOptions opt;
   const auto t1 = context_templates(*m, tok, opt), t2 = context_templates(*m, tok, opt);
   ASSERT_EQ(t1.size(), 21u);

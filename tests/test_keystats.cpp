@@ -105,9 +105,7 @@ TEST(KeyStats, MatchPerTokenReferenceAndCache) {
 TEST(KeyStats, DiskCacheComputesOnceThenLoads) {
   SerialOps serial;
   test::TempDir tmp;
-  const std::string dir = model_with_tokenizer(tmp, "qwen2_moe");
-  auto m = Model::load(dir);
-  const Tokenizer tok = Tokenizer::from_file(dir);
+  const auto [m, tok] = load_with_tokenizer(tmp, "qwen2_moe");
   test::write_file(tmp / "corpus.txt", "The quick brown fox jumps over the lazy dog.\n\nA second paragraph, with more words!\n" +
                                            std::string(400, 'a') + "\n");
   KeyStatsOptions o;
@@ -129,9 +127,7 @@ TEST(KeyStats, DiskCacheComputesOnceThenLoads) {
   EXPECT_NE(c3.layer_dir(1), c2.layer_dir(1));
   EXPECT_THROW(c3.get(2, 0), InputError);  // dense layer
   // Several shared experts (DeepSeek v1: 2 of width 12): one file each, loaded back one by one.
-  const std::string ds_dir = model_with_tokenizer(tmp, "deepseek_v1");
-  auto ds = Model::load(ds_dir);
-  const Tokenizer ds_tok = Tokenizer::from_file(ds_dir);
+  const auto [ds, ds_tok] = load_with_tokenizer(tmp, "deepseek_v1");
   KeyStatsCache d1(*ds, ds_tok, o), d2(*ds, ds_tok, o);
   const auto all = d1.layer(2);
   ASSERT_EQ(all.size(), 8u + 2u);

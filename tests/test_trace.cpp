@@ -33,6 +33,15 @@ std::vector<int32_t> prompt_ids(const Model& m, int n, int salt = 0) {
   return ids;
 }
 
+// That prompt as a trace input, the subject at tokens [begin, end).
+trace::TraceInput prompt_input(const Model& m, int n, int salt, int begin, int end) {
+  trace::TraceInput in;
+  in.ids = prompt_ids(m, n, salt);
+  in.subject_begin = begin;
+  in.subject_end = end;
+  return in;
+}
+
 double max_abs_diff(const trace::KindResult& a, const trace::KindResult& b) {
   double d = 0;
   EXPECT_EQ(a.scores.size(), b.scores.size());
@@ -72,10 +81,7 @@ TEST(Trace, CachedEqualsNaiveOnEveryFixtureAndKind) {
   fixtures.insert(fixtures.end(), {"deepseek_v1", "deepseek_v2"});  // two shared experts: each restored alone too
   for (const std::string& fx : fixtures) {
     auto m = fixture_model(fx);
-    trace::TraceInput in;
-    in.ids = prompt_ids(*m, 9, 1);
-    in.subject_begin = 1;
-    in.subject_end = 4;
+    trace::TraceInput in = prompt_input(*m, 9, 1, 1, 4);
     trace::TraceOptions o;
     o.samples = 4;
     o.window = 2;
@@ -129,10 +135,7 @@ TEST(Trace, CachedEqualsNaiveOnDeepModelsWithDefaultWindow) {
   for (const char* fam : {"qwen2_moe", "mixtral", "granitemoe"}) {
     const ModelConfig cfg = deep_config(fam);
     Model m(cfg, random_weights(cfg, 11, 0.35f));
-    trace::TraceInput in;
-    in.ids = prompt_ids(m, 12, 2);
-    in.subject_begin = 3;
-    in.subject_end = 6;
+    trace::TraceInput in = prompt_input(m, 12, 2, 3, 6);
     trace::TraceOptions o;
     o.samples = 2;
     o.noise = "s4";
@@ -409,10 +412,7 @@ TEST(Trace, ExpertRestorationMatchesHandComputation) {
 TEST(Trace, TokenRowsSubsetEqualsTheFullTrace) {
   const OneThread one_thread;
   auto m = fixture_model("qwen2_moe");
-  trace::TraceInput in;
-  in.ids = prompt_ids(*m, 9, 8);
-  in.subject_begin = 2;
-  in.subject_end = 5;
+  trace::TraceInput in = prompt_input(*m, 9, 8, 2, 5);
   trace::TraceOptions o;
   o.samples = 3;
   o.window = 2;
@@ -443,10 +443,7 @@ TEST(Trace, TokenRowsSubsetEqualsTheFullTrace) {
 TEST(Trace, BadRequestsAreInputErrors) {
   const OneThread one_thread;
   auto m = fixture_model("qwen2_moe");
-  trace::TraceInput in;
-  in.ids = prompt_ids(*m, 6);
-  in.subject_begin = 4;
-  in.subject_end = 9;
+  trace::TraceInput in = prompt_input(*m, 6, 0, 4, 9);
   EXPECT_THROW(trace::trace_ids(*m, in, {}), InputError);
   in.subject_end = 4;
   EXPECT_THROW(trace::trace_ids(*m, in, {}), InputError);
@@ -467,10 +464,7 @@ TEST(Trace, NoiseFileRoundTripGivesTheSameTrace) {
   const OneThread one_thread;
   auto m = fixture_model("olmoe_clip");
   test::TempDir tmp;
-  trace::TraceInput in;
-  in.ids = prompt_ids(*m, 7, 6);
-  in.subject_begin = 2;
-  in.subject_end = 4;
+  trace::TraceInput in = prompt_input(*m, 7, 6, 2, 4);
   trace::TraceOptions o;
   o.samples = 3;
   o.kinds = {Kind::Resid, Kind::Expert};

@@ -119,21 +119,8 @@ void Bpe::enable_raw_bytes() {
   }
   raw_needs_check = needs_check;
   if (ignore_merges) {
-    for (const auto& [tok, id] : vocab) {
-      std::string raw;
-      bool ok = true;
-      for (size_t i = 0; i < tok.size() && ok;) {
-        unsigned l;
-        char32_t c = utf8_decode(tok.data(), i, l);
-        int byte = char_to_byte(c);
-        if (byte < 0)
-          ok = false;
-        else
-          raw.push_back(static_cast<char>(byte));
-        i += l;
-      }
-      if (ok) raw_vocab.emplace(std::move(raw), id);
-    }
+    for (const auto& [tok, id] : vocab)
+      if (std::optional<std::string> raw = byte_level_bytes(tok)) raw_vocab.emplace(std::move(*raw), id);
   }
   raw_bytes = true;
 }

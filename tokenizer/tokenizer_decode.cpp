@@ -37,21 +37,7 @@ void decode_step(const DecStep& st, std::vector<std::string>& toks) {
   switch (st.kind) {
     case DecStep::ByteLevel: {
       std::string bytes;
-      for (const std::string& t : toks) {
-        std::string mapped;
-        bool ok = true;
-        for (size_t i = 0; i < t.size() && ok;) {
-          unsigned l;
-          char32_t c = utf8_decode(t.data(), i, l);
-          int b = char_to_byte(c);
-          if (b < 0)
-            ok = false;
-          else
-            mapped.push_back(static_cast<char>(b));
-          i += l;
-        }
-        bytes += ok ? mapped : t;
-      }
+      for (const std::string& t : toks) bytes += byte_level_bytes(t).value_or(t);
       toks.assign(1, utf8_lossy(bytes));
       return;
     }

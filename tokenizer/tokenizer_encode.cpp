@@ -12,9 +12,28 @@ namespace moedit::tok_detail {
 
 namespace {
 
+// Keeps each span as its own range, or folds it into the last kept one where merge(s.match, previous match);
+// backwards: walks from the end and folds into the range after it (MergedWithNext).
+template <class Merge>
+void fold_spans(const std::vector<Span>& spans, bool backwards, Merge merge, std::vector<Span>& out) {
+  bool prev = false;
+  for (size_t n = 0; n < spans.size(); ++n) {
+    const Span& s = spans[backwards ? spans.size() - 1 - n : n];
+    if (!merge(s.match, prev) || out.empty())
+      out.push_back({s.b, s.e, false});
+    else if (backwards)
+      out.back().b = s.b;
+    else
+      out.back().e = s.e;
+    prev = s.match;
+  }
+  if (backwards) std::reverse(out.begin(), out.end());
+}
+
 // Apply a split behaviour to the spans of find_matches (NormalizedString::split); returns kept [b, e) ranges.
 void apply_behavior(std::vector<Span>& spans, Behavior behavior, std::vector<Span>& out) {
   out.clear();
+  const auto starts_match = [](bool match, bool prev) { return match && !prev; };
   switch (behavior) {
     case Behavior::Isolated:
       for (const Span& s : spans) out.push_back({s.b, s.e, false});
@@ -23,53 +42,15 @@ void apply_behavior(std::vector<Span>& spans, Behavior behavior, std::vector<Spa
       for (const Span& s : spans)
         if (!s.match) out.push_back({s.b, s.e, false});
       break;
-    case Behavior::Contiguous: {
-      bool prev = false;
-      for (const Span& s : spans) {
-        if (s.match == prev) {
-          if (!out.empty())
-            out.back().e = s.e;
-          else
-            out.push_back({s.b, s.e, false});
-        } else {
-          out.push_back({s.b, s.e, false});
-        }
-        prev = s.match;
-      }
+    case Behavior::Contiguous:
+      fold_spans(spans, false, [](bool match, bool prev) { return match == prev; }, out);
       break;
-    }
-    case Behavior::MergedWithPrevious: {
-      bool prev = false;
-      for (const Span& s : spans) {
-        if (s.match && !prev) {
-          if (!out.empty())
-            out.back().e = s.e;
-          else
-            out.push_back({s.b, s.e, false});
-        } else {
-          out.push_back({s.b, s.e, false});
-        }
-        prev = s.match;
-      }
+    case Behavior::MergedWithPrevious:
+      fold_spans(spans, false, starts_match, out);
       break;
-    }
-    case Behavior::MergedWithNext: {
-      bool prev = false;
-      for (size_t k = spans.size(); k-- > 0;) {
-        const Span& s = spans[k];
-        if (s.match && !prev) {
-          if (!out.empty())
-            out.back().b = s.b;
-          else
-            out.push_back({s.b, s.e, false});
-        } else {
-          out.push_back({s.b, s.e, false});
-        }
-        prev = s.match;
-      }
-      std::reverse(out.begin(), out.end());
+    case Behavior::MergedWithNext:
+      fold_spans(spans, true, starts_match, out);
       break;
-    }
   }
 }
 
@@ -100,7 +81,10 @@ struct Runner {
     }
   }
 
-  void split_by(const View& v, const Pattern& pat, bool invert, Behavior behavior, size_t step) {
+  // Splits v by pat (matches inverted with `invert`) with a behaviour, in this step's buffers, and calls f on every
+  // non-empty kept piece.
+  template <class F>
+  void each_piece(const View& v, const Pattern& pat, bool invert, Behavior behavior, size_t step, F f) {
     std::vector<Span>& sp = spans[step];
     std::vector<Span>& kp = kept[step];
     sp.clear();
@@ -111,8 +95,12 @@ struct Runner {
     // kp must not be touched by deeper steps: they use their own buffers
     for (size_t k = 0; k < kp.size(); ++k) {
       const Span s = kp[k];
-      if (s.e > s.b) pretok(slice(v, s.b, s.e), step + 1);
+      if (s.e > s.b) f(slice(v, s.b, s.e));
     }
+  }
+
+  void split_by(const View& v, const Pattern& pat, bool invert, Behavior behavior, size_t step) {
+    each_piece(v, pat, invert, behavior, step, [&](const View& piece) { pretok(piece, step + 1); });
   }
 
   void pretok(const View& v, size_t step) {
@@ -134,15 +122,7 @@ struct Runner {
               model(piece, true);
           };
           if (st.use_regex) {
-            std::vector<Span>& sp = spans[step];
-            std::vector<Span>& kp = kept[step];
-            sp.clear();
-            st.pat->find_matches(w.s, w.n, sp);
-            apply_behavior(sp, Behavior::Isolated, kp);
-            for (size_t k = 0; k < kp.size(); ++k) {
-              const Span s = kp[k];
-              if (s.e > s.b) raw_model(slice(w, s.b, s.e));
-            }
+            each_piece(w, *st.pat, false, Behavior::Isolated, step, raw_model);
           } else if (w.n) {
             raw_model(w);
           }
@@ -150,15 +130,8 @@ struct Runner {
         }
         if (st.use_regex) {
           // split first, then map every piece to byte-level chars
-          std::vector<Span>& sp = spans[step];
-          std::vector<Span>& kp = kept[step];
-          sp.clear();
-          st.pat->find_matches(w.s, w.n, sp);
-          apply_behavior(sp, Behavior::Isolated, kp);
-          for (size_t k = 0; k < kp.size(); ++k) {
-            const Span s = kp[k];
-            if (s.e > s.b) pretok(byte_level_map(slice(w, s.b, s.e)), step + 1);
-          }
+          each_piece(w, *st.pat, false, Behavior::Isolated, step,
+                     [&](const View& piece) { pretok(byte_level_map(piece), step + 1); });
         } else if (w.n) {
           pretok(byte_level_map(w), step + 1);
         }

@@ -292,5 +292,7 @@ View lrstrip(const View& v, bool left, bool right, Arena& arena);
 // The GPT-2 byte <-> unicode map used by ByteLevel.
 const char32_t* bytes_to_chars();  // [256]
 int char_to_byte(char32_t c);      // -1 if c is not in the byte-level alphabet
+// The raw bytes a byte-level token stands for (each char through char_to_byte); nullopt when one is not in the alphabet.
+std::optional<std::string> byte_level_bytes(std::string_view tok);
 
 }  // namespace moedit::tok_detail

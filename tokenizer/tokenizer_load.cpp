@@ -111,14 +111,35 @@ class Loader {
     return sc;
   }
 
-  void normalizer(const json& j, const std::string& path, std::vector<NormStep>& out) const {
+  // A pipeline stage `what` (normalizer, pre_tokenizer, post_processor, decoder): nothing when null, the members of
+  // the list `list_key` of a "Sequence" in order, else the one step that step(j, path, type) reads (nullopt: a type
+  // not among `supported`).
+  template <typename Step>
+  void stage(const json& j, const std::string& path, const char* what, const char* list_key, const char* supported,
+             std::vector<Step>& out,
+             std::optional<Step> (Loader::*step)(const json&, const std::string&, const std::string&) const) const {
     if (j.is_null()) return;
-    std::string t = type_of(j, path);
-    NormStep st;
+    const std::string t = type_of(j, path);
     if (t == "Sequence") {
-      each_in_list(j, "normalizers", path, [&](const json& item, const std::string& at) { normalizer(item, at, out); });
+      each_in_list(j, list_key, path, [&](const json& item, const std::string& at) {
+        stage(item, at, what, list_key, supported, out, step);
+      });
       return;
-    } else if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
+    }
+    std::optional<Step> st = (this->*step)(j, path, t);
+    if (!st)
+      fail(join(path, "type"),
+           std::string("unknown or unsupported ") + what + " type '" + t + "' (supported: " + supported + ")");
+    out.push_back(std::move(*st));
+  }
+
+  void normalizer(const json& j, const std::string& path, std::vector<NormStep>& out) const {
+    stage(j, path, "normalizer", "normalizers", "NFC, NFD, NFKC, NFKD, Prepend, Replace, Strip, Sequence", out,
+          &Loader::normalizer_step);
+  }
+  std::optional<NormStep> normalizer_step(const json& j, const std::string& path, const std::string& t) const {
+    NormStep st;
+    if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
       st.kind = NormStep::Unicode;
       st.form = t == "NFC" ? NormForm::NFC : t == "NFD" ? NormForm::NFD : t == "NFKC" ? NormForm::NFKC : NormForm::NFKD;
     } else if (t == "Prepend") {
@@ -133,20 +154,18 @@ class Loader {
       st.left = boolean(j, "strip_left", path, true);
       st.right = boolean(j, "strip_right", path, true);
     } else {
-      fail(join(path, "type"), "unknown or unsupported normalizer type '" + t +
-                                   "' (supported: NFC, NFD, NFKC, NFKD, Prepend, Replace, Strip, Sequence)");
+      return std::nullopt;
     }
-    out.push_back(std::move(st));
+    return st;
   }
 
   void pre_tokenizer(const json& j, const std::string& path, std::vector<PreStep>& out) const {
-    if (j.is_null()) return;
-    std::string t = type_of(j, path);
+    stage(j, path, "pre_tokenizer", "pretokenizers", "ByteLevel, Split, Metaspace, Sequence", out,
+          &Loader::pre_tokenizer_step);
+  }
+  std::optional<PreStep> pre_tokenizer_step(const json& j, const std::string& path, const std::string& t) const {
     PreStep st;
-    if (t == "Sequence") {
-      each_in_list(j, "pretokenizers", path, [&](const json& item, const std::string& at) { pre_tokenizer(item, at, out); });
-      return;
-    } else if (t == "ByteLevel") {
+    if (t == "ByteLevel") {
       st.kind = PreStep::ByteLevel;
       st.add_prefix_space = boolean(j, "add_prefix_space", path, true);
       boolean(j, "trim_offsets", path, true);
@@ -178,20 +197,18 @@ class Loader {
       st.space_pat = Pattern::single_char(' ');
       st.rep_pat = Pattern::single_char(st.rep);
     } else {
-      fail(join(path, "type"),
-           "unknown or unsupported pre_tokenizer type '" + t + "' (supported: ByteLevel, Split, Metaspace, Sequence)");
+      return std::nullopt;
     }
-    out.push_back(std::move(st));
+    return st;
   }
 
   void post_processor(const json& j, const std::string& path, std::vector<PostStep>& out) const {
-    if (j.is_null()) return;
-    std::string t = type_of(j, path);
+    stage(j, path, "post_processor", "processors", "TemplateProcessing, ByteLevel, Sequence", out,
+          &Loader::post_processor_step);
+  }
+  std::optional<PostStep> post_processor_step(const json& j, const std::string& path, const std::string& t) const {
     PostStep st;
-    if (t == "Sequence") {
-      each_in_list(j, "processors", path, [&](const json& item, const std::string& at) { post_processor(item, at, out); });
-      return;
-    } else if (t == "ByteLevel") {
+    if (t == "ByteLevel") {
       st.kind = PostStep::ByteLevel;
       st.add_prefix_space = boolean(j, "add_prefix_space", path, true);
       st.trim_offsets = boolean(j, "trim_offsets", path, true);
@@ -260,20 +277,18 @@ class Loader {
         if (p.special && !st.specials.count(p.name))
           fail(f, "special token '" + p.name + "' is missing from special_tokens");
     } else {
-      fail(join(path, "type"), "unknown or unsupported post_processor type '" + t +
-                                   "' (supported: TemplateProcessing, ByteLevel, Sequence)");
+      return std::nullopt;
     }
-    out.push_back(std::move(st));
+    return st;
   }
 
   void decoder(const json& j, const std::string& path, std::vector<DecStep>& out) const {
-    if (j.is_null()) return;
-    std::string t = type_of(j, path);
+    stage(j, path, "decoder", "decoders", "ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence", out,
+          &Loader::decoder_step);
+  }
+  std::optional<DecStep> decoder_step(const json& j, const std::string& path, const std::string& t) const {
     DecStep st;
-    if (t == "Sequence") {
-      each_in_list(j, "decoders", path, [&](const json& item, const std::string& at) { decoder(item, at, out); });
-      return;
-    } else if (t == "ByteLevel") {
+    if (t == "ByteLevel") {
       st.kind = DecStep::ByteLevel;
     } else if (t == "Metaspace") {
       st.kind = DecStep::Metaspace;
@@ -297,10 +312,9 @@ class Loader {
       st.start = a.get<size_t>();
       st.stop = b.get<size_t>();
     } else {
-      fail(join(path, "type"), "unknown or unsupported decoder type '" + t +
-                                   "' (supported: ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence)");
+      return std::nullopt;
     }
-    out.push_back(std::move(st));
+    return st;
   }
 
   void model(const json& j, Bpe& bpe) const {

@@ -728,4 +728,16 @@ const ByteMap& byte_map() {
 const char32_t* bytes_to_chars() { return byte_map().to_char; }
 int char_to_byte(char32_t c) { return c < 512 ? byte_map().from_char[c] : -1; }
 
+std::optional<std::string> byte_level_bytes(std::string_view tok) {
+  std::string raw;
+  for (size_t i = 0; i < tok.size();) {
+    unsigned l;
+    const int byte = char_to_byte(utf8_decode(tok.data(), i, l));
+    if (byte < 0) return std::nullopt;
+    raw.push_back(static_cast<char>(byte));
+    i += l;
+  }
+  return raw;
+}
+
 }  // namespace moedit::tok_detail

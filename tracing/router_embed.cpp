@@ -2,6 +2,7 @@
 #include "tracing/router_embed.h"
 
 #include "io/npy.h"
+#include "tracing/routing_profile.h"
 
 #include <stdexcept>
 
@@ -9,15 +10,11 @@ namespace moedit {
 
 namespace {
 
-// Frequencies of tokens [t0, t1) of one routed sequence over its MoE layers.
+// Frequencies [layers.size(), E] of tokens [t0, t1) of one routed sequence (float32 of the exact quotient).
 MatR frequencies(const SequenceRouting& r, const std::vector<int>& layers, int E, int t0, int t1) {
-  MatR f = MatR::Zero(Eigen::Index(layers.size()), E);
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const IdMat& ids = r.experts[size_t(layers[i])];
-    for (int t = t0; t < t1; ++t)
-      for (Eigen::Index j = 0; j < ids.cols(); ++j) f(Eigen::Index(i), ids(t, j)) += 1.f;
-  }
-  return f / float(t1 - t0);
+  Eigen::MatrixXd counts = Eigen::MatrixXd::Zero(Eigen::Index(layers.size()), E);
+  count_experts(r, layers, t0, t1, counts);
+  return (counts / double(t1 - t0)).cast<float>();
 }
 
 }  // namespace

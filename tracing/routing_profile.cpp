@@ -12,6 +12,7 @@
 #include "io/errors.h"
 #include "io/files.h"
 #include "io/npy.h"
+#include "io/text.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moedit {
@@ -50,19 +51,7 @@ bool append_doc(std::vector<std::vector<int32_t>>& out, const std::vector<int32_
 
 std::vector<int32_t> parse_id_line(const std::string& line, const std::string& where) {
   std::vector<int32_t> ids;
-  std::stringstream ss(line);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) {
-    const std::string t = trim(tok);
-    try {
-      size_t used = 0;
-      const long v = std::stol(t, &used);
-      if (used != t.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(t);
-      ids.push_back(int32_t(v));
-    } catch (const std::exception&) {
-      throw InputError(where + ": '" + t + "' is not a token id");
-    }
-  }
+  for (const std::string& tok : split_list(line)) ids.push_back(parse_token_id(trim(tok), where));
   return ids;
 }
 
@@ -145,16 +134,21 @@ ActivationProfile ActivationProfile::empty_for(const ModelConfig& cfg) {
   return p;
 }
 
-void ActivationProfile::add(const SequenceRouting& r) {
+void count_experts(const SequenceRouting& r, const std::vector<int>& layers, int t0, int t1, Eigen::MatrixXd& counts,
+                   Eigen::MatrixXd* weight_sum) {
   for (size_t i = 0; i < layers.size(); ++i) {
     const IdMat& ids = r.experts[size_t(layers[i])];
-    const MatR& w = r.weights[size_t(layers[i])];
-    for (int t = 0; t < int(ids.rows()); ++t)
+    const MatR* w = weight_sum ? &r.weights[size_t(layers[i])] : nullptr;
+    for (int t = t0; t < t1; ++t)
       for (int j = 0; j < int(ids.cols()); ++j) {
         counts(long(i), ids(t, j)) += 1;
-        weight_sum(long(i), ids(t, j)) += w(t, j);
+        if (w) (*weight_sum)(long(i), ids(t, j)) += (*w)(t, j);
       }
   }
+}
+
+void ActivationProfile::add(const SequenceRouting& r) {
+  count_experts(r, layers, 0, r.n_tokens(), counts, &weight_sum);
   tokens += r.n_tokens();
 }
 

@@ -65,6 +65,11 @@ struct ActivationProfile {
   std::string table() const;
 };
 
+// Adds tokens [t0, t1) of one routed sequence to counts [layers.size(), E]: at MoE layer layers[i], the tokens whose
+// top-k set holds each expert; with weight_sum, also their routing weights (same shape).
+void count_experts(const SequenceRouting& r, const std::vector<int>& layers, int t0, int t1, Eigen::MatrixXd& counts,
+                   Eigen::MatrixXd* weight_sum = nullptr);
+
 // Routes the sequences (no logits) and counts.
 ActivationProfile activation_profile(const Model& m, const std::vector<std::vector<int32_t>>& seqs,
                                      const RoutingOptions& opt = {});

@@ -13,6 +13,7 @@
 #include <numeric>
 
 #include "io/errors.h"
+#include "io/text.h"
 
 namespace moedit::trace {
 
@@ -45,16 +46,10 @@ Kind parse_kind(const std::string& s) {
 std::vector<Kind> parse_kinds(const std::string& csv) {
   if (csv.empty() || csv == "all") return all_kinds();
   std::vector<Kind> out;
-  size_t i = 0;
-  while (i <= csv.size()) {
-    size_t j = csv.find(',', i);
-    if (j == std::string::npos) j = csv.size();
-    const std::string tok = csv.substr(i, j - i);
-    if (!tok.empty()) {
-      const Kind k = parse_kind(tok);
-      if (std::find(out.begin(), out.end(), k) == out.end()) out.push_back(k);
-    }
-    i = j + 1;
+  for (const std::string& tok : split_list(csv)) {
+    if (tok.empty()) continue;
+    const Kind k = parse_kind(tok);
+    if (std::find(out.begin(), out.end(), k) == out.end()) out.push_back(k);
   }
   if (out.empty()) throw InputError("--kinds: no kind given");
   return out;
