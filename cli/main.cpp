@@ -8,6 +8,7 @@
 
 #include "cli/commands.h"
 #include "io/errors.h"
+#include "kernels/device.h"
 #include "model/memory.h"
 
 namespace moedit::cli {
@@ -19,12 +20,16 @@ std::string default_model_path() {
 
 namespace {
 LoadOptions g_load;  // set by the loading flags of the one command this process runs
+std::string g_device;  // --device; empty: default_device()
 }  // namespace
 
 void add_load_options(CLI::App* cmd, bool paging) {
   cmd->add_flag("--deepseek-v2-transformers-norm", g_load.deepseek_v2_transformers_norm,
                 "DeepSeek-V2 with norm_topk_prob: true: ignore it as transformers' native DeepseekV2 does (default: "
                 "renormalise the top-k weights, as DeepSeek's remote code does)");
+  cmd->add_option("--device", g_device,
+                  "cpu, cuda or cuda:N: where the forward passes run (default: cuda where this build has CUDA and a GPU "
+                  "is present, else cpu; taped runs such as ROME's v* stay on the CPU)");
   if (!paging) return;
   cmd->add_flag("--mlock", g_load.mlock, "Lock the mapped weights in RAM at load (read them all in now)");
   cmd->add_flag("--prefetch", g_load.prefetch,
@@ -50,7 +55,18 @@ CLI::Option* add_json_flag(CLI::App* cmd, bool& json, const std::string& what) {
 
 const LoadOptions& load_options() { return g_load; }
 
-std::shared_ptr<Model> load_model(const std::string& path) { return Model::load(path, g_load); }
+std::shared_ptr<Model> load_model(const std::string& path) {
+  const std::string device = g_device.empty() ? default_device() : g_device;
+  const Backend* be = nullptr;
+  try {
+    be = &backend_named(device);
+  } catch (const std::exception& e) {
+    throw InputError("--device " + device + ": " + e.what());
+  }
+  std::shared_ptr<Model> m = Model::load(path, g_load);
+  m->set_backend(*be);
+  return m;
+}
 
 namespace {
 std::vector<std::pair<int, RegisterFn>>& registry() {

@@ -15,22 +15,22 @@
 namespace moedit {
 
 void Model::linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b) const {
-  be_->linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
+  host_backend().linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
 }
 
 void Model::rmsnorm(const MatR& x, const VecF& w, MatR& y) const {
   y.resize(x.rows(), x.cols());
-  be_->rmsnorm(x.data(), w.data(), y.data(), int(x.rows()), int(x.cols()), cfg_.rms_eps);
+  host_backend().rmsnorm(x.data(), w.data(), y.data(), int(x.rows()), int(x.cols()), cfg_.rms_eps);
 }
 
 // The key of expert e of a bank on x [N, H]: silu(x·gateᵀ) ⊙ x·upᵀ [N, I], the input of its down projection.
 void Model::expert_key(const ExpertBank& b, int e, const MatR& x, MatR& key) const {
   const int N = int(x.rows());
   MatR gu(N, 2 * b.I);
-  be_->linear(x.data(), size_t(b.H), N, b.H, b.gate[size_t(e)].kernel(), b.I, gu.data(), 2 * size_t(b.I));
-  be_->linear(x.data(), size_t(b.H), N, b.H, b.up[size_t(e)].kernel(), b.I, gu.data() + b.I, 2 * size_t(b.I));
+  host_backend().linear(x.data(), size_t(b.H), N, b.H, b.gate[size_t(e)].kernel(), b.I, gu.data(), 2 * size_t(b.I));
+  host_backend().linear(x.data(), size_t(b.H), N, b.H, b.up[size_t(e)].kernel(), b.I, gu.data() + b.I, 2 * size_t(b.I));
   key.resize(N, b.I);
-  be_->silu_mul(gu.data(), N, b.I, key.data());
+  host_backend().silu_mul(gu.data(), N, b.I, key.data());
 }
 
 // The whole SwiGLU of expert e on x [N, H] → [N, H].
@@ -218,7 +218,7 @@ void Model::route(const MatR& z, LayerRouting& r, int layer) const {
   r.ids.resize(N, k);
   r.weights.resize(N, k);
   const VecF* bias = layer >= 0 ? &w_.layers[size_t(layer)].ffn.router_bias : nullptr;
-  be_->route(z.data(), N, route_, bias && bias->size() ? bias->data() : nullptr, r.ids.data(), r.weights.data());
+  host_backend().route(z.data(), N, route_, bias && bias->size() ? bias->data() : nullptr, r.ids.data(), r.weights.data());
 }
 
 MatR Model::ffn(int l, const MatR& a, const TokenLayout& layout, const Hooks* hooks, LayerRouting* routing) const {

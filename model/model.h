@@ -113,6 +113,9 @@ class Model {
   const ops::RouteSpec& route_spec() const { return route_; }
   // The backend every op runs on (default: the CPU backend); it must outlive the model.
   const Backend& backend() const { return *be_; }
+  // The backend of the helpers below that take host matrices: the model's where its memory is the host's, else the
+  // CPU backend.
+  const Backend& host_backend() const { return be_->host_memory() ? *be_ : cpu_backend(); }
   void set_backend(const Backend& b) { be_ = &b; }
 
   // Runs the sequences (token ids) as one packed batch.

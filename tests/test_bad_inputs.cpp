@@ -246,6 +246,8 @@ std::vector<BadInput> cases() {
        "layer 9 out of range (the model has 4 layers, 0..3)"},
       {"triggers_without_texts", [](const TempDir&) { return "experts " + demo_model() + " --triggers 0:1"; },
        "--triggers needs the texts to count on: --text, --ids or --corpus"},
+      {"unknown_device", [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --device tpu"; },
+       "--device tpu: unknown device 'tpu' (expected cpu, cuda or cuda:N)"},
   };
   return v;
 }
