@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "test_util.h"
 
@@ -21,6 +22,17 @@ inline std::vector<std::string> fixture_names() {
       v.push_back(e.path().filename().string());
   std::sort(v.begin(), v.end());
   return v;
+}
+
+// The sequences a fixture's HF reference ran (input_ids.{b} of its reference.safetensors).
+inline std::vector<std::vector<int32_t>> reference_inputs(const std::string& dir) {
+  SafeTensorsFile ref(dir + "/reference.safetensors");
+  std::vector<std::vector<int32_t>> seqs;
+  for (int b = 0; b < std::stoi(ref.metadata().at("n_seqs")); ++b) {
+    const auto f = ref.get("input_ids." + std::to_string(b)).to_f32();
+    seqs.emplace_back(f.begin(), f.end());
+  }
+  return seqs;
 }
 
 inline void expect_batch_and_cache_invariant(const Model& m, const std::vector<std::vector<int32_t>>& seqs) {

@@ -79,16 +79,6 @@ void write_bf16_copy(const std::string& src, const std::string& dir) {
     if (e.path().extension() == ".json") fs::copy_file(e.path(), dir + "/" + e.path().filename().string());
 }
 
-std::vector<std::vector<int32_t>> reference_inputs(const std::string& dir) {
-  SafeTensorsFile ref(dir + "/reference.safetensors");
-  std::vector<std::vector<int32_t>> seqs;
-  for (int b = 0; b < std::stoi(ref.metadata().at("n_seqs")); ++b) {
-    const auto f = ref.get("input_ids." + std::to_string(b)).to_f32();
-    seqs.emplace_back(f.begin(), f.end());
-  }
-  return seqs;
-}
-
 class Bf16Copy : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Bf16Copy, RunsBitForBitLikeRoundedFp32Weights) {
@@ -112,7 +102,7 @@ TEST_P(Bf16Copy, RunsBitForBitLikeRoundedFp32Weights) {
       [](VecF& v) { v = v.unaryExpr(&round_bf16); }, [](MatR& m) { m = m.unaryExpr(&round_bf16); });
   const Model rounded(orig->config(), std::move(w));
 
-  const auto seqs = reference_inputs(src);
+  const auto seqs = test::reference_inputs(src);
   const ForwardOutput a = bf16->forward(seqs), b = rounded.forward(seqs);
   EXPECT_EQ((a.logits - b.logits).cwiseAbs().maxCoeff(), 0.f);
   for (size_t l = 0; l < a.routing.size(); ++l) EXPECT_EQ(a.routing[l].ids, b.routing[l].ids) << "layer " << l;
@@ -182,7 +172,7 @@ TEST(TypedWeights, Fp8CheckpointRunsInPlaceLikeItsDequantisedCopy) {
       [](VecF&) {}, [](MatR&) {});
   EXPECT_GT(views, 0u);
   const Model copied(fp8->config(), std::move(w));
-  const auto seqs = reference_inputs(test::fixture("models/deepseek_v3_fp8"));
+  const auto seqs = test::reference_inputs(test::fixture("models/deepseek_v3_fp8"));
   const ForwardOutput a = fp8->forward(seqs), b = copied.forward(seqs);
   EXPECT_EQ((a.logits - b.logits).cwiseAbs().maxCoeff(), 0.f);
   for (size_t l = 0; l < a.routing.size(); ++l) EXPECT_EQ(a.routing[l].ids, b.routing[l].ids) << "layer " << l;
