@@ -12,6 +12,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/half.h"
+#include "tests/typed_weight.h"
 #include "test_util.h"
 
 namespace moedit {
@@ -21,43 +22,7 @@ std::vector<const Backend*> backends() { return {&cpu_backend()}; }
 
 using test::randn;
 
-// A [rows, cols] weight of random values stored as `t` (rounded when narrow), and the values it holds widened.
-struct TypedWeight {
-  std::vector<float> f32, value;  // storage for F32; widened values for every type
-  std::vector<uint16_t> half;
-  std::vector<uint8_t> fp8;
-  std::vector<float> scales;      // FP8: one per 4 × 8 block
-  ops::WeightView view;
-  TypedWeight(int rows, int cols, ops::WType t, uint64_t seed, float sd = 0.5f) {
-    value = randn(size_t(rows) * cols, seed, sd);
-    if (t == ops::WType::F8E4M3) {  // random E4M3 values in [1/8, 4) of either sign, block scales around 1/4
-      std::mt19937_64 rng(seed);
-      const int br = 4, bc = 8, sr = (rows + br - 1) / br, sc = (cols + bc - 1) / bc;
-      scales.resize(size_t(sr) * sc);
-      for (auto& x : scales) x = 0.125f + float(rng() % 1000) / 4000.f;
-      fp8.resize(value.size());
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) {
-          const uint8_t b = uint8_t((rng() & 0x80) | ((4 + rng() % 5) << 3) | (rng() & 7));
-          fp8[size_t(r) * cols + c] = b;
-          value[size_t(r) * cols + c] = f8e4m3_to_f32(b) * scales[size_t(r / br) * sc + size_t(c / bc)];
-        }
-      view = ops::WeightView(fp8.data(), t, size_t(cols), {scales.data(), size_t(sc), br, bc, 0, 0});
-      return;
-    }
-    if (t == ops::WType::F32) {
-      f32 = value;
-      view = ops::WeightView(f32.data(), size_t(cols));
-      return;
-    }
-    half.resize(value.size());
-    for (size_t i = 0; i < value.size(); ++i) {
-      half[i] = t == ops::WType::BF16 ? f32_to_bf16(value[i]) : f32_to_f16(value[i]);
-      value[i] = t == ops::WType::BF16 ? bf16_to_f32(half[i]) : f16_to_f32(half[i]);
-    }
-    view = ops::WeightView(half.data(), t, size_t(cols));
-  }
-};
+using test::TypedWeight;  // tests/typed_weight.h
 
 constexpr ops::WType kTypes[] = {ops::WType::F32, ops::WType::BF16, ops::WType::F16, ops::WType::F8E4M3};
 const char* type_name(ops::WType t) {
@@ -414,7 +379,9 @@ TEST(BackendOps, BufferPoolSizeClassesAndReuse) {
     EXPECT_GE(c, b);
     EXPECT_GE(c, prev);  // monotone
     EXPECT_EQ(c % 256, 0u);
-    if (b > 4096) EXPECT_LE(double(c), 1.125 * double(b)) << b;
+    if (b > 4096) {
+      EXPECT_LE(double(c), 1.125 * double(b)) << b;
+    }
     EXPECT_EQ(BufferPool::size_class(c), c);  // a class is its own class
     prev = c;
   }

@@ -1,0 +1,311 @@
+// CudaBackend: device memory (cudaMalloc, 256-byte aligned), copies on the backend's stream, resident copies of host
+// data, and the ops, each a launch of a kernel from kernels/cuda/*.cu (see backend_impl.h).
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/cuda/backend_impl.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace moedit {
+
+namespace cuda {
+
+DevWeight dev_weight(const ops::WeightView& W) {
+  DevWeight d;
+  d.data = W.data;
+  d.ld = W.ld;
+  d.type = int32_t(W.type);
+  if (W.type == ops::WType::F8E4M3) {
+    if (W.data && (!W.scales.data || W.scales.br <= 0 || W.scales.bc <= 0))
+      throw std::invalid_argument("cuda: an FP8 weight without block scales");
+    d.scales = W.scales.data;
+    d.sld = W.scales.ld;
+    d.r0 = W.scales.r0;
+    d.c0 = W.scales.c0;
+    d.br = W.scales.br;
+    d.bc = W.scales.bc;
+  }
+  return d;
+}
+
+CudaBackend::CudaBackend(int device) : dev_(device) {
+  MOEDIT_CUDA_CHECK(cudaSetDevice(dev_));
+  MOEDIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev_));
+  MOEDIT_CUDA_CHECK(cudaStreamCreateWithFlags(&st_, cudaStreamNonBlocking));
+  const char* s = std::getenv("MOEDIT_CUDA_SYNC");
+  sync_each_ = s && std::strcmp(s, "0") != 0 && *s;
+}
+
+// Backends live as long as the process (cuda_backend() never destroys one); this is for completeness. Errors are
+// ignored: at exit the CUDA runtime may already be gone.
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(dev_);
+  cudaStreamSynchronize(st_);
+  pool().trim();  // now, while deallocate() is still this class's (~Backend would call the pure virtual)
+  for (auto& [h, c] : resident_) cudaFree(c.dev);
+  cudaStreamDestroy(st_);
+}
+
+void CudaBackend::enter() const {
+  int cur = -1;
+  MOEDIT_CUDA_CHECK(cudaGetDevice(&cur));
+  if (cur != dev_) MOEDIT_CUDA_CHECK(cudaSetDevice(dev_));
+}
+
+void CudaBackend::done() const {
+  if (sync_each_) synchronize();
+}
+
+Workspace& CudaBackend::workspace() const {
+  thread_local Workspace ws;  // host scratch (the ops' device scratch comes from the pool)
+  return ws;
+}
+
+void* CudaBackend::allocate(size_t bytes) const {
+  enter();
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);  // 256-byte aligned (at least)
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it
+    throw std::runtime_error("CUDA: cannot allocate " + std::to_string(bytes) + " bytes on " + name() + ": " +
+                             cudaGetErrorString(e));
+  }
+  return p;
+}
+
+// Never throws (Buf destructors call it); cudaFree waits for the work that may still use p.
+void CudaBackend::deallocate(void* p, size_t) const {
+  if (!p) return;
+  cudaSetDevice(dev_);
+  cudaFree(p);
+}
+
+void CudaBackend::to_device(void* dst, const void* host, size_t bytes) const {
+  if (!bytes) return;
+  enter();
+  // From pageable memory the copy is staged before the call returns, so `host` may go right after it.
+  MOEDIT_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, st_));
+  done();
+}
+
+void CudaBackend::to_host(void* host, const void* src, size_t bytes) const {
+  if (!bytes) return;
+  enter();
+  MOEDIT_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, st_));
+  MOEDIT_CUDA_CHECK(cudaStreamSynchronize(st_));
+}
+
+void CudaBackend::synchronize() const {
+  enter();
+  MOEDIT_CUDA_CHECK(cudaStreamSynchronize(st_));
+}
+
+// The copy that holds [host, host + bytes): a range inside an earlier upload is served from it (a view of a stacked
+// tensor uploaded whole); otherwise the range is uploaded once, replacing a shorter copy at the same address.
+const void* CudaBackend::resident(const void* host, size_t bytes) const {
+  if (!host || !bytes) return nullptr;
+  const uintptr_t h = reinterpret_cast<uintptr_t>(host);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = resident_.upper_bound(h);
+  if (it != resident_.begin()) {
+    const auto& [k, c] = *std::prev(it);
+    if (h + bytes <= k + c.bytes) return static_cast<const char*>(c.dev) + (h - k);
+  }
+  if (auto same = resident_.find(h); same != resident_.end()) {
+    synchronize();
+    deallocate(same->second.dev, same->second.bytes);
+    resident_.erase(same);
+  }
+  void* d = allocate(bytes);
+  try {
+    MOEDIT_CUDA_CHECK(cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, st_));
+  } catch (...) {
+    deallocate(d, bytes);
+    throw;
+  }
+  resident_[h] = Copy{d, bytes};
+  done();
+  return d;
+}
+
+// Drops every copy that holds `host` (the data changed in place): the next resident() uploads it again.
+void CudaBackend::forget(const void* host) const {
+  const uintptr_t h = reinterpret_cast<uintptr_t>(host);
+  std::lock_guard<std::mutex> lock(mu_);
+  bool synced = false;
+  for (auto it = resident_.begin(); it != resident_.end() && it->first <= h;) {
+    if (h < it->first + it->second.bytes) {
+      if (!synced) synchronize();  // no queued op may still read it
+      synced = true;
+      deallocate(it->second.dev, it->second.bytes);
+      it = resident_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+size_t CudaBackend::resident_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& [h, c] : resident_) n += c.bytes;
+  return n;
+}
+
+// ---- ops ---------------------------------------------------------------------------------------------------------
+
+void CudaBackend::copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const {
+  enter();
+  cuda::copy2d(x, ldx, y, ldy, rows, cols, st_);
+  done();
+}
+
+void CudaBackend::add(float* y, const float* x, size_t n) const {
+  enter();
+  cuda::add(y, x, n, st_);
+  done();
+}
+
+void CudaBackend::scale(float* x, size_t n, float s) const {
+  enter();
+  cuda::scale(x, n, s, st_);
+  done();
+}
+
+void CudaBackend::clamp(float* x, size_t n, float c) const {
+  enter();
+  cuda::clamp(x, n, c, st_);
+  done();
+}
+
+void CudaBackend::sigmoid(float* x, size_t n) const {
+  enter();
+  cuda::sigmoid(x, n, st_);
+  done();
+}
+
+void CudaBackend::scale_rows(float* y, int rows, int cols, const float* g) const {
+  enter();
+  cuda::scale_rows(y, rows, cols, g, st_);
+  done();
+}
+
+void CudaBackend::gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const {
+  enter();
+  cuda::gather_rows(dev_weight(table), ids, n, H, y, st_);
+  done();
+}
+
+void CudaBackend::linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y,
+                         size_t ldy, const float* bias) const {
+  enter();
+  cuda::linear(X, ldx, n, in, dev_weight(W), out, Y, ldy, bias, st_);
+  done();
+}
+
+void CudaBackend::rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps) const {
+  enter();
+  cuda::rmsnorm(x, w, y, rows, dim, eps, st_);
+  done();
+}
+
+void CudaBackend::rope(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+                       const float* inv_freq, float attn_scaling) const {
+  enter();
+  cuda::rope_neox(x, rows, row_stride, n_heads, head_stride, rot_dim, pos, inv_freq, attn_scaling, st_);
+  done();
+}
+
+void CudaBackend::attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                            const float* v, int v_stride, int n_k, const ops::AttnShape& s, float* out,
+                            int out_stride) const {
+  enter();
+  const DevAttn a{s.Hq, s.Hkv, s.Dk, s.Dv, s.scale, s.window};
+  cuda::attention(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, a, out, out_stride, st_);
+  done();
+}
+
+void CudaBackend::silu_mul(const float* gu, int rows, int I, float* key) const {
+  enter();
+  cuda::silu_mul(gu, rows, I, key, st_);
+  done();
+}
+
+void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
+                        float* w) const {
+  if (N <= 0) return;
+  enter();
+  using S = ops::RouteSpec;
+  DevRoute r;
+  r.score = spec.score == S::Score::Softmax ? 0 : spec.score == S::Score::Sigmoid ? 1 : 2;
+  r.groups = spec.groups == S::Groups::None ? 0 : spec.groups == S::Groups::MaxScore ? 1 : 2;
+  r.E = spec.E;
+  r.k = spec.k;
+  r.n_group = spec.n_group > 0 ? spec.n_group : 1;
+  r.topk_group = spec.topk_group;
+  r.renorm = spec.renorm;
+  r.renorm_eps = float(spec.renorm_eps);  // route_row<float> adds T(renorm_eps)
+  r.scale = spec.scale;
+  r.scaling = spec.scaling;
+  // Scratch: scores p [N, E], selection scores [N, E], group scores [N, n_group].
+  const Buf scratch(*this, sizeof(float) * size_t(N) * (2 * size_t(spec.E > 0 ? spec.E : 0) + size_t(r.n_group)));
+  cuda::route(z, N, r, bias, ids, w, scratch.as<float>(), st_);
+  done();
+}
+
+}  // namespace cuda
+
+// ---- the registry of devices ------------------------------------------------------------------------------------
+
+namespace {
+
+// The device count and, where it is 0, why.
+struct Probe {
+  int count = 0;
+  std::string why;
+};
+const Probe& probe() {
+  static const Probe p = [] {
+    Probe r;
+    const cudaError_t e = cudaGetDeviceCount(&r.count);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      r.count = 0;
+      r.why = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+    } else if (r.count == 0) {
+      r.why = "the driver reports no CUDA device";
+    }
+    return r;
+  }();
+  return p;
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  try {
+    return probe().count;
+  } catch (...) {
+    return 0;
+  }
+}
+
+const Backend& cuda_backend(int device) {
+  const Probe& p = probe();
+  if (device < 0 || device >= p.count)
+    throw std::runtime_error("no CUDA device " + std::to_string(device) + ": this machine has " +
+                             std::to_string(p.count) + " CUDA device(s)" + (p.why.empty() ? "" : " (" + p.why + ")"));
+  static std::mutex mu;
+  static std::vector<cuda::CudaBackend*> backends;  // never destroyed: ops may run until exit
+  std::lock_guard<std::mutex> lock(mu);
+  if (backends.empty()) backends.assign(size_t(p.count), nullptr);
+  auto& b = backends[size_t(device)];
+  if (!b) b = new cuda::CudaBackend(device);
+  return *b;
+}
+
+}  // namespace moedit

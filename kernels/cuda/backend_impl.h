@@ -1,0 +1,80 @@
+// CudaBackend: the Backend seam on one CUDA device (kernels/cuda/backend.cpp: memory and ops; moe_experts.cpp: the
+// MoE step). Ops enqueue kernels on the backend's stream and return; to_host and synchronize wait. Set
+// MOEDIT_CUDA_SYNC=1 to make every op wait and check for faults (a fault then names the op that caused it).
+//
+// Pointers passed to the ops are device memory: activations in Bufs of this backend, weights, norms, biases and
+// RoPE frequencies through resident(). An ops::WeightView's data and its FP8 scales point to resident copies; the
+// arrays of an ExpertsView (the views themselves) stay in host memory.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/launch.h"
+
+namespace moedit::cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+
+  std::string name() const override { return "cuda:" + std::to_string(dev_); }
+  int threads() const override { return sms_; }  // multiprocessors
+  Workspace& workspace() const override;
+
+  bool host_memory() const override { return false; }
+  void* allocate(size_t bytes) const override;
+  void deallocate(void* p, size_t bytes) const override;
+  void to_device(void* dst, const void* host, size_t bytes) const override;
+  void to_host(void* host, const void* src, size_t bytes) const override;
+  const void* resident(const void* host, size_t bytes) const override;
+  void forget(const void* host) const override;
+  void synchronize() const override;
+
+  void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override;
+  void add(float* y, const float* x, size_t n) const override;
+  void scale(float* x, size_t n, float s) const override;
+  void clamp(float* x, size_t n, float c) const override;
+  void sigmoid(float* x, size_t n) const override;
+  void scale_rows(float* y, int rows, int cols, const float* g) const override;
+  void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const override;
+  void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y, size_t ldy,
+              const float* bias) const override;
+  void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps) const override;
+  void rope(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
+            const float* inv_freq, float attn_scaling) const override;
+  void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride, const float* v,
+                 int v_stride, int n_k, const ops::AttnShape& s, float* out, int out_stride) const override;
+  void silu_mul(const float* gu, int rows, int I, float* key) const override;
+  void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
+             float* w) const override;
+  void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
+                   float* y, const MoeTaps* taps) const override;
+
+  int device() const { return dev_; }
+  cudaStream_t stream() const { return st_; }
+  size_t resident_bytes() const;  // held by resident copies
+
+ private:
+  void enter() const;  // makes this backend's device current for the calling thread
+  void done() const;   // after an op: waits and checks when MOEDIT_CUDA_SYNC=1
+  struct Copy {
+    void* dev;
+    size_t bytes;
+  };
+  const int dev_;
+  int sms_ = 0;
+  cudaStream_t st_ = nullptr;
+  bool sync_each_ = false;
+  mutable std::mutex mu_;
+  mutable std::map<uintptr_t, Copy> resident_;  // by host address
+};
+
+// An ops::WeightView (device pointers) as the kernels' plain descriptor.
+DevWeight dev_weight(const ops::WeightView& W);
+
+}  // namespace moedit::cuda

@@ -1,0 +1,15 @@
+// The CUDA backend (kernels/cuda/, built with -DMOEDIT_CUDA=ON): the ops of kernels/backend.h on one NVIDIA GPU, in
+// that device's memory, on one stream per device. kernels/device.h picks a backend by name for the CLI.
+#pragma once
+#include "kernels/backend.h"
+
+namespace moedit {
+
+// CUDA devices this process can use: 0 where there is no driver or no GPU (never throws).
+int cuda_device_count();
+
+// The backend of CUDA device `device`, created on first use and kept for the life of the process. Throws
+// std::runtime_error naming the cause when there is no such device.
+const Backend& cuda_backend(int device = 0);
+
+}  // namespace moedit

@@ -1,0 +1,62 @@
+// Helpers of the CUDA backend's tests: the skip where there is no GPU, device copies of host vectors, and the
+// comparison of a device result with the CPU backend's.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+
+// Every test starts here: without a GPU it reports the skip and runs nothing.
+#define MOEDIT_REQUIRE_GPU()                                                                            \
+  if (::moedit::cuda_device_count() == 0)                                                                \
+  GTEST_SKIP() << "no CUDA device: the CUDA backend's op tests need a GPU (built with -DMOEDIT_CUDA=ON; " \
+                  "run tools/gpu_check.sh on a GPU machine)"
+
+namespace moedit::test {
+
+inline const Backend& gpu() { return cuda_backend(0); }
+
+// A device copy of h (at least one element, so the pointer is never null).
+template <class T>
+Buf up(const std::vector<T>& h) {
+  Buf b(gpu(), sizeof(T) * std::max<size_t>(1, h.size()));
+  gpu().to_device(b.as<void>(), h.data(), sizeof(T) * h.size());
+  return b;
+}
+
+// The first n elements of a device buffer.
+template <class T>
+std::vector<T> down(const Buf& b, size_t n) {
+  std::vector<T> h(n);
+  gpu().to_host(h.data(), b.as<void>(), sizeof(T) * n);
+  return h;
+}
+
+// Every element of got within tol·max|want| of want: the tolerance is relative to the scale of the CPU's result.
+inline void expect_near_scaled(const std::vector<float>& got, const std::vector<float>& want, double tol,
+                               const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (float x : want) scale = std::max(scale, std::abs(double(x)));
+  const double bound = tol * std::max(scale, 1e-30);
+  size_t bad = 0, first = 0;
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::abs(double(got[i]) - double(want[i]));
+    if (!(d <= bound)) {  // NaN counts as off
+      if (!bad) first = i;
+      ++bad;
+    }
+    if (d > worst) worst = d;
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements differ by more than " << bound
+                     << " (" << tol << " × scale " << scale << "); first at " << first << ": cuda " << got[first]
+                     << ", cpu " << want[first] << "; worst difference " << worst;
+}
+
+}  // namespace moedit::test
