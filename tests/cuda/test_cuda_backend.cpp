@@ -20,12 +20,7 @@
 namespace moedit {
 namespace {
 
-using test::down;
-using test::expect_near_scaled;
-using test::gpu;
-using test::randn;
-using test::TypedWeight;
-using test::up;
+using namespace test;  // gpu(), up(), down(), expect_near_scaled, randn, TypedWeight
 
 const Backend& cpu() { return cpu_backend(); }
 

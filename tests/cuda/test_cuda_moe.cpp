@@ -14,12 +14,7 @@
 namespace moedit {
 namespace {
 
-using test::down;
-using test::expect_near_scaled;
-using test::gpu;
-using test::randn;
-using test::TypedWeight;
-using test::up;
+using namespace test;  // gpu(), up(), down(), expect_near_scaled, randn, TypedWeight
 
 // E experts with gate/up [I, H] and down [H, I]; types[e] per expert and matrix (gate, up, down).
 struct Bank {
