@@ -17,7 +17,8 @@ B=${BUILD:-/tmp/build-cuda}
 W=${EMU_DIR:-/tmp/moedit_cuda_emu}
 mkdir -p "$W/src" "$W/obj"
 for f in "${KSRC:-$root/kernels/cuda}"/*.cu; do python3 "$emu/transform.py" "$f" "$W/src/$(basename "$f" .cu).cpp"; done
-flags=(${EXTRA:-} -std=c++20 -O1 -g -ffp-contract=off -pthread -fopenmp -Wno-unknown-pragmas -I"$emu" -I"$root"
+# -march=native as the layer libraries of a default (MOEDIT_NATIVE) build: Eigen's alignment must agree across them.
+flags=(${EXTRA:-} -march=native -std=c++20 -O1 -g -ffp-contract=off -pthread -fopenmp -Wno-unknown-pragmas -I"$emu" -I"$root"
        -isystem /usr/include/eigen3 -DMOEDIT_HAS_CUDA=1 "-DMOEDIT_SOURCE_DIR=\"$root\"" '-DMOEDIT_BIN="/bin/false"'
        -DEIGEN_DONT_PARALLELIZE -DPCRE2_CODE_UNIT_WIDTH=8)
 objs=()
