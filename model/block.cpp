@@ -544,25 +544,14 @@ void block(const Ops<T>& op, int l, const Act<T>& x, const TokenLayout& layout, 
   hook(&hook_names::resid_post, x);
 }
 
-// Host rows [rows, cols] as an activation: the rows themselves where the activations' memory is the host's, else
-// a copy (back_to_host() writes it back).
-template <class T>
-struct Staged {
-  const Ops<T>& op;
-  MatT<T>& host;
-  Act<T> act;
-  Staged(const Ops<T>& o, MatT<T>& h) : op(o), host(h) {
-    if (op.mem().host_memory()) {
-      act = Act<T>::view(host.data(), int(host.rows()), int(host.cols()));
-    } else {
-      act = op.act(int(host.rows()), int(host.cols()));
-      op.mem().to_device(act.data(), host.data(), sizeof(T) * act.size());
-    }
-  }
-  void back_to_host() {
-    if (!op.mem().host_memory()) op.mem().to_host(host.data(), act.data(), sizeof(T) * act.size());
-  }
-};
+// n host elements in `mem`: the elements themselves where its memory is the host's, else a copy uploaded into `copy`.
+template <class E>
+E* staged(const Backend& mem, E* host, size_t n, Buf& copy) {
+  if (mem.host_memory()) return host;
+  copy = Buf(mem, sizeof(E) * n);
+  mem.to_device(copy.as<void>(), host, sizeof(E) * n);
+  return copy.as<E>();
+}
 
 // Taped runs (v*) keep their tape in host memory: on a device backend they run on the CPU's.
 template <class T>
@@ -575,13 +564,9 @@ Ops<T> ops_of(const Model& m, const BlockIO<T>& io) {
 template <class T>
 MatT<T> run_ffn(const Model& m, int l, const MatT<T>& a, const TokenLayout& layout, const BlockIO<T>& io) {
   const Ops<T> op = ops_of(m, io);
-  Act<T> in;  // the FFN only reads its input: the rows themselves on the host
-  if (op.mem().host_memory()) {
-    in = Act<T>::view(const_cast<T*>(a.data()), int(a.rows()), int(a.cols()));
-  } else {
-    in = op.act(int(a.rows()), int(a.cols()));
-    op.mem().to_device(in.data(), a.data(), sizeof(T) * in.size());
-  }
+  Buf copy;  // the FFN only reads its input: the rows themselves on the host
+  const Act<T> in =
+      Act<T>::view(staged(op.mem(), const_cast<T*>(a.data()), size_t(a.size()), copy), int(a.rows()), int(a.cols()));
   return op.host(ffn(op, l, in, layout, io));
 }
 
@@ -589,16 +574,11 @@ template <class T>
 void run_block(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const BlockIO<T>& io) {
   const Ops<T> op = ops_of(m, io);
   if (int(layout.seq.size()) != int(x.rows())) throw std::logic_error("run_block: layout and rows disagree");
-  Staged<T> xs(op, x);
-  Buf pos_b;
-  const int* pos = layout.pos.data();
-  if (!op.mem().host_memory()) {
-    pos_b = Buf(op.mem(), sizeof(int) * layout.pos.size());
-    op.mem().to_device(pos_b.as<int>(), pos, pos_b.bytes());
-    pos = pos_b.as<int>();
-  }
-  block(op, l, xs.act, layout, pos, io);
-  xs.back_to_host();
+  Buf x_copy, pos_copy;
+  const Act<T> xs = Act<T>::view(staged(op.mem(), x.data(), size_t(x.size()), x_copy), int(x.rows()), int(x.cols()));
+  const int* pos = staged(op.mem(), layout.pos.data(), layout.pos.size(), pos_copy);
+  block(op, l, xs, layout, pos, io);
+  if (x_copy.bytes()) op.mem().to_host(x.data(), xs.data(), sizeof(T) * xs.size());
 }
 
 #define MOEDIT_BLOCK_INSTANTIATE(T)                                                                            \
