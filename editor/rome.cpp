@@ -1,6 +1,7 @@
 // ROME on MoE experts, the edit itself: the targets and their residual shares, the keys and C⁻¹k* of each target
 // expert, v* with the edit's spread, the rank-one updates of the experts' down projections, and revert (see
 // editor/rome.h). Requests: rome_request.cpp; v*: rome_vstar.cpp; text level: rome_text.cpp; report: rome_report.cpp.
+// The target split, keys, moments and copy-on-write helpers are shared with the batch editors (rome_internal.h).
 #include "editor/rome.h"
 
 #include <Eigen/Cholesky>
@@ -21,7 +22,25 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// [begin, end) of shared expert `expert` (an id ≤ kSharedExpert) in the shared block's intermediate dimension.
+// Keys k = silu(x·Gᵀ) ⊙ (x·Uᵀ) of expert e of a bank for rows x [n, H] → [n, I].
+MatR bank_keys(const ExpertBank& b, int e, const MatR& x) {
+  MatR k(x.rows(), b.I);
+  expert_key(b, e, x.data(), size_t(x.cols()), int(x.rows()), k.data());
+  return k;
+}
+
+std::string joined(const std::vector<int>& v) {
+  std::string s;
+  for (int e : v) s += (s.empty() ? "" : ",") + std::to_string(e);
+  return s;
+}
+
+}  // namespace
+
+// ---- helpers shared with the batch editors (rome_internal.h) ------------------------------------------------------
+
+namespace rome_detail {
+
 std::pair<int, int> shared_columns(const Model& m, int layer, int expert) {
   const int n = shared_expert_count(m, layer);
   require_input(shared_index(expert) < n, "layer " + std::to_string(layer) + " has no shared expert " +
@@ -30,19 +49,85 @@ std::pair<int, int> shared_columns(const Model& m, int layer, int expert) {
                 : m.config().shared_slice(shared_index(expert));
 }
 
-// The shared expert's gate g(x) = σ(x·w_g) at one FFN input row (1 when the family has no shared gate).
 double shared_gate(const FFNWeights& f, const Eigen::Ref<const Eigen::RowVectorXf>& x) {
   return f.shared_gate.size() ? 1.0 / (1.0 + std::exp(-double(x.dot(f.shared_gate.transpose())))) : 1.0;
 }
 
-// Keys k = silu(x·Gᵀ) ⊙ (x·Uᵀ) of expert e of a bank for rows x [n, H] → [n, I].
-MatR bank_keys(const ExpertBank& b, int e, const MatR& x) {
-  MatR k(x.rows(), b.I);
-  expert_key(b, e, x.data(), size_t(x.cols()), int(x.rows()), k.data());
-  return k;
+MatR target_keys(const Model& m, int layer, int expert, const MatR& x) {
+  const FFNWeights& fw = m.weights().layers[size_t(layer)].ffn;
+  if (!is_shared_expert(expert)) return bank_keys(fw.experts, expert, x);
+  const auto [b, e] = shared_columns(m, layer, expert);
+  return MatR(bank_keys(fw.shared, 0, x).middleCols(b, e - b));
 }
 
-}  // namespace
+std::vector<TargetShare> target_shares(const Model& m, int layer, const EditTarget& t, const std::vector<int>& routed,
+                                       const std::vector<float>& weights,
+                                       const Eigen::Ref<const Eigen::RowVectorXf>& x) {
+  const FFNWeights& f = m.weights().layers[size_t(layer)].ffn;
+  const int K = int(routed.size());
+  std::vector<TargetShare> tg;
+  switch (t.kind) {
+    case TargetKind::Dominant: {  // the largest routing weight (DeepSeek-V3 orders its top-k by the biased score)
+      const size_t j = size_t(std::max_element(weights.begin(), weights.end()) - weights.begin());
+      tg.push_back({routed[j], weights[j], 1.0 / weights[j]});
+      break;
+    }
+    case TargetKind::Expert: {
+      const auto it = std::find(routed.begin(), routed.end(), t.expert);
+      require_input(it != routed.end(), "expert " + std::to_string(t.expert) + " of layer " + std::to_string(layer) +
+                                            " is not routed at the subject's last token (its top-" +
+                                            std::to_string(K) + " there: " + joined(routed) +
+                                            "); editing it would not change this fact");
+      const double w = weights[size_t(it - routed.begin())];
+      tg.push_back({t.expert, w, 1.0 / w});
+      break;
+    }
+    case TargetKind::Routed: {
+      double s2 = 0;
+      for (float w : weights) s2 += double(w) * w;
+      for (int j = 0; j < K; ++j) tg.push_back({routed[size_t(j)], weights[size_t(j)], weights[size_t(j)] / s2});
+      break;
+    }
+    case TargetKind::Shared: {  // each shared expert j takes r_j = δ/(n·g): the minimum-norm split of Σ g·r_j = δ
+      require_input(f.has_shared,
+                    "--target shared: this model has no shared expert (model_type " + m.config().model_type + ")");
+      const int n_shared = shared_expert_count(m, layer);
+      const double g = shared_gate(f, x);
+      for (int j = 0; j < n_shared; ++j) tg.push_back({shared_expert_id(j), g, 1.0 / (g * n_shared)});
+      break;
+    }
+  }
+  for (const TargetShare& s : tg)
+    require_input(std::isfinite(s.share) && s.weight > 0, "routing weight of the target is zero");
+  return tg;
+}
+
+Eigen::MatrixXd moment_matrix(const EditOptions& opt, int layer, int expert, int I, int n_shared, int64_t* count) {
+  auto mom = opt.moments(layer, expert);
+  require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
+                "key statistics for layer " + std::to_string(layer) + " expert " + expert_label(expert, n_shared) +
+                    " are missing or have the wrong size");
+  if (count) *count = mom->count;
+  Eigen::MatrixXd C = mom->mom2.cast<double>();
+  if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
+  return C;
+}
+
+DownMap save_down(Model& m, int layer, int expert, std::vector<float>* original) {
+  DownMap Wd = expert_down(m, layer, expert);
+  original->resize(size_t(Wd.rows()) * size_t(Wd.cols()));
+  Eigen::Map<MatR>(original->data(), Wd.rows(), Wd.cols()) = Wd;
+  return Wd;
+}
+
+void restore_down(Model& m, int layer, int expert, const std::vector<float>& original) {
+  if (original.empty()) return;  // not applied (an edit that failed part-way)
+  DownMap dn = expert_down(m, layer, expert);
+  dn = CMapMatR(original.data(), dn.rows(), dn.cols());
+  down_weight(m.mutable_weights(), layer, expert).drop_copy_if_unchanged();  // back to the checkpoint's own bytes
+}
+
+}  // namespace rome_detail
 
 // ---- the edit -------------------------------------------------------------------------------------------------------
 
@@ -92,54 +177,12 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   }
 
   // Targets and their residual shares (r = share·δ).
-  struct Tgt {
-    int expert;
-    double weight, share;
-  };
-  std::vector<Tgt> tg;
-  switch (opt.target.kind) {
-    case TargetKind::Dominant: {  // the largest routing weight (DeepSeek-V3 orders its top-k by the biased score)
-      const size_t j = size_t(std::max_element(res.routed_weights.begin(), res.routed_weights.end()) -
-                              res.routed_weights.begin());
-      tg.push_back({res.routed[j], res.routed_weights[j], 1.0 / res.routed_weights[j]});
-      break;
-    }
-    case TargetKind::Expert: {
-      const auto it = std::find(res.routed.begin(), res.routed.end(), opt.target.expert);
-      require_input(it != res.routed.end(),
-                    "expert " + std::to_string(opt.target.expert) + " of layer " + std::to_string(layer) +
-                        " is not routed at the subject's last token (its top-" + std::to_string(K) +
-                        " there: " + [&] {
-                          std::string s;
-                          for (int e : res.routed) s += (s.empty() ? "" : ",") + std::to_string(e);
-                          return s;
-                        }() + "); editing it would not change this fact");
-      const double w = res.routed_weights[size_t(it - res.routed.begin())];
-      tg.push_back({opt.target.expert, w, 1.0 / w});
-      break;
-    }
-    case TargetKind::Routed: {
-      double s2 = 0;
-      for (float w : res.routed_weights) s2 += double(w) * w;
-      for (int j = 0; j < K; ++j) tg.push_back({res.routed[size_t(j)], res.routed_weights[size_t(j)], res.routed_weights[size_t(j)] / s2});
-      break;
-    }
-    case TargetKind::Shared: {  // each shared expert j takes r_j = δ/(n·g): the minimum-norm split of Σ g·r_j = δ
-      const double g = shared_gate(f0, a2.row(0));
-      for (int j = 0; j < n_shared; ++j) tg.push_back({shared_expert_id(j), g, 1.0 / (g * n_shared)});
-      break;
-    }
-  }
-  for (const Tgt& t : tg) require_input(std::isfinite(t.share) && t.weight > 0, "routing weight of the target is zero");
+  const std::vector<TargetShare> tg = target_shares(m, layer, opt.target, res.routed, res.routed_weights, a2.row(0));
 
   // Keys and C⁻¹k* per target expert (ROME's compute_u), before v*: the exact objective needs them.
   const FFNWeights& fw = m.weights().layers[size_t(layer)].ffn;
-  auto expert_keys = [&](int expert, const MatR& x) {  // [rows, I] (shared expert j: its columns of the shared keys)
-    if (!is_shared_expert(expert)) return bank_keys(fw.experts, expert, x);
-    const auto [b, e] = shared_columns(m, layer, expert);
-    return MatR(bank_keys(fw.shared, 0, x).middleCols(b, e - b));
-  };
-  for (const Tgt& t : tg) {
+  auto expert_keys = [&](int expert, const MatR& x) { return target_keys(m, layer, expert, x); };  // [rows, I]
+  for (const TargetShare& t : tg) {
     const MatR keys = expert_keys(t.expert, a2);  // [templates, I]
     const int I = int(keys.cols());
     ExpertUpdate up;
@@ -150,13 +193,7 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
     const Eigen::VectorXd kstar = keys.cast<double>().colwise().mean().transpose();
     Eigen::VectorXd ck;
     if (opt.mom2_adjustment) {
-      auto mom = opt.moments(layer, t.expert);
-      require_input(mom && mom->mom2.rows() == I && mom->mom2.cols() == I,
-                    "key statistics for layer " + std::to_string(layer) + " expert " +
-                        expert_label(t.expert, n_shared) + " are missing or have the wrong size");
-      up.stats_count = mom->count;
-      Eigen::MatrixXd C = mom->mom2.cast<double>();
-      if (opt.ridge > 0) C.diagonal().array() += opt.ridge * std::max(C.diagonal().mean(), 1e-30);
+      const Eigen::MatrixXd C = moment_matrix(opt, layer, t.expert, I, n_shared, &up.stats_count);
       Eigen::LLT<Eigen::MatrixXd> llt(C);
       if (llt.info() == Eigen::Success) {
         ck = llt.solve(kstar);
@@ -165,7 +202,7 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
         const auto d = ldlt.vectorD();
         require_input(ldlt.info() == Eigen::Success && d.minCoeff() > 1e-12 * std::max(d.maxCoeff(), 1e-300),
                       "the key statistics of layer " + std::to_string(layer) + " expert " +
-                          expert_label(t.expert, n_shared) + " are singular (" + std::to_string(mom->count) +
+                          expert_label(t.expert, n_shared) + " are singular (" + std::to_string(up.stats_count) +
                           " tokens for a key of size " + std::to_string(I) + "): use a larger corpus or --ridge");
         ck = ldlt.solve(kstar);
       }
@@ -208,10 +245,8 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   try {  // all or nothing: a failing target reverts the ones already applied
     for (size_t j = 0; j < tg.size(); ++j) {
       ExpertUpdate& up = res.updates[j];
-      DownMap Wd = expert_down(m, layer, up.expert);
       up.r = (res.vstar.delta.cast<double>() * tg[j].share).cast<float>();
-      up.original.resize(size_t(Wd.rows()) * size_t(Wd.cols()));
-      Eigen::Map<MatR>(up.original.data(), Wd.rows(), Wd.cols()) = Wd;
+      DownMap Wd = save_down(m, layer, up.expert, &up.original);
       Wd.noalias() += up.r * up.u.transpose();
     }
   } catch (...) {
@@ -222,7 +257,7 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
   // Which templates route through the edited experts.
   for (size_t i = 0; i < rows.size(); ++i) {
     int hits = 0;
-    for (const Tgt& t : tg)
+    for (const TargetShare& t : tg)
       if (is_shared_expert(t.expert))
         ++hits;
       else
@@ -243,12 +278,7 @@ DownMap expert_down(Model& m, int layer, int expert) {
 }
 
 void revert(Model& m, const EditResult& r) {
-  for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) {
-    if (it->original.empty()) continue;  // not applied (an edit that failed part-way)
-    DownMap dn = expert_down(m, r.layer, it->expert);
-    dn = CMapMatR(it->original.data(), dn.rows(), dn.cols());
-    down_weight(m.mutable_weights(), r.layer, it->expert).drop_copy_if_unchanged();  // back to the checkpoint's own bytes
-  }
+  for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) restore_down(m, r.layer, it->expert, it->original);
 }
 
 void revert_all(Model& m, const std::vector<EditResult>& edits) {

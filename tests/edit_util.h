@@ -2,6 +2,7 @@
 // random id corpus, a fixed id-level edit request, moment sources and a fixture copy with a character tokenizer.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -19,6 +20,20 @@
 namespace moedit::edit_test {
 
 namespace fs = std::filesystem;
+
+// OMP_NUM_THREADS=1 for the CLI processes a test starts (test::SerialOps does it for this process).
+struct SerialCli {
+  SerialCli() { ::setenv("OMP_NUM_THREADS", "1", 1); }
+  ~SerialCli() { ::unsetenv("OMP_NUM_THREADS"); }
+};
+
+// A 60-line text corpus for the CLI's key statistics.
+inline void write_edit_corpus(const fs::path& file) {
+  std::string corpus;
+  for (int i = 0; i < 60; ++i)
+    corpus += "Paragraph " + std::to_string(i) + ": the capital of a land is a city, and rivers run to the sea.\n";
+  test::write_file(file, corpus);
+}
 
 inline std::string fixture_model(const std::string& name) { return test::fixture("models/" + name); }
 

@@ -24,11 +24,6 @@ namespace {
 using namespace edit_test;
 
 using test::SerialOps;
-// The same for the CLI processes a test starts.
-struct SerialCli {
-  SerialCli() { ::setenv("OMP_NUM_THREADS", "1", 1); }
-  ~SerialCli() { ::unsetenv("OMP_NUM_THREADS"); }
-};
 
 // ---- text level, save ---------------------------------------------------------------------------------------------
 
@@ -149,10 +144,7 @@ TEST(EditCli, EditsReportsAndSaves) {
   SerialCli serial_cli;
   test::TempDir tmp;
   const std::string dir = model_with_tokenizer(tmp, "qwen2_moe");
-  std::string corpus;
-  for (int i = 0; i < 60; ++i)
-    corpus += "Paragraph " + std::to_string(i) + ": the capital of a land is a city, and rivers run to the sea.\n";
-  test::write_file(tmp / "corpus.txt", corpus);
+  write_edit_corpus(tmp / "corpus.txt");
   test::write_file(tmp / "reqs.json", R"([{"case_id": 7, "requested_rewrite": {"prompt": "The capital of {} is",
       "subject": "North Land", "target_new": {"str": "Paris"}, "target_true": {"str": "Rome"}},
       "paraphrase_prompts": ["Where is North Land? Its capital is"], "neighborhood_prompts": ["The capital of Italy is"]}])");

@@ -1,0 +1,260 @@
+// MEMIT / AlphaEdit over a range of MoE layers, the edit itself (see editor/memit.h): z* from ROME's v* at the last
+// layer, then per layer the residuals of the current model, their split over each request's target experts, the
+// per-expert closed forms (editor/batch_update.h) and copy-on-write updates; revert. Parsing, reports: memit_report.cpp.
+#include "editor/memit.h"
+
+#include <chrono>
+#include <cmath>
+#include <set>
+
+#include "editor/rome_internal.h"
+#include "io/errors.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moedit {
+
+using namespace rome_detail;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// One request on the current model: the FFN inputs of `layer` at every template's subject token, the routing of the
+// bare prompt's subject token there, and the residual after block `last` at that token.
+struct Probe {
+  MatR ffn_in;                 // [templates, H] (bare prompt first)
+  std::vector<int> routed;     // top-k order
+  std::vector<float> weights;
+  Eigen::VectorXd h;           // [H]
+};
+
+std::vector<Probe> probe(const Model& m, const std::vector<EditIds>& ids, int layer, int last, int per_forward) {
+  const int H = m.config().hidden, K = m.config().top_k;
+  std::vector<Probe> out(ids.size());
+  for (size_t b = 0; b < ids.size(); b += size_t(per_forward)) {
+    const size_t e = std::min(ids.size(), b + size_t(per_forward));
+    std::vector<std::vector<int32_t>> seqs;
+    std::vector<int> rows;  // subject-last rows of every template, request by request
+    int off = 0;
+    for (size_t i = b; i < e; ++i)
+      for (size_t t = 0; t < ids[i].prompts.size(); ++t) {
+        rows.push_back(off + ids[i].subject_last[t]);
+        seqs.push_back(ids[i].prompts[t]);
+        off += int(seqs.back().size());
+      }
+    Hooks h;
+    auto ffn_in = h.capture(hook_names::ffn_in(layer));
+    ForwardOptions fo;
+    fo.hooks = &h;
+    fo.stop_after_layer = last;
+    const ForwardOutput f = m.forward(seqs, fo);
+    const LayerRouting& rt = f.routing[size_t(layer)];
+    size_t q = 0;
+    for (size_t i = b; i < e; ++i) {
+      Probe& p = out[i];
+      const int n = int(ids[i].prompts.size()), r0 = rows[q];
+      p.ffn_in.resize(n, H);
+      for (int t = 0; t < n; ++t) p.ffn_in.row(t) = ffn_in->value.row(rows[q + size_t(t)]);
+      for (int j = 0; j < K; ++j) {
+        p.routed.push_back(rt.ids(r0, j));
+        p.weights.push_back(rt.weights(r0, j));
+      }
+      p.h = f.hidden.row(r0).transpose().cast<double>();
+      q += size_t(n);
+    }
+  }
+  return out;
+}
+
+// The columns one expert collects at a layer.
+struct Columns {
+  std::vector<int> requests;
+  std::vector<double> weights;
+  std::vector<Eigen::VectorXd> r, k;  // [H], [I]
+};
+
+void check_options(const Model& m, const std::vector<EditIds>& ids, const BatchOptions& opt) {
+  const ModelConfig& c = m.config();
+  require_input(!ids.empty(), "no requests to edit");
+  require_input(!opt.layers.empty(), "no layers to edit: give --layers (e.g. 1-3)");
+  for (size_t j = 0; j < opt.layers.size(); ++j) {
+    check_layer(c, opt.layers[j]);
+    require_input(j == 0 || opt.layers[j] > opt.layers[j - 1], "--layers must be ascending and distinct");
+  }
+  require_input(opt.edit.target.kind != TargetKind::Expert,
+                "--target " + target_name(opt.edit.target) +
+                    " names one layer's expert; " + method_name(opt.method) + " takes dominant, routed or shared");
+  require_input(opt.edit.v.objective == VStarObjective::Rome,
+                "--objective exact spreads δ as one rank-one update would; " + method_name(opt.method) +
+                    " uses ROME's objective");
+  if (opt.edit.target.kind == TargetKind::Shared)
+    for (int l : opt.layers)
+      require_input(m.weights().layers[size_t(l)].ffn.has_shared,
+                    "--target shared: layer " + std::to_string(l) + " has no shared expert (model_type " +
+                        c.model_type + ")");
+  if (opt.method == BatchMethod::Memit) {
+    require_input(opt.mom2_weight > 0 && std::isfinite(opt.mom2_weight), "--mom2-weight must be > 0");
+  } else {
+    require_input(opt.edit.mom2_adjustment, "alphaedit projects onto the null space of the key statistics C: drop --no-mom2");
+    require_input(opt.nullspace_threshold > 0, "--nullspace-threshold must be > 0");
+    require_input(opt.l2 > 0 && std::isfinite(opt.l2), "--l2 must be > 0");
+  }
+  require_input(!opt.edit.mom2_adjustment || bool(opt.edit.moments),
+                "key statistics are required (mom2 adjustment is on)");
+  require_input(opt.forward_requests >= 1, "forward_requests must be ≥ 1");
+  require_input(opt.bare_key_weight < 0 || opt.bare_key_weight <= 1, "--bare-key-weight must be in [0, 1]");
+  for (const EditIds& i : ids) validate(i, c);
+}
+
+// k* from an expert's keys at the templates' subject tokens [templates, I] (bare prompt first): the mean (w < 0), or
+// w·k_bare + (1 − w)·the mean of the others.
+Eigen::VectorXd mean_key(const MatR& keys, double w) {
+  const MatD k = keys.cast<double>();
+  if (w < 0 || k.rows() == 1) return k.colwise().mean().transpose();
+  return w * k.row(0).transpose() + (1 - w) * k.bottomRows(k.rows() - 1).colwise().mean().transpose();
+}
+
+// Request i's columns at layer l: r_i split over its targets, each with its template-averaged key.
+void collect(const Model& m, int l, const EditTarget& target, double bare_weight, int i, const Probe& p,
+             const Eigen::VectorXd& r, std::map<int, Columns>* cols) {
+  for (const TargetShare& t : target_shares(m, l, target, p.routed, p.weights, p.ffn_in.row(0))) {
+    const MatR keys = target_keys(m, l, t.expert, p.ffn_in);  // [templates, I]
+    Columns& c = (*cols)[t.expert];
+    c.requests.push_back(i);
+    c.weights.push_back(t.weight);
+    c.r.push_back(t.share * r);
+    c.k.push_back(mean_key(keys, bare_weight));
+  }
+}
+
+// One expert's solve and update at layer l.
+BatchExpertUpdate solve_expert(Model& m, int l, int expert, const Columns& c, const BatchOptions& opt,
+                               const KeyCache* cache, int n_shared) {
+  BatchExpertUpdate up;
+  up.layer = l;
+  up.expert = expert;
+  up.requests = c.requests;
+  up.weights = c.weights;
+  const int n = int(c.r.size()), H = int(c.r[0].size()), I = int(c.k[0].size());
+  up.R.resize(H, n);
+  up.K.resize(I, n);
+  for (int j = 0; j < n; ++j) {
+    up.R.col(j) = c.r[size_t(j)];
+    up.K.col(j) = c.k[size_t(j)];
+  }
+  const MatD C = opt.edit.mom2_adjustment ? MatD(moment_matrix(opt.edit, l, expert, I, n_shared, &up.stats_count))
+                                          : MatD(MatD::Identity(I, I));
+  MatD delta;
+  if (opt.method == BatchMethod::Memit) {
+    delta = memit_delta(up.R, up.K, C, opt.mom2_weight);
+  } else {
+    const NullSpace ns = null_space(C, opt.nullspace_threshold);
+    up.null_dim = ns.dim;
+    const auto it = cache ? cache->find({l, expert}) : KeyCache::const_iterator{};
+    delta = alphaedit_delta(up.R, up.K, ns, cache && it != cache->end() ? it->second : MatD(), opt.l2);
+  }
+  if (!delta.allFinite())
+    throw std::runtime_error(method_name(opt.method) + ": the update of layer " + std::to_string(l) + " expert " +
+                             expert_label(expert, n_shared) + " is not finite");
+  up.delta_norm = delta.norm();
+  DownMap Wd = save_down(m, l, expert, &up.original);
+  Wd += delta.cast<float>();
+  return up;
+}
+
+std::vector<double> residual_norms(const std::vector<Probe>& p, const std::vector<Eigen::VectorXd>& z) {
+  std::vector<double> out;
+  for (size_t i = 0; i < p.size(); ++i) out.push_back((z[i] - p[i].h).norm());
+  return out;
+}
+
+}  // namespace
+
+BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, const BatchOptions& opt,
+                                     KeyCache* cache) {
+  const auto t0 = Clock::now();
+  check_options(m, ids, opt);
+  BatchEditResult res;
+  res.method = opt.method;
+  res.target = opt.edit.target;
+  res.layers = opt.layers;
+  res.lambda = opt.method == BatchMethod::Memit ? opt.mom2_weight : opt.l2;
+  res.bare_key_weight = opt.bare_key_weight;
+  const int last = opt.layers.back(), n_layers = int(opt.layers.size());
+  res.n_shared_experts = shared_expert_count(m, last);
+  const double rho = m.config().residual_multiplier;
+
+  // C of the unedited model: every layer's statistics are asked for (a cache computes or loads a whole layer) before
+  // any update, as MEMIT's precomputed statistics are.
+  if (opt.edit.mom2_adjustment)
+    for (int l : opt.layers) opt.edit.moments(l, opt.edit.target.kind == TargetKind::Shared ? kSharedExpert : 0);
+
+  // z*_i = h_i + ρ·δ_i on the model before the batch (its probe serves the first layer as well).
+  std::vector<Probe> p = probe(m, ids, opt.layers[0], last, opt.forward_requests);
+  const auto tv = Clock::now();
+  std::vector<Eigen::VectorXd> z;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    res.vstar.push_back(compute_vstar(m, last, ids[i], opt.edit.v));
+    z.push_back(p[i].h + rho * res.vstar.back().delta.cast<double>());
+    res.z.push_back(z.back().cast<float>());
+  }
+  res.vstar_seconds = since(tv);
+
+  try {  // all or nothing
+    for (int j = 0; j < n_layers; ++j) {
+      const int l = opt.layers[size_t(j)];
+      if (j > 0) p = probe(m, ids, l, last, opt.forward_requests);
+      res.residual_norms.push_back(residual_norms(p, z));
+      std::map<int, Columns> cols;  // by expert id
+      for (size_t i = 0; i < ids.size(); ++i) {
+        const Eigen::VectorXd r = (z[i] - p[i].h) / (rho * double(n_layers - j));  // the layers left share it
+        collect(m, l, opt.edit.target, opt.bare_key_weight, int(i), p[i], r, &cols);
+      }
+      const int n_shared = shared_expert_count(m, l);
+      for (const auto& [expert, c] : cols)
+        res.updates.push_back(solve_expert(m, l, expert, c, opt, cache, n_shared));
+    }
+  } catch (...) {
+    revert(m, res);
+    throw;
+  }
+  p = probe(m, ids, last, last, opt.forward_requests);
+  res.residual_norms.push_back(residual_norms(p, z));
+  if (cache && opt.method == BatchMethod::AlphaEdit)
+    for (const BatchExpertUpdate& u : res.updates) {
+      MatD& A = (*cache)[{u.layer, u.expert}];
+      if (A.size() == 0) A = MatD::Zero(u.K.rows(), u.K.rows());
+      A += u.K * u.K.transpose();
+    }
+  res.seconds = since(t0);
+  return res;
+}
+
+BatchEditResult apply_batch_edit(Model& m, const Tokenizer& tok, const std::vector<EditRequest>& reqs,
+                                 const BatchOptions& opt, std::vector<std::string>* templates_cache,
+                                 KeyCache* cache) {
+  std::vector<std::string> local;
+  std::vector<std::string>& tm = templates_cache ? *templates_cache : local;
+  for (const EditRequest& r : reqs) normalized_prompt(r);  // validate before sampling templates
+  if (tm.empty()) tm = context_templates(m, tok, opt.edit);
+  std::vector<EditIds> ids;
+  for (const EditRequest& r : reqs) ids.push_back(build_edit_ids(tok, r, tm, opt.edit.kl_prompt));
+  BatchEditResult res = apply_batch_edit_ids(m, ids, opt, cache);
+  res.templates = tm;
+  return res;
+}
+
+void revert(Model& m, const BatchEditResult& r) {
+  for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) restore_down(m, it->layer, it->expert, it->original);
+}
+
+std::vector<std::pair<int, int>> edited_experts(const BatchEditResult& r, int request) {
+  std::set<std::pair<int, int>> s;
+  for (const BatchExpertUpdate& u : r.updates)
+    if (request < 0 || std::find(u.requests.begin(), u.requests.end(), request) != u.requests.end())
+      s.insert({u.layer, u.expert});
+  return {s.begin(), s.end()};
+}
+
+}  // namespace moedit
