@@ -31,19 +31,9 @@
 #include "bench_util.h"
 
 using namespace moedit;
+using bench::batches_of;
 using bench::best_of;
 using bench::Clock;
-
-std::vector<std::vector<std::vector<int32_t>>> batches_of(const std::vector<std::vector<int32_t>>& seqs, size_t budget) {
-  std::vector<std::vector<std::vector<int32_t>>> out;
-  for (size_t i = 0; i < seqs.size();) {
-    size_t j = i, n = 0;
-    while (j < seqs.size() && (j == i || n + seqs[j].size() <= budget)) n += seqs[j++].size();
-    out.emplace_back(seqs.begin() + long(i), seqs.begin() + long(j));
-    i = j;
-  }
-  return out;
-}
 
 int main(int argc, char** argv) {
   std::string model_dir = std::string(MOEDIT_SOURCE_DIR) + "/models/moedit-demo";

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace moedit::bench {
 
@@ -32,6 +34,19 @@ inline std::string flag_value(int argc, char** argv, int& i, const char* missing
     std::exit(2);
   }
   return argv[++i];
+}
+
+// The sequences packed into batches of about `budget` tokens, in order (as tracing/routing.h capture_routing packs).
+inline std::vector<std::vector<std::vector<int32_t>>> batches_of(const std::vector<std::vector<int32_t>>& seqs,
+                                                                 size_t budget) {
+  std::vector<std::vector<std::vector<int32_t>>> out;
+  for (size_t i = 0; i < seqs.size();) {
+    size_t j = i, n = 0;
+    while (j < seqs.size() && (j == i || n + seqs[j].size() <= budget)) n += seqs[j++].size();
+    out.emplace_back(seqs.begin() + long(i), seqs.begin() + long(j));
+    i = j;
+  }
+  return out;
 }
 
 }  // namespace moedit::bench

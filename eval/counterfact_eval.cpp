@@ -22,7 +22,7 @@ double TargetScore::accuracy() const {
 }
 
 std::vector<TargetScore> score_targets(const Model& m, const std::vector<TargetQuery>& queries, int route_layer,
-                                       int batch_tokens) {
+                                       int batch_tokens, const Hooks* hooks) {
   std::vector<TargetScore> out(queries.size());
   const int V = m.config().vocab_size;
   size_t begin = 0;
@@ -44,6 +44,7 @@ std::vector<TargetScore> score_targets(const Model& m, const std::vector<TargetQ
     }
     ForwardOptions fo;
     fo.record_routing = route_layer >= 0;
+    fo.hooks = hooks;
     const ForwardOutput f = m.forward(seqs, fo);  // logits [tokens, V]
     int64_t row0 = 0;
     for (size_t i = begin; i < end; ++i) {
@@ -245,12 +246,12 @@ std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, co
   return out;
 }
 
-double perplexity(const Model& m, const Tokenizer& tok, const std::string& text, int max_tokens) {
+double perplexity(const Model& m, const Tokenizer& tok, const std::string& text, int max_tokens, const Hooks* hooks) {
   auto ids = tok.encode_ids(text, true);
   if (int(ids.size()) > max_tokens) ids.resize(size_t(max_tokens));
   require_input(ids.size() >= 2, "perplexity: text '" + text + "' is shorter than two tokens");
   const TargetQuery q{{ids[0]}, std::vector<int32_t>(ids.begin() + 1, ids.end()), -1};
-  const TargetScore s = score_targets(m, {q})[0];
+  const TargetScore s = score_targets(m, {q}, -1, 4096, hooks)[0];
   // ROME divides Σ log p over |ids| − 1 predicted tokens by |ids| (the first token counted).
   return std::exp(s.nll * double(ids.size() - 1) / double(ids.size()));
 }

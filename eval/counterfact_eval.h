@@ -53,9 +53,10 @@ struct TargetScore {
   bool all_correct() const;
   double accuracy() const;              // mean of correct
 };
-// Runs the queries as packed batches of at most `batch_tokens` tokens; routing read at `route_layer` (−1: none).
+// Runs the queries as packed batches of at most `batch_tokens` tokens; routing read at `route_layer` (−1: none);
+// `hooks` (e.g. installed steering) run in every forward.
 std::vector<TargetScore> score_targets(const Model& m, const std::vector<TargetQuery>& queries, int route_layer = -1,
-                                       int batch_tokens = 4096);
+                                       int batch_tokens = 4096, const Hooks* hooks = nullptr);
 
 // ---- per-case metrics ---------------------------------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ constexpr size_t kGenerationGroup = 5;
 std::vector<std::string> generate_texts(const Model& m, const Tokenizer& tok, const std::vector<std::string>& prompts,
                                         const GenerationOptions& opt, int case_id);
 // ROME's util/perplexity.py on the first max_tokens tokens of text.
-double perplexity(const Model& m, const Tokenizer& tok, const std::string& text, int max_tokens = 100);
+double perplexity(const Model& m, const Tokenizer& tok, const std::string& text, int max_tokens = 100,
+                  const Hooks* hooks = nullptr);
 
 }  // namespace moedit::eval
