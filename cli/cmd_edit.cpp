@@ -10,6 +10,7 @@
 #include "cli/edit_common.h"
 #include "cli/editor_flags.h"
 #include "editor/rome.h"
+#include "eval/drift_probe.h"
 #include "io/errors.h"
 #include "model/model.h"
 #include "model/routing_drift.h"
@@ -29,8 +30,8 @@ int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, dou
 }
 
 void run_edit(const EditArgs& a) {
-  if (a.method != "rome") return run_batch_edit(a);
-  require_input(a.layers.empty(), "--layers is for --method memit|alphaedit; ROME edits one --layer");
+  if (a.batch.batch()) return run_batch_edit(a);
+  require_input(a.batch.layers.empty(), "--layers is for --method memit|alphaedit; ROME edits one --layer");
   const std::vector<EditRequest> reqs = edit_requests(a);
   EditOptions opt = editor_options(a.editor);
   opt.target = parse_edit_target(a.target);
@@ -66,7 +67,7 @@ void run_edit(const EditArgs& a) {
   out["edits"] = nlohmann::json::array();
   std::vector<std::string> templates;
   std::vector<EditResult> applied;
-  const auto wiki = drift_corpus(tok, a.drift_tokens);
+  const auto wiki = eval::wikitext_windows(tok, a.drift_tokens);
   const RouterSnapshot wiki_original = wiki.empty() ? RouterSnapshot{} : snapshot_routers(*m, wiki);
   RouterSnapshot wiki_before = wiki_original;
   double embedding_std = -1;
@@ -95,8 +96,8 @@ void run_edit(const EditArgs& a) {
       if (seqs.empty()) return;
       RouterSnapshot after = snapshot_routers(*m, seqs);
       const RoutingDrift d = routing_drift(before, after);
-      drift[name] = drift_json(d);
-      drift_line += (drift_line.empty() ? "" : "; ") + drift_text(label, d);
+      drift[name] = eval::drift_json(d);
+      drift_line += (drift_line.empty() ? "" : "; ") + eval::drift_text(label, d);
       if (keep) *keep = std::move(after);
     };
     measure("neighborhood", "neighbourhood", neigh, neigh_before, nullptr);
@@ -136,7 +137,7 @@ void run_edit(const EditArgs& a) {
   if (tally.n_true > 0) out["summary"] = tally.summary(a.json);
   if (!wiki.empty() && !a.independent && reqs.size() > 1) {  // every edit together: unedited vs final model
     const RoutingDrift d = routing_drift(wiki_original, wiki_before);
-    out["routing_drift_wikitext"] = drift_json(d);
+    out["routing_drift_wikitext"] = eval::drift_json(d);
     if (!a.json)
       std::printf("routing drift of all %zu edits on the WikiText-2 sample: %.1f%% of (token, layer) routings changed, "
                   "mean router KL %.2g\n", reqs.size(), 100 * d.changed_share, d.mean_kl);
@@ -167,20 +168,7 @@ void register_edit(CLI::App& app) {
   cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();
   cmd->add_option("--layer", a.layer, "MoE layer to edit, or auto (largest MoE indirect effect in a causal trace)")
       ->capture_default_str();
-  cmd->add_option("--method", a.method,
-                  "rome: one rank-one edit per request, in sequence | memit: the requests together over --layers "
-                  "(MEMIT per expert) | alphaedit: memit projected onto the key statistics' null space")
-      ->capture_default_str();
-  cmd->add_option("--layers", a.layers, "memit/alphaedit: MoE layers, e.g. 1,2,3 or 1-3 (z* at the last)");
-  cmd->add_option("--mom2-weight", a.mom2_weight, "memit: λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT's mom2_update_weight)")
-      ->capture_default_str();
-  cmd->add_option("--nullspace-threshold", a.nullspace_threshold,
-                  "alphaedit: the null space is spanned by C's eigenvectors with eigenvalue below this")
-      ->capture_default_str();
-  cmd->add_option("--bare-key-weight", a.bare_key_weight,
-                  "memit/alphaedit: k* = w·(bare prompt's key) + (1 − w)·(mean of the other templates'); default: the "
-                  "plain mean over all templates (ROME's k*); MEMIT's code: 0.5; 1: the bare prompt's key");
-  cmd->add_option("--l2", a.l2, "alphaedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
+  add_batch_flags(cmd, a.batch);
   add_editor_flags(cmd, a.editor);
   cmd->add_option("--save", a.save, "Write the edited model as a Hugging Face checkpoint folder");
   cmd->add_flag("--overwrite", a.overwrite, "Replace an existing --save folder");

@@ -1,6 +1,9 @@
 // moedit eval MODEL --dataset FILE --layer L|auto --out DIR [--limit N] [--target dominant|routed|shared|L:E]
-//              [--resume] [--shard i/n] [--sequential N] [--snippets FILE [--idf-corpus FILE]] [editor options]
+//              [--resume] [--shard i/n|auto | --mpi] [--sequential N] [--snippets FILE [--idf-corpus FILE]]
+//              [editor options]
 // moedit eval merge DIR... --out DIR
+// --shard auto takes the shard from a Slurm job array or an MPI launcher's environment (cli/shard.h); under mpirun,
+// --mpi evaluates rank r's shard into OUT/shards/r-of-n and rank 0 merges them into OUT when all are done.
 // CounterFact-style evaluation of ROME edits (eval/run.h): per-case JSON, summary.json/.md, distributions.svg.
 #include <unistd.h>
 
@@ -12,8 +15,12 @@
 
 #include "cli/commands.h"
 #include "cli/editor_flags.h"
+#include "cli/mpi.h"
+#include "cli/shard.h"
 #include "editor/keystats.h"
+#include "eval/curve.h"
 #include "eval/run.h"
+#include "io/files.h"
 #include "io/errors.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
@@ -23,26 +30,17 @@ namespace moedit::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, dataset, format = "auto", out, target = "dominant", shard = "0/1", snippets, idf_corpus, layer;
+  std::string model, dataset, format = "auto", out, target = "dominant", shard, snippets, idf_corpus, layer;
   int auto_cases = 50, limit = -1, sequential = 0, generation_interval = 1, gen_len = 100, gen_top_k = 5;
   uint64_t gen_seed = 1;
-  bool resume = false, quiet = false;
+  bool resume = false, quiet = false, mpi = false;
   EditorFlags editor;
-  std::vector<std::string> merge_dirs;
+  BatchFlags batch;
+  int batch_size = 1, drift_tokens = 512;
+  std::vector<std::string> merge_dirs, curve_dirs, curve_labels;
+  std::string curve_out;
   std::string merge_out;
 };
-
-std::pair<int, int> parse_shard(const std::string& s) {
-  const auto slash = s.find('/');
-  try {
-    require_input(slash != std::string::npos, "");
-    const int i = std::stoi(s.substr(0, slash)), n = std::stoi(s.substr(slash + 1));
-    require_input(n >= 1 && i >= 0 && i < n, "");
-    return {i, n};
-  } catch (const std::exception&) {
-    throw InputError("--shard '" + s + "': expected i/n with 0 <= i < n");
-  }
-}
 
 std::vector<std::string> corpus_lines(const std::string& path) {
   std::ifstream in(path);
@@ -63,7 +61,22 @@ std::string duration(double s) {
   return buf;
 }
 
+void print_file(const std::string& path) {
+  std::ifstream in(path);
+  std::printf("%s", std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()).c_str());
+}
+
+nlohmann::json eval_batch_settings(const EvalArgs& a) {
+  nlohmann::json j = batch_settings(a.batch);
+  j["batch_size"] = a.batch_size;
+  j["drift_tokens"] = a.drift_tokens;
+  return j;
+}
+
 void run(const EvalArgs& a) {
+  const Shard shard = parse_shard(a.shard.empty() ? "0/1" : a.shard);
+  if (a.shard == "auto" && !a.quiet)
+    std::fprintf(stderr, "moedit: --shard auto: shard %s (%s)\n", shard.str().c_str(), shard.source.c_str());
   require_input(!a.dataset.empty(), "--dataset FILE is required");
   require_input(!a.out.empty(), "--out DIR is required");
   const auto records = load_eval_records(a.dataset, parse_dataset_format(a.format));
@@ -71,7 +84,8 @@ void run(const EvalArgs& a) {
   eval::RunOptions o;
   o.out_dir = a.out;
   o.limit = a.limit;
-  std::tie(o.shard, o.n_shards) = parse_shard(a.shard);
+  o.shard = shard.index;
+  o.n_shards = shard.count;
   o.resume = a.resume;
   require_input(a.sequential >= 0, "--sequential N needs N >= 1");
   o.sequential_every = a.sequential;
@@ -82,8 +96,12 @@ void run(const EvalArgs& a) {
   EditOptions& e = o.edit;
   e = editor_options(a.editor);
   e.target = parse_edit_target(a.target);
-  const bool auto_layer = e.target.kind != TargetKind::Expert && a.layer == "auto";
-  if (e.target.kind == TargetKind::Expert) {
+  const bool batch = a.batch.batch();
+  if (batch) parse_batch_method(a.batch.method);  // fails before the model loads
+  const bool auto_layer = !batch && e.target.kind != TargetKind::Expert && a.layer == "auto";
+  if (batch) {
+    // --layers (or one --layer) are read with the model's config below
+  } else if (e.target.kind == TargetKind::Expert) {
     e.layer = e.target.layer;
   } else if (!auto_layer) {
     require_input(!a.layer.empty(), "--layer L|auto is required (the MoE layer to edit)");
@@ -107,11 +125,12 @@ void run(const EvalArgs& a) {
                 {"dataset", a.dataset},
                 {"format", a.format},
                 {"limit", a.limit},
-                {"shard", a.shard},
+                {"shard", shard.str()},
                 {"target", a.target},
                 {"layer", auto_layer ? nlohmann::json("auto") : nlohmann::json(e.layer)},
                 {"editor", editor_settings(a.editor)},
                 {"sequential", a.sequential},
+                {"batch", eval_batch_settings(a)},
                 {"generation", {{"interval", a.generation_interval},
                                 {"max_out_len", a.gen_len},
                                 {"top_k", a.gen_top_k},
@@ -138,10 +157,16 @@ void run(const EvalArgs& a) {
       std::fprintf(stderr, "moedit: --layer auto: layer %d (mean MoE indirect effect %.4f at the subject's last token "
                            "over %zu cases)\n", e.layer, mean[size_t(e.layer)], n);
   }
-  require_input(e.layer >= 0 && e.layer < c.n_layers && c.is_moe(e.layer),
-                "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
   KeyStatsCache stats(*m, tok, key_stats_options(a.editor));
   e.moments = [&stats](int layer, int expert) { return stats.get(layer, expert); };
+  if (batch) {
+    o.batch = batch_options(a.batch, a.layer, a.editor, a.target, c, e.moments);
+    e.layer = o.batch->layers.back();
+  }
+  require_input(e.layer >= 0 && e.layer < c.n_layers && c.is_moe(e.layer),
+                "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
+  o.batch_size = a.batch_size;
+  o.drift_tokens = a.drift_tokens;
 
   if (::isatty(2) && !a.quiet) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -162,8 +187,33 @@ void run(const EvalArgs& a) {
   if (a.quiet) return;
   std::printf("%d cases evaluated, %d already done (--resume); results in %s\n", res.evaluated, res.skipped,
               a.out.c_str());
-  std::ifstream md(a.out + "/summary.md");
-  std::printf("%s", std::string(std::istreambuf_iterator<char>(md), std::istreambuf_iterator<char>()).c_str());
+  print_file(a.out + "/summary.md");
+}
+
+// --mpi: rank r of n evaluates shard r/n into OUT/shards/r-of-n; when every rank is done, rank 0 merges them into OUT
+// (eval::merge_runs, as `moedit eval merge`): the summary of one process.
+void run_mpi(const EvalArgs& a) {
+  require_input(a.shard.empty(), "--mpi takes the shard from the MPI rank: drop --shard " + a.shard);
+  require_input(!a.out.empty(), "--out DIR is required");
+  const auto shard_dir = [&a](int r, int n) {
+    return a.out + "/shards/" + std::to_string(r) + "-of-" + std::to_string(n);
+  };
+  mpi::run_then_merge(
+      [&](int rank, int size) {
+        EvalArgs s = a;
+        s.shard = std::to_string(rank) + "/" + std::to_string(size);
+        s.out = shard_dir(rank, size);
+        s.quiet = true;
+        run(s);
+      },
+      [&](int size) {
+        std::vector<std::string> dirs;
+        for (int r = 0; r < size; ++r) dirs.push_back(shard_dir(r, size));
+        const auto summary = eval::merge_runs(dirs, a.out);
+        if (a.quiet) return;
+        std::printf("%d MPI ranks: %d cases merged into %s\n", size, summary.value("num_cases", 0), a.out.c_str());
+        print_file(a.out + "/summary.md");
+      });
 }
 
 void register_eval(CLI::App& app) {
@@ -174,8 +224,12 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--format", a.format, "auto | counterfact | mcf | zsre | easyedit")->capture_default_str();
   cmd->add_option("--out", a.out, "Output directory (cases/, summary.json, summary.md, distributions.svg)");
   cmd->add_option("--limit", a.limit, "Only the first N records");
-  cmd->add_option("--shard", a.shard, "Evaluate shard i of n (records i, i+n, ...); merge with `moedit eval merge`")
-      ->capture_default_str();
+  cmd->add_option("--shard", a.shard,
+                  "Evaluate shard i of n (records i, i+n, ...; default 0/1); merge with `moedit eval merge`. auto: "
+                  "from a Slurm job array (SLURM_ARRAY_TASK_ID/COUNT/MIN) or an MPI launcher (OMPI_COMM_WORLD_RANK/"
+                  "SIZE, PMI_RANK/SIZE)");
+  cmd->add_flag("--mpi", a.mpi,
+                "Under mpirun: each rank evaluates its shard into OUT/shards/, rank 0 merges them into OUT");
   cmd->add_flag("--resume", a.resume, "Skip the cases already written to --out");
   cmd->add_option("--sequential", a.sequential,
                   "Accumulate edits (no revert); re-score all edited cases every N edits");
@@ -193,10 +247,20 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--snippets", a.snippets, "ROME's attribute_snippets.json (enables reference and essence scores)");
   cmd->add_option("--idf-corpus", a.idf_corpus, "TF-IDF corpus, one document per line (default: the snippets)");
   add_editor_flags(cmd->add_option_group("editor", "Editor options (as in `moedit edit`)"), a.editor);
+  add_batch_flags(cmd->add_option_group("batch editors", "MEMIT / AlphaEdit (as in `moedit edit`)"), a.batch);
+  cmd->add_option("--batch-size", a.batch_size,
+                  "memit/alphaedit: records edited together per step (MEMIT style); --sequential N: steps accumulate")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--drift-tokens", a.drift_tokens,
+                  "Routing drift (and, sequentially, perplexity) on this many WikiText-2 tokens besides the "
+                  "neighbourhood prompts (0: neighbourhood only)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--quiet", a.quiet, "No progress bar, no table");
   cmd->callback([] {
-    if (!a.merge_dirs.empty()) return;  // the merge subcommand ran
-    run(a);
+    if (!a.merge_dirs.empty() || !a.curve_dirs.empty()) return;  // a subcommand ran
+    a.mpi ? run_mpi(a) : run(a);
   });
 
   auto* merge = cmd->add_subcommand("merge", "Merge the run directories of shards into one");
@@ -205,6 +269,15 @@ void register_eval(CLI::App& app) {
   merge->callback([] {
     const auto s = eval::merge_runs(a.merge_dirs, a.merge_out);
     std::printf("merged %d cases into %s\n", s.value("num_cases", 0), a.merge_out.c_str());
+  });
+
+  auto* curve = cmd->add_subcommand("curve", "Plot the sequential curves of several runs (ES/PS/NS, drift, perplexity)");
+  curve->add_option("dirs", a.curve_dirs, "Run directories of --sequential runs")->required();
+  curve->add_option("--labels", a.curve_labels, "One label per run (default: the directory names)")->delimiter(',');
+  curve->add_option("--out", a.curve_out, "Output SVG")->required();
+  curve->callback([] {
+    write_file_atomic(a.curve_out, eval::curve_svg(eval::read_curves(a.curve_dirs, a.curve_labels)));
+    std::printf("wrote %s (%zu runs)\n", a.curve_out.c_str(), a.curve_dirs.size());
   });
 }
 

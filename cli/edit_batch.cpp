@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "cli/edit_common.h"
 #include "editor/memit.h"
+#include "eval/drift_probe.h"
 #include "io/errors.h"
 #include "model/model.h"
 #include "model/routing_drift.h"
@@ -16,39 +17,6 @@
 namespace moedit::cli {
 
 namespace {
-
-// --layers, else a numeric --layer as a range of one.
-std::vector<int> batch_layers(const EditArgs& a, const ModelConfig& c) {
-  require_input(a.layers.empty() || a.layer == "auto", "give --layers or --layer, not both");
-  std::vector<int> layers;
-  if (!a.layers.empty())
-    layers = parse_layer_list(a.layers);
-  else if (a.layer != "auto")
-    layers = {parse_layer_index(a.layer)};
-  else
-    throw InputError("--method " + a.method + " needs --layers (e.g. --layers 1-3) or one --layer L");
-  for (int l : layers) {
-    require_input(l < c.n_layers, "--layers: layer " + std::to_string(l) + " is out of range [0, " +
-                                      std::to_string(c.n_layers) + ")");
-    require_input(c.is_moe(l), "--layers: layer " + std::to_string(l) +
-                                   " is a dense layer (no experts to edit); choose MoE layers");
-  }
-  return layers;
-}
-
-BatchOptions batch_options(const EditArgs& a, const ModelConfig& c, const MomentSource& moments) {
-  BatchOptions o;
-  o.method = parse_batch_method(a.method);
-  o.layers = batch_layers(a, c);
-  o.edit = editor_options(a.editor);
-  o.edit.target = parse_edit_target(a.target);
-  o.edit.moments = moments;
-  o.mom2_weight = a.mom2_weight;
-  o.nullspace_threshold = a.nullspace_threshold;
-  o.l2 = a.l2;
-  o.bare_key_weight = a.bare_key_weight;
-  return o;
-}
 
 std::string layers_text(const std::vector<int>& layers) {
   std::string s;
@@ -74,8 +42,8 @@ void print_request(const BatchEditResult& r, const EditRequest& req, size_t i, s
 }  // namespace
 
 void run_batch_edit(const EditArgs& a) {
-  parse_batch_method(a.method);  // a bad --method fails before anything is loaded
-  require_input(!a.independent, "--independent edits requests one by one; --method " + a.method +
+  parse_batch_method(a.batch.method);  // a bad --method fails before anything is loaded
+  require_input(!a.independent, "--independent edits requests one by one; --method " + a.batch.method +
                                     " edits them together (use --method rome)");
   require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",
                 "--save-dtype '" + a.save_dtype + "': expected checkpoint or f32");
@@ -83,7 +51,7 @@ void run_batch_edit(const EditArgs& a) {
   auto m = load_model(a.model);
   const Tokenizer tok = Tokenizer::from_file(a.model);
   const EditStats stats = edit_stats(*m, tok, a);
-  const BatchOptions opt = batch_options(a, m->config(), stats.moments);
+  const BatchOptions opt = batch_options(a.batch, a.layer, a.editor, a.target, m->config(), stats.moments);
 
   // Before: every request's prompts, the routers on the neighbourhood prompts and the WikiText-2 sample.
   std::vector<EditReport> pre;
@@ -94,14 +62,12 @@ void run_batch_edit(const EditArgs& a) {
     pre.push_back(report_request(*m, tok, reqs[i], none, int(i)));
     for (const auto& p : reqs[i].neighbors) neigh.push_back(tok.encode_ids(p, true));
   }
-  const auto wiki = drift_corpus(tok, a.drift_tokens);
-  const RouterSnapshot neigh_before = neigh.empty() ? RouterSnapshot{} : snapshot_routers(*m, neigh);
-  const RouterSnapshot wiki_before = wiki.empty() ? RouterSnapshot{} : snapshot_routers(*m, wiki);
+  const eval::DriftProbe neigh_probe(*m, std::move(neigh)), wiki_probe(*m, eval::wikitext_windows(tok, a.drift_tokens));
 
   std::vector<std::string> templates;
   const BatchEditResult r = apply_batch_edit(*m, tok, reqs, opt, &templates);
 
-  nlohmann::json out = {{"model", a.model}, {"method", a.method}, {"target", a.target}, {"layers", opt.layers}};
+  nlohmann::json out = {{"model", a.model}, {"method", a.batch.method}, {"target", a.target}, {"layers", opt.layers}};
   out["batch"] = batch_edit_json(r);
   out["edits"] = nlohmann::json::array();
   EditTally tally;
@@ -120,22 +86,21 @@ void run_batch_edit(const EditArgs& a) {
   }
   if (!a.json)
     std::printf("%s over layers %s (%s targets): %zu requests, %zu expert updates, %.2fs (%.3fs per request; v* "
-                "%.2fs)\n", a.method.c_str(), layers_text(r.layers).c_str(), a.target.c_str(), reqs.size(),
+                "%.2fs)\n", a.batch.method.c_str(), layers_text(r.layers).c_str(), a.target.c_str(), reqs.size(),
                 r.updates.size(), r.seconds, r.seconds / double(reqs.size()), r.vstar_seconds);
   if (tally.n_true > 0) out["summary"] = tally.summary(a.json);
 
   // Routing drift of the whole batch.
   nlohmann::json drift = nlohmann::json::object();
   std::string line;
-  auto measure = [&](const char* name, const char* label, const std::vector<std::vector<int32_t>>& seqs,
-                     const RouterSnapshot& before) {
-    if (seqs.empty()) return;
-    const RoutingDrift d = routing_drift(before, snapshot_routers(*m, seqs));
-    drift[name] = drift_json(d);
-    line += (line.empty() ? "" : "; ") + drift_text(label, d);
+  auto measure = [&](const char* name, const char* label, const eval::DriftProbe& probe) {
+    if (probe.empty()) return;
+    const RoutingDrift d = probe.measure(*m);
+    drift[name] = eval::drift_json(d);
+    line += (line.empty() ? "" : "; ") + eval::drift_text(label, d);
   };
-  measure("neighborhood", "neighbourhood", neigh, neigh_before);
-  measure("wikitext", "WikiText-2", wiki, wiki_before);
+  measure("neighborhood", "neighbourhood", neigh_probe);
+  measure("wikitext", "WikiText-2", wiki_probe);
   out["routing_drift"] = drift;
   if (!a.json && !line.empty()) std::printf("routing drift of the batch: %s\n", line.c_str());
   out["templates"] = templates;

@@ -69,26 +69,6 @@ EditStats edit_stats(const Model& m, const Tokenizer& tok, const EditArgs& a) {
   return s;
 }
 
-nlohmann::json drift_json(const RoutingDrift& d) {
-  return {{"cells", d.cells}, {"changed_share", d.changed_share}, {"mean_kl", d.mean_kl}};
-}
-
-std::vector<std::vector<int32_t>> drift_corpus(const Tokenizer& tok, int tokens) {
-  if (tokens <= 0) return {};
-  std::ifstream f(bundled_wikitext_path(), std::ios::binary);
-  if (!f) throw InputError(bundled_wikitext_path() + ": cannot open the WikiText-2 sample for routing drift");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return corpus_windows(tok, ss.str(), 128, tokens);
-}
-
-std::string drift_text(const char* label, const RoutingDrift& d) {
-  char b[160];
-  std::snprintf(b, sizeof b, "%s %.1f%% of (token, layer) top-k sets changed, router KL %.2g", label,
-                100 * d.changed_share, d.mean_kl);
-  return b;
-}
-
 void print_score(const char* what, const PromptScore& s, bool has_true, bool neighbor) {
   std::printf("    %-10s P(new)=%-9.4g", what, s.p_new);
   if (has_true) {

@@ -25,9 +25,7 @@ struct EditArgs {
   int limit = -1;
   int drift_tokens = 512;
   EditorFlags editor;
-  // Batch editors
-  std::string method = "rome", layers;
-  double mom2_weight = 15000, nullspace_threshold = 2e-2, l2 = 10, bare_key_weight = -1;
+  BatchFlags batch;  // --method and the batch editors' options
 };
 
 // The requests: --requests FILE (first --limit) or the one given by --subject/--prompt/--target-new; each validated.
@@ -40,12 +38,6 @@ struct EditStats {
   MomentSource moments;
 };
 EditStats edit_stats(const Model& m, const Tokenizer& tok, const EditArgs& a);
-
-nlohmann::json drift_json(const RoutingDrift& d);
-// The prompts routing drift is measured on besides the neighbourhood prompts: the first `tokens` tokens of the
-// bundled WikiText-2 test split, in windows of 128.
-std::vector<std::vector<int32_t>> drift_corpus(const Tokenizer& tok, int tokens);
-std::string drift_text(const char* label, const RoutingDrift& d);  // "label x% of (token, layer) top-k sets changed, …"
 
 void print_score(const char* what, const PromptScore& s, bool has_true, bool neighbor);
 void print_report(const EditReport& rep, bool has_true);  // rewrite, paraphrases, neighbours

@@ -52,7 +52,11 @@ void add_editor_flags(CLI::App* cmd, EditorFlags& f) {
       ->capture_default_str();
   cmd->add_flag("--no-mom2", f.no_mom2, "No key statistics: C = I");
   cmd->add_option("--ridge", f.ridge, "Add ridge·mean(diag C) to C's diagonal")->capture_default_str();
-  cmd->add_option("--steps", f.steps, "v* optimisation steps")->capture_default_str()->check(CLI::Range(1, 10000));
+  cmd->add_option("--steps", f.steps, "v* optimisation: at most this many steps")->capture_default_str()
+      ->check(CLI::Range(1, 10000));
+  cmd->add_option("--stop-loss", f.stop_loss, "v* optimisation: stop once the loss is below this (ROME: 5e-2)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--lr", f.lr, "v* Adam learning rate")->capture_default_str();
   cmd->add_option("--weight-decay", f.weight_decay, "v* weight decay")->capture_default_str();
   cmd->add_option("--kl-factor", f.kl_factor, "v* KL factor")->capture_default_str();
@@ -75,6 +79,7 @@ EditOptions editor_options(const EditorFlags& f) {
   opt.ridge = f.ridge;
   opt.v.steps = f.steps;
   opt.v.lr = f.lr;
+  opt.v.early_stop_loss = f.stop_loss;
   opt.v.weight_decay = f.weight_decay;
   opt.v.kl_factor = f.kl_factor;
   opt.v.clamp_norm_factor = f.clamp;
@@ -102,6 +107,7 @@ nlohmann::json editor_settings(const EditorFlags& f) {
           {"ridge", f.ridge},
           {"v_steps", f.steps},
           {"v_lr", f.lr},
+          {"v_stop_loss", f.stop_loss},
           {"v_weight_decay", f.weight_decay},
           {"kl_factor", f.kl_factor},
           {"clamp_norm_factor", f.clamp},
@@ -156,6 +162,61 @@ int best_effect_layer(const std::vector<double>& effects) {
     if (!std::isnan(effects[size_t(l)]) && (best < 0 || effects[size_t(l)] > effects[size_t(best)])) best = l;
   require_input(best >= 0, "--layer auto: no MoE layer scored at the subject's last token");
   return best;
+}
+
+void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
+  cmd->add_option("--method", f.method,
+                  "rome: one rank-one edit per request | memit: the requests together over --layers (MEMIT per "
+                  "expert) | alphaedit: memit projected onto the key statistics' null space")
+      ->capture_default_str();
+  cmd->add_option("--layers", f.layers, "memit/alphaedit: MoE layers, e.g. 1,2,3 or 1-3 (z* at the last)");
+  cmd->add_option("--mom2-weight", f.mom2_weight, "memit: λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT's mom2_update_weight)")
+      ->capture_default_str();
+  cmd->add_option("--nullspace-threshold", f.nullspace_threshold,
+                  "alphaedit: the null space is spanned by C's eigenvectors with eigenvalue below this")
+      ->capture_default_str();
+  cmd->add_option("--bare-key-weight", f.bare_key_weight,
+                  "memit/alphaedit: k* = w·(bare prompt's key) + (1 − w)·(mean of the other templates'); default: the "
+                  "plain mean over all templates (ROME's k*); MEMIT's code: 0.5; 1: the bare prompt's key");
+  cmd->add_option("--l2", f.l2, "alphaedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
+}
+
+BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
+                           const std::string& target, const ModelConfig& c, const MomentSource& moments) {
+  BatchOptions o;
+  o.method = parse_batch_method(f.method);
+  require_input(f.layers.empty() || layer.empty() || layer == "auto", "give --layers or --layer, not both");
+  if (!f.layers.empty())
+    o.layers = parse_layer_list(f.layers);
+  else if (!layer.empty() && layer != "auto")
+    o.layers = {parse_layer_index(layer)};
+  else
+    throw InputError("--method " + f.method + " needs --layers (e.g. --layers 1-3) or one --layer L");
+  for (int l : o.layers) {
+    require_input(l < c.n_layers, "--layers: layer " + std::to_string(l) + " is out of range [0, " +
+                                      std::to_string(c.n_layers) + ")");
+    require_input(c.is_moe(l), "--layers: layer " + std::to_string(l) +
+                                   " is a dense layer (no experts to edit); choose MoE layers");
+  }
+  // z* is reached through the attention of the layers above the last one: at the model's last layer a change at
+  // the subject's token cannot reach the token the answer is read at (v*'s gradient is zero).
+  require_input(o.layers.back() < c.n_layers - 1,
+                "--layers: layer " + std::to_string(o.layers.back()) + " is the model's last layer; an edit there "
+                "cannot reach the prompt's last token (no attention after it): end the range at an earlier layer");
+  o.edit = editor_options(e);
+  o.edit.target = parse_edit_target(target);
+  o.edit.moments = moments;
+  o.mom2_weight = f.mom2_weight;
+  o.nullspace_threshold = f.nullspace_threshold;
+  o.l2 = f.l2;
+  o.bare_key_weight = f.bare_key_weight;
+  return o;
+}
+
+nlohmann::json batch_settings(const BatchFlags& f) {
+  if (!f.batch()) return {{"method", f.method}};
+  return {{"method", f.method},           {"layers", f.layers}, {"mom2_weight", f.mom2_weight},
+          {"nullspace_threshold", f.nullspace_threshold}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight}};
 }
 
 }  // namespace moedit::cli

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "editor/keystats.h"
+#include "editor/memit.h"
 #include "editor/rome.h"
 
 namespace moedit::cli {
@@ -16,13 +17,26 @@ namespace moedit::cli {
 struct EditorFlags {
   std::string keys = "rome", objective = "rome", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
   bool no_mom2 = false, no_prefix_cache = false;
-  double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0;
+  double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0, stop_loss = 5e-2;
   int steps = 20, seq_len = 256;
   int64_t stats_tokens = 0;
   uint64_t template_seed = 1;
 };
 
 void add_editor_flags(CLI::App* cmd, EditorFlags& f);
+
+// --method rome|memit|alphaedit and the batch editors' options (editor/memit.h), shared by `edit` and `eval`.
+struct BatchFlags {
+  std::string method = "rome", layers;
+  double mom2_weight = 15000, nullspace_threshold = 2e-2, l2 = 10, bare_key_weight = -1;
+  bool batch() const { return method != "rome"; }
+};
+void add_batch_flags(CLI::App* cmd, BatchFlags& f);
+// The options of --method memit|alphaedit: --layers, else a numeric `layer` as a range of one (each an MoE layer of
+// the model, the last one not the model's last layer); the editor flags, target and moments as for ROME.
+BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
+                           const std::string& target, const ModelConfig& c, const MomentSource& moments);
+nlohmann::json batch_settings(const BatchFlags& f);  // for run records
 // The options the flags set (layer, target and moments are the caller's); InputError for bad values.
 EditOptions editor_options(const EditorFlags& f);
 KeyStatsOptions key_stats_options(const EditorFlags& f);

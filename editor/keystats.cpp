@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 
+#include "editor/keystats_shards.h"
 #include "io/errors.h"
 #include "io/safetensors.h"
 #include "tokenizer/tokenizer.h"
@@ -118,8 +119,8 @@ nlohmann::json expert_json(int id, int n_shared) {
 
 // ---- computing ----------------------------------------------------------------------------------------------------
 
-std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
-                                            int batch_tokens, const KeyStatsProgress& progress) {
+std::vector<KeySum> compute_key_sums(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
+                                     int batch_tokens, const KeyStatsProgress& progress) {
   const ModelConfig& c = m.config();
   require_input(layer >= 0 && layer < c.n_layers, "layer " + std::to_string(layer) + " is out of range [0, " +
                                                       std::to_string(c.n_layers) + ")");
@@ -173,24 +174,41 @@ std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std
     for (int e = 0; e < n_out; ++e) {
       const MatR& k = blocks[size_t(e)];
       if (k.rows() == 0) continue;
-      // One fp32 GEMM per batch (at most batch_tokens rows), accumulated across batches in fp64.
-      const MatR g = k.transpose() * k;
-      acc[size_t(e)] += g.cast<double>();
+      // One fp64 rank-k update per batch (the lower triangle: as much arithmetic as a full fp32 GEMM), so the sums
+      // do not depend on how the windows were batched: corpus shards add up to one pass (editor/keystats_shards.h).
+      const Eigen::MatrixXd kd = k.cast<double>().transpose();
+      acc[size_t(e)].selfadjointView<Eigen::Lower>().rankUpdate(kd);
       count[size_t(e)] += k.rows();
     }
     done += ntok;
     if (progress) progress(done, total);
   }
-  std::vector<SecondMoment> out(static_cast<size_t>(n_out));
+  std::vector<KeySum> out(static_cast<size_t>(n_out));
   for (int e = 0; e < n_out; ++e) {
-    SecondMoment& s = out[size_t(e)];
+    KeySum& s = out[size_t(e)];
     s.layer = layer;
     s.expert = e < E ? e : shared_expert_id(e - E);
     s.count = count[size_t(e)];
-    Eigen::MatrixXd full = 0.5 * (acc[size_t(e)] + acc[size_t(e)].transpose());
-    if (s.count > 0) full /= double(s.count);
-    s.mom2 = full.cast<float>();
+    s.sum = acc[size_t(e)].selfadjointView<Eigen::Lower>();  // the full symmetric matrix
   }
+  return out;
+}
+
+SecondMoment moment_from_sum(const KeySum& k) {
+  SecondMoment s;
+  s.layer = k.layer;
+  s.expert = k.expert;
+  s.count = k.count;
+  Eigen::MatrixXd full = 0.5 * (k.sum + k.sum.transpose());
+  if (s.count > 0) full /= double(s.count);
+  s.mom2 = full.cast<float>();
+  return s;
+}
+
+std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
+                                            int batch_tokens, const KeyStatsProgress& progress) {
+  std::vector<SecondMoment> out;
+  for (const KeySum& k : compute_key_sums(m, layer, seqs, batch_tokens, progress)) out.push_back(moment_from_sum(k));
   return out;
 }
 
@@ -304,7 +322,8 @@ struct KeyStatsCache::Impl {
     corpus_hash = hash_bytes(corpus_text.data(), corpus_text.size(), 7);
     corpus_ready = true;
   }
-  std::string dir(int layer) {
+  std::string dir(int layer) { return opt.cache_dir + "/" + subdir(layer); }
+  std::string subdir(int layer) {
     const ModelConfig& c = m.config();
     require_input(layer >= 0 && layer < c.n_layers, "layer " + std::to_string(layer) + " is out of range [0, " +
                                                         std::to_string(c.n_layers) + ")");
@@ -312,7 +331,7 @@ struct KeyStatsCache::Impl {
     read_corpus();
     auto it = model_hash.find(layer);
     if (it == model_hash.end()) it = model_hash.emplace(layer, key_weights_hash(m, layer)).first;
-    return opt.cache_dir + "/" + hex64(it->second) + "/layer" + std::to_string(layer) + "/" + hex64(corpus_hash) +
+    return hex64(it->second) + "/layer" + std::to_string(layer) + "/" + hex64(corpus_hash) +
            "-s" + std::to_string(opt.seq_len) + "-n" +
            (opt.max_tokens > 0 ? std::to_string(opt.max_tokens) : std::string("all"));
   }
@@ -342,18 +361,29 @@ struct KeyStatsCache::Impl {
     mem[{layer, expert}] = s;
     return s;
   }
+  std::vector<std::vector<int32_t>> windows() {
+    auto wins = corpus_windows(tok, corpus_text, opt.seq_len, opt.max_tokens);
+    require_input(!wins.empty(), "corpus '" + opt.corpus + "' gives no tokens");
+    return wins;
+  }
+  static int64_t count_tokens(const std::vector<std::vector<int32_t>>& wins) {
+    int64_t n = 0;
+    for (const auto& w : wins) n += int64_t(w.size());
+    return n;
+  }
+  // The metadata of a layer's files (dir(layer) must have run: it fills the hashes).
+  std::map<std::string, std::string> metadata(int layer, int64_t ntok) const {
+    return {{"model_hash", hex64(model_hash.at(layer))}, {"corpus_hash", hex64(corpus_hash)},
+            {"corpus", opt.corpus},                      {"seq_len", std::to_string(opt.seq_len)},
+            {"max_tokens", std::to_string(opt.max_tokens)}, {"tokens", std::to_string(ntok)},
+            {"format", kMomentFileFormat}};
+  }
   void compute(int layer) {
     const std::string d = dir(layer);
-    const auto wins = corpus_windows(tok, corpus_text, opt.seq_len, opt.max_tokens);
-    require_input(!wins.empty(), "corpus '" + opt.corpus + "' gives no tokens");
-    int64_t ntok = 0;
-    for (const auto& w : wins) ntok += int64_t(w.size());
+    const auto wins = windows();
+    const int64_t ntok = count_tokens(wins);
     auto stats = compute_key_stats(m, layer, wins, opt.batch_tokens, opt.progress);
-    const std::map<std::string, std::string> md = {
-        {"model_hash", hex64(model_hash.at(layer))}, {"corpus_hash", hex64(corpus_hash)},
-        {"corpus", opt.corpus},                      {"seq_len", std::to_string(opt.seq_len)},
-        {"max_tokens", std::to_string(opt.max_tokens)}, {"tokens", std::to_string(ntok)},
-        {"format", "moedit key statistics: mom2 = E[k k^T] (uncentered), fp64 accumulation"}};
+    const auto md = metadata(layer, ntok);
     for (auto& s : stats) {
       write_moment_file(d + "/" + file_name(s.expert), s, md);
       mem[{layer, s.expert}] = std::make_shared<const SecondMoment>(std::move(s));
@@ -396,6 +426,21 @@ std::vector<std::shared_ptr<const SecondMoment>> KeyStatsCache::layer(int layer,
 }
 
 std::string KeyStatsCache::layer_dir(int layer) { return impl_->dir(layer); }
+std::string KeyStatsCache::layer_subdir(int layer) { return impl_->subdir(layer); }
+
+int64_t KeyStatsCache::write_shard(int layer, int shard, int n_shards, const std::string& out_dir) {
+  const std::string sub = impl_->subdir(layer);
+  const auto all = impl_->windows();
+  require_input(n_shards >= 1 && shard >= 0 && shard < n_shards,
+                "shard " + std::to_string(shard) + "/" + std::to_string(n_shards) + ": expected 0 <= i < n");
+  std::vector<std::vector<int32_t>> wins;  // empty when there are more shards than windows: zero sums, still exact
+  for (size_t w = size_t(shard); w < all.size(); w += size_t(n_shards)) wins.push_back(all[w]);
+  const int64_t ntok = Impl::count_tokens(wins);
+  const auto md = impl_->metadata(layer, ntok);
+  for (const KeySum& s : compute_key_sums(impl_->m, layer, wins, impl_->opt.batch_tokens, impl_->opt.progress))
+    write_sum_file(out_dir + "/" + sub + "/" + impl_->file_name(s.expert), s, md, shard, n_shards);
+  return ntok;
+}
 bool KeyStatsCache::loaded_from_disk(int layer) const {
   auto it = impl_->from_disk.find(layer);
   return it != impl_->from_disk.end() && it->second;

@@ -6,7 +6,8 @@
 // Streaming: token windows run through blocks 0..L only (ForwardOptions::stop_after_layer); routed keys are read
 // at blocks.{L}.moe.experts.{e}.hook_key, shared-expert keys are recomputed from the block's FFN input
 // (resid_pre + attn_out → post-attention norm), exactly as the forward computes them. Each forward batch's KᵀK is
-// one fp32 GEMM, accumulated across batches in fp64;
+// one fp64 rank-k update (SYRK: the arithmetic of a full fp32 GEMM), so the sums do not depend on how windows were
+// batched and corpus shards merge to the one-pass matrix (editor/keystats_shards.h);
 // the result is rounded to fp32 (ROME's mom2_dtype) so a freshly computed and a cached matrix are identical.
 //
 // Disk cache (KeyStatsCache): one safetensors file per expert,
@@ -61,11 +62,27 @@ struct SecondMoment {
 
 using KeyStatsProgress = std::function<void(int64_t tokens_done, int64_t tokens_total)>;
 
+// The fp64 sum behind a SecondMoment, before symmetrising and dividing: sum = Σ k kᵀ over `count` keys. Sums over
+// disjoint sets of windows add up to the sum over their union (corpus shards, editor/keystats_shards.h).
+struct KeySum {
+  int layer = -1;
+  int expert = 0;
+  int64_t count = 0;
+  Eigen::MatrixXd sum;  // [I, I]
+};
+// What compute_key_stats returns for these sums: (sum + sumᵀ) / 2 / count, rounded to fp32 (zero when count = 0).
+SecondMoment moment_from_sum(const KeySum& s);
+// The "format" metadata entry of a statistics file.
+inline constexpr const char* kMomentFileFormat = "moedit key statistics: mom2 = E[k k^T] (uncentered), fp64 accumulation";
+
 // Second moments of every routed expert (index e) and, when the layer has them, each shared expert j (entry E + j,
 // expert = shared_expert_id(j)) at MoE layer `layer`, over the given token sequences (each runs from position 0).
 // Sequences are packed into forward batches of about batch_tokens tokens. InputError for a dense layer.
 std::vector<SecondMoment> compute_key_stats(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
                                             int batch_tokens = 4096, const KeyStatsProgress& progress = {});
+// The same pass, returning the sums (compute_key_stats = moment_from_sum of each).
+std::vector<KeySum> compute_key_sums(const Model& m, int layer, const std::vector<std::vector<int32_t>>& seqs,
+                                     int batch_tokens = 4096, const KeyStatsProgress& progress = {});
 
 // A text corpus as token windows: paragraphs (non-blank lines) are tokenized without special tokens, concatenated
 // into one stream and cut into windows of seq_len tokens (the last, shorter one kept if ≥ 2 tokens). When the
@@ -108,6 +125,11 @@ class KeyStatsCache {
   std::string layer_dir(int layer);
   bool loaded_from_disk(int layer) const;
   int64_t corpus_tokens(int layer) const;  // tokens streamed when the layer was computed (from metadata if loaded)
+  // The cache folder of a layer relative to the cache root (what a shard folder mirrors).
+  std::string layer_subdir(int layer);
+  // Computes shard `shard` of n (corpus windows w with w mod n == shard) of a layer and writes its sums under
+  // out_dir/layer_subdir(layer) (editor/keystats_shards.h); returns the tokens of its windows. Nothing is cached.
+  int64_t write_shard(int layer, int shard, int n_shards, const std::string& out_dir);
 
  private:
   struct Impl;

@@ -10,6 +10,9 @@
 #include <set>
 #include <stdexcept>
 
+#include "eval/curve.h"
+#include "eval/drift_probe.h"
+#include "eval/edit_step.h"
 #include "eval/summary.h"
 #include "io/errors.h"
 
@@ -95,86 +98,73 @@ uint64_t fingerprint(const Model& m, const std::set<int>& layers) {
   return h;
 }
 
-std::set<int> edit_layers(const EditOptions& o) {
-  return {o.target.kind == TargetKind::Expert ? o.target.layer : o.layer};
-}
-
-std::string expert_label(int layer, int expert) {
-  if (!is_shared_expert(expert)) return std::to_string(layer) + ":" + std::to_string(expert);
-  const int j = shared_index(expert);
-  return std::to_string(layer) + ":shared" + (j > 0 ? std::to_string(j) : std::string());
-}
-
-// The MoE extras of one case: which experts were edited and how the paraphrases route relative to them.
-json moe_extras(const EditResult& r, const CaseMetrics& pre, const CaseMetrics& post) {
-  std::vector<std::string> labels;
-  std::set<int> routed_edits;
-  bool shared_edit = false;
-  for (const auto& u : r.updates) {
-    labels.push_back(expert_label(u.layer, u.expert));
-    if (u.layer != r.layer) continue;
-    if (is_shared_expert(u.expert))
-      shared_edit = true;
-    else
-      routed_edits.insert(u.expert);
-  }
-  json routes = json::array();
-  double overlap = 0;
-  int found = 0;
-  for (const auto& ex : post.paraphrase_experts) {
-    if (ex.empty()) {
-      routes.push_back(nullptr);
-      continue;
-    }
-    int hits = 0;
-    for (const int e : ex) hits += int(routed_edits.count(e));
-    const size_t n_edited = routed_edits.size() + (shared_edit ? 1 : 0);
-    routes.push_back(shared_edit || hits > 0);
-    overlap += n_edited ? double(hits + (shared_edit ? 1 : 0)) / double(n_edited) : 0.0;
-    ++found;
-  }
-  return {{"layer", r.layer},
-          {"target", target_name(r.target)},
-          {"edited_experts", labels},
-          {"rewrite_experts", r.routed},
-          {"paraphrase_experts", post.paraphrase_experts},
-          {"paraphrase_routes_through_edited", routes},
-          {"routing_overlap", found ? json(overlap / found) : json(nullptr)},
-          {"paraphrase_success", {{"pre", pre.paraphrase_success}, {"post", post.paraphrase_success}}}};
-}
-
+// The edits of a run (ROME one record at a time, or batches), the scoring around them and the case files.
 class Evaluator {
  public:
-  Evaluator(Model& m, const Tokenizer& tok, const RunOptions& opt) : m_(m), tok_(tok), opt_(opt) {}
+  Evaluator(Model& m, const Tokenizer& tok, const RunOptions& opt)
+      : m_(m), tok_(tok), opt_(opt), layers_(edited_layers(opt.edit, opt.batch)) {
+    wiki_ = wikitext_windows(tok, opt.drift_tokens);
+  }
 
   CaseMetrics metrics(const EvalRecord& rec) const {
     CaseMetricsOptions o;
-    o.layer = *edit_layers(opt_.edit).begin();
+    o.layer = routing_layer(opt_.edit, opt_.batch);
     o.generation = opt_.generation_interval > 0 && rec.case_id % opt_.generation_interval == 0;
     o.gen = opt_.gen;
     o.snippets = opt_.snippets;
     o.tfidf = opt_.tfidf;
     return case_metrics(m_, tok_, rec, o);
   }
-  EditResult edit(const EvalRecord& rec) { return apply_edit(m_, tok_, edit_request(rec), opt_.edit, &templates_); }
-  void check_revert(uint64_t before, const std::set<int>& layers, int case_id) const {
-    if (fingerprint(m_, layers) != before)
+  // One step over `recs` (one record for ROME); `keep_keys`: AlphaEdit's earlier-batch keys carry over (sequential).
+  EditStep edit(const std::vector<const EvalRecord*>& recs, bool keep_keys) {
+    if (opt_.batch) return EditStep::batch(m_, tok_, recs, *opt_.batch, templates_, keep_keys ? &keys_ : nullptr);
+    return EditStep::rome(m_, tok_, *recs[0], opt_.edit, templates_);
+  }
+  uint64_t fingerprint() const { return eval::fingerprint(m_, layers_); }
+  void check_revert(uint64_t before, int case_id) const {
+    if (fingerprint() != before)
       throw std::runtime_error("case " + std::to_string(case_id) +
                                ": the weights differ from the clean model after the revert");
   }
-  json case_json(const EvalRecord& rec, const EditResult& r, const CaseMetrics& pre, const CaseMetrics& post) const {
-    return {{"case_id", rec.case_id},     {"requested_rewrite", requested_rewrite(rec)},
-            {"time", r.seconds},          {"pre", pre.values},
-            {"post", post.values},        {"edit", edit_json(r)},
-            {"moe", moe_extras(r, pre, post)}};
+  json case_json(const EditStep& s, size_t i, const CaseMetrics& pre, const CaseMetrics& post,
+                 const json& drift) const {
+    const EvalRecord& rec = s.record(i);
+    json c = {{"case_id", rec.case_id},
+              {"requested_rewrite", requested_rewrite(rec)},
+              {"time", s.seconds() / double(s.size())},  // a batch's wall time shared by its records
+              {"pre", pre.values},
+              {"post", post.values},
+              {"edit", s.edit_json(i)},
+              {"moe", s.moe_json(i, pre, post)}};
+    if (!drift.empty()) c["routing_drift"] = drift;
+    return c;
   }
+  // The records' neighbourhood prompts (routing drift).
+  Sequences neighbourhood(const std::vector<const EvalRecord*>& recs) const {
+    Sequences seqs;
+    for (const auto* r : recs)
+      for (const auto& p : r->neighborhood_prompts) seqs.push_back(tok_.encode_ids(p, true));
+    return seqs;
+  }
+  const Sequences& wiki() const { return wiki_; }
 
  private:
   Model& m_;
   const Tokenizer& tok_;
   const RunOptions& opt_;
+  std::set<int> layers_;
+  Sequences wiki_;
   std::vector<std::string> templates_;  // sampled once from the clean model
+  KeyCache keys_;                       // AlphaEdit, sequential: Σ K Kᵀ of the batches so far
 };
+
+// {"neighborhood": drift, "wikitext": drift} of the probes that have prompts.
+json drift_entry(const Model& m, const DriftProbe& neigh, const DriftProbe& wiki) {
+  json d = json::object();
+  if (!neigh.empty()) d["neighborhood"] = drift_json(neigh.measure(m));
+  if (!wiki.empty()) d["wikitext"] = drift_json(wiki.measure(m));
+  return d;
+}
 
 void prepare_dir(const RunOptions& opt, const std::vector<int>& ids) {
   fs::create_directories(opt.out_dir + "/cases");
@@ -193,35 +183,90 @@ void prepare_dir(const RunOptions& opt, const std::vector<int>& ids) {
   write_file_atomic(sp, opt.settings.dump(2) + "\n");
 }
 
-// Returns the summaries after every `sequential_every` edits.
+// The records in steps of batch_size (one for ROME).
+std::vector<std::vector<const EvalRecord*>> chunks(const std::vector<const EvalRecord*>& recs, int size) {
+  std::vector<std::vector<const EvalRecord*>> out;
+  for (size_t b = 0; b < recs.size(); b += size_t(size))
+    out.emplace_back(recs.begin() + long(b), recs.begin() + long(std::min(recs.size(), b + size_t(size))));
+  return out;
+}
+
+// Independent steps: each on the clean model, scored before and after, reverted (checked bit for bit).
+void run_independent(Evaluator& ev, Model& m, const std::vector<const EvalRecord*>& recs, const RunOptions& opt,
+                     RunResult& res) {
+  const DriftProbe wiki(m, ev.wiki());
+  size_t done = 0;
+  for (const auto& chunk : chunks(recs, opt.batch_size)) {
+    const bool have = std::all_of(chunk.begin(), chunk.end(),
+                                  [&](const auto* r) { return fs::exists(case_path(opt.out_dir, r->case_id)); });
+    if (opt.resume && have) {
+      res.skipped += int(chunk.size());
+    } else {
+      const uint64_t clean = ev.fingerprint();
+      std::vector<CaseMetrics> pre;
+      for (const auto* r : chunk) pre.push_back(ev.metrics(*r));
+      const DriftProbe neigh(m, ev.neighbourhood(chunk));
+      const EditStep step = ev.edit(chunk, false);
+      std::vector<CaseMetrics> post;
+      for (const auto* r : chunk) post.push_back(ev.metrics(*r));
+      const json drift = drift_entry(m, neigh, wiki);
+      step.revert(m);
+      ev.check_revert(clean, chunk.front()->case_id);
+      for (size_t i = 0; i < chunk.size(); ++i)
+        write_file_atomic(case_path(opt.out_dir, chunk[i]->case_id),
+                          ev.case_json(step, i, pre[i], post[i], drift).dump(1) + "\n");
+      res.evaluated += int(chunk.size());
+    }
+    done += chunk.size();
+    if (opt.progress) opt.progress(int(done), int(recs.size()));
+  }
+}
+
+// Sequential steps: the edits accumulate. After every `sequential_every` edits and after the last, all cases
+// edited so far are re-scored on the current model; each point also gets the routing drift against the clean
+// model (every record's neighbourhood prompts, the WikiText-2 sample) and the WikiText-2 perplexity. Returns the
+// points; at the end every step is reverted (checked bit for bit).
 json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*>& recs, const RunOptions& opt,
                     RunResult& res) {
-  const auto layers = edit_layers(opt.edit);
-  const uint64_t clean = fingerprint(m, layers);
+  const uint64_t clean = ev.fingerprint();
   std::vector<CaseMetrics> pre;
   for (const auto* r : recs) pre.push_back(ev.metrics(*r));
-  std::vector<EditResult> applied;
-  std::vector<json> cases;
+  const DriftProbe neigh(m, ev.neighbourhood(recs)), wiki(m, ev.wiki());
   json curve = json::array();
+  json start = {{"edits", 0}};
+  if (!ev.wiki().empty()) start["perplexity_wikitext"] = windows_perplexity(m, ev.wiki());
+  curve.push_back(start);
+  std::vector<EditStep> applied;
+  std::vector<json> cases;
+  size_t done = 0;
+  double seconds = 0;
   fs::create_directories(opt.out_dir + "/sequential");
-  for (size_t i = 0; i < recs.size(); ++i) {
-    applied.push_back(ev.edit(*recs[i]));
-    const CaseMetrics post = ev.metrics(*recs[i]);
-    cases.push_back(ev.case_json(*recs[i], applied.back(), pre[i], post));
-    write_file_atomic(case_path(opt.out_dir, recs[i]->case_id), cases.back().dump(1) + "\n");
-    ++res.evaluated;
-    if (opt.progress) opt.progress(int(i + 1), int(recs.size()));
-    if ((i + 1) % size_t(opt.sequential_every) != 0 && i + 1 != recs.size()) continue;
-    // Every case edited so far, re-scored on the model carrying all i + 1 edits.
+  for (const auto& chunk : chunks(recs, opt.batch_size)) {
+    applied.push_back(ev.edit(chunk, true));
+    seconds += applied.back().seconds();
+    for (size_t i = 0; i < chunk.size(); ++i) {
+      const CaseMetrics post = ev.metrics(*chunk[i]);
+      cases.push_back(ev.case_json(applied.back(), i, pre[done + i], post, json::object()));
+      write_file_atomic(case_path(opt.out_dir, chunk[i]->case_id), cases.back().dump(1) + "\n");
+    }
+    done += chunk.size();
+    res.evaluated += int(chunk.size());
+    if (opt.progress) opt.progress(int(done), int(recs.size()));
+    if (done % size_t(opt.sequential_every) != 0 && done != recs.size()) continue;
+    // Every case edited so far, re-scored on the model carrying all `done` edits.
     std::vector<json> now = cases;
-    for (size_t k = 0; k <= i; ++k) now[k]["post"] = ev.metrics(*recs[k]).values;
+    for (size_t k = 0; k < done; ++k) now[k]["post"] = ev.metrics(*recs[k]).values;
     json point = summarize(now);
-    point["edits"] = i + 1;
-    write_file_atomic(opt.out_dir + "/sequential/after_" + std::to_string(i + 1) + ".json", point.dump(2) + "\n");
+    point["edits"] = done;
+    point["edit_seconds"] = seconds;
+    point["routing_drift"] = drift_entry(m, neigh, wiki);
+    if (!ev.wiki().empty()) point["perplexity_wikitext"] = windows_perplexity(m, ev.wiki());
+    write_file_atomic(opt.out_dir + "/sequential/after_" + std::to_string(done) + ".json", point.dump(2) + "\n");
     curve.push_back(std::move(point));
   }
-  revert_all(m, applied);
-  ev.check_revert(clean, layers, -1);
+  for (auto it = applied.rbegin(); it != applied.rend(); ++it) it->revert(m);
+  ev.check_revert(clean, -1);
+  write_file_atomic(opt.out_dir + "/sequential/curve.svg", curve_svg({{"", curve}}));
   return curve;
 }
 
@@ -246,11 +291,16 @@ RunResult run_eval(Model& m, const Tokenizer& tok, const std::vector<EvalRecord>
   require_input(opt.n_shards >= 1 && opt.shard >= 0 && opt.shard < opt.n_shards, "--shard i/n needs 0 <= i < n");
   require_input(opt.sequential_every == 0 || (!opt.resume && opt.n_shards == 1),
                 "--sequential runs cannot be resumed or sharded (the edits accumulate in one process)");
+  require_input(opt.batch_size >= 1 && (opt.batch || opt.batch_size == 1),
+                "--batch-size B needs B >= 1 (and B > 1 needs --method memit|alphaedit)");
+  require_input(opt.sequential_every == 0 || opt.sequential_every % opt.batch_size == 0,
+                "--sequential N must be a multiple of --batch-size (curve points fall between batches)");
   const size_t n = opt.limit >= 0 ? std::min(records.size(), size_t(opt.limit)) : records.size();
   std::vector<const EvalRecord*> mine;
   std::vector<int> ids;
+  // Shards take whole steps: step j (records jB .. jB + B − 1) belongs to shard j mod n, so shards merge to one run.
   for (size_t i = 0; i < n; ++i)
-    if (int(i % size_t(opt.n_shards)) == opt.shard) {
+    if (int((i / size_t(opt.batch_size)) % size_t(opt.n_shards)) == opt.shard) {
       mine.push_back(&records[i]);
       ids.push_back(records[i].case_id);
     }
@@ -260,27 +310,10 @@ RunResult run_eval(Model& m, const Tokenizer& tok, const std::vector<EvalRecord>
   Evaluator ev(m, tok, opt);
   RunResult res;
   json curve;
-  if (opt.sequential_every > 0) {
+  if (opt.sequential_every > 0)
     curve = run_sequential(m, ev, mine, opt, res);
-  } else {
-    const auto layers = edit_layers(opt.edit);
-    for (size_t i = 0; i < mine.size(); ++i) {
-      const EvalRecord& rec = *mine[i];
-      if (opt.resume && fs::exists(case_path(opt.out_dir, rec.case_id))) {
-        ++res.skipped;
-      } else {
-        const uint64_t clean = fingerprint(m, layers);
-        const CaseMetrics pre = ev.metrics(rec);
-        const EditResult r = ev.edit(rec);
-        const CaseMetrics post = ev.metrics(rec);
-        revert(m, r);
-        ev.check_revert(clean, layers, rec.case_id);
-        write_file_atomic(case_path(opt.out_dir, rec.case_id), ev.case_json(rec, r, pre, post).dump(1) + "\n");
-        ++res.evaluated;
-      }
-      if (opt.progress) opt.progress(int(i + 1), int(mine.size()));
-    }
-  }
+  else
+    run_independent(ev, m, mine, opt, res);
   res.summary = write_reports(opt.out_dir, opt.settings, &ids);
   if (!curve.is_null()) {
     res.summary["sequential"] = std::move(curve);

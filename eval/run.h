@@ -13,8 +13,20 @@
 // after every `every` edits and after the last, all cases edited so far are re-scored on the current model and
 // summarised into OUT/sequential/after_<n>.json; at the end every edit is reverted and checked.
 //
-// Sharding: the selected records (first `limit`) are split by position, record i belongs to shard i mod n.
+// Batches (`batch` set: MEMIT / AlphaEdit, editor/memit.h): a step edits `batch_size` consecutive records together;
+// each record's case file has its batch's "edit" entry (the request's z*, experts, and the batch's size, time and
+// first case) and "time" = the batch's wall time / its size. Independent batches are reverted like single edits;
+// sequential batches accumulate (AlphaEdit's earlier-batch keys carried over).
+//
+// Routing drift (eval/drift_probe.h): every case records "routing_drift" of its step — the routers on its step's
+// neighbourhood prompts and on `drift_tokens` WikiText-2 tokens before vs after the edit; summaries average it.
+// Sequential curve points carry the drift of the accumulated edits against the clean model (every record's
+// neighbourhood prompts, WikiText-2) and the WikiText-2 perplexity; sequential/curve.svg plots them.
+//
+// Sharding: the selected records (first `limit`) are split by step, step j (records jB .. jB + B − 1; B = 1 for
+// ROME) belongs to shard j mod n, so the shards of a batch run merge to the same cases as one run.
 #pragma once
+#include <optional>
 #include <functional>
 #include <string>
 #include <vector>
@@ -22,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include "datasets/eval_records.h"
+#include "editor/memit.h"
 #include "editor/rome.h"
 #include "eval/counterfact_eval.h"
 
@@ -37,7 +50,11 @@ struct RunOptions {
   GenerationOptions gen;
   const AttributeSnippets* snippets = nullptr;
   const TfIdf* tfidf = nullptr;
-  EditOptions edit;
+  EditOptions edit;                 // ROME's options; with `batch` only the key statistics' source
+  // MEMIT / AlphaEdit (editor/memit.h): `batch_size` records edited together per step; unset: ROME, one per step.
+  std::optional<BatchOptions> batch;
+  int batch_size = 1;
+  int drift_tokens = 512;           // WikiText-2 tokens for routing drift and perplexity (0: neighbourhood only)
   nlohmann::json settings;          // written to settings.json; must match on --resume (shard/limit aside)
   std::function<void(int done, int total)> progress;  // cases finished (skipped ones included) of this shard
 };

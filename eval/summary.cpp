@@ -31,7 +31,11 @@ const std::vector<std::pair<std::string, std::string>>& table_rows() {
       {"rewrite_acc", "rewrite_acc"},             {"paraphrase_acc", "paraphrase_acc"},
       {"neighborhood_acc", "neighborhood_acc"},   {"ngram_entropy", "GE (n-gram entropy)"},
       {"reference_score", "RS (reference score)"}, {"essence_score", "essence (perplexity)"},
-      {"score", "Score = hmean(ES, PS, NS)"}};
+      {"score", "Score = hmean(ES, PS, NS)"},
+      {"drift_neighborhood", "routing drift, neighbourhood (% cells)"},
+      {"router_kl_neighborhood", "router KL, neighbourhood"},
+      {"drift_wikitext", "routing drift, WikiText-2 (% cells)"},
+      {"router_kl_wikitext", "router KL, WikiText-2"}};
   return rows;
 }
 
@@ -40,6 +44,12 @@ const std::vector<std::pair<std::string, std::string>>& table_rows() {
 std::map<std::string, double> case_values(const json& c) {
   std::map<std::string, double> v;
   if (c.contains("time")) v["time"] = c["time"].get<double>();
+  // Routing drift of the case's edit (or of its batch): "post_drift_<prompts>" = changed share, "post_router_kl_…".
+  if (c.contains("routing_drift"))
+    for (const auto& [prompts, d] : c["routing_drift"].items()) {
+      v["post_drift_" + prompts] = d.at("changed_share").get<double>();
+      v["post_router_kl_" + prompts] = d.at("mean_kl").get<double>();
+    }
   for (const char* prefix : {"pre", "post"}) {
     if (!c.contains(prefix)) continue;
     const json& d = c[prefix];
@@ -81,7 +91,8 @@ json summarize(const std::vector<json>& cases) {
     mean /= double(xs.size());
     for (const double x : xs) var += (x - mean) * (x - mean);
     const double sd = std::sqrt(var / double(xs.size()));
-    const bool raw = k.find("essence_score") != std::string::npos || k == "time";
+    const bool raw = k.find("essence_score") != std::string::npos || k.find("router_kl") != std::string::npos ||
+                     k == "time";
     s[k] = raw ? json::array({mean, sd}) : json::array({round2(mean * 100), round2(sd * 100)});
   }
   for (const char* prefix : {"pre", "post"}) {
@@ -196,7 +207,7 @@ std::string distributions_svg(const std::vector<json>& cases) {
     const auto pre = all.find("pre_" + key), post = all.find("post_" + key);
     if (post == all.end() || key == "essence_score") continue;
     double lo = key.ends_with("_diff") ? -1 : 0, hi = 1;
-    if (key == "ngram_entropy") {
+    if (key == "ngram_entropy" || key.starts_with("router_kl")) {
       hi = *std::max_element(post->second.begin(), post->second.end());
       if (pre != all.end()) hi = std::max(hi, *std::max_element(pre->second.begin(), pre->second.end()));
       hi = std::max(hi, 1e-9);

@@ -321,7 +321,7 @@ void write_safetensors(const std::string& path, const std::map<std::string, Owne
   }
   std::string h = hdr.dump();
   h.append((8 - (8 + h.size()) % 8) % 8, ' ');
-  const std::string tmp = path + ".tmp";
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());  // concurrent writers (MPI ranks) never share one
   std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
   if (!out) throw std::runtime_error(tmp + ": cannot open for writing");
   const uint64_t n = h.size();

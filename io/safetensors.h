@@ -90,7 +90,7 @@ OwnedTensor make_f32_tensor(const std::vector<int64_t>& shape, const float* data
 // Converts fp32 data to dtype (F32, F16, BF16 with round-to-nearest-even).
 OwnedTensor make_tensor(DType dtype, const std::vector<int64_t>& shape, const float* data);
 
-// Writes a safetensors file atomically (path + ".tmp" then rename). Tensors are sorted by name; the data buffer
+// Writes a safetensors file atomically (path + ".tmp.<pid>" then rename). Tensors are sorted by name; the data buffer
 // starts 8-byte aligned (header padded with spaces).
 void write_safetensors(const std::string& path, const std::map<std::string, OwnedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

@@ -16,6 +16,7 @@
 #include "io/errors.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#include "eval_util.h"
 #include "test_util.h"
 
 namespace moedit {
@@ -284,18 +285,9 @@ TEST(EvalReaders, MalformedRecordsNameFileRecordAndField) {
 
 // ---- the run driver ----------------------------------------------------------------------------------------------
 
-// Fast settings: the last layer, no key statistics, 2 v* steps, short generations on even case ids.
-std::string run_args(const std::string& out, const std::string& extra = "") {
-  return "eval " + demo_dir() + " --dataset " + bundled_cf() +
-         " --layer 3 --no-mom2 --steps 2 --gen-length 24 --generation-interval 2 --quiet --out " + out + " " + extra;
-}
-
-json summary_without_time(const std::string& dir) {
-  json s = json::parse(test::read_file(dir + "/summary.json"));
-  s.erase("time");
-  s.erase("settings");
-  return s;
-}
+// Fast settings (tests/eval_util.h).
+std::string run_args(const std::string& out, const std::string& extra = "") { return test::fast_eval_args(out, extra); }
+using test::summary_without_time;
 
 TEST(EvalRun, LayerAutoEditsTheLayerWithTheLargestMeanMoeEffect) {
   TempDir tmp;
@@ -377,9 +369,13 @@ TEST(EvalRun, SequentialEditsAccumulateAndAreRevertedAtTheEnd) {
   o.settings = {{"test", "sequential"}};
   const auto res = eval::run_eval(*m, tok, recs, o);
   EXPECT_EQ(res.evaluated, 3);
-  ASSERT_EQ(res.summary["sequential"].size(), 2u);  // after 2 and after 3 edits
-  EXPECT_EQ(res.summary["sequential"][0]["edits"], 2);
-  EXPECT_EQ(res.summary["sequential"][1]["num_cases"], 3);
+  ASSERT_EQ(res.summary["sequential"].size(), 3u);  // the clean model, after 2 and after 3 edits
+  EXPECT_EQ(res.summary["sequential"][0]["edits"], 0);
+  EXPECT_EQ(res.summary["sequential"][1]["edits"], 2);
+  EXPECT_EQ(res.summary["sequential"][2]["num_cases"], 3);
+  for (const auto& p : res.summary["sequential"]) EXPECT_TRUE(p.contains("perplexity_wikitext")) << p.dump();
+  EXPECT_TRUE(res.summary["sequential"][2]["routing_drift"].contains("wikitext"));
+  EXPECT_TRUE(std::filesystem::exists(tmp / "seq/sequential/curve.svg"));
   EXPECT_TRUE(std::filesystem::exists(tmp / "seq/sequential/after_3.json"));
   EXPECT_TRUE(m->weights().layers[3].ffn.experts.down == before);  // every edit reverted, bit for bit
 }

@@ -3,7 +3,8 @@
 # Python is NOT needed to build, test or run moedit; tools/requirements.txt is only for the fixture scripts.
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libcli11-dev
-      libgtest-dev libgmock-dev libpcre2-dev libutf8proc-dev libbrotli-dev)
+      libgtest-dev libgmock-dev libpcre2-dev libutf8proc-dev libbrotli-dev
+      openmpi-bin libopenmpi-dev)  # Open MPI: `moedit eval/stats --mpi` (optional at build time; tests run mpirun)
 # `bash tools/setup.sh --sanitize` adds clang with its sanitizer and libFuzzer runtimes (tools/test_sanitize.sh).
 if [ "${1:-}" = "--sanitize" ]; then PKGS+=(clang libclang-rt-dev libomp-dev); fi
 missing=()

@@ -1,0 +1,202 @@
+// Evaluation of batch editors and the routing-drift / perplexity metrics (issue 18): WikiText-2 perplexity against
+// the logits, a drift probe against routing_drift of its own snapshots, MEMIT batches in `moedit eval` (case files
+// per record with their batch, shards merging to one run, resume redoing a partly written batch, bit-exact revert),
+// sequential batches with their curve, and the CLI's errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "datasets/eval_records.h"
+#include "eval/curve.h"
+#include "eval/drift_probe.h"
+#include "eval/run.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+#include "eval_util.h"
+#include "test_util.h"
+
+namespace moedit {
+namespace {
+using json = nlohmann::json;
+using test::TempDir;
+
+using test::summary_without_time;
+std::string demo_dir() { return test::demo_model_dir(); }
+std::string bundled_cf() { return test::bundled_counterfact(); }
+
+TEST(EvalDrift, WindowsPerplexityIsTheMeanNllOfEveryPredictedToken) {
+  auto m = Model::load(demo_dir());
+  const Tokenizer tok = Tokenizer::from_file(demo_dir());
+  const eval::Sequences w = {tok.encode_ids("The mother tongue of Danielle Darrieux is French", true),
+                             tok.encode_ids("Paris is the capital of France", true)};
+  double nll = 0;
+  int n = 0;
+  for (const auto& seq : w) {
+    const ForwardOutput f = m->forward({seq});
+    for (size_t t = 1; t < seq.size(); ++t, ++n) {
+      const auto row = f.logits.row(long(t) - 1).cast<double>();
+      nll += std::log((row.array() - row.maxCoeff()).exp().sum()) + row.maxCoeff() - row[seq[t]];
+    }
+  }
+  EXPECT_NEAR(eval::windows_perplexity(*m, w), std::exp(nll / n), 1e-4 * std::exp(nll / n));
+  const auto wiki = eval::wikitext_windows(tok, 300);
+  ASSERT_EQ(wiki.size(), 3u);  // 128 + 128 + 44 tokens
+  EXPECT_EQ(wiki[0].size(), 128u);
+  EXPECT_TRUE(eval::wikitext_windows(tok, 0).empty());
+}
+
+TEST(EvalDrift, ProbeComparesTheSamePromptsBeforeAndAfter) {
+  auto m = Model::load(demo_dir());
+  const Tokenizer tok = Tokenizer::from_file(demo_dir());
+  const eval::Sequences prompts = eval::wikitext_windows(tok, 256);
+  const eval::DriftProbe probe(*m, prompts);
+  const RoutingDrift none = probe.measure(*m);
+  EXPECT_EQ(none.cells, 256 * 4);  // every token at each of the 4 MoE layers
+  EXPECT_EQ(none.changed_share, 0.0);
+  EXPECT_EQ(none.mean_kl, 0.0);
+  // Scale one router row of layer 2 (expert 3's logit grows): the probe's drift is routing_drift's of the snapshots.
+  const RouterSnapshot before = snapshot_routers(*m, prompts);
+  MatR& gate = m->mutable_weights().layers[2].ffn.router;  // [E, H]
+  const MatR saved = gate;
+  gate.row(3) *= 3.0f;
+  const RoutingDrift d = probe.measure(*m), ref = routing_drift(before, snapshot_routers(*m, prompts));
+  EXPECT_GT(d.changed_share, 0.0);
+  EXPECT_EQ(d.changed_share, ref.changed_share);
+  EXPECT_EQ(d.mean_kl, ref.mean_kl);
+  EXPECT_EQ(d.cells, ref.cells);
+  gate = saved;
+}
+
+// `moedit eval --method memit` on the demo model: 4 records, batches of 2, fast v*.
+std::string batch_args(const std::string& out, const std::string& extra) {
+  return "eval " + demo_dir() + " --dataset " + bundled_cf() +
+         " --method memit --layers 1-2 --batch-size 2 --mom2-weight 1 --no-mom2 --steps 3 --drift-tokens 128"
+         " --generation-interval 0 --limit 4 --quiet --out " + out + " " + extra;
+}
+
+TEST(EvalBatch, BatchesWriteCasesMergeAcrossShardsAndResume) {
+  TempDir tmp;
+  const auto full = test::run_cli(batch_args(tmp / "full", ""));
+  ASSERT_EQ(full.code, 0) << full.err;
+  const json ref = summary_without_time(tmp / "full");
+  EXPECT_EQ(ref["num_cases"], 4);
+  for (const char* k : {"post_rewrite_success", "post_drift_neighborhood", "post_drift_wikitext",
+                        "post_router_kl_wikitext"})
+    EXPECT_TRUE(ref.contains(k)) << k;
+  const auto recs = load_eval_records(bundled_cf());
+  std::vector<json> cases;
+  for (int i = 0; i < 4; ++i) cases.push_back(json::parse(test::read_file(eval::case_path(tmp / "full", recs[size_t(i)].case_id))));
+  for (int i = 0; i < 4; ++i) {
+    const json& b = cases[size_t(i)]["edit"]["batch"];
+    EXPECT_EQ(b["method"], "memit");
+    EXPECT_EQ(b["size"], 2);
+    EXPECT_EQ(b["first_case"], recs[size_t(i / 2 * 2)].case_id);
+    EXPECT_DOUBLE_EQ(cases[size_t(i)]["time"].get<double>(), b["seconds"].get<double>() / 2);
+    EXPECT_EQ(cases[size_t(i)]["moe"]["layer"], 2);  // routing read at the range's last layer
+  }
+  EXPECT_EQ(cases[0]["routing_drift"], cases[1]["routing_drift"]);  // one batch, one drift
+  EXPECT_NE(cases[0]["routing_drift"], cases[2]["routing_drift"]);
+
+  // Shards take whole batches: batch 0 (records 0, 1) and batch 1 (records 2, 3); merged = one run.
+  for (const char* s : {"0/2", "1/2"}) {
+    const auto r = test::run_cli(batch_args(tmp / ("shard" + std::string(1, s[0])), std::string("--shard ") + s));
+    ASSERT_EQ(r.code, 0) << r.err;
+  }
+  EXPECT_TRUE(std::filesystem::exists(eval::case_path(tmp / "shard0", recs[1].case_id)));
+  EXPECT_TRUE(std::filesystem::exists(eval::case_path(tmp / "shard1", recs[2].case_id)));
+  const auto merged = test::run_cli("eval merge " + (tmp / "shard0") + " " + (tmp / "shard1") + " --out " + (tmp / "merged"));
+  ASSERT_EQ(merged.code, 0) << merged.err;
+  EXPECT_EQ(summary_without_time(tmp / "merged"), ref);
+
+  // A batch with one case file missing is edited again as a whole; the result is the uninterrupted run's.
+  std::filesystem::remove(eval::case_path(tmp / "full", recs[3].case_id));
+  std::filesystem::remove(tmp / "full/summary.json");
+  const auto resumed = test::run_cli(batch_args(tmp / "full", "--resume"));
+  ASSERT_EQ(resumed.code, 0) << resumed.err;
+  EXPECT_EQ(summary_without_time(tmp / "full"), ref);
+}
+
+TEST(EvalBatch, SequentialBatchesGiveACurveAndRevertBitForBit) {
+  TempDir tmp;
+  auto m = Model::load(demo_dir());
+  const Tokenizer tok = Tokenizer::from_file(demo_dir());
+  const auto down1 = m->weights().layers[1].ffn.experts.down, down2 = m->weights().layers[2].ffn.experts.down;
+  const auto recs = load_eval_records(bundled_cf());
+  for (const auto method : {BatchMethod::Memit, BatchMethod::AlphaEdit}) {
+    eval::RunOptions o;
+    o.out_dir = tmp / method_name(method);
+    o.limit = 4;
+    o.sequential_every = 2;
+    o.generation_interval = 0;
+    o.drift_tokens = 128;
+    o.batch_size = 2;
+    BatchOptions b;
+    b.method = method;
+    b.layers = {1, 2};
+    b.mom2_weight = 1;
+    b.edit.mom2_adjustment = false;
+    b.edit.v.steps = 3;
+    if (method == BatchMethod::AlphaEdit) {  // AlphaEdit needs key statistics: C = I·(1/2) has no null space below 1
+      b.edit.mom2_adjustment = true;
+      b.nullspace_threshold = 1.0;
+      b.edit.moments = [](int, int) {
+        auto s = std::make_shared<SecondMoment>();
+        s->mom2 = MatR::Identity(128, 128) * 0.5f;
+        s->count = 1000;
+        return std::shared_ptr<const SecondMoment>(s);
+      };
+    }
+    o.batch = b;
+    o.edit.layer = 2;
+    o.settings = {{"test", method_name(method)}};
+    const auto res = eval::run_eval(*m, tok, recs, o);
+    EXPECT_EQ(res.evaluated, 4);
+    const json& curve = res.summary["sequential"];
+    ASSERT_EQ(curve.size(), 3u);
+    EXPECT_EQ(curve[0]["edits"], 0);
+    EXPECT_NEAR(curve[0]["perplexity_wikitext"].get<double>(),
+                eval::windows_perplexity(*m, eval::wikitext_windows(tok, 128)), 0);  // the clean model's
+    EXPECT_EQ(curve[2]["edits"], 4);
+    EXPECT_TRUE(curve[2]["routing_drift"].contains("neighborhood"));
+    EXPECT_GT(curve[2]["edit_seconds"].get<double>(), 0);
+    EXPECT_TRUE(m->weights().layers[1].ffn.experts.down == down1);
+    EXPECT_TRUE(m->weights().layers[2].ffn.experts.down == down2);
+  }
+  const auto r = test::run_cli("eval curve " + (tmp / "memit") + " " + (tmp / "alphaedit") +
+                               " --labels MEMIT,AlphaEdit --out " + (tmp / "c.svg"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string svg = test::read_file(tmp / "c.svg");
+  EXPECT_NE(svg.find("AlphaEdit"), std::string::npos);
+  EXPECT_EQ(std::count(svg.begin(), svg.end(), '\n') > 10, true);
+}
+
+TEST(EvalBatch, BadOptionsExitWithTwoAndSayWhy) {
+  TempDir tmp;
+  struct Case {
+    std::string args, needle;
+  };
+  const std::string base = "eval " + demo_dir() + " --dataset " + bundled_cf() + " --limit 2 --quiet --out " + (tmp / "o");
+  const Case cases[] = {
+      {" --layer 1 --batch-size 2", "--batch-size"},
+      {" --method memit --layers 1-2 --batch-size 2 --sequential 3", "multiple of --batch-size"},
+      {" --method memit --layers 1-3", "last layer"},
+      {" --method memit", "needs --layers"},
+      {" --method mend --layers 1", "--method 'mend'"},
+  };
+  for (const Case& c : cases) {
+    const auto r = test::run_cli(base + c.args);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.err;
+    EXPECT_NE(r.err.find(c.needle), std::string::npos) << c.args << "\n" << r.err;
+  }
+  std::filesystem::create_directories(tmp / "plain");
+  test::write_file(tmp / "plain/summary.json", "{\"num_cases\": 1}");
+  const auto r = test::run_cli("eval curve " + (tmp / "plain") + " --out " + (tmp / "c.svg"));
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("plain/summary.json: no \"sequential\" curve"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace moedit
