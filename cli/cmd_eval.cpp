@@ -1,10 +1,14 @@
 // moedit eval MODEL --dataset FILE --layer L|auto --out DIR [--limit N] [--target dominant|routed|shared|L:E]
 //              [--resume] [--shard i/n|auto | --mpi] [--sequential N] [--snippets FILE [--idf-corpus FILE]]
+//              [--steer FILE [--steer-coef c] [--steer-form 3|4|5] [--steer-threshold t]] [--mask ...] [--boost ...]
 //              [editor options]
 // moedit eval merge DIR... --out DIR
 // --shard auto takes the shard from a Slurm job array or an MPI launcher's environment (cli/shard.h); under mpirun,
 // --mpi evaluates rank r's shard into OUT/shards/r-of-n and rank 0 merges them into OUT when all are done.
 // CounterFact-style evaluation of ROME edits (eval/run.h): per-case JSON, summary.json/.md, distributions.svg.
+// --steer/--mask/--boost (cli/interventions.h) set a standing router edit on the model: every forward of the run —
+// layer choice, key statistics, the edit (k*, v* and its gradient), scores, generations, drift and perplexity —
+// runs on the steered model; settings.json records the interventions, so --resume refuses other ones.
 #include <unistd.h>
 
 #include <chrono>
@@ -15,6 +19,7 @@
 
 #include "cli/commands.h"
 #include "cli/editor_flags.h"
+#include "cli/interventions.h"
 #include "cli/mpi.h"
 #include "cli/shard.h"
 #include "editor/keystats.h"
@@ -36,6 +41,7 @@ struct EvalArgs {
   bool resume = false, quiet = false, mpi = false;
   EditorFlags editor;
   BatchFlags batch;
+  InterventionSpec interventions;
   int batch_size = 1, drift_tokens = 512;
   std::vector<std::string> merge_dirs, curve_dirs, curve_labels;
   std::string curve_out;
@@ -73,6 +79,18 @@ nlohmann::json eval_batch_settings(const EvalArgs& a) {
   return j;
 }
 
+// The standing router edit of --steer/--mask/--boost on the model, and its settings: the flags and a hash of what
+// the edit does to each layer (the steering vector's values included).
+void set_interventions(Model& m, const InterventionSpec& spec, nlohmann::json& settings) {
+  auto edit = router_edit(spec, m.config());  // validates: exit 2 naming the flag or the steering file
+  std::string fp;
+  for (int l = 0; l < m.config().n_layers; ++l) fp += std::to_string(l) + ":" + edit->fingerprint(l) + "\n";
+  nlohmann::json j = intervention_settings(spec);
+  j["hash"] = hex64(hash_bytes(fp.data(), fp.size()));
+  settings["interventions"] = j;
+  m.set_router_edit(std::move(edit));
+}
+
 void run(const EvalArgs& a) {
   const Shard shard = parse_shard(a.shard.empty() ? "0/1" : a.shard);
   if (a.shard == "auto" && !a.quiet)
@@ -97,7 +115,12 @@ void run(const EvalArgs& a) {
   e = editor_options(a.editor);
   e.target = parse_edit_target(a.target);
   const bool batch = a.batch.batch();
-  if (batch) parse_batch_method(a.batch.method);  // fails before the model loads
+  if (batch) {  // fail before the model loads
+    parse_batch_method(a.batch.method);
+    auto_layer_width(a.batch);
+    parse_key_columns(a.batch.key_columns);
+    require_input(a.batch.passes >= 1, "--passes must be at least 1");
+  }
   const bool auto_layer = !batch && e.target.kind != TargetKind::Expert && a.layer == "auto";
   if (batch) {
     // --layers (or one --layer) are read with the model's config below
@@ -140,28 +163,38 @@ void run(const EvalArgs& a) {
 
   auto m = load_model(a.model);
   const ModelConfig& c = m->config();
+  if (!a.interventions.empty()) set_interventions(*m, a.interventions, o.settings);
   const Tokenizer tok = Tokenizer::from_file(a.model);
+  // --layer auto / --layers auto: one layer or range for the whole run (as ROME's evaluations use), from the mean
+  // indirect effect of the MoE block at the subject's last token over the dataset's first --auto-layer-cases records
+  // (the same for every shard).
+  std::vector<double> mean_effects;
+  if (auto_layer || (batch && auto_layers(a.batch))) {
+    std::vector<EditRequest> first;
+    for (size_t i = 0; i < std::min(records.size(), size_t(a.auto_cases)); ++i)
+      first.push_back(eval::edit_request(records[i]));
+    mean_effects = mean_layer_effects(*m, tok, first, first.size());
+    o.settings["layer_auto"] = {{"cases", first.size()}, {"mean_indirect_effect", mean_effects}};
+  }
   if (auto_layer) {
-    // One layer for the whole run (as ROME's evaluations use): the largest mean indirect effect of the MoE block at
-    // the subject's last token over the dataset's first --auto-layer-cases records (the same for every shard).
-    std::vector<double> mean(size_t(c.n_layers), 0.0);
-    double embedding_std = -1;
-    const size_t n = std::min(records.size(), size_t(a.auto_cases));
-    for (size_t i = 0; i < n; ++i) {
-      const auto eff = moe_layer_effects(*m, tok, eval::edit_request(records[i]), &embedding_std);
-      for (size_t l = 0; l < mean.size(); ++l) mean[l] += eff[l] / double(n);
-    }
-    e.layer = best_effect_layer(mean);
-    o.settings["layer_auto"] = {{"layer", e.layer}, {"cases", n}, {"mean_indirect_effect", mean}};
+    e.layer = best_effect_layer(mean_effects);
+    o.settings["layer_auto"]["layer"] = e.layer;
     if (!a.quiet)
       std::fprintf(stderr, "moedit: --layer auto: layer %d (mean MoE indirect effect %.4f at the subject's last token "
-                           "over %zu cases)\n", e.layer, mean[size_t(e.layer)], n);
+                           "over %zu cases)\n", e.layer, mean_effects[size_t(e.layer)],
+                   o.settings["layer_auto"]["cases"].get<size_t>());
   }
   KeyStatsCache stats(*m, tok, key_stats_options(a.editor));
   e.moments = [&stats](int layer, int expert) { return stats.get(layer, expert); };
   if (batch) {
-    o.batch = batch_options(a.batch, a.layer, a.editor, a.target, c, e.moments);
+    o.batch = batch_options(a.batch, a.layer, a.editor, a.target, c, e.moments, &mean_effects);
     e.layer = o.batch->layers.back();
+    if (auto_layers(a.batch)) {
+      o.settings["layer_auto"]["layers"] = o.batch->layers;
+      if (!a.quiet)
+        std::fprintf(stderr, "moedit: --layers %s: layers %s (mean MoE indirect effects at the subject's last token)\n",
+                     a.batch.layers.c_str(), o.settings["layer_auto"]["layers"].dump().c_str());
+    }
   }
   require_input(e.layer >= 0 && e.layer < c.n_layers && c.is_moe(e.layer),
                 "--layer " + std::to_string(e.layer) + " is not an MoE layer of this model");
@@ -248,6 +281,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--idf-corpus", a.idf_corpus, "TF-IDF corpus, one document per line (default: the snippets)");
   add_editor_flags(cmd->add_option_group("editor", "Editor options (as in `moedit edit`)"), a.editor);
   add_batch_flags(cmd->add_option_group("batch editors", "MEMIT / AlphaEdit (as in `moedit edit`)"), a.batch);
+  add_intervention_flags(cmd, a.interventions);
   cmd->add_option("--batch-size", a.batch_size,
                   "memit/alphaedit: records edited together per step (MEMIT style); --sequential N: steps accumulate")
       ->capture_default_str()

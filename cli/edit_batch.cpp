@@ -42,7 +42,9 @@ void print_request(const BatchEditResult& r, const EditRequest& req, size_t i, s
 }  // namespace
 
 void run_batch_edit(const EditArgs& a) {
-  parse_batch_method(a.batch.method);  // a bad --method fails before anything is loaded
+  parse_batch_method(a.batch.method);  // a bad --method, --layers auto:W or --key-columns fails before anything loads
+  auto_layer_width(a.batch);
+  parse_key_columns(a.batch.key_columns);
   require_input(!a.independent, "--independent edits requests one by one; --method " + a.batch.method +
                                     " edits them together (use --method rome)");
   require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",
@@ -51,7 +53,10 @@ void run_batch_edit(const EditArgs& a) {
   auto m = load_model(a.model);
   const Tokenizer tok = Tokenizer::from_file(a.model);
   const EditStats stats = edit_stats(*m, tok, a);
-  const BatchOptions opt = batch_options(a.batch, a.layer, a.editor, a.target, m->config(), stats.moments);
+  std::vector<double> mean_effects;  // --layers auto: from causal traces of the first 50 requests
+  if (auto_layers(a.batch)) mean_effects = mean_layer_effects(*m, tok, reqs, 50);
+  const BatchOptions opt =
+      batch_options(a.batch, a.layer, a.editor, a.target, m->config(), stats.moments, &mean_effects);
 
   // Before: every request's prompts, the routers on the neighbourhood prompts and the WikiText-2 sample.
   std::vector<EditReport> pre;

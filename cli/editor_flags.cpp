@@ -169,7 +169,9 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
                   "rome: one rank-one edit per request | memit: the requests together over --layers (MEMIT per "
                   "expert) | alphaedit: memit projected onto the key statistics' null space")
       ->capture_default_str();
-  cmd->add_option("--layers", f.layers, "memit/alphaedit: MoE layers, e.g. 1,2,3 or 1-3 (z* at the last)");
+  cmd->add_option("--layers", f.layers,
+                  "memit/alphaedit: MoE layers, e.g. 1,2,3 or 1-3 (z* at the last); auto[:W]: the W MoE layers (default "
+                  "1) ending at the largest mean MoE indirect effect of a causal trace over the first requests");
   cmd->add_option("--mom2-weight", f.mom2_weight, "memit: λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT's mom2_update_weight)")
       ->capture_default_str();
   cmd->add_option("--nullspace-threshold", f.nullspace_threshold,
@@ -178,15 +180,63 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
   cmd->add_option("--bare-key-weight", f.bare_key_weight,
                   "memit/alphaedit: k* = w·(bare prompt's key) + (1 − w)·(mean of the other templates'); default: the "
                   "plain mean over all templates (ROME's k*); MEMIT's code: 0.5; 1: the bare prompt's key");
+  cmd->add_option("--key-columns", f.key_columns,
+                  "memit/alphaedit: mean: one column per request and target with k* | templates: one per context "
+                  "template's key (weighted as k* weights them), fitted in the least-squares sense")
+      ->capture_default_str();
+  cmd->add_option("--passes", f.passes,
+                  "memit/alphaedit: sweeps over --layers; each later one solves for the residual the earlier left")
+      ->capture_default_str();
   cmd->add_option("--l2", f.l2, "alphaedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
 }
 
+int auto_layer_width(const BatchFlags& f) {
+  if (f.layers == "auto") return 1;
+  if (f.layers.rfind("auto:", 0) != 0) return 0;
+  size_t used = 0;
+  int width = 0;
+  try {
+    width = std::stoi(f.layers.substr(5), &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  require_input(used > 0 && used == f.layers.size() - 5 && width >= 1,
+                "--layers '" + f.layers + "': expected auto or auto:W with a width W >= 1");
+  return width;
+}
+
+std::vector<int> auto_layer_range(int width, const std::vector<double>& mean_effects, const ModelConfig& c) {
+  std::vector<double> eligible = mean_effects;  // a range may not end at the model's last layer
+  if (!eligible.empty()) eligible.back() = std::numeric_limits<double>::quiet_NaN();
+  const int best = best_effect_layer(eligible);
+  std::vector<int> out;
+  for (int l = best; l >= 0 && int(out.size()) < width; --l)
+    if (c.is_moe(l)) out.insert(out.begin(), l);
+  return out;
+}
+
+std::vector<double> mean_layer_effects(const Model& m, const Tokenizer& tok, const std::vector<EditRequest>& reqs,
+                                       size_t cases) {
+  std::vector<double> mean(size_t(m.config().n_layers), 0.0);
+  double embedding_std = -1;
+  const size_t n = std::min(reqs.size(), cases);
+  for (size_t i = 0; i < n; ++i) {
+    const auto eff = moe_layer_effects(m, tok, reqs[i], &embedding_std);
+    for (size_t l = 0; l < mean.size(); ++l) mean[l] += eff[l] / double(n);
+  }
+  return mean;
+}
+
 BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
-                           const std::string& target, const ModelConfig& c, const MomentSource& moments) {
+                           const std::string& target, const ModelConfig& c, const MomentSource& moments,
+                           const std::vector<double>* mean_effects) {
   BatchOptions o;
   o.method = parse_batch_method(f.method);
   require_input(f.layers.empty() || layer.empty() || layer == "auto", "give --layers or --layer, not both");
-  if (!f.layers.empty())
+  if (auto_layers(f)) {
+    require_input(mean_effects != nullptr, "--layers auto needs the requests' causal traces");
+    o.layers = auto_layer_range(auto_layer_width(f), *mean_effects, c);
+  } else if (!f.layers.empty())
     o.layers = parse_layer_list(f.layers);
   else if (!layer.empty() && layer != "auto")
     o.layers = {parse_layer_index(layer)};
@@ -210,13 +260,17 @@ BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const 
   o.nullspace_threshold = f.nullspace_threshold;
   o.l2 = f.l2;
   o.bare_key_weight = f.bare_key_weight;
+  o.key_columns = parse_key_columns(f.key_columns);
+  require_input(f.passes >= 1, "--passes must be at least 1");
+  o.passes = f.passes;
   return o;
 }
 
 nlohmann::json batch_settings(const BatchFlags& f) {
   if (!f.batch()) return {{"method", f.method}};
   return {{"method", f.method},           {"layers", f.layers}, {"mom2_weight", f.mom2_weight},
-          {"nullspace_threshold", f.nullspace_threshold}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight}};
+          {"nullspace_threshold", f.nullspace_threshold}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight},
+          {"key_columns", f.key_columns}, {"passes", f.passes}};
 }
 
 }  // namespace moedit::cli

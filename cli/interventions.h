@@ -4,7 +4,8 @@
 //   --boost-mode add|norm   norm: zero the boosted logits, then set them to c·max(row) (see tracing/interventions.h)
 //   --steer FILE [--steer-coef c] [--steer-form 3|4|5] [--steer-threshold t]   add a cluster's expert vector
 // Parsing happens while CLI11 parses (syntax errors exit 2 naming the flag); ranges are checked against the model
-// when the command installs them: install_interventions(spec, model.config(), hooks).
+// when the command installs them: install_interventions(spec, model.config(), hooks), or, for a standing
+// intervention (`eval`), model.set_router_edit(router_edit(spec, model.config())).
 #pragma once
 #include <CLI/CLI.hpp>
 #include <string>
@@ -58,6 +59,7 @@ inline void add_intervention_flags(CLI::App* cmd, InterventionSpec& spec) {
       spec.steer.layers = s.layers;
       spec.steer.vector = s.vector;
       spec.steer.source = s.source;
+      spec.steer.threshold = s.threshold;
     }
   });
 }

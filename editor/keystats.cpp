@@ -95,6 +95,10 @@ uint64_t key_weights_hash(const Model& m, int layer) {
       addb(b->up);
     }
     addv(f.shared_gate);
+    if (const RouterEdit* re = m.router_edit(); re && re->touches(l)) {  // a standing router edit changes the keys
+      const std::string fp = re->fingerprint(l);
+      add(fp.data(), fp.size());
+    }
     if (l < layer) {  // layer L's down projections do not change its keys
       addb(f.experts.down);
       addb(f.shared.down);

@@ -17,7 +17,7 @@
 //   model_hash, corpus_hash, corpus, seq_len, max_tokens.
 // The model hash covers exactly the weights the keys at L depend on (embeddings, layers < L, and layer L's norms,
 // attention, router and gate/up projections — not its down projections, so editing layer L keeps its cache valid)
-// plus the config's shape. The cache is written atomically (temp file + rename).
+// plus the config's shape and the model's standing router edit on layers ≤ L (RouterEdit::fingerprint). The cache is written atomically (temp file + rename).
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -70,7 +70,7 @@ std::vector<Probe> probe(const Model& m, const std::vector<EditIds>& ids, int la
 // The columns one expert collects at a layer.
 struct Columns {
   std::vector<int> requests;
-  std::vector<double> weights;
+  std::vector<double> weights, scales;
   std::vector<Eigen::VectorXd> r, k;  // [H], [I]
 };
 
@@ -103,39 +103,52 @@ void check_options(const Model& m, const std::vector<EditIds>& ids, const BatchO
   require_input(!opt.edit.mom2_adjustment || bool(opt.edit.moments),
                 "key statistics are required (mom2 adjustment is on)");
   require_input(opt.forward_requests >= 1, "forward_requests must be ≥ 1");
+  require_input(opt.passes >= 1, "--passes must be at least 1");
   require_input(opt.bare_key_weight < 0 || opt.bare_key_weight <= 1, "--bare-key-weight must be in [0, 1]");
   for (const EditIds& i : ids) validate(i, c);
 }
 
-// k* from an expert's keys at the templates' subject tokens [templates, I] (bare prompt first): the mean (w < 0), or
-// w·k_bare + (1 − w)·the mean of the others.
-Eigen::VectorXd mean_key(const MatR& keys, double w) {
-  const MatD k = keys.cast<double>();
-  if (w < 0 || k.rows() == 1) return k.colwise().mean().transpose();
-  return w * k.row(0).transpose() + (1 - w) * k.bottomRows(k.rows() - 1).colwise().mean().transpose();
+// The templates' weights a_t in k* = Σ_t a_t k_t (bare prompt first): 1/T (w < 0), or w for the bare prompt and
+// (1 − w)/(T − 1) for each other template.
+Eigen::VectorXd template_weights(int T, double w) {
+  if (w < 0 || T == 1) return Eigen::VectorXd::Constant(T, 1.0 / T);
+  Eigen::VectorXd a = Eigen::VectorXd::Constant(T, (1 - w) / double(T - 1));
+  a[0] = w;
+  return a;
 }
 
-// Request i's columns at layer l: r_i split over its targets, each with its template-averaged key.
-void collect(const Model& m, int l, const EditTarget& target, double bare_weight, int i, const Probe& p,
-             const Eigen::VectorXd& r, std::map<int, Columns>* cols) {
-  for (const TargetShare& t : target_shares(m, l, target, p.routed, p.weights, p.ffn_in.row(0))) {
-    const MatR keys = target_keys(m, l, t.expert, p.ffn_in);  // [templates, I]
+// Request i's columns at layer l: r_i split over its targets, each with its key k* (or one column per template key).
+void collect(const Model& m, int l, const BatchOptions& opt, int i, const Probe& p, const Eigen::VectorXd& r,
+             std::map<int, Columns>* cols) {
+  for (const TargetShare& t : target_shares(m, l, opt.edit.target, p.routed, p.weights, p.ffn_in.row(0))) {
+    const MatD keys = target_keys(m, l, t.expert, p.ffn_in).cast<double>();  // [templates, I]
+    const Eigen::VectorXd a = template_weights(int(keys.rows()), opt.bare_key_weight);
     Columns& c = (*cols)[t.expert];
-    c.requests.push_back(i);
-    c.weights.push_back(t.weight);
-    c.r.push_back(t.share * r);
-    c.k.push_back(mean_key(keys, bare_weight));
+    auto add = [&](double scale, Eigen::VectorXd k) {
+      c.requests.push_back(i);
+      c.weights.push_back(t.weight);
+      c.scales.push_back(scale);
+      c.r.push_back(scale * t.share * r);
+      c.k.push_back(std::move(k));
+    };
+    if (opt.key_columns == KeyColumns::Mean)
+      add(1.0, keys.transpose() * a);
+    else
+      for (int tt = 0; tt < keys.rows(); ++tt)
+        if (a[tt] > 0) add(std::sqrt(a[tt]), std::sqrt(a[tt]) * keys.row(tt).transpose());
   }
 }
 
 // One expert's solve and update at layer l.
-BatchExpertUpdate solve_expert(Model& m, int l, int expert, const Columns& c, const BatchOptions& opt,
+BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Columns& c, const BatchOptions& opt,
                                const KeyCache* cache, int n_shared) {
   BatchExpertUpdate up;
   up.layer = l;
   up.expert = expert;
+  up.pass = pass;
   up.requests = c.requests;
   up.weights = c.weights;
+  up.scales = c.scales;
   const int n = int(c.r.size()), H = int(c.r[0].size()), I = int(c.k[0].size());
   up.R.resize(H, n);
   up.K.resize(I, n);
@@ -181,6 +194,8 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   res.layers = opt.layers;
   res.lambda = opt.method == BatchMethod::Memit ? opt.mom2_weight : opt.l2;
   res.bare_key_weight = opt.bare_key_weight;
+  res.key_columns = opt.key_columns;
+  res.passes = opt.passes;
   const int last = opt.layers.back(), n_layers = int(opt.layers.size());
   res.n_shared_experts = shared_expert_count(m, last);
   const double rho = m.config().residual_multiplier;
@@ -202,19 +217,20 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   res.vstar_seconds = since(tv);
 
   try {  // all or nothing
-    for (int j = 0; j < n_layers; ++j) {
-      const int l = opt.layers[size_t(j)];
-      if (j > 0) p = probe(m, ids, l, last, opt.forward_requests);
-      res.residual_norms.push_back(residual_norms(p, z));
-      std::map<int, Columns> cols;  // by expert id
-      for (size_t i = 0; i < ids.size(); ++i) {
-        const Eigen::VectorXd r = (z[i] - p[i].h) / (rho * double(n_layers - j));  // the layers left share it
-        collect(m, l, opt.edit.target, opt.bare_key_weight, int(i), p[i], r, &cols);
+    for (int pass = 0; pass < opt.passes; ++pass)
+      for (int j = 0; j < n_layers; ++j) {
+        const int l = opt.layers[size_t(j)];
+        if (pass > 0 || j > 0) p = probe(m, ids, l, last, opt.forward_requests);
+        res.residual_norms.push_back(residual_norms(p, z));
+        std::map<int, Columns> cols;  // by expert id
+        for (size_t i = 0; i < ids.size(); ++i) {
+          const Eigen::VectorXd r = (z[i] - p[i].h) / (rho * double(n_layers - j));  // the layers left share it
+          collect(m, l, opt, int(i), p[i], r, &cols);
+        }
+        const int n_shared = shared_expert_count(m, l);
+        for (const auto& [expert, c] : cols)
+          res.updates.push_back(solve_expert(m, l, expert, pass, c, opt, cache, n_shared));
       }
-      const int n_shared = shared_expert_count(m, l);
-      for (const auto& [expert, c] : cols)
-        res.updates.push_back(solve_expert(m, l, expert, c, opt, cache, n_shared));
-    }
   } catch (...) {
     revert(m, res);
     throw;
@@ -223,6 +239,7 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   res.residual_norms.push_back(residual_norms(p, z));
   if (cache && opt.method == BatchMethod::AlphaEdit)
     for (const BatchExpertUpdate& u : res.updates) {
+      if (u.pass > 0) continue;  // later passes revisit the same keys
       MatD& A = (*cache)[{u.layer, u.expert}];
       if (A.size() == 0) A = MatD::Zero(u.K.rows(), u.K.rows());
       A += u.K * u.K.transpose();

@@ -10,15 +10,19 @@
 //      r_i = (z*_i − h_i(cur)) / (ρ·(m − j + 1))      MEMIT's spread over the layers left, incl. l (MoE-output units)
 //    split over request i's targets at l, read at its bare prompt's subject token exactly as ROME splits δ (rome.h
 //    step 2: dominant r/w_e, routed the minimum-norm split, shared r/g), each target e with the key
-//    k*_ie = mean over the context templates of e's key at the subject's last token (rome.h step 3; or the bare
-//    prompt's key weighted by bare_key_weight). Per expert e
-//    with n_e > 0 columns, R_e [H, n_e] and K_e [I, n_e]:
+//    k*_ie = Σ_t a_t k_iet, e's keys at the templates' subject tokens with weights a_t (the mean, a_t = 1/T: ROME's
+//    k*, rome.h step 3; or the bare prompt's key weighted by bare_key_weight, the others sharing the rest), one
+//    column (r, k*) per (request, target); with key_columns = Templates one column (√a_t·r, √a_t·k_iet) per template
+//    instead, so the update fits every template's key in the least-squares sense rather than their mean.
+//    Per expert e with n_e > 0 columns, R_e [H, n_e] and K_e [I, n_e]:
 //      memit      ΔW_e = R_e K_eᵀ (λ C_e + K_e K_eᵀ)⁻¹                       λ = mom2_weight; C_e = I with no mom2
 //      alphaedit  ΔW_e = R_e K_eᵀ P_e (K_e K_eᵀ P_e + A_e P_e + λ₂ I)⁻¹    P_e = null_space(C_e, threshold)
 //    (A_e: Σ K Kᵀ of the earlier batches given in a KeyCache, else 0), added to e's down-projection
 //    (copy-on-write, the previous matrix kept: revert is bit-exact). Every expert of layer l is solved from the same
 //    forward, before any of them changes.
-// One request at one layer: ΔW = ROME's update with --keys consistent times k*ᵀC⁻¹k* / (λ + k*ᵀC⁻¹k*).
+// 3. passes > 1 sweeps the layers again: each later sweep solves for the residual z*_i − h_i(cur) the earlier ones
+//    left (block-coordinate descent over the edited experts, as MoEEdit iterates), its updates added on top.
+// One request at one layer, one pass, mean keys: ΔW = ROME's update with --keys consistent times k*ᵀC⁻¹k* / (λ + k*ᵀC⁻¹k*).
 #pragma once
 #include <map>
 #include <string>
@@ -33,6 +37,7 @@
 namespace moedit {
 
 enum class BatchMethod { Memit, AlphaEdit };
+enum class KeyColumns { Mean, Templates };  // one column per (request, target) with k*, or one per template key
 BatchMethod parse_batch_method(const std::string& s);  // "memit" | "alphaedit"; InputError otherwise
 std::string method_name(BatchMethod m);
 // "3,4,5", "3-5" or a mix ("0,2-3"): ascending, distinct, non-negative; InputError naming --layers otherwise.
@@ -48,8 +53,12 @@ struct BatchOptions {
   // The bare prompt's weight w in k* = w·k_bare + (1 − w)·mean of the other templates' keys; < 0: the plain mean over
   // all templates (ROME's k*). MEMIT's compute_ks gives "{}" ½ (its templates: "{}" and one group of five).
   double bare_key_weight = -1;
+  KeyColumns key_columns = KeyColumns::Mean;
+  int passes = 1;                     // sweeps over the layers (step 3 above)
   int forward_requests = 16;          // requests per forward when reading keys and residuals
 };
+KeyColumns parse_key_columns(const std::string& s);  // "mean" | "templates"; InputError otherwise
+std::string key_columns_name(KeyColumns k);
 
 // AlphaEdit across sequential batches: Σ K Kᵀ [I, I] of the earlier batches per (layer, expert).
 using KeyCache = std::map<std::pair<int, int>, MatD>;
@@ -57,8 +66,10 @@ using KeyCache = std::map<std::pair<int, int>, MatD>;
 struct BatchExpertUpdate {
   int layer = -1;
   int expert = 0;                // shared_expert_id(j) for shared expert j
-  std::vector<int> requests;     // the request behind each column
+  int pass = 0;                  // the sweep it belongs to
+  std::vector<int> requests;     // the request behind each column (several with template columns)
   std::vector<double> weights;   // its routing weight (or shared gate) at that request's subject token
+  std::vector<double> scales;    // √a_t of each column (1 for a k* column): R.col(c) / scales[c] is r's share
   MatD R;                        // [H, n] residuals the expert's output must gain
   MatD K;                        // [I, n] keys k*
   int64_t stats_count = 0;       // tokens behind C (0 without mom2 adjustment)
@@ -73,10 +84,12 @@ struct BatchEditResult {
   std::vector<int> layers;
   double lambda = 0;                          // mom2_weight (memit) or l2 (alphaedit)
   double bare_key_weight = -1;
+  KeyColumns key_columns = KeyColumns::Mean;
+  int passes = 1;
   int n_shared_experts = 0;                   // at the last layer (expert labels)
   std::vector<VStarResult> vstar;             // per request, at layers.back()
   std::vector<VecF> z;                        // per request z*_i [H]
-  // [step][request] ‖z*_i − h_i(cur)‖ before each layer's update (step < m) and after the last (step m).
+  // [step][request] ‖z*_i − h_i(cur)‖ before each layer's update (step < passes·m, pass by pass) and after the last.
   std::vector<std::vector<double>> residual_norms;
   std::vector<BatchExpertUpdate> updates;     // applied in this order
   std::vector<std::string> templates;         // text API only

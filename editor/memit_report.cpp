@@ -19,6 +19,14 @@ BatchMethod parse_batch_method(const std::string& s) {
 
 std::string method_name(BatchMethod m) { return m == BatchMethod::Memit ? "memit" : "alphaedit"; }
 
+KeyColumns parse_key_columns(const std::string& s) {
+  if (s == "mean") return KeyColumns::Mean;
+  if (s == "templates") return KeyColumns::Templates;
+  throw InputError("--key-columns '" + s + "': expected mean or templates");
+}
+
+std::string key_columns_name(KeyColumns k) { return k == KeyColumns::Mean ? "mean" : "templates"; }
+
 namespace {
 int layer_number(const std::string& s, const std::string& all) {
   try {
@@ -70,10 +78,13 @@ nlohmann::json batch_edit_json(const BatchEditResult& r) {
   j[r.method == BatchMethod::Memit ? "mom2_weight" : "l2"] = r.lambda;
   j["requests"] = r.vstar.size();
   j["bare_key_weight"] = r.bare_key_weight < 0 ? nlohmann::json("mean") : nlohmann::json(r.bare_key_weight);
+  j["key_columns"] = key_columns_name(r.key_columns);
+  j["passes"] = r.passes;
   j["updates"] = nlohmann::json::array();
   for (const BatchExpertUpdate& u : r.updates) {
     nlohmann::json x = {{"layer", u.layer},
                         {"expert", expert_json(u.expert, r.n_shared_experts)},
+                        {"pass", u.pass},
                         {"columns", u.requests.size()},
                         {"update_norm", u.delta_norm},
                         {"residual_norm", u.R.norm()},
@@ -81,7 +92,7 @@ nlohmann::json batch_edit_json(const BatchEditResult& r) {
     if (u.null_dim >= 0) x["null_space_dim"] = u.null_dim;
     j["updates"].push_back(std::move(x));
   }
-  // Mean ‖z* − h(cur)‖ over the requests before each layer's update, and after the last.
+  // Mean ‖z* − h(cur)‖ over the requests before each layer's update (pass by pass), and after the last.
   std::vector<double> mean;
   for (const auto& step : r.residual_norms) {
     double s = 0;
@@ -110,12 +121,13 @@ nlohmann::json batch_request_json(const BatchEditResult& r, int request) {
     const auto c = it - u.requests.begin();
     j["experts"].push_back({{"layer", u.layer},
                             {"expert", expert_json(u.expert, r.n_shared_experts)},
+                            {"pass", u.pass},
                             {"weight", u.weights[size_t(c)]},
-                            {"residual_norm", u.R.col(c).norm()}});
+                            {"residual_norm", u.R.col(c).norm() / u.scales[size_t(c)]}});  // r's share
   }
   std::vector<double> res;
   for (const auto& step : r.residual_norms) res.push_back(step[size_t(request)]);
-  j["residual_norms"] = res;  // ‖z* − h(cur)‖ before each layer's update and after the last
+  j["residual_norms"] = res;  // ‖z* − h(cur)‖ before each layer's update (pass by pass) and after the last
   return j;
 }
 

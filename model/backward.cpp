@@ -358,6 +358,7 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
     for (int t = 0; t < N; ++t)
       ops::route_row_backward(m.route_spec(), tp.z.row(t).data(), tp.ids.row(t).data(), dw.row(t).data(),
                               dz.row(t).data());
+    if (const RouterEdit* re = m.router_edit(); re && re->touches(l)) re->backward(l, tp.z_raw, dz);  // → ∂/∂(raw z)
     linear_backward(dz.data(), N, H, f.router.data(), E, da2.data(), true);
     if (f.has_shared) {
       MatT<T> dys = dm;

@@ -114,7 +114,8 @@ struct BlockTape {
   MatT<T> o;                         // attention output before o_proj [N, Hq·D]
   MatT<T> x_mid, a2;                 // residual after attention; FFN input (post-attention norm) [N, H]
   // FFN: dense layers use expert slot 0 with every token.
-  MatT<T> z;                         // router logits [N, E]
+  MatT<T> z;                         // router logits [N, E], as the router used them
+  MatT<T> z_raw;                     // before the model's router edit [N, E] (kept only where it edits layer l)
   IdxMat ids;                        // [N, k]
   MatT<T> w;                         // routing weights [N, k]
   std::vector<std::vector<int>> tok, slot;  // per expert: tokens routed to it (ascending) and their top-k slot

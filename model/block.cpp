@@ -165,6 +165,20 @@ void run_hook(const Ops<float>& op, const Hooks* h, const std::string& name, con
   }
 }
 
+// The model's standing router edit on layer l's logits z [N, E]: in place on the host; through a host copy on a
+// device.
+template <class T>
+void edit_router_logits(const Ops<T>& op, const RouterEdit& re, int l, const Act<T>& z) {
+  if (op.mem().host_memory()) {
+    Eigen::Map<MatT<T>> rows(z.data(), z.rows, z.cols);
+    re.apply(l, rows);
+  } else {
+    MatT<T> rows = op.host(z);
+    re.apply(l, rows);
+    op.mem().to_device(z.data(), rows.data(), sizeof(T) * z.size());
+  }
+}
+
 // ---- attention ---------------------------------------------------------------------------------------------------
 
 // q [N, Hq·Dk], k [N, Hkv·Dk], v [N, Hkv·Dv] after bias, q/k-norm, clip_qkv and RoPE (standard attention).
@@ -426,6 +440,10 @@ Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, 
   const int E = c.n_experts, k = c.top_k;
   Act<T> z = op.act(N, E), w = op.act(N, k);
   op.linear(a.data(), N, H, f.router.data(), E, z.data());
+  if (const RouterEdit* re = op.m.router_edit(); re && re->touches(l)) {
+    if (tp) tp->z_raw = op.host(z);
+    edit_router_logits(op, *re, l, z);
+  }
   if constexpr (f32)
     if (hooks) run_hook(op, hooks, hook_names::router_logits(l), z, l, -1, layout);
   Buf ids(op.mem(), sizeof(int) * size_t(N) * k);

@@ -13,6 +13,7 @@
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/hooks.h"
+#include "model/router_edit.h"
 #include "model/weights.h"
 
 namespace moedit {
@@ -117,6 +118,10 @@ class Model {
   // CPU backend.
   const Backend& host_backend() const { return be_->host_memory() ? *be_ : cpu_backend(); }
   void set_backend(const Backend& b) { be_ = &b; }
+  // A standing router edit that every forward applies, the taped gradient stack included (model/router_edit.h);
+  // null: none. Set it before the runs it should steer (it is read, never copied, by each forward).
+  void set_router_edit(std::shared_ptr<const RouterEdit> e) { router_edit_ = std::move(e); }
+  const RouterEdit* router_edit() const { return router_edit_.get(); }
 
   // Runs the sequences (token ids) as one packed batch.
   ForwardOutput forward(const std::vector<std::vector<int32_t>>& seqs, const ForwardOptions& opt = {}) const;
@@ -150,6 +155,7 @@ class Model {
   std::vector<float> inv_freq_;
   ops::RouteSpec route_;
   const Backend* be_ = &cpu_backend();
+  std::shared_ptr<const RouterEdit> router_edit_;
 };
 
 // The attention geometry of a config: GQA/MHA (Hq, Hkv, head_dim, head_dim, window) or MLA (Hq, Hq, qk_dim,

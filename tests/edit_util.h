@@ -1,6 +1,8 @@
-// Helpers shared by the editing test files (test_edit.cpp, test_keystats.cpp, test_edit_cli.cpp): fixture paths, a
-// random id corpus, a fixed id-level edit request, moment sources and a fixture copy with a character tokenizer.
+// Helpers shared by the editing test files (test_edit.cpp, test_keystats.cpp, test_edit_cli.cpp, test_eval_steer.cpp):
+// fixture paths, a random id corpus, a fixed id-level edit request, the v* gradient by finite differences, moment
+// sources and a fixture copy with a character tokenizer.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -57,6 +59,25 @@ inline EditIds fixed_ids() {
   ids.kl_subject_last = 1;
   ids.target = {40, 41};
   return ids;
+}
+
+// ‖a − b‖ / ‖b‖.
+inline double rel(const Eigen::VectorXd& a, const Eigen::VectorXd& b) {
+  return (a - b).norm() / std::max(b.norm(), 1e-300);
+}
+
+// Central differences of the v* loss at δ, one coordinate at a time.
+inline Eigen::VectorXd fd_gradient(VStarProblem<double>& P, const Eigen::VectorXd& delta) {
+  Eigen::VectorXd fd(delta.size());
+  const double h = 1e-5 * std::max(1.0, delta.norm());
+  for (int i = 0; i < int(delta.size()); ++i) {
+    Eigen::VectorXd d = delta;
+    d[i] += h;
+    const double fp = P.eval(d).loss;
+    d[i] -= 2 * h;
+    fd[i] = (fp - P.eval(d).loss) / (2 * h);
+  }
+  return fd;
 }
 
 inline MomentSource moments_from(std::vector<SecondMoment> stats) {

@@ -1,6 +1,6 @@
 // Gradients (model/backward.h): every op's backward and whole blocks / stacks of every family against central
-// finite differences in float64 (relative error ≤ 1e-4, measured as ‖g_fd − g‖ / ‖g‖ over all coordinates), and the
-// taped forward against Model::forward.
+// finite differences in float64 (relative error ≤ 1e-4, measured as ‖g_fd − g‖ / ‖g‖ over all coordinates), blocks
+// under a standing router edit (steering, boosts, masks), and the taped forward against Model::forward.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -11,6 +11,7 @@
 #include "model/backward.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "tracing/interventions.h"
 
 namespace moedit {
 namespace {
@@ -265,27 +266,78 @@ TEST(BackwardOps, Router) {
 
 // ---- blocks and stacks ------------------------------------------------------------------------------------------
 
+// Relative error of ∂(Σ R ⊙ block_l(x))/∂x at X [9, H] (two sequences of 6 and 3 tokens) against finite differences.
+double block_fd_error(const Model& m, int l, const MatD& X, const MatD& R) {
+  const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
+  auto f = [&](const MatD& x) {
+    MatD y = x;
+    grad::BlockTape<double> tp;
+    grad::block_forward(m, l, y, lay, static_cast<const grad::PrefixKV<double>*>(nullptr), tp);
+    return y.cwiseProduct(R).sum();
+  };
+  MatD y = X;
+  grad::BlockTape<double> tp;
+  grad::block_forward(m, l, y, lay, static_cast<const grad::PrefixKV<double>*>(nullptr), tp);
+  MatD dx = R;
+  grad::block_backward(m, l, tp, dx);
+  return fd_error(f, X, dx);
+}
+
 // One block of every family (every layer: MoE with and without shared expert, dense): ∂(Σ R ⊙ out)/∂x.
 TEST(BackwardBlocks, EveryLayerOfEveryFamily) {
   SerialOps serial;
   for_each_gradient_model(21, [&](const std::string& fam, const ModelConfig& c, Model& m) {
-    const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
-    const int N = 9;
-    const MatD X = random_mat(N, c.hidden, 22), R = random_mat(N, c.hidden, 23);
-    for (int l = 0; l < c.n_layers; ++l) {
-      auto f = [&](const MatD& x) {
-        MatD y = x;
-        grad::BlockTape<double> tp;
-        grad::block_forward(m, l, y, lay, static_cast<const grad::PrefixKV<double>*>(nullptr), tp);
-        return y.cwiseProduct(R).sum();
-      };
-      MatD y = X;
+    const MatD X = random_mat(9, c.hidden, 22), R = random_mat(9, c.hidden, 23);
+    for (int l = 0; l < c.n_layers; ++l) EXPECT_LE(block_fd_error(m, l, X, R), kTol) << fam << " layer " << l;
+  });
+}
+
+// A standing router edit (model/router_edit.h) of each kind on every MoE layer — steering forms 3, 4, 5 (a vector
+// with zeros), a norm-preserving boost with a mask, an additive boost — applied by the taped block; its backward
+// (the edit's transposed Jacobian) against finite differences, and the edit changes the block.
+TEST(BackwardBlocks, RouterEditsOfEveryKind) {
+  SerialOps serial;
+  for_each_gradient_model(51, [&](const std::string& fam, const ModelConfig& c, Model& m) {
+    const MatD X = random_mat(9, c.hidden, 52), R = random_mat(9, c.hidden, 53);
+    std::vector<InterventionSpec> specs;
+    for (int form : {3, 4, 5}) {
+      InterventionSpec s;
+      s.steer.form = form;
+      s.steer.c = form == 3 ? 1.5f : 0.8f;
+      for (int l = 0; l < c.n_layers; ++l) {
+        if (!c.is_moe(l)) continue;
+        s.steer.layers.push_back(l);
+        VecF v = VecF::Map(random_f(size_t(c.n_experts), 54 + uint64_t(l)).data(), c.n_experts).cwiseAbs();
+        v[1] = 0.f;  // form 5 keeps this expert's own logit
+        s.steer.vector.push_back(v);
+      }
+      specs.push_back(s);
+    }
+    for (BoostMode mode : {BoostMode::NormPreserving, BoostMode::Add}) {
+      InterventionSpec s = specs[1];  // form 4 steering, then boosts (and a mask)
+      s.boost_mode = mode;
+      for (int l : s.steer.layers) {
+        s.boost.push_back({l, 2, 1.3f});
+        if (mode == BoostMode::NormPreserving) s.mask.push_back({l, 0});
+      }
+      specs.push_back(s);
+    }
+    for (size_t i = 0; i < specs.size(); ++i) {
+      for (int l = 0; l < c.n_layers; ++l) {
+        if (!c.is_moe(l)) continue;
+        m.set_router_edit(router_edit(specs[i], c));
+        EXPECT_LE(block_fd_error(m, l, X, R), kTol) << fam << " layer " << l << " edit " << describe(specs[i]);
+      }
+      // The taped forward applies the edit: the block's output moves.
+      const int l = specs[i].steer.layers.front();
+      const auto* none = static_cast<const grad::PrefixKV<double>*>(nullptr);
+      const TokenLayout lay = layout_from_lengths({6, 3}, {0, 0});
+      MatD y0 = X, y1 = X;
       grad::BlockTape<double> tp;
-      grad::block_forward(m, l, y, lay, static_cast<const grad::PrefixKV<double>*>(nullptr), tp);
-      MatD dx = R;
-      grad::block_backward(m, l, tp, dx);
-      const double err = fd_error(f, X, dx);
-      EXPECT_LE(err, kTol) << fam << " layer " << l;
+      grad::block_forward(m, l, y1, lay, none, tp);
+      m.set_router_edit(nullptr);
+      grad::block_forward(m, l, y0, lay, none, tp);
+      EXPECT_GT((y1 - y0).norm(), 1e-6 * y0.norm()) << fam << " edit " << describe(specs[i]);
     }
   });
 }

@@ -20,23 +20,8 @@ namespace {
 using test::SerialOps;
 using namespace edit_test;
 
-double rel(const Eigen::VectorXd& a, const Eigen::VectorXd& b) { return (a - b).norm() / std::max(b.norm(), 1e-300); }
 
 // ---- ∂loss/∂δ -----------------------------------------------------------------------------------------------------
-
-// Central differences of the v* loss at δ, one coordinate at a time.
-Eigen::VectorXd fd_gradient(VStarProblem<double>& P, const Eigen::VectorXd& delta) {
-  Eigen::VectorXd fd(delta.size());
-  const double h = 1e-5 * std::max(1.0, delta.norm());
-  for (int i = 0; i < int(delta.size()); ++i) {
-    Eigen::VectorXd d = delta;
-    d[i] += h;
-    const double fp = P.eval(d).loss;
-    d[i] -= 2 * h;
-    fd[i] = (fp - P.eval(d).loss) / (2 * h);
-  }
-  return fd;
-}
 
 TEST(VStar, LossGradientMatchesFiniteDifferences) {
   SerialOps serial;

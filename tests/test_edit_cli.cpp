@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "tokenizer/tokenizer.h"
 #include "edit_util.h"
+#include "reference_util.h"
 #include "test_util.h"
 
 namespace moedit {
@@ -185,42 +186,21 @@ TEST(EditCli, EditsReportsAndSaves) {
 // One reference (tools/rome_reference.py --fixture NAME → edit/NAME_rome.safetensors): same experts, δ, loss curve and
 // post-edit logits per target kind. n_shared: the shared experts the "shared" target must edit (one update each).
 void cross_check(const std::string& name, int n_shared) {
-  const std::string path = test::fixture("edit/" + name + "_rome.safetensors");
-  SafeTensorsFile ref(path);
-  ASSERT_EQ(ref.metadata().at("model"), "tests/fixtures/models/" + name);
-  auto ints = [&](const std::string& n) {
-    const auto f = ref.get(n).to_f32();
-    return std::vector<int32_t>(f.begin(), f.end());
-  };
-  const int layer = std::stoi(ref.metadata().at("layer"));
-  const int n_prompts = std::stoi(ref.metadata().at("n_prompts")), n_eval = std::stoi(ref.metadata().at("n_eval"));
-  EditIds ids;
-  for (int i = 0; i < n_prompts; ++i) ids.prompts.push_back(ints("prompts." + std::to_string(i)));
-  ids.subject_last = ints("subject_last");
-  ids.kl_prompt = ints("kl_prompt");
-  ids.kl_subject_last = ints("kl_subject_last")[0];
-  ids.target = ints("target");
-  const auto& ct = ref.get("corpus");
-  std::vector<std::vector<int32_t>> corpus;
-  {
-    const auto f = ct.to_f32();
-    for (int64_t r = 0; r < ct.shape[0]; ++r)
-      corpus.emplace_back(f.begin() + r * ct.shape[1], f.begin() + (r + 1) * ct.shape[1]);
-  }
+  const Reference ref("edit/" + name + "_rome.safetensors");
+  ASSERT_EQ(ref.meta("model"), "tests/fixtures/models/" + name);
+  const int layer = ref.meta_int("layer"), n_eval = ref.meta_int("n_eval");
+  const EditIds ids = ref.edit_ids();
+  ASSERT_EQ(int(ids.prompts.size()), ref.meta_int("n_prompts"));
   auto m = Model::load(fixture_model(name));
   ASSERT_TRUE(m->weights().layers[size_t(layer)].ffn.moe) << "layer " << layer << " is dense";
   EditOptions opt;
   opt.layer = layer;
-  opt.moments = moments_from(compute_key_stats(*m, layer, corpus));
-  auto logits_of = [&](int i) { return m->forward({ints("eval." + std::to_string(i))}).logits; };
-  auto ref_logits = [&](const std::string& n, int64_t rows) {
-    MatR x(rows, m->config().vocab_size);
-    ref.get(n).to_f32(x.data());
-    return x;
-  };
+  opt.moments = moments_from(compute_key_stats(*m, layer, ref.rows("corpus")));
+  auto logits_of = [&](int i) { return m->forward({ref.ids("eval." + std::to_string(i))}).logits; };
+  auto ref_logits = [&](const std::string& n, int64_t rows) { return ref.matrix(n, rows, m->config().vocab_size); };
   for (int i = 0; i < n_eval; ++i) {
     const MatR got = logits_of(i), want = ref_logits("pre.logits." + std::to_string(i), got.rows());
-    EXPECT_LE((got - want).cwiseAbs().maxCoeff(), 1e-4 * want.cwiseAbs().maxCoeff());
+    EXPECT_LE(logits_rel_err(got, want), 1e-4);
   }
   for (const std::string kind :
        {"dominant", "routed", "shared", "dominant_exact", "routed_exact", "shared_exact"}) {
@@ -229,7 +209,7 @@ void cross_check(const std::string& name, int n_shared) {
     opt.v.objective = exact ? VStarObjective::Exact : VStarObjective::Rome;
     EditResult r = apply_edit_ids(*m, ids, opt);
     // Same experts, same δ, same loss curve, same post-edit logits.
-    const auto want_experts = ints(kind + ".experts");
+    const auto want_experts = ref.ids(kind + ".experts");
     if (opt.target.kind == TargetKind::Shared) EXPECT_EQ(want_experts.size(), size_t(n_shared)) << kind;
     EXPECT_EQ(r.updates.size(), want_experts.size()) << kind;
     for (size_t i = 0; i < std::min(want_experts.size(), r.updates.size()); ++i)
@@ -237,7 +217,7 @@ void cross_check(const std::string& name, int n_shared) {
     VecF wd(r.vstar.delta.size());
     ref.get(kind + ".delta").to_f32(wd.data());
     const double derr = (r.vstar.delta - wd).norm() / wd.norm();
-    const auto wl = ref.get(kind + ".loss").to_f32();
+    const auto wl = ref.values(kind + ".loss");
     EXPECT_EQ(r.vstar.loss.size(), wl.size()) << kind;
     double lerr = 0;
     for (size_t i = 0; i < std::min(wl.size(), r.vstar.loss.size()); ++i)
@@ -245,7 +225,7 @@ void cross_check(const std::string& name, int n_shared) {
     double worst = 0;
     for (int i = 0; i < n_eval; ++i) {
       const MatR got = logits_of(i), want = ref_logits(kind + ".logits." + std::to_string(i), got.rows());
-      worst = std::max(worst, double((got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff()));
+      worst = std::max(worst, logits_rel_err(got, want));
     }
     std::printf("  [xcheck] %s %s: delta rel err %.2e, loss curve max rel err %.2e, post-edit logits max rel err "
                 "%.2e\n", name.c_str(), kind.c_str(), derr, lerr, worst);

@@ -173,6 +173,35 @@ TEST(EvalBatch, SequentialBatchesGiveACurveAndRevertBitForBit) {
   EXPECT_EQ(std::count(svg.begin(), svg.end(), '\n') > 10, true);
 }
 
+// --layers auto:2 traces the first records and takes the two MoE layers ending at the largest mean MoE effect among
+// the layers a range may end at (not the model's last; fewer when it is layer 0); --key-columns and --passes reach
+// the edit and the settings.
+TEST(EvalBatch, LayersAutoKeyColumnsAndPasses) {
+  TempDir tmp;
+  const auto r = test::run_cli("eval " + demo_dir() + " --dataset " + bundled_cf() +
+                               " --method memit --layers auto:2 --auto-layer-cases 3 --key-columns templates --passes 2"
+                               " --batch-size 2 --limit 2 --mom2-weight 1 --no-mom2 --steps 2 --drift-tokens 0"
+                               " --generation-interval 0 --quiet --out " + (tmp / "auto"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const json settings = json::parse(test::read_file(tmp / "auto/settings.json"));
+  const json& la = settings["layer_auto"];
+  ASSERT_TRUE(la.contains("layers")) << settings.dump();
+  const std::vector<double> mean = la["mean_indirect_effect"];
+  const std::vector<int> layers = la["layers"];
+  int best = -1;
+  for (int l = 0; l + 1 < int(mean.size()); ++l)
+    if (best < 0 || mean[size_t(l)] > mean[size_t(best)]) best = l;
+  ASSERT_GE(best, 0) << la.dump();
+  std::vector<int> want;  // the demo model's layers are all MoE: best − 1 and best, or layer 0 alone
+  for (int l = std::max(0, best - 1); l <= best; ++l) want.push_back(l);
+  EXPECT_EQ(layers, want) << la.dump();
+  EXPECT_EQ(settings["batch"]["key_columns"], "templates");
+  EXPECT_EQ(settings["batch"]["passes"], 2);
+  const auto recs = load_eval_records(bundled_cf());
+  const json c = json::parse(test::read_file(eval::case_path(tmp / "auto", recs[0].case_id)));
+  EXPECT_EQ(c["moe"]["layer"], best);
+}
+
 TEST(EvalBatch, BadOptionsExitWithTwoAndSayWhy) {
   TempDir tmp;
   struct Case {
@@ -185,6 +214,9 @@ TEST(EvalBatch, BadOptionsExitWithTwoAndSayWhy) {
       {" --method memit --layers 1-3", "last layer"},
       {" --method memit", "needs --layers"},
       {" --method mend --layers 1", "--method 'mend'"},
+      {" --method memit --layers auto:0", "--layers 'auto:0'"},
+      {" --method memit --layers 1 --key-columns all", "--key-columns 'all'"},
+      {" --method memit --layers 1 --passes 0", "--passes"},
   };
   for (const Case& c : cases) {
     const auto r = test::run_cli(base + c.args);

@@ -235,6 +235,69 @@ TEST(Memit, AlphaEditLeavesThePreservedKeysOutputs) {
   EXPECT_EQ(down_of(*m, layer, kSharedExpert), W0);
 }
 
+// (5) Template columns: one column per template key, weighted √a_t (Σ_c scale_c·K_c = the mean key k*, R_c / scale_c
+// = r), and the weights change by the closed form over those columns. Passes: each later sweep solves for the
+// residual the earlier left, so over three passes ‖z* − h‖ falls further than after one; an AlphaEdit KeyCache
+// gains the first pass's keys only; revert is bit-exact.
+TEST(Memit, TemplateColumnsAndPasses) {
+  SerialOps serial;
+  const int layer = 1;
+  auto m = Model::load(fixture_model("qwen2_moe"));
+  const auto stats = compute_key_stats(*m, layer, random_corpus(40, 32, m->config().vocab_size, 3));
+  const MatD W0 = down_of(*m, layer, kSharedExpert);
+  const MatD C = moment_of(stats, layer, kSharedExpert);
+  BatchOptions bo = batch_opts(stats, {layer}, "shared");
+  bo.mom2_weight = 1e-2;
+  const BatchEditResult mean = apply_batch_edit_ids(*m, {fixed_ids()}, bo);
+  revert(*m, mean);
+  bo.key_columns = KeyColumns::Templates;
+  const BatchEditResult tmpl = apply_batch_edit_ids(*m, {fixed_ids()}, bo);
+  ASSERT_EQ(tmpl.updates.size(), 1u);
+  const BatchExpertUpdate& u = tmpl.updates[0];
+  const int T = int(fixed_ids().prompts.size());
+  ASSERT_EQ(u.K.cols(), T);
+  EXPECT_EQ(u.requests, std::vector<int>(size_t(T), 0));
+  Eigen::VectorXd k = Eigen::VectorXd::Zero(u.K.rows());
+  for (int c = 0; c < T; ++c) {
+    EXPECT_NEAR(u.scales[size_t(c)], std::sqrt(1.0 / T), 1e-15);
+    k += u.scales[size_t(c)] * u.K.col(c);
+    EXPECT_LE(rel(u.R.col(c) / u.scales[size_t(c)], mean.updates[0].R.col(0)), 1e-6);
+  }
+  EXPECT_LE(rel(k, mean.updates[0].K.col(0)), 1e-6);
+  const MatD applied = down_of(*m, layer, kSharedExpert) - W0, want = memit_delta(u.R, u.K, C, bo.mom2_weight);
+  EXPECT_LE((applied - want).norm(), 1e-6 * W0.norm() + 1e-5 * want.norm());
+  revert(*m, tmpl);
+  EXPECT_EQ(down_of(*m, layer, kSharedExpert), W0);
+
+  bo.key_columns = KeyColumns::Mean;
+  bo.method = BatchMethod::AlphaEdit;
+  bo.nullspace_threshold = 1e9;  // P = I
+  bo.l2 = 1e-2;
+  for (const int passes : {1, 3}) {
+    bo.passes = passes;
+    KeyCache cache;
+    const BatchEditResult r = apply_batch_edit_ids(*m, {fixed_ids(), other_ids()}, bo, &cache);
+    ASSERT_EQ(r.residual_norms.size(), size_t(passes + 1));
+    ASSERT_EQ(r.updates.size(), size_t(passes));
+    for (int p = 0; p < passes; ++p) EXPECT_EQ(r.updates[size_t(p)].pass, p);
+    EXPECT_LE(rel(cache.at({layer, kSharedExpert}), r.updates[0].K * r.updates[0].K.transpose()), 1e-12);
+    for (int i = 0; i < 2; ++i) {
+      std::vector<double> rn;
+      for (const auto& step : r.residual_norms) rn.push_back(step[size_t(i)]);
+      std::printf("  [passes] %d, request %d: |z* - h| %.4f -> %.4f\n", passes, i, rn.front(), rn.back());
+      if (passes == 3) {
+        for (size_t s = 1; s < rn.size(); ++s) EXPECT_LT(rn[s], rn[s - 1]) << "request " << i << " step " << s;
+      }
+    }
+    revert(*m, r);
+    EXPECT_EQ(down_of(*m, layer, kSharedExpert), W0);
+  }
+  bo.passes = 0;
+  EXPECT_THROW(apply_batch_edit_ids(*m, {fixed_ids()}, bo), InputError);
+  EXPECT_EQ(parse_key_columns("templates"), KeyColumns::Templates);
+  EXPECT_THROW(parse_key_columns("all"), InputError);
+}
+
 TEST(Memit, BadOptionsFailWithClearMessages) {
   SerialOps serial;
   auto m = Model::load(fixture_model("qwen2_moe"));

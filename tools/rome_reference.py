@@ -271,26 +271,35 @@ def compute_vstar(model, layer, req, steps=20, lr=0.5, weight_decay=0.5, kl_fact
     return delta.detach(), state["init"], losses
 
 
+def subject_inputs(model, layer, req):
+    """MoE inputs [T, H] of `layer` at the subject's last token of each rewriting prompt (the bare prompt first)."""
+    return torch.stack([x[i] for x, i in zip(moe_inputs(model, layer, req["prompts"]), req["subject_last"])])
+
+
+def target_shares(block, config, x, kind):
+    """The target experts of an edit and their shares of delta (r_e = share * delta) from one MoE input x [1, H]
+    (the bare prompt's subject token): [(expert id, share)], routed experts in descending selection score."""
+    ids, ws = router(block, x, config)
+    ids, ws = ids[0].tolist(), ws[0]
+    if kind == "dominant":  # the largest routing weight (DeepSeek-V3: not always the top selection score)
+        j = int(torch.argmax(ws))
+        return [(ids[j], 1 / ws[j])]
+    if kind == "routed":
+        s2 = (ws * ws).sum()
+        return [(e, ws[j] / s2) for j, e in enumerate(ids)]
+    if kind == "shared":  # n shared experts: minimum-norm split r_j = delta / (n g), sum_j g r_j = delta
+        n = num_shared(block)
+        g = shared_gate(block, x)[0]
+        return [(-1 - j, 1 / (n * g)) for j in range(n)]
+    raise ValueError(kind)
+
+
 def apply_edit(model, layer, req, kind, stats, objective="rome"):
     """Keys, u, v*, rank-one update(s) applied in place; returns (delta, losses, [(e, original down)])."""
     cfg = model.config
     block = moe_block(model, layer)
-    xs = [x[i] for x, i in zip(moe_inputs(model, layer, req["prompts"]), req["subject_last"])]
-    xs = torch.stack(xs)
-    ids, ws = router(block, xs[:1], cfg)
-    ids, ws = ids[0].tolist(), ws[0]
-    if kind == "dominant":  # the largest routing weight (DeepSeek-V3: not always the top selection score)
-        j = int(torch.argmax(ws))
-        shares = [(ids[j], 1 / ws[j])]
-    elif kind == "routed":
-        s2 = (ws * ws).sum()
-        shares = [(e, ws[j] / s2) for j, e in enumerate(ids)]
-    elif kind == "shared":  # n shared experts: minimum-norm split r_j = delta / (n g), sum_j g r_j = delta
-        n = num_shared(block)
-        g = shared_gate(block, xs[:1])[0]
-        shares = [(-1 - j, 1 / (n * g)) for j in range(n)]
-    else:
-        raise ValueError(kind)
+    xs = subject_inputs(model, layer, req)
+    shares = target_shares(block, cfg, xs[:1], kind)
     us = []
     with torch.no_grad():
         for e, _ in shares:
@@ -348,6 +357,17 @@ FIXED_IDS = {
 }
 
 
+def request_tensors(req, prefix=""):
+    """An id-level request as fixture tensors (int64): {prefix}prompts.{i}, subject_last, kl_prompt,
+    kl_subject_last [1], target (what tests/reference_util.h's edit_ids reads back)."""
+    out = {f"{prefix}prompts.{i}": torch.tensor(p, dtype=torch.int64) for i, p in enumerate(req["prompts"])}
+    out[f"{prefix}subject_last"] = torch.tensor(req["subject_last"], dtype=torch.int64)
+    out[f"{prefix}kl_prompt"] = torch.tensor(req["kl_prompt"], dtype=torch.int64)
+    out[f"{prefix}kl_subject_last"] = torch.tensor([req["kl_subject_last"]], dtype=torch.int64)
+    out[f"{prefix}target"] = torch.tensor(req["target"], dtype=torch.int64)
+    return out
+
+
 FIXTURES = ("qwen2_moe", "deepseek_v2", "deepseek_v3")  # layer 1 of each is an MoE layer (DeepSeek: 0 is dense)
 
 
@@ -378,13 +398,7 @@ def make_fixture(args, name):
     stats = key_stats(model, layer, corpus)
     req = FIXED_IDS
     evals = req["prompts"] + [req["kl_prompt"], rs.randint(0, model.config.vocab_size, size=12).tolist()]
-    out = {"corpus": torch.tensor(corpus, dtype=torch.int64)}
-    for i, p in enumerate(req["prompts"]):
-        out[f"prompts.{i}"] = torch.tensor(p, dtype=torch.int64)
-    out["subject_last"] = torch.tensor(req["subject_last"], dtype=torch.int64)
-    out["kl_prompt"] = torch.tensor(req["kl_prompt"], dtype=torch.int64)
-    out["kl_subject_last"] = torch.tensor([req["kl_subject_last"]], dtype=torch.int64)
-    out["target"] = torch.tensor(req["target"], dtype=torch.int64)
+    out = {"corpus": torch.tensor(corpus, dtype=torch.int64), **request_tensors(req)}
     for i, s in enumerate(evals):
         out[f"eval.{i}"] = torch.tensor(s, dtype=torch.int64)
     with torch.no_grad():

@@ -102,6 +102,7 @@ Steering load_steering(const std::string& path, double threshold) {
   }
   Steering s;
   s.source = path;
+  s.threshold = threshold;
   if (!j.is_object() || !j.contains("layers") || !j["layers"].is_array() || !j.contains("vector") ||
       !j["vector"].is_array())
     throw InputError(path + ": expected {\"layers\": [...], \"vector\": [[...], ...]}");
@@ -172,83 +173,113 @@ void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg
                        " of its " + std::to_string(cfg.n_experts) + " experts");
 }
 
-void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z) {
+namespace {
+
+// apply_interventions on float (the forward) or double (the taped stack in tests) logits z [N, E]; in float the
+// arithmetic of every entry is the same whatever the caller (hook or standing edit).
+template <class Z>
+void apply_rows(const InterventionSpec& spec, int l, Z& z) {
+  using T = typename Z::Scalar;
   const int E = int(z.cols());
   const Steering& st = spec.steer;
   for (size_t i = 0; i < st.layers.size(); ++i) {
     if (st.layers[i] != l) continue;
     const VecF& v = st.vector[i];
     for (int t = 0; t < int(z.rows()); ++t) {
-      const float m = z.row(t).maxCoeff();  // before steering
-      const float scale = st.form == 3 ? st.c : m * st.c;
+      const T m = z.row(t).maxCoeff();  // before steering
+      const T scale = st.form == 3 ? T(st.c) : m * T(st.c);
       for (int e = 0; e < E; ++e) {
-        if (st.form == 5 && v[e] != 0.f) z(t, e) = 0.f;
-        z(t, e) += scale * v[e];
+        if (st.form == 5 && v[e] != 0.f) z(t, e) = 0;
+        z(t, e) += scale * T(v[e]);
       }
     }
   }
-  std::vector<char> is_masked(size_t(E), 0);
-  for (const auto& m : spec.mask)
-    if (m.layer == l && m.expert < E) is_masked[size_t(m.expert)] = 1;
+  const std::vector<char> is_masked = masked_experts(spec, l, E);
   std::vector<const ExpertBoost*> boosts;
   for (const auto& b : spec.boost)
     if (b.layer == l && b.expert < E) boosts.push_back(&b);
   if (!boosts.empty()) {
     if (spec.boost_mode == BoostMode::Add) {
-      for (const auto* b : boosts) z.col(b->expert).array() += b->c;
+      for (const auto* b : boosts) z.col(b->expert).array() += T(b->c);
     } else {
       for (int t = 0; t < int(z.rows()); ++t) {
-        for (const auto* b : boosts) z(t, b->expert) = 0.f;
-        float m = -std::numeric_limits<float>::infinity();
+        for (const auto* b : boosts) z(t, b->expert) = 0;
+        T m = -std::numeric_limits<T>::infinity();
         for (int e = 0; e < E; ++e)
           if (!is_masked[size_t(e)]) m = std::max(m, z(t, e));
-        for (const auto* b : boosts) z(t, b->expert) += b->c * m;
+        for (const auto* b : boosts) z(t, b->expert) += T(b->c) * m;
       }
     }
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
   for (int e = 0; e < E; ++e)
-    if (is_masked[size_t(e)]) z.col(e).setConstant(ninf);
+    if (is_masked[size_t(e)]) z.col(e).setConstant(-std::numeric_limits<T>::infinity());
 }
 
-void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg, Hooks& hooks) {
-  validate_interventions(spec, cfg);
+}  // namespace
+
+std::vector<char> masked_experts(const InterventionSpec& spec, int l, int n_experts) {
+  std::vector<char> is_masked(size_t(n_experts), 0);
+  for (const auto& m : spec.mask)
+    if (m.layer == l && m.expert < n_experts) is_masked[size_t(m.expert)] = 1;
+  return is_masked;
+}
+
+void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z) { apply_rows(spec, l, z); }
+void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatRD> z) { apply_rows(spec, l, z); }
+
+std::set<int> intervention_layers(const InterventionSpec& spec) {
   std::set<int> layers;
   for (const auto& m : spec.mask) layers.insert(m.layer);
   for (const auto& b : spec.boost) layers.insert(b.layer);
   for (int l : spec.steer.layers) layers.insert(l);
-  for (int l : layers) {
-    // Each hook keeps only its own layer's part of the spec.
-    InterventionSpec part;
-    part.boost_mode = spec.boost_mode;
-    part.steer.c = spec.steer.c;
-    part.steer.form = spec.steer.form;
-    for (size_t i = 0; i < spec.steer.layers.size(); ++i)
-      if (spec.steer.layers[i] == l) {
-        part.steer.layers.push_back(l);
-        part.steer.vector.push_back(spec.steer.vector[i]);
-      }
-    for (const auto& m : spec.mask)
-      if (m.layer == l) part.mask.push_back(m);
-    for (const auto& b : spec.boost)
-      if (b.layer == l) part.boost.push_back(b);
+  return layers;
+}
+
+void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg, Hooks& hooks) {
+  const std::shared_ptr<const RouterEdit> edit = router_edit(spec, cfg);  // validates
+  for (int l : intervention_layers(spec))
     hooks.add(hook_names::router_logits(l),
-              [part = std::move(part), l](Eigen::Ref<MatR> z, const HookContext&) { apply_interventions(part, l, z); });
+              [edit, l](Eigen::Ref<MatR> z, const HookContext&) { edit->apply(l, z); });
+}
+
+namespace {
+// "1:3,2:0" and "1:2=4,0:1=-1": the flags' own syntax.
+std::string mask_list(const InterventionSpec& spec) {
+  std::ostringstream o;
+  for (size_t i = 0; i < spec.mask.size(); ++i) o << (i ? "," : "") << spec.mask[i].layer << ":" << spec.mask[i].expert;
+  return o.str();
+}
+std::string boost_list(const InterventionSpec& spec) {
+  std::ostringstream o;
+  for (size_t i = 0; i < spec.boost.size(); ++i)
+    o << (i ? "," : "") << spec.boost[i].layer << ":" << spec.boost[i].expert << "=" << spec.boost[i].c;
+  return o.str();
+}
+const char* mode_name(BoostMode m) { return m == BoostMode::Add ? "add" : "norm"; }
+}  // namespace
+
+nlohmann::json intervention_settings(const InterventionSpec& spec) {
+  nlohmann::json j = nlohmann::json::object();
+  if (!spec.mask.empty()) j["mask"] = mask_list(spec);
+  if (!spec.boost.empty()) {
+    j["boost"] = boost_list(spec);
+    j["boost_mode"] = mode_name(spec.boost_mode);
   }
+  const Steering& st = spec.steer;
+  if (!st.empty())
+    j["steer"] = {{"file", st.source},
+                  {"coef", st.c},
+                  {"form", st.form},
+                  {"threshold", st.threshold >= 0 ? nlohmann::json(st.threshold) : nlohmann::json(nullptr)},
+                  {"layers", st.layers}};
+  return j;
 }
 
 std::string describe(const InterventionSpec& spec) {
   std::ostringstream o;
-  if (!spec.mask.empty()) {
-    o << "mask ";
-    for (size_t i = 0; i < spec.mask.size(); ++i) o << (i ? "," : "") << spec.mask[i].layer << ":" << spec.mask[i].expert;
-  }
-  if (!spec.boost.empty()) {
-    if (!spec.mask.empty()) o << "; ";
-    o << "boost(" << (spec.boost_mode == BoostMode::Add ? "add" : "norm") << ") ";
-    for (size_t i = 0; i < spec.boost.size(); ++i)
-      o << (i ? "," : "") << spec.boost[i].layer << ":" << spec.boost[i].expert << "=" << spec.boost[i].c;
-  }
+  if (!spec.mask.empty()) o << "mask " << mask_list(spec);
+  if (!spec.boost.empty()) o << (spec.mask.empty() ? "" : "; ") << "boost(" << mode_name(spec.boost_mode) << ") "
+                             << boost_list(spec);
   if (!spec.steer.empty()) {
     if (!spec.mask.empty() || !spec.boost.empty()) o << "; ";
     o << "steer(form " << spec.steer.form << ", c=" << spec.steer.c << ") " << spec.steer.source;

@@ -25,11 +25,16 @@
 // Order inside one layer: steering, boosts, then masks (a mask always wins; masking and boosting the same expert is
 // an error). Specs: "L:E,L:E,..." for masks and "L:E=c,..." for boosts; whitespace around items is ignored.
 #pragma once
+#include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "model/config.h"
 #include "model/hooks.h"
+#include "model/router_edit.h"
 
 namespace moedit {
 
@@ -51,6 +56,7 @@ struct Steering {
   float c = 1.f;
   int form = 3;               // 3, 4 or 5 (see above)
   std::string source;         // the file (messages)
+  double threshold = -1;      // the binarising threshold it was read with (< 0: none)
   bool empty() const { return layers.empty(); }
 };
 // Reads a steering file; threshold ≥ 0 binarises the vector. InputError naming the file and field.
@@ -79,12 +85,27 @@ BoostMode parse_boost_mode(const std::string& s, const std::string& flag = "--bo
 // expert is both masked and boosted, a boost is not finite, or masks leave fewer than top_k experts in a layer.
 void validate_interventions(const InterventionSpec& spec, const ModelConfig& cfg);
 
-// Validates, then registers router_logits hooks in `hooks` (one per affected layer). Register these before any
-// capture of the router logits if the capture should see what the router actually used.
+// Validates, then registers router_logits hooks in `hooks` (one per affected layer) that apply router_edit(spec).
+// Register these before any capture of the router logits if the capture should see what the router actually used.
 void install_interventions(const InterventionSpec& spec, const ModelConfig& cfg, Hooks& hooks);
 
-// Applies the spec's edits for layer `l` to one matrix of router logits [N, E] (what the installed hook does).
+// The spec as a router edit (model/router_edit.h; validated first): what the installed hooks apply, or, set on a
+// model (Model::set_router_edit), a standing intervention that every forward and the taped gradient stack apply
+// (`moedit eval --steer/--mask/--boost`). Its backward is exact away from ties of a row's maximum (forms 4/5 and
+// norm boosts take a row's max); fingerprint(l) spells out layer l's part.
+std::shared_ptr<const RouterEdit> router_edit(const InterventionSpec& spec, const ModelConfig& cfg);
+
+// Applies the spec's edits for layer `l` to one matrix of router logits [N, E] (float: the forward; double: the
+// taped stack of the finite-difference tests).
 void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatR> z);
+void apply_interventions(const InterventionSpec& spec, int l, Eigen::Ref<MatRD> z);
+// The layers the spec touches; per expert of layer l, whether it is masked [n_experts].
+std::set<int> intervention_layers(const InterventionSpec& spec);
+std::vector<char> masked_experts(const InterventionSpec& spec, int l, int n_experts);
+
+// The spec as settings JSON (an evaluation's settings.json): {"mask": "L:E,...", "boost": "L:E=c,...",
+// "boost_mode", "steer": {"file", "coef", "form", "threshold" (null: none), "layers"}}, each only when given.
+nlohmann::json intervention_settings(const InterventionSpec& spec);
 
 // "L3:E5" style description, for reports ("mask 1:3,2:0; boost(add) 1:2=+4").
 std::string describe(const InterventionSpec& spec);
