@@ -64,6 +64,20 @@ BatchOptions batch_opts(const std::vector<SecondMoment>& stats, std::vector<int>
 
 double rel(const MatD& a, const MatD& b) { return (a - b).norm() / std::max(b.norm(), 1e-300); }
 
+// The qwen2_moe fixture with key statistics at `layer`, and its shared expert's down-projection and C there.
+struct SharedExpertFixture {
+  decltype(Model::load("")) m;
+  std::vector<SecondMoment> stats;
+  MatD W0, C;
+};
+SharedExpertFixture shared_expert_fixture(int layer) {
+  SharedExpertFixture f{Model::load(fixture_model("qwen2_moe")), {}, {}, {}};
+  f.stats = compute_key_stats(*f.m, layer, random_corpus(40, 32, f.m->config().vocab_size, 3));
+  f.W0 = down_of(*f.m, layer, kSharedExpert);
+  f.C = moment_of(f.stats, layer, kSharedExpert);
+  return f;
+}
+
 // (1) One request, one layer: ΔW = ROME's r (C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*) times k*ᵀC⁻¹k* / (λ + k*ᵀC⁻¹k*), same δ, same
 // experts, same keys; the applied change of the weights is that ΔW. Granite checks the residual multiplier.
 TEST(Memit, OneRequestOneLayerIsRomesUpdateTimesTheLambdaFactor) {
@@ -119,10 +133,7 @@ TEST(Memit, OneRequestOneLayerIsRomesUpdateTimesTheLambdaFactor) {
 TEST(Memit, TwoRequestsOnOneExpertMoveItsOutputsAsTheClosedFormSays) {
   SerialOps serial;
   const int layer = 1;
-  auto m = Model::load(fixture_model("qwen2_moe"));
-  const auto stats = compute_key_stats(*m, layer, random_corpus(40, 32, m->config().vocab_size, 3));
-  const MatD W0 = down_of(*m, layer, kSharedExpert);
-  const MatD C = moment_of(stats, layer, kSharedExpert);
+  auto [m, stats, W0, C] = shared_expert_fixture(layer);
   for (const double lambda : {15000.0, 1.0, 1e-4}) {
     BatchOptions bo = batch_opts(stats, {layer}, "shared");
     bo.mom2_weight = lambda;
@@ -242,10 +253,7 @@ TEST(Memit, AlphaEditLeavesThePreservedKeysOutputs) {
 TEST(Memit, TemplateColumnsAndPasses) {
   SerialOps serial;
   const int layer = 1;
-  auto m = Model::load(fixture_model("qwen2_moe"));
-  const auto stats = compute_key_stats(*m, layer, random_corpus(40, 32, m->config().vocab_size, 3));
-  const MatD W0 = down_of(*m, layer, kSharedExpert);
-  const MatD C = moment_of(stats, layer, kSharedExpert);
+  auto [m, stats, W0, C] = shared_expert_fixture(layer);
   BatchOptions bo = batch_opts(stats, {layer}, "shared");
   bo.mom2_weight = 1e-2;
   const BatchEditResult mean = apply_batch_edit_ids(*m, {fixed_ids()}, bo);
