@@ -9,7 +9,9 @@
 // (which has no tokenizer: fixed id-level requests). With a tokenizer, the requests are the first N bundled
 // CounterFact records with moedit's seeded context templates; the statistics corpus is the first windows of the
 // bundled WikiText-2 test split. Both sides get identical ids (a JSON spec handed to the Python script).
-// Prints the median seconds per edit of each side and the speed-up (anchor / moedit).
+// Prints the median seconds per edit of each side and the speed-up (anchor / moedit). Then the same requests edited
+// together by MEMIT at that one layer (editor/memit.h, same v* settings and statistics): its seconds per edit against
+// the mean of the ROME edits above (issue 18's bar: a batch costs less per edit than one-by-one ROME edits).
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 
 #include "bench_util.h"
 #include "editor/keystats.h"
+#include "editor/memit.h"
 #include "editor/rome.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
@@ -151,11 +154,28 @@ int main(int argc, char** argv) {
               med, median(ours_v), ours.size(), double(tokens_step) / double(ours.size()), median(ours_noprefix),
               stats_s);
 
+  // MEMIT: all requests as one batch at the same layer (warm-up above), timed once.
+  double memit_per_edit = -1, rome_mean = 0;
+  for (double t : ours) rome_mean += t / double(ours.size());
+  if (opt.target.kind != TargetKind::Expert && layer + 1 < c.n_layers) {
+    BatchOptions bo;
+    bo.edit = opt;
+    bo.layers = {layer};
+    const auto t0 = Clock::now();
+    const BatchEditResult br = apply_batch_edit_ids(*m, reqs, bo);
+    memit_per_edit = std::chrono::duration<double>(Clock::now() - t0).count() / double(reqs.size());
+    revert(*m, br);
+    std::printf("memit: %.4f s per edit over a batch of %zu (v* %.4f s per edit); ROME one by one: mean %.4f s per "
+                "edit; memit / ROME = %.3f\n", memit_per_edit, reqs.size(), br.vstar_seconds / double(reqs.size()),
+                rome_mean, memit_per_edit / rome_mean);
+  }
+
   nlohmann::json out = {{"model", model},          {"layer", layer},
                         {"target", target},        {"threads", ops::num_threads()},
                         {"moedit_seconds", ours},  {"moedit_median", med},
                         {"moedit_vstar_median", median(ours_v)}, {"moedit_no_prefix_cache_median", median(ours_noprefix)},
-                        {"moedit_final_loss", final_loss}};
+                        {"moedit_final_loss", final_loss}, {"rome_mean", rome_mean},
+                        {"memit_per_edit", memit_per_edit}};
   if (anchor) {
     const std::string dir = "/tmp/moedit_bench_edit_" + std::to_string(::getpid());
     fs::create_directories(dir);
