@@ -115,12 +115,7 @@ void run(const EvalArgs& a) {
   e = editor_options(a.editor);
   e.target = parse_edit_target(a.target);
   const bool batch = a.batch.batch();
-  if (batch) {  // fail before the model loads
-    parse_batch_method(a.batch.method);
-    auto_layer_width(a.batch);
-    parse_key_columns(a.batch.key_columns);
-    require_input(a.batch.passes >= 1, "--passes must be at least 1");
-  }
+  if (batch) check_batch_flags(a.batch);  // fails before the model loads
   const bool auto_layer = !batch && e.target.kind != TargetKind::Expert && a.layer == "auto";
   if (batch) {
     // --layers (or one --layer) are read with the model's config below
@@ -169,20 +164,19 @@ void run(const EvalArgs& a) {
   // indirect effect of the MoE block at the subject's last token over the dataset's first --auto-layer-cases records
   // (the same for every shard).
   std::vector<double> mean_effects;
+  const size_t n_auto = std::min(records.size(), size_t(a.auto_cases));
   if (auto_layer || (batch && auto_layers(a.batch))) {
     std::vector<EditRequest> first;
-    for (size_t i = 0; i < std::min(records.size(), size_t(a.auto_cases)); ++i)
-      first.push_back(eval::edit_request(records[i]));
-    mean_effects = mean_layer_effects(*m, tok, first, first.size());
-    o.settings["layer_auto"] = {{"cases", first.size()}, {"mean_indirect_effect", mean_effects}};
+    for (size_t i = 0; i < n_auto; ++i) first.push_back(eval::edit_request(records[i]));
+    mean_effects = mean_layer_effects(*m, tok, first, n_auto);
+    o.settings["layer_auto"] = {{"cases", n_auto}, {"mean_indirect_effect", mean_effects}};
   }
   if (auto_layer) {
     e.layer = best_effect_layer(mean_effects);
     o.settings["layer_auto"]["layer"] = e.layer;
     if (!a.quiet)
       std::fprintf(stderr, "moedit: --layer auto: layer %d (mean MoE indirect effect %.4f at the subject's last token "
-                           "over %zu cases)\n", e.layer, mean_effects[size_t(e.layer)],
-                   o.settings["layer_auto"]["cases"].get<size_t>());
+                           "over %zu cases)\n", e.layer, mean_effects[size_t(e.layer)], n_auto);
   }
   KeyStatsCache stats(*m, tok, key_stats_options(a.editor));
   e.moments = [&stats](int layer, int expert) { return stats.get(layer, expert); };

@@ -42,9 +42,7 @@ void print_request(const BatchEditResult& r, const EditRequest& req, size_t i, s
 }  // namespace
 
 void run_batch_edit(const EditArgs& a) {
-  parse_batch_method(a.batch.method);  // a bad --method, --layers auto:W or --key-columns fails before anything loads
-  auto_layer_width(a.batch);
-  parse_key_columns(a.batch.key_columns);
+  check_batch_flags(a.batch);  // a bad --method, --layers auto:W, --key-columns or --passes fails before anything loads
   require_input(!a.independent, "--independent edits requests one by one; --method " + a.batch.method +
                                     " edits them together (use --method rome)");
   require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",

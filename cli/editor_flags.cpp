@@ -190,6 +190,13 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
   cmd->add_option("--l2", f.l2, "alphaedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
 }
 
+void check_batch_flags(const BatchFlags& f) {
+  parse_batch_method(f.method);
+  auto_layer_width(f);
+  parse_key_columns(f.key_columns);
+  require_input(f.passes >= 1, "--passes must be at least 1");
+}
+
 int auto_layer_width(const BatchFlags& f) {
   if (f.layers == "auto") return 1;
   if (f.layers.rfind("auto:", 0) != 0) return 0;
@@ -230,6 +237,7 @@ std::vector<double> mean_layer_effects(const Model& m, const Tokenizer& tok, con
 BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
                            const std::string& target, const ModelConfig& c, const MomentSource& moments,
                            const std::vector<double>* mean_effects) {
+  check_batch_flags(f);
   BatchOptions o;
   o.method = parse_batch_method(f.method);
   require_input(f.layers.empty() || layer.empty() || layer == "auto", "give --layers or --layer, not both");
@@ -261,7 +269,6 @@ BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const 
   o.l2 = f.l2;
   o.bare_key_weight = f.bare_key_weight;
   o.key_columns = parse_key_columns(f.key_columns);
-  require_input(f.passes >= 1, "--passes must be at least 1");
   o.passes = f.passes;
   return o;
 }

@@ -39,6 +39,9 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f);
 BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
                            const std::string& target, const ModelConfig& c, const MomentSource& moments,
                            const std::vector<double>* mean_effects = nullptr);
+// The batch flags that need no model (--method, --layers auto:W, --key-columns, --passes): InputError for a bad one,
+// so commands fail before loading anything.
+void check_batch_flags(const BatchFlags& f);
 // --layers auto[:W]: W (default 1); 0 when --layers is not auto; InputError for a malformed W.
 int auto_layer_width(const BatchFlags& f);
 inline bool auto_layers(const BatchFlags& f) { return auto_layer_width(f) > 0; }
