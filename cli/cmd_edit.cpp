@@ -1,8 +1,8 @@
 // moedit edit MODEL --subject S --prompt "{} is in" --target-new T [--target dominant|routed|shared|L:E]
 //              [--layer L|auto] [--requests FILE] [--save DIR] [--json]
-//              [--method rome|memit|alphaedit --layers 1-3 --mom2-weight λ --nullspace-threshold t --l2 λ₂]
+//              [--method rome|memit|alphaedit|moeedit --layers 1-3 --mom2-weight λ --nullspace-threshold t --l2 λ₂]
 // ROME's rank-one edit on the experts of one MoE layer (editor/rome.h), one request after another, with a report of
-// what changed; --method memit|alphaedit edits the requests together over a layer range (cli/edit_batch.cpp).
+// what changed; --method memit|alphaedit|moeedit edits the requests together over a layer range (cli/edit_batch.cpp).
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -31,7 +31,7 @@ int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, dou
 
 void run_edit(const EditArgs& a) {
   if (a.batch.batch()) return run_batch_edit(a);
-  require_input(a.batch.layers.empty(), "--layers is for --method memit|alphaedit; ROME edits one --layer");
+  require_input(a.batch.layers.empty(), "--layers is for --method memit|alphaedit|moeedit; ROME edits one --layer");
   const std::vector<EditRequest> reqs = edit_requests(a);
   EditOptions opt = editor_options(a.editor);
   opt.target = parse_edit_target(a.target);
@@ -154,7 +154,7 @@ void run_edit(const EditArgs& a) {
 
 void register_edit(CLI::App& app) {
   static EditArgs a;
-  auto* cmd = add_model_command(app, "edit", "Edit facts in MoE experts: ROME (one layer, in sequence), MEMIT or AlphaEdit (a batch over layers)", a.model);
+  auto* cmd = add_model_command(app, "edit", "Edit facts in MoE experts: ROME (one layer, in sequence), MEMIT, AlphaEdit or MoEEdit (a batch over layers)", a.model);
   cmd->add_option("--subject", a.subject, "The subject whose fact is rewritten");
   cmd->add_option("--prompt", a.prompt, "Prompt with {} where the subject goes, e.g. \"{} is located in\"");
   cmd->add_option("--target-new", a.target_new, "The new object");

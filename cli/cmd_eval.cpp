@@ -115,7 +115,7 @@ void run(const EvalArgs& a) {
   e = editor_options(a.editor);
   e.target = parse_edit_target(a.target);
   const bool batch = a.batch.batch();
-  if (batch) check_batch_flags(a.batch);  // fails before the model loads
+  if (batch) check_batch_flags(a.batch, a.target);  // fails before the model loads
   const bool auto_layer = !batch && e.target.kind != TargetKind::Expert && a.layer == "auto";
   if (batch) {
     // --layers (or one --layer) are read with the model's config below
@@ -274,7 +274,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--snippets", a.snippets, "ROME's attribute_snippets.json (enables reference and essence scores)");
   cmd->add_option("--idf-corpus", a.idf_corpus, "TF-IDF corpus, one document per line (default: the snippets)");
   add_editor_flags(cmd->add_option_group("editor", "Editor options (as in `moedit edit`)"), a.editor);
-  add_batch_flags(cmd->add_option_group("batch editors", "MEMIT / AlphaEdit (as in `moedit edit`)"), a.batch);
+  add_batch_flags(cmd->add_option_group("batch editors", "MEMIT / AlphaEdit / MoEEdit (as in `moedit edit`)"), a.batch);
   add_intervention_flags(cmd, a.interventions);
   cmd->add_option("--batch-size", a.batch_size,
                   "memit/alphaedit: records edited together per step (MEMIT style); --sequential N: steps accumulate")

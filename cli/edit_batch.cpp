@@ -1,4 +1,4 @@
-// moedit edit MODEL --method memit|alphaedit --requests FILE --layers 1-3 [--target dominant|routed|shared]
+// moedit edit MODEL --method memit|alphaedit|moeedit --requests FILE --layers 1-3 [--target dominant|routed|shared]
 // The requests of FILE edited together, as one step, over a range of MoE layers (editor/memit.h); each request scored
 // as the ROME path scores it (rewrite, paraphrases, neighbours, before and after), the CounterFact summary, and the
 // batch's routing drift on the neighbourhood prompts and a WikiText-2 sample.
@@ -42,7 +42,7 @@ void print_request(const BatchEditResult& r, const EditRequest& req, size_t i, s
 }  // namespace
 
 void run_batch_edit(const EditArgs& a) {
-  check_batch_flags(a.batch);  // a bad --method, --layers auto:W, --key-columns or --passes fails before anything loads
+  check_batch_flags(a.batch, a.target);  // a bad --method, --layers auto:W, --key-columns or --passes fails before anything loads
   require_input(!a.independent, "--independent edits requests one by one; --method " + a.batch.method +
                                     " edits them together (use --method rome)");
   require_input(a.save_dtype == "checkpoint" || a.save_dtype == "f32",

@@ -58,6 +58,10 @@ void add_editor_flags(CLI::App* cmd, EditorFlags& f) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--lr", f.lr, "v* Adam learning rate")->capture_default_str();
+  cmd->add_option("--lr-scale", f.lr_scale,
+                  "v*: absolute (ROME: --lr per coordinate) | relative (--lr in units of the MoE output's RMS entry "
+                  "‖MoE output‖/√H, for models whose hidden states are on another scale than GPT-2's)")
+      ->capture_default_str();
   cmd->add_option("--weight-decay", f.weight_decay, "v* weight decay")->capture_default_str();
   cmd->add_option("--kl-factor", f.kl_factor, "v* KL factor")->capture_default_str();
   cmd->add_option("--clamp-norm-factor", f.clamp, "‖δ‖ ≤ factor·‖MoE output‖")->capture_default_str();
@@ -79,6 +83,9 @@ EditOptions editor_options(const EditorFlags& f) {
   opt.ridge = f.ridge;
   opt.v.steps = f.steps;
   opt.v.lr = f.lr;
+  require_input(f.lr_scale == "absolute" || f.lr_scale == "relative",
+                "--lr-scale must be absolute or relative (got '" + f.lr_scale + "')");
+  opt.v.relative_lr = f.lr_scale == "relative";
   opt.v.early_stop_loss = f.stop_loss;
   opt.v.weight_decay = f.weight_decay;
   opt.v.kl_factor = f.kl_factor;
@@ -107,6 +114,7 @@ nlohmann::json editor_settings(const EditorFlags& f) {
           {"ridge", f.ridge},
           {"v_steps", f.steps},
           {"v_lr", f.lr},
+          {"v_lr_scale", f.lr_scale},
           {"v_stop_loss", f.stop_loss},
           {"v_weight_decay", f.weight_decay},
           {"kl_factor", f.kl_factor},
@@ -167,7 +175,8 @@ int best_effect_layer(const std::vector<double>& effects) {
 void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
   cmd->add_option("--method", f.method,
                   "rome: one rank-one edit per request | memit: the requests together over --layers (MEMIT per "
-                  "expert) | alphaedit: memit projected onto the key statistics' null space")
+                  "expert) | alphaedit: memit projected onto the key statistics' null space | moeedit: the null-space "
+                  "edit with each template's routed experts coupled, solved by block-coordinate descent (MoEEdit)")
       ->capture_default_str();
   cmd->add_option("--layers", f.layers,
                   "memit/alphaedit: MoE layers, e.g. 1,2,3 or 1-3 (z* at the last); auto[:W]: the W MoE layers (default "
@@ -175,8 +184,11 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
   cmd->add_option("--mom2-weight", f.mom2_weight, "memit: λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT's mom2_update_weight)")
       ->capture_default_str();
   cmd->add_option("--nullspace-threshold", f.nullspace_threshold,
-                  "alphaedit: the null space is spanned by C's eigenvectors with eigenvalue below this")
+                  "alphaedit/moeedit: the null space is spanned by C's eigenvectors with eigenvalue below this")
       ->capture_default_str();
+  cmd->add_option("--nullspace-relative", f.nullspace_relative,
+                  "alphaedit/moeedit: per expert, the threshold is this times the mean eigenvalue of C (scale-free; replaces "
+                  "--nullspace-threshold when > 0)");
   cmd->add_option("--bare-key-weight", f.bare_key_weight,
                   "memit/alphaedit: k* = w·(bare prompt's key) + (1 − w)·(mean of the other templates'); default: the "
                   "plain mean over all templates (ROME's k*); MEMIT's code: 0.5; 1: the bare prompt's key");
@@ -187,14 +199,23 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
   cmd->add_option("--passes", f.passes,
                   "memit/alphaedit: sweeps over --layers; each later one solves for the residual the earlier left")
       ->capture_default_str();
-  cmd->add_option("--l2", f.l2, "alphaedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
+  cmd->add_option("--bcd-sweeps", f.bcd_sweeps,
+                  "moeedit: block-coordinate sweeps over a layer's experts per solve")
+      ->capture_default_str();
+  cmd->add_option("--l2", f.l2, "alphaedit/moeedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
 }
 
-void check_batch_flags(const BatchFlags& f) {
-  parse_batch_method(f.method);
+void check_batch_flags(const BatchFlags& f, const std::string& target) {
+  const BatchMethod method = parse_batch_method(f.method);
+  const TargetKind kind = parse_edit_target(target).kind;
+  require_input(method != BatchMethod::MoeEdit || kind == TargetKind::Dominant || kind == TargetKind::Routed,
+                "--target " + target + ": moeedit edits the routed experts each template's subject token uses "
+                "(dominant or routed)");
   auto_layer_width(f);
   parse_key_columns(f.key_columns);
   require_input(f.passes >= 1, "--passes must be at least 1");
+  require_input(f.bcd_sweeps >= 1, "--bcd-sweeps must be at least 1");
+  require_input(f.nullspace_relative >= 0 && std::isfinite(f.nullspace_relative), "--nullspace-relative must be ≥ 0");
 }
 
 int auto_layer_width(const BatchFlags& f) {
@@ -237,7 +258,7 @@ std::vector<double> mean_layer_effects(const Model& m, const Tokenizer& tok, con
 BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
                            const std::string& target, const ModelConfig& c, const MomentSource& moments,
                            const std::vector<double>* mean_effects) {
-  check_batch_flags(f);
+  check_batch_flags(f, target);
   BatchOptions o;
   o.method = parse_batch_method(f.method);
   require_input(f.layers.empty() || layer.empty() || layer == "auto", "give --layers or --layer, not both");
@@ -266,18 +287,21 @@ BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const 
   o.edit.moments = moments;
   o.mom2_weight = f.mom2_weight;
   o.nullspace_threshold = f.nullspace_threshold;
+  o.nullspace_relative = f.nullspace_relative;
   o.l2 = f.l2;
   o.bare_key_weight = f.bare_key_weight;
   o.key_columns = parse_key_columns(f.key_columns);
   o.passes = f.passes;
+  o.bcd_sweeps = f.bcd_sweeps;
   return o;
 }
 
 nlohmann::json batch_settings(const BatchFlags& f) {
   if (!f.batch()) return {{"method", f.method}};
   return {{"method", f.method},           {"layers", f.layers}, {"mom2_weight", f.mom2_weight},
-          {"nullspace_threshold", f.nullspace_threshold}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight},
-          {"key_columns", f.key_columns}, {"passes", f.passes}};
+          {"nullspace_threshold", f.nullspace_threshold},
+          {"nullspace_relative", f.nullspace_relative}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight},
+          {"key_columns", f.key_columns}, {"passes", f.passes}, {"bcd_sweeps", f.bcd_sweeps}};
 }
 
 }  // namespace moedit::cli

@@ -15,7 +15,7 @@
 namespace moedit::cli {
 
 struct EditorFlags {
-  std::string keys = "rome", objective = "rome", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
+  std::string keys = "rome", objective = "rome", lr_scale = "absolute", templates_file, kl_prompt = "{} is a", corpus, cache_dir;
   bool no_mom2 = false, no_prefix_cache = false;
   double ridge = 0, lr = 0.5, weight_decay = 0.5, kl_factor = 0.0625, clamp = 4.0, stop_loss = 5e-2;
   int steps = 20, seq_len = 256;
@@ -28,8 +28,8 @@ void add_editor_flags(CLI::App* cmd, EditorFlags& f);
 // --method rome|memit|alphaedit and the batch editors' options (editor/memit.h), shared by `edit` and `eval`.
 struct BatchFlags {
   std::string method = "rome", layers, key_columns = "mean";
-  double mom2_weight = 15000, nullspace_threshold = 2e-2, l2 = 10, bare_key_weight = -1;
-  int passes = 1;
+  double mom2_weight = 15000, nullspace_threshold = 2e-2, nullspace_relative = 0, l2 = 10, bare_key_weight = -1;
+  int passes = 1, bcd_sweeps = 5;
   bool batch() const { return method != "rome"; }
 };
 void add_batch_flags(CLI::App* cmd, BatchFlags& f);
@@ -39,9 +39,9 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f);
 BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const EditorFlags& e,
                            const std::string& target, const ModelConfig& c, const MomentSource& moments,
                            const std::vector<double>* mean_effects = nullptr);
-// The batch flags that need no model (--method, --layers auto:W, --key-columns, --passes): InputError for a bad one,
-// so commands fail before loading anything.
-void check_batch_flags(const BatchFlags& f);
+// The batch flags that need no model (--method, --layers auto:W, --key-columns, --passes, --bcd-sweeps, the null-space
+// threshold, and --target for moeedit): InputError for a bad one, so commands fail before loading anything.
+void check_batch_flags(const BatchFlags& f, const std::string& target);
 // --layers auto[:W]: W (default 1); 0 when --layers is not auto; InputError for a malformed W.
 int auto_layer_width(const BatchFlags& f);
 inline bool auto_layers(const BatchFlags& f) { return auto_layer_width(f) > 0; }

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <set>
 
 #include "editor/rome_internal.h"
@@ -26,6 +27,8 @@ struct Probe {
   MatR ffn_in;                 // [templates, H] (bare prompt first)
   std::vector<int> routed;     // top-k order
   std::vector<float> weights;
+  IdxMat t_ids;                // every template's top-k at its subject token [templates, k] (moeedit)
+  MatR t_weights;              // and their routing weights [templates, k]
   Eigen::VectorXd h;           // [H]
 };
 
@@ -55,7 +58,13 @@ std::vector<Probe> probe(const Model& m, const std::vector<EditIds>& ids, int la
       Probe& p = out[i];
       const int n = int(ids[i].prompts.size()), r0 = rows[q];
       p.ffn_in.resize(n, H);
-      for (int t = 0; t < n; ++t) p.ffn_in.row(t) = ffn_in->value.row(rows[q + size_t(t)]);
+      p.t_ids.resize(n, K);
+      p.t_weights.resize(n, K);
+      for (int t = 0; t < n; ++t) {
+        p.ffn_in.row(t) = ffn_in->value.row(rows[q + size_t(t)]);
+        p.t_ids.row(t) = rt.ids.row(rows[q + size_t(t)]);
+        p.t_weights.row(t) = rt.weights.row(rows[q + size_t(t)]);
+      }
       for (int j = 0; j < K; ++j) {
         p.routed.push_back(rt.ids(r0, j));
         p.weights.push_back(rt.weights(r0, j));
@@ -82,6 +91,12 @@ void check_options(const Model& m, const std::vector<EditIds>& ids, const BatchO
     check_layer(c, opt.layers[j]);
     require_input(j == 0 || opt.layers[j] > opt.layers[j - 1], "--layers must be ascending and distinct");
   }
+  if (opt.method == BatchMethod::MoeEdit) {
+    require_input(opt.edit.target.kind == TargetKind::Dominant || opt.edit.target.kind == TargetKind::Routed,
+                  "--target " + target_name(opt.edit.target) +
+                      ": moeedit edits the routed experts each template's subject token uses (dominant or routed)");
+    require_input(opt.bcd_sweeps >= 1, "--bcd-sweeps must be at least 1");
+  }
   require_input(opt.edit.target.kind != TargetKind::Expert,
                 "--target " + target_name(opt.edit.target) +
                     " names one layer's expert; " + method_name(opt.method) + " takes dominant, routed or shared");
@@ -96,8 +111,11 @@ void check_options(const Model& m, const std::vector<EditIds>& ids, const BatchO
   if (opt.method == BatchMethod::Memit) {
     require_input(opt.mom2_weight > 0 && std::isfinite(opt.mom2_weight), "--mom2-weight must be > 0");
   } else {
-    require_input(opt.edit.mom2_adjustment, "alphaedit projects onto the null space of the key statistics C: drop --no-mom2");
+    require_input(opt.edit.mom2_adjustment, method_name(opt.method) +
+                                                " projects onto the null space of the key statistics C: drop --no-mom2");
     require_input(opt.nullspace_threshold > 0, "--nullspace-threshold must be > 0");
+    require_input(opt.nullspace_relative >= 0 && std::isfinite(opt.nullspace_relative),
+                  "--nullspace-relative must be ≥ 0");
     require_input(opt.l2 > 0 && std::isfinite(opt.l2), "--l2 must be > 0");
   }
   require_input(!opt.edit.mom2_adjustment || bool(opt.edit.moments),
@@ -139,6 +157,12 @@ void collect(const Model& m, int l, const BatchOptions& opt, int i, const Probe&
   }
 }
 
+// P_e from C_e: eigenvalues below the absolute threshold, or below nullspace_relative × the mean eigenvalue.
+NullSpace expert_null_space(const MatD& C, const BatchOptions& opt) {
+  return null_space(C, opt.nullspace_relative > 0 ? opt.nullspace_relative * C.trace() / double(C.rows())
+                                                  : opt.nullspace_threshold);
+}
+
 // One expert's solve and update at layer l.
 BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Columns& c, const BatchOptions& opt,
                                const KeyCache* cache, int n_shared) {
@@ -162,7 +186,7 @@ BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Colu
   if (opt.method == BatchMethod::Memit) {
     delta = memit_delta(up.R, up.K, C, opt.mom2_weight);
   } else {
-    const NullSpace ns = null_space(C, opt.nullspace_threshold);
+    const NullSpace ns = expert_null_space(C, opt);
     up.null_dim = ns.dim;
     const auto it = cache ? cache->find({l, expert}) : KeyCache::const_iterator{};
     delta = alphaedit_delta(up.R, up.K, ns, cache && it != cache->end() ? it->second : MatD(), opt.l2);
@@ -174,6 +198,73 @@ BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Colu
   DownMap Wd = save_down(m, l, expert, &up.original);
   Wd += delta.cast<float>();
   return up;
+}
+
+// MoEEdit at layer l (editor/memit.h step 2, moeedit): columns (request, template), each template's routed experts
+// coupled through the layer output, solved by block-coordinate descent; the updates applied. r[i]: request i's
+// residual share for this layer (MoE-output units).
+void moeedit_layer(Model& m, int l, int pass, const std::vector<Probe>& p, const std::vector<Eigen::VectorXd>& r,
+                   const BatchOptions& opt, const KeyCache* cache, BatchEditResult* res) {
+  std::map<int, int> block_of;  // expert → block
+  std::vector<int> experts;
+  std::vector<CoupledColumn> cols;
+  std::vector<BatchExpertUpdate> ups;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const Eigen::VectorXd a = template_weights(int(p[i].ffn_in.rows()), opt.bare_key_weight);
+    for (int t = 0; t < p[i].ffn_in.rows(); ++t) {
+      if (a[t] <= 0) continue;
+      const double s = std::sqrt(a[t]);
+      CoupledColumn c;
+      c.r = s * r[i];
+      for (int j = 0; j < p[i].t_ids.cols(); ++j) {
+        const int e = p[i].t_ids(t, j);
+        const double w = p[i].t_weights(t, j);
+        if (w == 0) continue;
+        const auto [it, fresh] = block_of.emplace(e, int(experts.size()));
+        if (fresh) {
+          experts.push_back(e);
+          ups.emplace_back();
+        }
+        const MatR key = target_keys(m, l, e, p[i].ffn_in.row(t));  // [1, I]
+        c.keys.push_back({it->second, s * w * key.row(0).transpose().cast<double>()});
+        BatchExpertUpdate& u = ups[size_t(it->second)];
+        u.requests.push_back(int(i));
+        u.weights.push_back(w);
+        u.scales.push_back(s);
+        u.R.conservativeResize(c.r.size(), u.R.cols() + 1);
+        u.R.col(u.R.cols() - 1) = c.r;
+        u.K.conservativeResize(c.keys.back().second.size(), u.K.cols() + 1);
+        u.K.col(u.K.cols() - 1) = c.keys.back().second;
+      }
+      if (!c.keys.empty()) cols.push_back(std::move(c));
+    }
+  }
+  if (cols.empty()) return;
+  const int n_shared = shared_expert_count(m, l);
+  std::vector<CoupledBlock> blocks(experts.size());
+  for (size_t b = 0; b < experts.size(); ++b) {
+    const int I = int(ups[b].K.rows());
+    const MatD C(moment_matrix(opt.edit, l, experts[b], I, n_shared, &ups[b].stats_count));
+    blocks[b].ns = expert_null_space(C, opt);
+    ups[b].null_dim = blocks[b].ns.dim;
+    if (cache)
+      if (const auto it = cache->find({l, experts[b]}); it != cache->end()) blocks[b].A = it->second;
+  }
+  CoupledSolution sol = coupled_bcd(cols, blocks, opt.l2, opt.bcd_sweeps);
+  res->bcd_objective.push_back(std::move(sol.objective));
+  for (size_t b = 0; b < experts.size(); ++b) {
+    if (!sol.delta[b].allFinite())
+      throw std::runtime_error("moeedit: the update of layer " + std::to_string(l) + " expert " +
+                               expert_label(experts[b], n_shared) + " is not finite");
+    BatchExpertUpdate& u = ups[b];
+    u.layer = l;
+    u.expert = experts[b];
+    u.pass = pass;
+    u.delta_norm = sol.delta[b].norm();
+    DownMap Wd = save_down(m, l, u.expert, &u.original);
+    Wd += sol.delta[b].cast<float>();
+    res->updates.push_back(std::move(u));
+  }
 }
 
 std::vector<double> residual_norms(const std::vector<Probe>& p, const std::vector<Eigen::VectorXd>& z) {
@@ -196,6 +287,7 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   res.bare_key_weight = opt.bare_key_weight;
   res.key_columns = opt.key_columns;
   res.passes = opt.passes;
+  res.bcd_sweeps = opt.method == BatchMethod::MoeEdit ? opt.bcd_sweeps : 0;
   const int last = opt.layers.back(), n_layers = int(opt.layers.size());
   res.n_shared_experts = shared_expert_count(m, last);
   const double rho = m.config().residual_multiplier;
@@ -207,11 +299,25 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
 
   // z*_i = h_i + ρ·δ_i on the model before the batch (its probe serves the first layer as well).
   std::vector<Probe> p = probe(m, ids, opt.layers[0], last, opt.forward_requests);
+  // The requests' v* problems are independent: they run side by side, one request per thread (each one's ops then
+  // run on its thread alone, as they do for one small request anyway), the first failure rethrown afterwards.
   const auto tv = Clock::now();
+  const int n_req = int(ids.size());
+  res.vstar.resize(ids.size());
+  std::vector<std::exception_ptr> failed(ids.size());
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (n_req > 1)
+  for (int i = 0; i < n_req; ++i) {
+    try {
+      res.vstar[size_t(i)] = compute_vstar(m, last, ids[size_t(i)], opt.edit.v);
+    } catch (...) {
+      failed[size_t(i)] = std::current_exception();
+    }
+  }
+  for (const auto& e : failed)
+    if (e) std::rethrow_exception(e);
   std::vector<Eigen::VectorXd> z;
   for (size_t i = 0; i < ids.size(); ++i) {
-    res.vstar.push_back(compute_vstar(m, last, ids[i], opt.edit.v));
-    z.push_back(p[i].h + rho * res.vstar.back().delta.cast<double>());
+    z.push_back(p[i].h + rho * res.vstar[i].delta.cast<double>());
     res.z.push_back(z.back().cast<float>());
   }
   res.vstar_seconds = since(tv);
@@ -222,11 +328,15 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
         const int l = opt.layers[size_t(j)];
         if (pass > 0 || j > 0) p = probe(m, ids, l, last, opt.forward_requests);
         res.residual_norms.push_back(residual_norms(p, z));
-        std::map<int, Columns> cols;  // by expert id
-        for (size_t i = 0; i < ids.size(); ++i) {
-          const Eigen::VectorXd r = (z[i] - p[i].h) / (rho * double(n_layers - j));  // the layers left share it
-          collect(m, l, opt, int(i), p[i], r, &cols);
+        std::vector<Eigen::VectorXd> r;
+        for (size_t i = 0; i < ids.size(); ++i)
+          r.push_back((z[i] - p[i].h) / (rho * double(n_layers - j)));  // the layers left share it
+        if (opt.method == BatchMethod::MoeEdit) {
+          moeedit_layer(m, l, pass, p, r, opt, cache, &res);
+          continue;
         }
+        std::map<int, Columns> cols;  // by expert id
+        for (size_t i = 0; i < ids.size(); ++i) collect(m, l, opt, int(i), p[i], r[i], &cols);
         const int n_shared = shared_expert_count(m, l);
         for (const auto& [expert, c] : cols)
           res.updates.push_back(solve_expert(m, l, expert, pass, c, opt, cache, n_shared));
@@ -237,7 +347,7 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   }
   p = probe(m, ids, last, last, opt.forward_requests);
   res.residual_norms.push_back(residual_norms(p, z));
-  if (cache && opt.method == BatchMethod::AlphaEdit)
+  if (cache && opt.method != BatchMethod::Memit)
     for (const BatchExpertUpdate& u : res.updates) {
       if (u.pass > 0) continue;  // later passes revisit the same keys
       MatD& A = (*cache)[{u.layer, u.expert}];

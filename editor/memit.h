@@ -17,6 +17,11 @@
 //    Per expert e with n_e > 0 columns, R_e [H, n_e] and K_e [I, n_e]:
 //      memit      ΔW_e = R_e K_eᵀ (λ C_e + K_e K_eᵀ)⁻¹                       λ = mom2_weight; C_e = I with no mom2
 //      alphaedit  ΔW_e = R_e K_eᵀ P_e (K_e K_eᵀ P_e + A_e P_e + λ₂ I)⁻¹    P_e = null_space(C_e, threshold)
+//      moeedit    the experts are coupled instead (MoEEdit): one column per (request i, template t) wants the layer
+//                 output to move by √a_t·r_i through every routed expert e of that template's top-k at its subject
+//                 token, key √a_t·w_ite·k_ite (w: routing weight), and block-coordinate descent over those experts
+//                 solves the null-space problem of editor/batch_update.h (coupled_bcd, bcd_sweeps sweeps; P_e as
+//                 alphaedit's, λ = l2) — no split of r_i over targets, each template with its own routing
 //    (A_e: Σ K Kᵀ of the earlier batches given in a KeyCache, else 0), added to e's down-projection
 //    (copy-on-write, the previous matrix kept: revert is bit-exact). Every expert of layer l is solved from the same
 //    forward, before any of them changes.
@@ -36,9 +41,9 @@
 
 namespace moedit {
 
-enum class BatchMethod { Memit, AlphaEdit };
+enum class BatchMethod { Memit, AlphaEdit, MoeEdit };
 enum class KeyColumns { Mean, Templates };  // one column per (request, target) with k*, or one per template key
-BatchMethod parse_batch_method(const std::string& s);  // "memit" | "alphaedit"; InputError otherwise
+BatchMethod parse_batch_method(const std::string& s);  // "memit" | "alphaedit" | "moeedit"; InputError otherwise
 std::string method_name(BatchMethod m);
 // "3,4,5", "3-5" or a mix ("0,2-3"): ascending, distinct, non-negative; InputError naming --layers otherwise.
 std::vector<int> parse_layer_list(const std::string& s);
@@ -49,12 +54,17 @@ struct BatchOptions {
   BatchMethod method = BatchMethod::Memit;
   double mom2_weight = 15000;         // λ: MEMIT's mom2_update_weight (GPT-J; EasyEdit's Llama-7B)
   double nullspace_threshold = 2e-2;  // AlphaEdit's nullspace_threshold, on the eigenvalues of C_e
+  // > 0: the threshold of expert e is this times the mean eigenvalue of C_e (tr C_e / I) instead — scale-free, for
+  // experts whose keys are on another scale than AlphaEdit's (an absolute 2e-2 keeps 1–7 of the demo model's 128
+  // directions); nullspace_threshold is then unused.
+  double nullspace_relative = 0;
   double l2 = 10;                     // λ₂: AlphaEdit's L2
   // The bare prompt's weight w in k* = w·k_bare + (1 − w)·mean of the other templates' keys; < 0: the plain mean over
   // all templates (ROME's k*). MEMIT's compute_ks gives "{}" ½ (its templates: "{}" and one group of five).
   double bare_key_weight = -1;
   KeyColumns key_columns = KeyColumns::Mean;
   int passes = 1;                     // sweeps over the layers (step 3 above)
+  int bcd_sweeps = 5;                 // moeedit: block-coordinate sweeps over a layer's experts per solve
   int forward_requests = 16;          // requests per forward when reading keys and residuals
 };
 KeyColumns parse_key_columns(const std::string& s);  // "mean" | "templates"; InputError otherwise
@@ -70,8 +80,9 @@ struct BatchExpertUpdate {
   std::vector<int> requests;     // the request behind each column (several with template columns)
   std::vector<double> weights;   // its routing weight (or shared gate) at that request's subject token
   std::vector<double> scales;    // √a_t of each column (1 for a k* column): R.col(c) / scales[c] is r's share
-  MatD R;                        // [H, n] residuals the expert's output must gain
-  MatD K;                        // [I, n] keys k*
+  MatD R;                        // [H, n] residuals the expert's output must gain (moeedit: the columns' residual
+                                 // of the whole layer output, before the coupled solve)
+  MatD K;                        // [I, n] keys k* (moeedit: √a_t·w·k, the key times its routing weight)
   int64_t stats_count = 0;       // tokens behind C (0 without mom2 adjustment)
   int null_dim = -1;             // alphaedit: rank of P_e
   double delta_norm = 0;         // ‖ΔW_e‖_F
@@ -92,6 +103,9 @@ struct BatchEditResult {
   // [step][request] ‖z*_i − h_i(cur)‖ before each layer's update (step < passes·m, pass by pass) and after the last.
   std::vector<std::vector<double>> residual_norms;
   std::vector<BatchExpertUpdate> updates;     // applied in this order
+  int bcd_sweeps = 0;                         // moeedit
+  std::vector<std::vector<double>> bcd_objective;  // moeedit: per solve (pass by pass, layer by layer), the coupled
+                                                   // objective at ΔW = 0 and after each sweep
   std::vector<std::string> templates;         // text API only
   double seconds = 0, vstar_seconds = 0;
 };

@@ -14,10 +14,18 @@ using namespace rome_detail;
 BatchMethod parse_batch_method(const std::string& s) {
   if (s == "memit") return BatchMethod::Memit;
   if (s == "alphaedit") return BatchMethod::AlphaEdit;
-  throw InputError("--method '" + s + "': expected rome, memit or alphaedit");
+  if (s == "moeedit") return BatchMethod::MoeEdit;
+  throw InputError("--method '" + s + "': expected rome, memit, alphaedit or moeedit");
 }
 
-std::string method_name(BatchMethod m) { return m == BatchMethod::Memit ? "memit" : "alphaedit"; }
+std::string method_name(BatchMethod m) {
+  switch (m) {
+    case BatchMethod::Memit: return "memit";
+    case BatchMethod::AlphaEdit: return "alphaedit";
+    case BatchMethod::MoeEdit: return "moeedit";
+  }
+  return "?";
+}
 
 KeyColumns parse_key_columns(const std::string& s) {
   if (s == "mean") return KeyColumns::Mean;
@@ -80,6 +88,10 @@ nlohmann::json batch_edit_json(const BatchEditResult& r) {
   j["bare_key_weight"] = r.bare_key_weight < 0 ? nlohmann::json("mean") : nlohmann::json(r.bare_key_weight);
   j["key_columns"] = key_columns_name(r.key_columns);
   j["passes"] = r.passes;
+  if (r.method == BatchMethod::MoeEdit) {
+    j["bcd_sweeps"] = r.bcd_sweeps;
+    j["bcd_objective"] = r.bcd_objective;
+  }
   j["updates"] = nlohmann::json::array();
   for (const BatchExpertUpdate& u : r.updates) {
     nlohmann::json x = {{"layer", u.layer},

@@ -99,6 +99,10 @@ VStarObjective parse_objective(const std::string& s);  // "rome" | "exact"
 struct VStarOptions {
   int steps = 20;                  // v_num_grad_steps
   double lr = 0.5;                 // v_lr (Adam, betas 0.9/0.999, eps 1e-8)
+  // false: lr is ROME's absolute step per coordinate. true: lr is in units of the MoE output's RMS entry,
+  // ‖target_init‖/√H (the step is lr·‖target_init‖/√H per coordinate, ≈ lr·‖target_init‖ in norm), so the same lr
+  // suits models whose hidden states are on other scales (ROME's 0.5 was tuned on GPT-2/GPT-J).
+  bool relative_lr = false;
   double weight_decay = 0.5;       // v_weight_decay
   double kl_factor = 0.0625;
   double clamp_norm_factor = 4.0;

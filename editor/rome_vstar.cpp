@@ -195,6 +195,7 @@ VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const V
   Eigen::VectorXd delta = Eigen::VectorXd::Zero(H), m1 = delta, v1 = delta;
   const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
   const double max_norm = opt.clamp_norm_factor * double(r.target_init.norm());
+  const double lr = opt.relative_lr ? opt.lr * double(r.target_init.norm()) / std::sqrt(double(H)) : opt.lr;
   for (int it = 0; it < opt.steps; ++it) {
     const auto val = P.eval(delta.cast<float>());
     r.loss.push_back(val.loss);
@@ -209,7 +210,7 @@ VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const V
     v1 = b2 * v1 + (1 - b2) * g.cwiseProduct(g);
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
     const Eigen::VectorXd denom = (v1.cwiseSqrt() / std::sqrt(bc2)).array() + eps;
-    delta -= (opt.lr / bc1) * m1.cwiseQuotient(denom);
+    delta -= (lr / bc1) * m1.cwiseQuotient(denom);
     const double n = delta.norm();
     if (n > max_norm) delta *= max_norm / n;
   }

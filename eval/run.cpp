@@ -292,7 +292,7 @@ RunResult run_eval(Model& m, const Tokenizer& tok, const std::vector<EvalRecord>
   require_input(opt.sequential_every == 0 || (!opt.resume && opt.n_shards == 1),
                 "--sequential runs cannot be resumed or sharded (the edits accumulate in one process)");
   require_input(opt.batch_size >= 1 && (opt.batch || opt.batch_size == 1),
-                "--batch-size B needs B >= 1 (and B > 1 needs --method memit|alphaedit)");
+                "--batch-size B needs B >= 1 (and B > 1 needs --method memit|alphaedit|moeedit)");
   require_input(opt.sequential_every == 0 || opt.sequential_every % opt.batch_size == 0,
                 "--sequential N must be a multiple of --batch-size (curve points fall between batches)");
   const size_t n = opt.limit >= 0 ? std::min(records.size(), size_t(opt.limit)) : records.size();

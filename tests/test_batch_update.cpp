@@ -5,6 +5,7 @@
 
 #include <Eigen/Cholesky>
 #include <random>
+#include <stdexcept>
 
 #include "editor/batch_update.h"
 
@@ -69,6 +70,93 @@ TEST(BatchUpdate, NullSpaceUpdateLeavesPreservedKeysAlone) {
   const MatD free = alphaedit_delta(R, K, all, MatD(), 1.0);
   EXPECT_GT((free * Kp).norm(), 1e-2 * free.norm() * Kp.norm());
   EXPECT_LE((free - memit_delta(R, K, MatD::Identity(I, I), 1.0)).norm(), 1e-10 * free.norm());
+}
+
+// MoEEdit's coupled problem: 3 experts of different key widths, 12 columns each with 1–3 active experts.
+struct Coupled {
+  std::vector<CoupledColumn> cols;
+  std::vector<CoupledBlock> blocks;
+  std::vector<int> widths{4, 6, 3};
+};
+Coupled coupled_problem(int H, bool null_spaces) {
+  Coupled p;
+  std::mt19937_64 rng(21);
+  for (size_t b = 0; b < p.widths.size(); ++b) {
+    const int I = p.widths[b];
+    CoupledBlock blk;
+    if (null_spaces) {  // preserved keys in a subspace of dimension I − 2: a 2-dimensional null space
+      const MatD Kp = random(I, I - 2, 30 + b) * random(I - 2, 100, 40 + b);
+      blk.ns = null_space(Kp * Kp.transpose() / 100.0, 1e-8);
+      blk.A = covariance(I, 50 + b) * 0.1;
+    } else {
+      blk.ns.P = MatD::Identity(I, I);
+      blk.ns.dim = I;
+    }
+    p.blocks.push_back(blk);
+  }
+  for (int c = 0; c < 12; ++c) {
+    CoupledColumn col;
+    col.r = random(H, 1, 100 + c).col(0);
+    for (int b = 0; b < 3; ++b)
+      if (b == c % 3 || rng() % 2) col.keys.push_back({b, random(p.widths[size_t(b)], 1, 200 + 3 * c + b).col(0)});
+    p.cols.push_back(col);
+  }
+  return p;
+}
+
+// With P = I the sweeps converge to the stacked ridge solution X = R Φᵀ (Φ Φᵀ + λ I)⁻¹ (Φ: each column's keys
+// stacked over the blocks, zeros for inactive ones), and the objective never rises.
+TEST(BatchUpdate, CoupledBcdConvergesToTheJointSolve) {
+  const int H = 5;
+  const double lambda = 0.3;
+  const Coupled p = coupled_problem(H, false);
+  const int total = 4 + 6 + 3, n = int(p.cols.size());
+  MatD Phi = MatD::Zero(total, n), R(H, n);
+  for (int c = 0; c < n; ++c) {
+    R.col(c) = p.cols[size_t(c)].r;
+    for (const auto& [b, k] : p.cols[size_t(c)].keys) Phi.block(b == 0 ? 0 : b == 1 ? 4 : 10, c, k.size(), 1) = k;
+  }
+  const MatD X = (Phi * Phi.transpose() + lambda * MatD::Identity(total, total)).ldlt().solve(Phi * R.transpose()).transpose();
+  const CoupledSolution s = coupled_bcd(p.cols, p.blocks, lambda, 400);
+  MatD got(H, total);
+  got << s.delta[0], s.delta[1], s.delta[2];
+  EXPECT_LE((got - X).norm(), 1e-8 * X.norm());
+  for (size_t i = 1; i < s.objective.size(); ++i) EXPECT_LE(s.objective[i], s.objective[i - 1] * (1 + 1e-12)) << i;
+  EXPECT_LT(s.objective.back(), 0.5 * s.objective.front());
+  // One sweep is not the joint solve yet: the coupling matters.
+  const CoupledSolution one = coupled_bcd(p.cols, p.blocks, lambda, 1);
+  MatD first(H, total);
+  first << one.delta[0], one.delta[1], one.delta[2];
+  EXPECT_GT((first - X).norm(), 1e-3 * X.norm());
+}
+
+// With null spaces every block's rows stay in its P's range (preserved keys keep their outputs) while the objective,
+// A's term included, falls sweep by sweep; one block alone is AlphaEdit's update.
+TEST(BatchUpdate, CoupledBcdKeepsEachBlockInItsNullSpace) {
+  const int H = 5;
+  const Coupled p = coupled_problem(H, true);
+  const CoupledSolution s = coupled_bcd(p.cols, p.blocks, 0.5, 30);
+  for (size_t b = 0; b < s.delta.size(); ++b) {
+    const MatD& d = s.delta[b];
+    EXPECT_GT(d.norm(), 0.0);
+    EXPECT_LE((d - d * p.blocks[b].ns.P).norm(), 1e-10 * d.norm()) << b;
+  }
+  for (size_t i = 1; i < s.objective.size(); ++i) EXPECT_LE(s.objective[i], s.objective[i - 1] * (1 + 1e-12)) << i;
+  std::vector<CoupledColumn> only0;
+  MatD R(H, 0), K(4, 0);
+  for (const CoupledColumn& c : p.cols)
+    for (const auto& [b, k] : c.keys)
+      if (b == 0) {
+        only0.push_back({c.r, {{0, k}}});
+        R.conservativeResize(H, R.cols() + 1);
+        K.conservativeResize(4, K.cols() + 1);
+        R.col(R.cols() - 1) = c.r;
+        K.col(K.cols() - 1) = k;
+      }
+  const CoupledSolution single = coupled_bcd(only0, {p.blocks[0]}, 0.5, 1);
+  const MatD want = alphaedit_delta(R, K, p.blocks[0].ns, p.blocks[0].A, 0.5);
+  EXPECT_LE((single.delta[0] - want).norm(), 1e-12 * want.norm());
+  EXPECT_THROW(coupled_bcd(only0, p.blocks, 0.5, 1), std::invalid_argument);  // blocks 1 and 2 are never active
 }
 
 }  // namespace

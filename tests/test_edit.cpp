@@ -123,6 +123,27 @@ TEST(VStar, FloatMatchesDoubleAndOptimises) {
   EXPECT_EQ(r.updates + 1, int(r.loss.size()));
 }
 
+// --lr-scale relative: lr in units of ‖target_init‖/√H, so a relative lr is the absolute lr·√H/‖target_init‖
+// (the same steps up to the rounding of that product), and it differs from the absolute lr it names.
+TEST(VStar, RelativeLearningRateIsInUnitsOfTheMoeOutputsRms) {
+  SerialOps serial;
+  auto m = Model::load(fixture_model("qwen2_moe"));
+  VStarOptions abs_opt;
+  abs_opt.steps = 6;
+  abs_opt.early_stop_loss = 0;
+  const VStarResult a = compute_vstar(*m, 1, fixed_ids(), abs_opt);
+  VStarOptions rel_opt = abs_opt;
+  rel_opt.relative_lr = true;
+  rel_opt.lr = abs_opt.lr * std::sqrt(double(a.delta.size())) / double(a.target_init.norm());
+  const VStarResult r = compute_vstar(*m, 1, fixed_ids(), rel_opt);
+  ASSERT_EQ(r.updates, a.updates);
+  EXPECT_LE(rel(r.delta.cast<double>(), a.delta.cast<double>()), 1e-5);
+  EXPECT_NEAR(r.loss.back(), a.loss.back(), 1e-5 * a.loss.back());
+  rel_opt.lr = abs_opt.lr;  // the same number read as relative: another step size (‖target_init‖ ≠ √H here)
+  ASSERT_GT(std::abs(double(a.target_init.norm()) / std::sqrt(double(a.delta.size())) - 1), 0.1);
+  EXPECT_GT(rel(compute_vstar(*m, 1, fixed_ids(), rel_opt).delta.cast<double>(), a.delta.cast<double>()), 1e-2);
+}
+
 // ---- the update -----------------------------------------------------------------------------------------------------
 
 struct Bare {

@@ -217,6 +217,10 @@ TEST(EvalBatch, BadOptionsExitWithTwoAndSayWhy) {
       {" --method memit --layers auto:0", "--layers 'auto:0'"},
       {" --method memit --layers 1 --key-columns all", "--key-columns 'all'"},
       {" --method memit --layers 1 --passes 0", "--passes"},
+      {" --method moeedit --layers 1 --target shared", "--target shared: moeedit edits the routed experts"},
+      {" --method moeedit --layers 1 --bcd-sweeps 0", "--bcd-sweeps must be at least 1"},
+      {" --method alphaedit --layers 1 --nullspace-relative -1", "--nullspace-relative must be"},
+      {" --layer 1 --lr-scale log", "--lr-scale must be absolute or relative"},
   };
   for (const Case& c : cases) {
     const auto r = test::run_cli(base + c.args);

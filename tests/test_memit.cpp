@@ -244,6 +244,17 @@ TEST(Memit, AlphaEditLeavesThePreservedKeysOutputs) {
   EXPECT_LE(rel(cache.at({layer, kSharedExpert}), u.K * u.K.transpose()), 1e-12);
   revert(*m, r);
   EXPECT_EQ(down_of(*m, layer, kSharedExpert), W0);
+
+  // The scale-free threshold: the same median as a multiple of C's mean eigenvalue gives the same null space and
+  // update, whatever the absolute threshold says (it is unused then).
+  BatchOptions rel = bo;
+  rel.nullspace_relative = bo.nullspace_threshold / (C.trace() / double(I));
+  rel.nullspace_threshold = 1e9;
+  const BatchEditResult rr = apply_batch_edit_ids(*m, {fixed_ids(), other_ids()}, rel);
+  ASSERT_EQ(rr.updates.size(), 1u);
+  EXPECT_EQ(rr.updates[0].null_dim, I / 2);
+  EXPECT_EQ(down_of(*m, layer, kSharedExpert) - W0, applied);
+  revert(*m, rr);
 }
 
 // (5) Template columns: one column per template key, weighted √a_t (Σ_c scale_c·K_c = the mean key k*, R_c / scale_c
@@ -304,6 +315,61 @@ TEST(Memit, TemplateColumnsAndPasses) {
   EXPECT_THROW(apply_batch_edit_ids(*m, {fixed_ids()}, bo), InputError);
   EXPECT_EQ(parse_key_columns("templates"), KeyColumns::Templates);
   EXPECT_THROW(parse_key_columns("all"), InputError);
+}
+
+// (6) MoEEdit: each template's routed experts coupled through the layer output. Every applied update keeps its rows
+// in the expert's null space (the scale-free threshold at half the mean eigenvalue), the coupled objective falls
+// sweep by sweep, there is one column per (request, template, routed expert) with the routing weight in its key,
+// ‖z* − h‖ shrinks and revert is bit-exact; shared targets are refused.
+TEST(Memit, MoeEditCouplesTheRoutedExpertsInTheirNullSpaces) {
+  SerialOps serial;
+  const int layer = 1;
+  auto m = Model::load(fixture_model("qwen2_moe"));
+  const auto stats = compute_key_stats(*m, layer, random_corpus(40, 32, m->config().vocab_size, 3));
+  BatchOptions bo = batch_opts(stats, {layer}, "routed");
+  bo.method = BatchMethod::MoeEdit;
+  bo.nullspace_relative = 0.5;
+  bo.l2 = 1e-2;
+  bo.bcd_sweeps = 8;
+  const int E = m->config().n_experts, K = m->config().top_k, T = int(fixed_ids().prompts.size());
+  std::vector<MatD> W0;
+  for (int e = 0; e < E; ++e) W0.push_back(down_of(*m, layer, e));
+  const BatchEditResult r = apply_batch_edit_ids(*m, {fixed_ids(), other_ids()}, bo);
+  ASSERT_FALSE(r.updates.empty());
+  int columns = 0;
+  for (const BatchExpertUpdate& u : r.updates) {
+    ASSERT_GE(u.expert, 0);
+    columns += int(u.K.cols());
+    const MatD C = moment_of(stats, layer, u.expert);
+    const NullSpace ns = null_space(C, 0.5 * C.trace() / double(C.rows()));
+    EXPECT_EQ(u.null_dim, ns.dim);
+    ASSERT_GT(ns.dim, 0);
+    ASSERT_LT(ns.dim, C.rows());
+    const MatD applied = down_of(*m, layer, u.expert) - W0[size_t(u.expert)];
+    EXPECT_GT(applied.norm(), 0);
+    const MatD off = applied - applied * ns.P;  // the part outside the null space: fp32 rounding only
+    EXPECT_LE(off.norm(), 1e-6 * W0[size_t(u.expert)].norm() + 1e-5 * applied.norm()) << u.expert;
+    for (size_t c = 0; c < u.weights.size(); ++c) {
+      EXPECT_GT(u.weights[c], 0.0);
+      EXPECT_NEAR(u.scales[c], std::sqrt(1.0 / T), 1e-15);
+    }
+  }
+  EXPECT_EQ(columns, 2 * T * K);
+  ASSERT_EQ(r.bcd_objective.size(), 1u);
+  ASSERT_EQ(r.bcd_objective[0].size(), size_t(bo.bcd_sweeps + 1));
+  for (size_t i = 1; i < r.bcd_objective[0].size(); ++i)
+    EXPECT_LE(r.bcd_objective[0][i], r.bcd_objective[0][i - 1] * (1 + 1e-12));
+  EXPECT_LT(r.bcd_objective[0].back(), r.bcd_objective[0].front());
+  for (size_t i = 0; i < 2; ++i) EXPECT_LT(r.residual_norms.back()[i], r.residual_norms.front()[i]) << i;
+  EXPECT_EQ(batch_edit_json(r)["method"], "moeedit");
+  revert(*m, r);
+  for (int e = 0; e < E; ++e) EXPECT_EQ(down_of(*m, layer, e), W0[size_t(e)]) << e;
+
+  bo.edit.target = parse_edit_target("shared");
+  EXPECT_THROW(apply_batch_edit_ids(*m, {fixed_ids()}, bo), InputError);
+  bo.edit.target = parse_edit_target("routed");
+  bo.bcd_sweeps = 0;
+  EXPECT_THROW(apply_batch_edit_ids(*m, {fixed_ids()}, bo), InputError);
 }
 
 TEST(Memit, BadOptionsFailWithClearMessages) {
