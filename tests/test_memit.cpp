@@ -424,8 +424,9 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
     {"prompt": "The river {} flows into", "subject": "Oda", "target_new": "the sea", "target_true": "a lake"}])");
   const std::string base = "edit " + dir + " --requests " + tmp / "reqs.json" + " --corpus " + tmp / "corpus.txt" +
                            " --cache-dir " + tmp / "cache" + " --stats-tokens 3000 --steps 8 --drift-tokens 64 ";
-  for (const std::string method : {"memit", "alphaedit"}) {
-    const auto r = test::run_cli(base + "--method " + method + " --layers 0-1 --mom2-weight 10 --json");
+  for (const std::string method : {"memit", "alphaedit", "moeedit"}) {
+    const auto r = test::run_cli(base + "--method " + method + " --layers 0-1 --mom2-weight 10 --json" +
+                                 (method == "moeedit" ? " --target routed --nullspace-relative 0.05" : ""));
     ASSERT_EQ(r.code, 0) << r.err;
     const auto j = nlohmann::json::parse(r.out);
     EXPECT_EQ(j["edits"].size(), 3u);
@@ -442,6 +443,10 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
                 j["edits"][0]["pre"]["rewrite"]["p_new"].get<double>());
     } else {
       EXPECT_TRUE(j["batch"]["updates"][0].contains("null_space_dim"));
+    }
+    if (method == "moeedit") {
+      EXPECT_EQ(j["batch"]["bcd_sweeps"], 5);
+      EXPECT_EQ(j["batch"]["bcd_objective"].size(), 2u);  // one coupled solve per layer
     }
     std::printf("  [cli] %s: efficacy %.2f, %zu expert updates, %.2fs\n", method.c_str(),
                 j["summary"]["efficacy"].get<double>(), j["batch"]["updates"].size(),
