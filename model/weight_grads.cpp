@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 
 #include "io/errors.h"
 
@@ -10,14 +11,17 @@ namespace moedit {
 
 namespace {
 
-// The bank holding expert e of layer l: the shared MLP, the routed experts, or the dense MLP (expert 0).
+// The bank holding expert e of a layer: the shared MLP, the routed experts, or the dense MLP (expert 0).
 const ExpertBank& bank_of(const FFNWeights& f, int e) { return e == kSharedBlock ? f.shared : f.experts; }
-ExpertBank& bank_of(FFNWeights& f, int e) { return e == kSharedBlock ? f.shared : f.experts; }
 
-Weight& expert_matrix(Model& m, const ParamId& p) {
-  ExpertBank& b = bank_of(m.mutable_weights().layers[size_t(p.layer)].ffn, p.expert);
+// The matrix of a Gate/Up/Down parameter.
+const Weight& expert_matrix(const Model& m, const ParamId& p) {
+  const ExpertBank& b = bank_of(m.weights().layers[size_t(p.layer)].ffn, p.expert);
   const size_t i = size_t(p.expert == kSharedBlock ? 0 : p.expert);
   return p.kind == ParamId::Kind::Gate ? b.gate[i] : p.kind == ParamId::Kind::Up ? b.up[i] : b.down[i];
+}
+Weight& expert_matrix(Model& m, const ParamId& p) {
+  return const_cast<Weight&>(expert_matrix(std::as_const(m), p));  // m is mutable: so is its matrix
 }
 
 }  // namespace
@@ -84,14 +88,14 @@ int64_t param_rows(const Model& m, const ParamId& p) {
   const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
   if (p.kind == ParamId::Kind::Router) return f.router.rows();
   if (p.kind == ParamId::Kind::SharedGate) return 1;
-  return expert_matrix(const_cast<Model&>(m), p).rows();
+  return expert_matrix(m, p).rows();
 }
 
 int64_t param_cols(const Model& m, const ParamId& p) {
   const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
   if (p.kind == ParamId::Kind::Router) return f.router.cols();
   if (p.kind == ParamId::Kind::SharedGate) return f.shared_gate.size();
-  return expert_matrix(const_cast<Model&>(m), p).cols();
+  return expert_matrix(m, p).cols();
 }
 
 float* mutable_param(Model& m, const ParamId& p) {
@@ -105,7 +109,7 @@ void param_changed(const Model& m, const ParamId& p) {
   const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
   const void* data = p.kind == ParamId::Kind::Router       ? static_cast<const void*>(f.router.data())
                      : p.kind == ParamId::Kind::SharedGate ? static_cast<const void*>(f.shared_gate.data())
-                                                           : expert_matrix(const_cast<Model&>(m), p).f32();
+                                                           : expert_matrix(m, p).f32();
   if (data) m.backend().forget(data);
 }
 

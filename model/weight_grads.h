@@ -59,7 +59,7 @@ struct ParamId {
   std::string name() const;
 };
 
-// The model's tensor of a parameter: rows × cols, and its values widened to fp32 (a copy).
+// The shape of a parameter's tensor in the model (rows × cols; the shared gate is [1, H]).
 int64_t param_rows(const Model& m, const ParamId& p);
 int64_t param_cols(const Model& m, const ParamId& p);
 // Writable fp32 storage of a parameter: routers and the shared gate are fp32 already; an expert matrix gets its
