@@ -2,6 +2,7 @@
 #include "model/backward.h"
 
 #include "model/block.h"
+#include "model/weight_grads.h"
 
 #include "io/errors.h"
 
@@ -296,9 +297,12 @@ int PrefixKV<T>::n_prefix(int l, int s) const {
 
 namespace {
 
-// ∂/∂(expert input) [n, H] (=) given ∂/∂(unweighted output) dy [n, H].
+// ∂/∂(expert input) [n, H] (=) given ∂/∂(unweighted output) dy [n, H]. With g, adds the expert's weight gradients:
+// down [H, I] += dyᵀ·key, gate‖up [2I, H] += dguᵀ·x, from its input rows x [n, H] and keys key [n, I].
 template <class T>
-MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const MatT<T>& dy) {
+MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const MatT<T>& dy,
+                        typename WeightGrads<T>::Expert* g = nullptr, const MatT<T>* x = nullptr,
+                        const MatT<T>* key = nullptr) {
   const int n = int(dy.rows());
   MatT<T> dkey(n, b.I), dgu(n, 2 * b.I), dx(n, b.H);
   linear_backward(dy.data(), n, b.I, b.down[size_t(e)], dkey.data(), false);
@@ -306,6 +310,11 @@ MatT<T> expert_backward(const ExpertBank& b, int e, const MatT<T>& gu, const Mat
   MatR gate_up(2 * b.I, b.H);  // [G; U]: one product over 2I, as the gradient was always summed
   gate_up << b.gate[size_t(e)].to_f32(), b.up[size_t(e)].to_f32();
   linear_backward(dgu.data(), n, b.H, gate_up.data(), 2 * b.I, dx.data(), false);
+  if (g) {
+    g->down.noalias() += dy.transpose() * *key;
+    g->gate.noalias() += dgu.leftCols(b.I).transpose() * *x;
+    g->up.noalias() += dgu.rightCols(b.I).transpose() * *x;
+  }
   return dx;
 }
 
@@ -321,7 +330,7 @@ void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout,
 }
 
 template <class T>
-void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) {
+void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx, WeightGrads<T>* grads) {
   const ModelConfig& c = m.config();
   const LayerWeights& L = m.weights().layers[size_t(l)];
   const AttnWeights& at = L.attn;
@@ -332,8 +341,9 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
   // ---- FFN ----
   MatT<T> dm = dx * rm;  // ∂/∂(FFN output)
   MatT<T> da2 = MatT<T>::Zero(N, H);
+  auto expert_grads = [&](int e) { return grads ? grads->expert(l, e) : nullptr; };
   if (!f.moe) {
-    da2 = expert_backward(f.experts, 0, tp.gu[0], dm);
+    da2 = expert_backward(f.experts, 0, tp.gu[0], dm, expert_grads(0), &tp.a2, &tp.key[0]);
   } else {
     const int E = c.n_experts, kk = c.top_k;
     MatT<T> dw = MatT<T>::Zero(N, kk);
@@ -350,7 +360,13 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
         dy.row(j) = dm.row(t) * tp.w(t, s);
         dw(t, s) = dm.row(t).dot(tp.y[size_t(e)].row(j));  // (t, s) pairs are distinct across experts
       }
-      dxe[size_t(e)] = expert_backward(f.experts, e, tp.gu[size_t(e)], dy);
+      typename WeightGrads<T>::Expert* g = expert_grads(e);
+      MatT<T> xe;  // the expert's input rows [n, H], for its weight gradients
+      if (g) {
+        xe.resize(n, H);
+        for (int j = 0; j < n; ++j) xe.row(j) = tp.a2.row(ts[size_t(j)]);
+      }
+      dxe[size_t(e)] = expert_backward(f.experts, e, tp.gu[size_t(e)], dy, g, &xe, &tp.key[size_t(e)]);
     }
     for (int e = 0; e < E; ++e)
       for (size_t j = 0; j < tp.tok[size_t(e)].size(); ++j) da2.row(tp.tok[size_t(e)][j]) += dxe[size_t(e)].row(int(j));
@@ -359,6 +375,7 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
       ops::route_row_backward(m.route_spec(), tp.z.row(t).data(), tp.ids.row(t).data(), dw.row(t).data(),
                               dz.row(t).data());
     if (const RouterEdit* re = m.router_edit(); re && re->touches(l)) re->backward(l, tp.z_raw, dz);  // → ∂/∂(raw z)
+    if (MatT<T>* g = grads ? grads->router(l) : nullptr) g->noalias() += dz.transpose() * tp.a2;  // [E, H]
     linear_backward(dz.data(), N, H, f.router.data(), E, da2.data(), true);
     if (f.has_shared) {
       MatT<T> dys = dm;
@@ -370,8 +387,9 @@ void block_backward(const Model& m, int l, const BlockTape<T>& tp, MatT<T>& dx) 
           dys.row(t) *= s;
         }
         da2 += dlogit * f.shared_gate.template cast<T>().transpose();
+        if (MatT<T>* g = grads ? grads->shared_gate(l) : nullptr) g->noalias() += dlogit.transpose() * tp.a2;  // [1, H]
       }
-      da2 += expert_backward(f.shared, 0, tp.s_gu, dys);
+      da2 += expert_backward(f.shared, 0, tp.s_gu, dys, expert_grads(kSharedBlock), &tp.a2, &tp.s_key);
     }
   }
   // dx (= ∂/∂x_mid through the residual) += norm backward
@@ -443,8 +461,20 @@ MatT<T> TapedStack<T>::logits(const std::vector<int>& rows) {
 }
 
 template <class T>
-MatT<T> TapedStack<T>::backward(const MatT<T>& dlogits) const {
+MatT<T> TapedStack<T>::backward(const MatT<T>& dlogits, WeightGrads<T>* grads) const {
+  return backward_to(dlogits, grads, first_);
+}
+
+template <class T>
+void TapedStack<T>::backward_weights(const MatT<T>& dlogits, WeightGrads<T>& grads) const {
+  backward_to(dlogits, &grads, std::max(first_, grads.lowest_layer()));
+}
+
+template <class T>
+MatT<T> TapedStack<T>::backward_to(const MatT<T>& dlogits, WeightGrads<T>* grads, int stop) const {
   const ModelConfig& c = m_.config();
+  if (grads && grads->lowest_layer() < first_)
+    throw std::logic_error("TapedStack::backward: a selected parameter lies below the stack's first layer");
   const int H = c.hidden, R = int(rows_.size());
   if (dlogits.rows() != R) throw std::logic_error("TapedStack::backward: dlogits rows differ from logits()");
   const Weight& W = m_.weights().output_matrix();
@@ -457,7 +487,7 @@ MatT<T> TapedStack<T>::backward(const MatT<T>& dlogits) const {
   rmsnorm_backward(xr.data(), m_.weights().final_norm.data(), dhn.data(), dxr.data(), R, H, c.rms_eps, false);
   MatT<T> dx = MatT<T>::Zero(h_.rows(), H);
   for (int i = 0; i < R; ++i) dx.row(rows_[size_t(i)]) += dxr.row(i);
-  for (int l = c.n_layers - 1; l >= first_; --l) block_backward(m_, l, tapes_[size_t(l - first_)], dx);
+  for (int l = c.n_layers - 1; l >= stop; --l) block_backward(m_, l, tapes_[size_t(l - first_)], dx, grads);
   return dx;
 }
 
@@ -503,7 +533,7 @@ PrefixKV<T> TapedStack<T>::kv() const {
   template struct PrefixKV<T>;                                                                                    \
   template void block_forward<T>(const Model&, int, MatT<T>&, const TokenLayout&, const PrefixKV<T>*,             \
                                  BlockTape<T>&);                                                                  \
-  template void block_backward<T>(const Model&, int, const BlockTape<T>&, MatT<T>&);                              \
+  template void block_backward<T>(const Model&, int, const BlockTape<T>&, MatT<T>&, WeightGrads<T>*);             \
   template class TapedStack<T>;
 
 MOEDIT_GRAD_INSTANTIATE(float)

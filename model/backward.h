@@ -3,9 +3,10 @@
 //
 // What it is for: ROME's v* needs ∂loss/∂δ where δ is added to the MoE output of layer L and the loss is read
 // from the logits; TapedStack runs layers L+1.. with a tape and returns ∂loss/∂(input of layer L+1). Later
-// features (router tuning, expert fine-tuning) need weight gradients: the op-level functions below already
-// take optional dW / dw / db outputs and the tape keeps every op input a weight gradient needs (a1, o, a2,
-// per-expert gate‖up outputs and keys); block_backward computes only the input gradient for now.
+// features (router tuning, expert fine-tuning) need weight gradients: block_backward and TapedStack::backward take
+// an optional WeightGrads (model/weight_grads.h) and add ∂loss/∂(router, shared gate, expert gate/up/down) of the
+// selected parameters to it, from what the tape keeps (a2, per-expert gate‖up outputs, keys, routing). Without one
+// they compute exactly what they computed before (the input gradient only).
 //
 // Everything is templated on the scalar: float in production, double in tests (finite-difference checks at 1e-4
 // relative). The taped forward is the model's own block (model/block.h) run with a tape: in fp32 it computes what
@@ -27,6 +28,9 @@ using MatT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
 using VecT = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 using IdxMat = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+template <class T>
+class WeightGrads;
 
 namespace grad {
 
@@ -140,9 +144,10 @@ void mla_backward(const Model& m, int l, const BlockTape<T>& tape, const int* po
 template <class T>
 void block_forward(const Model& m, int l, MatT<T>& x, const TokenLayout& layout, const PrefixKV<T>* prefix,
                    BlockTape<T>& tape);
-// dx: in = ∂loss/∂(block output), out = ∂loss/∂(block input).
+// dx: in = ∂loss/∂(block output), out = ∂loss/∂(block input). grads: adds ∂loss/∂(layer l's selected
+// parameters).
 template <class T>
-void block_backward(const Model& m, int l, const BlockTape<T>& tape, MatT<T>& dx);
+void block_backward(const Model& m, int l, const BlockTape<T>& tape, MatT<T>& dx, WeightGrads<T>* grads = nullptr);
 
 // Layers first..n-1, final norm and lm_head, with tapes.
 template <class T>
@@ -156,8 +161,11 @@ class TapedStack {
   const MatT<T>& hidden() const { return h_; }  // residual stream after the last layer [N, H]
   // Final norm + lm_head (+ logits_scaling) on the given rows of hidden() → [rows.size(), V]; remembers the rows.
   MatT<T> logits(const std::vector<int>& rows);
-  // ∂loss/∂(stack input) [N, H] given ∂loss/∂logits [rows.size(), V] for the rows of the last logits() call.
-  MatT<T> backward(const MatT<T>& dlogits) const;
+  // ∂loss/∂(stack input) [N, H] given ∂loss/∂logits [rows.size(), V] for the rows of the last logits() call;
+  // grads (parameters of layers ≥ first_layer only): adds ∂loss/∂(selected parameters) as well.
+  MatT<T> backward(const MatT<T>& dlogits, WeightGrads<T>* grads = nullptr) const;
+  // Only the weight gradients: the backward stops at the lowest layer with a selected parameter.
+  void backward_weights(const MatT<T>& dlogits, WeightGrads<T>& grads) const;
   // K/V of every layer and sequence of the last forward (prefix + this forward's tokens): a prefix for a later
   // forward that continues these sequences.
   PrefixKV<T> kv() const;
@@ -165,6 +173,9 @@ class TapedStack {
  private:
   const Model& m_;
   int first_;
+  // The backward through layers n-1..stop (dx of layer stop's input).
+  MatT<T> backward_to(const MatT<T>& dlogits, WeightGrads<T>* grads, int stop) const;
+
   std::vector<BlockTape<T>> tapes_;
   MatT<T> h_;
   std::vector<int> rows_;
