@@ -30,7 +30,8 @@ void register_attention_gain(CLI::App& app) {
   static Args a;
   auto* cmd = app.add_subcommand("attention-gain",
                                  "Per-layer context/answer attention gain and answer probability gain (logit lens) "
-                                 "of a tuned checkpoint over its base on a context task");
+                                 "of a tuned checkpoint over its base on a context task (--mask/--boost/--steer act "
+                                 "on TUNED)");
   cmd->add_option("BASE", a.base, "The untuned checkpoint folder (its tokenizer.json tokenizes the task)")->required();
   cmd->add_option("TUNED", a.tuned, "The tuned checkpoint folder (same vocabulary and layers)")->required();
   add_load_options(cmd);

@@ -155,13 +155,14 @@ void run_context_faithful(const Args& a, const std::string& fmt, bool top_given)
     const eval::TaskScore plain = score(a.iv);
     nlohmann::json j = {{"model", a.model}, {"data", a.data}, {"interventions", describe(a.iv)},
                         {"score", plain.summary()}};
-    std::string text = line(a.model + " on " + a.data, plain);
+    std::string text = line(a.model + " on " + a.data + (a.iv.empty() ? "" : " with " + describe(a.iv)), plain);
     if (!a.mask_set.empty()) {
       InterventionSpec spec = a.iv;
       spec.mask_flag = "--experts " + a.experts_file + " (" + a.mask_set + ")";
       spec.mask.insert(spec.mask.end(), masked.begin(), masked.end());
       const eval::TaskScore s = score(spec);
-      j["masked"] = {{"set", a.mask_set}, {"experts", a.experts_file}, {"mask", describe(spec)}, {"score", s.summary()}};
+      j["masked"] = {
+          {"set", a.mask_set}, {"experts", a.experts_file}, {"mask", describe(spec)}, {"score", s.summary()}};
       text += line("with the " + std::to_string(masked.size()) + " " + a.mask_set + " experts of " + a.experts_file +
                        " masked",
                    s);

@@ -92,7 +92,8 @@ TaskScore score_task(const Model& m, const std::vector<TaskItem>& items, const H
   TaskScore s;
   std::vector<TargetQuery> first(items.size());
   for (size_t i = 0; i < items.size(); ++i) first[i] = {items[i].prompt, {items[i].answer[0]}};
-  for (const TargetScore& t : score_targets(m, first, -1, batch_tokens, hooks)) s.first_prob.push_back(std::exp(-t.nll));
+  for (const TargetScore& t : score_targets(m, first, -1, batch_tokens, hooks))
+    s.first_prob.push_back(std::exp(-t.nll));
   GenerateOptions g;
   g.eos_token_id = eos_token_id;
   g.hooks = hooks;
@@ -184,7 +185,8 @@ std::string context_faithful_table(const json& ce) {
   for (int l : ce["layers"]) {
     const std::string k = std::to_string(l);
     out += "layer " + k + "  CE:" + list("ce", "counts", k);
-    if (has_base) out += "  | OE:" + list("oe", "base_counts", k) + "  | shared " + std::to_string(ce["shared"][k].get<int>());
+    if (has_base)
+      out += "  | OE:" + list("oe", "base_counts", k) + "  | shared " + std::to_string(ce["shared"][k].get<int>());
     out += "\n";
   }
   return out;

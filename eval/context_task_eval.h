@@ -13,7 +13,8 @@
 //   EM (%) and mean p(first) over the examples.
 //
 // Context-faithful (CE) experts: RouterLens's exp_act_count runs every training example as one sequence (prompt
-// followed by the answer) and counts, per MoE layer, how many tokens select each expert into their top-k; the K
+// followed by the answer) and counts, per MoE layer, how many tokens select each expert into their top-k (here the
+// experts the router actually selected: for softmax→top-k routers the k largest logits, RouterLens's argsort); the K
 // most-activated experts of each layer (count descending, ties to the lower id) are the CE experts of the
 // router-tuned model, the OE experts the same count's top-K on the untuned (base) model.
 #pragma once

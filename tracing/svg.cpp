@@ -213,18 +213,18 @@ std::string line_chart(const LineChart& c) {
   const double fs = 10, left = 64, top = 34, plot_h = 200, right = 20;
   const size_t n = c.x_labels.size();
   const double step = n > 1 ? std::max(28.0, 360.0 / double(n - 1)) : 40.0;
-  const double plot_w = step * double(n > 1 ? n - 1 : 1);
+  const double pad = 20, plot_w = step * double(n > 1 ? n - 1 : 1) + 2 * pad;  // points keep off the frame
   double lo = 0, hi = 0;
   for (const Series& s : c.series)
     for (double v : s.y)
       if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
   if (hi - lo < 1e-12) hi = lo + 1;
-  const double pad = 0.05 * (hi - lo);
-  lo -= pad, hi += pad;
+  const double margin = 0.05 * (hi - lo);
+  lo -= margin, hi += margin;
   const double legend_h = 16 * double(c.series.size());
   const double width = std::max(left + plot_w + right, text_width(c.title, 13) + 20),
                height = top + plot_h + 46 + legend_h;
-  auto X = [&](size_t i) { return left + (n > 1 ? step * double(i) : plot_w / 2); };
+  auto X = [&](size_t i) { return left + (n > 1 ? pad + step * double(i) : plot_w / 2); };
   auto Y = [&](double v) { return top + plot_h * (hi - v) / (hi - lo); };
   std::ostringstream o;
   o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
