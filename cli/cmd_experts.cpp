@@ -154,7 +154,7 @@ void run_context_faithful(const Args& a, const std::string& fmt, bool top_given)
     auto line = [](const std::string& what, const eval::TaskScore& s) { return what + ": " + s.line() + "\n"; };
     const eval::TaskScore plain = score(a.iv);
     nlohmann::json j = {{"model", a.model}, {"data", a.data}, {"interventions", describe(a.iv)},
-                        {"score", plain.summary()}};
+                        {"score", plain.summary()}, {"per_example", plain.examples_json(items, tok)}};
     std::string text = line(a.model + " on " + a.data + (a.iv.empty() ? "" : " with " + describe(a.iv)), plain);
     if (!a.mask_set.empty()) {
       InterventionSpec spec = a.iv;
@@ -162,7 +162,8 @@ void run_context_faithful(const Args& a, const std::string& fmt, bool top_given)
       spec.mask.insert(spec.mask.end(), masked.begin(), masked.end());
       const eval::TaskScore s = score(spec);
       j["masked"] = {
-          {"set", a.mask_set}, {"experts", a.experts_file}, {"mask", describe(spec)}, {"score", s.summary()}};
+          {"set", a.mask_set}, {"experts", a.experts_file}, {"mask", describe(spec)}, {"score", s.summary()},
+          {"per_example", s.examples_json(items, tok)}};
       text += line("with the " + std::to_string(masked.size()) + " " + a.mask_set + " experts of " + a.experts_file +
                        " masked",
                    s);

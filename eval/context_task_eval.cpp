@@ -87,6 +87,14 @@ std::string TaskScore::line() const {
   return b;
 }
 
+json TaskScore::examples_json(const std::vector<TaskItem>& items, const Tokenizer& tok) const {
+  json out = json::array();
+  for (size_t i = 0; i < exact.size(); ++i)
+    out.push_back({{"case_id", items[i].case_id}, {"exact", bool(exact[i])}, {"p_first", first_prob[i]},
+                   {"prediction", tok.decode(predicted[i])}});
+  return out;
+}
+
 TaskScore score_task(const Model& m, const std::vector<TaskItem>& items, const Hooks* hooks, int eos_token_id,
                      int batch_tokens) {
   TaskScore s;

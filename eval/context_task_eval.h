@@ -58,6 +58,8 @@ struct TaskScore {
   double mean_first_prob() const;
   nlohmann::json summary() const;               // {"examples", "exact_match", "em", "p_first"}
   std::string line() const;                     // "EM 12.33% (27/219), mean p(first answer token) 0.1234"
+  // Per example: [{"case_id", "exact", "p_first", "prediction" (the greedy tokens decoded)}].
+  nlohmann::json examples_json(const std::vector<TaskItem>& items, const Tokenizer& tok) const;
 };
 // `hooks` (e.g. installed masks) run in every forward; eos_token_id < 0: never stop early.
 TaskScore score_task(const Model& m, const std::vector<TaskItem>& items, const Hooks* hooks = nullptr,

@@ -405,6 +405,14 @@ TEST(ContextTaskCli, ContextFaithfulExpertsCountsAndMaskRuns) {
   EXPECT_EQ(sj["masked"]["set"], "ce");
   EXPECT_NE(sj["masked"]["mask"].get<std::string>().find("mask"), std::string::npos);
   EXPECT_NE(sj["score"]["p_first"], sj["masked"]["score"]["p_first"]);  // masking the most used experts matters
+  for (const json* run : {&sj, &sj["masked"]}) {  // the per-example rows add up to the summary
+    ASSERT_EQ((*run)["per_example"].size(), 12u);
+    int exact = 0;
+    double p = 0;
+    for (const json& e : (*run)["per_example"]) exact += e["exact"].get<bool>(), p += e["p_first"].get<double>();
+    EXPECT_EQ(exact, (*run)["score"]["exact_match"].get<int>());
+    EXPECT_NEAR(p / 12, (*run)["score"]["p_first"].get<double>(), 1e-12);
+  }
 }
 
 TEST(ContextTaskCli, AttentionGainOfAModelOverItselfIsZero) {
