@@ -5,6 +5,11 @@
 //   --drivers FILE                              driver experts (causal: mask or scale each router logit, KL)
 //   --triggers L:E,... with --text/--ids/--corpus  tokens that activate those experts (count, lift), position rates
 //   --examples N with --text/--ids/--corpus --out F  every expert's N top-activating contexts + keywords (JSONL)
+//   --context-faithful --data TASK [--base BASE] [--out CE.json]   Router Lens's context-faithful (CE) experts: the
+//                                               --top K (default: the model's top-k) most activated per MoE layer
+//                                               on a context task, vs the base model's (OE); with --score or
+//                                               --mask-set ce|oe --experts CE.json, the task score (EM, p(answer))
+//                                               unmasked and with that set masked (eval/context_task_eval.h)
 // Output: a table, or --format json|csv|npy (npy/csv: the profile's frequency matrix; npy needs --out).
 // Corpora: see load_corpus in tracing/routing_profile.h (.ids lines of token ids need no tokenizer).
 #include <unistd.h>
@@ -19,6 +24,8 @@
 #include "cli/common.h"
 #include "cli/ids.h"
 #include "cli/interventions.h"
+#include "datasets/context_task.h"
+#include "eval/context_task_eval.h"
 #include "io/errors.h"
 #include "io/files.h"
 #include "model/model.h"
@@ -41,6 +48,8 @@ struct Args {
   double min_score = 0.2, min_rate = 0.0;
   float scale = 0.f;
   InterventionSpec iv;
+  bool context_faithful = false, score = false;
+  std::string data, base, experts_file, mask_set;
 };
 
 // Prints text to stdout, or writes it to --out.
@@ -123,6 +132,69 @@ void run_examples(const Args& a, const Model& m, const Tokenizer* tok, const std
   std::printf("%zu experts, up to %d contexts each → %s\n", xs.size(), a.examples, a.out.c_str());
 }
 
+// --context-faithful: CE experts (counting) or the task score with a CE/OE set masked (scoring).
+void run_context_faithful(const Args& a, const std::string& fmt, bool top_given) {
+  require_input(!a.data.empty(), "--context-faithful needs --data FILE (a context task, datasets/data/context_task/)");
+  require_input(a.mask_set.empty() == a.experts_file.empty(), "--mask-set ce|oe and --experts CE.json go together");
+  const bool scoring = a.score || !a.mask_set.empty();
+  require_input(!scoring || a.base.empty(), "--base is for counting experts; --score and --mask-set run one model");
+  const std::vector<ContextExample> examples = load_context_task(a.data);
+  std::vector<ExpertRef> masked;
+  if (!a.mask_set.empty()) masked = eval::read_expert_set(a.experts_file, a.mask_set);
+  auto m = load_model(a.model);
+  const Tokenizer tok = require_tokenizer(a.model, "--context-faithful tokenizes the task");
+  const std::vector<eval::TaskItem> items = eval::tokenize_task(examples, tok, a.data);
+  if (!a.iv.empty()) validate_interventions(a.iv, m->config());
+  if (scoring) {
+    auto score = [&](const InterventionSpec& spec) {
+      Hooks hooks;
+      if (!spec.empty()) install_interventions(spec, m->config(), hooks);
+      return eval::score_task(*m, items, &hooks, tok.eos_id().value_or(-1), a.batch_tokens);
+    };
+    auto line = [](const std::string& what, const eval::TaskScore& s) { return what + ": " + s.line() + "\n"; };
+    const eval::TaskScore plain = score(a.iv);
+    nlohmann::json j = {{"model", a.model}, {"data", a.data}, {"interventions", describe(a.iv)},
+                        {"score", plain.summary()}, {"per_example", plain.examples_json(items, tok)}};
+    std::string text = line(a.model + " on " + a.data + (a.iv.empty() ? "" : " with " + describe(a.iv)), plain);
+    if (!a.mask_set.empty()) {
+      InterventionSpec spec = a.iv;
+      spec.mask_flag = "--experts " + a.experts_file + " (" + a.mask_set + ")";
+      spec.mask.insert(spec.mask.end(), masked.begin(), masked.end());
+      const eval::TaskScore s = score(spec);
+      j["masked"] = {
+          {"set", a.mask_set}, {"experts", a.experts_file}, {"mask", describe(spec)}, {"score", s.summary()},
+          {"per_example", s.examples_json(items, tok)}};
+      text += line("with the " + std::to_string(masked.size()) + " " + a.mask_set + " experts of " + a.experts_file +
+                       " masked",
+                   s);
+    }
+    emit(a, fmt == "json" ? j.dump() + "\n" : text);
+    return;
+  }
+  RoutingOptions ro;
+  ro.interventions = a.iv.empty() ? nullptr : &a.iv;
+  ro.max_batch_tokens = a.batch_tokens;
+  ro.progress = stderr_counter("routing");
+  const int K = top_given ? a.top : m->config().top_k;
+  const ActivationProfile tuned = eval::count_task_experts(*m, items, ro);
+  std::optional<ActivationProfile> base;
+  if (!a.base.empty()) {
+    m.reset();
+    m = load_model(a.base);
+    if (!a.iv.empty()) validate_interventions(a.iv, m->config());
+    base = eval::count_task_experts(*m, items, ro);
+  }
+  nlohmann::json j = eval::context_faithful_json(tuned, base ? &*base : nullptr, K);
+  j["model"] = a.model;
+  j["data"] = a.data;
+  j["examples"] = items.size();
+  j["interventions"] = describe(a.iv);
+  if (base) j["base"] = a.base;
+  if (!a.out.empty()) write_file_atomic(a.out, j.dump(1) + "\n");
+  if (fmt == "json") std::printf("%s\n", j.dump().c_str());
+  else std::printf("%s", eval::context_faithful_table(j).c_str());
+}
+
 void register_experts(CLI::App& app) {
   static Args a;
   auto* cmd = add_model_command(
@@ -146,7 +218,10 @@ void register_experts(CLI::App& app) {
       ->check(CLI::IsMember({"table", "json", "csv", "npy"}));
   cmd->add_flag("--json", a.as_json, "Same as --format json");
   cmd->add_option("--out", a.out, "Write the output to this file instead of stdout");
-  cmd->add_option("--top", a.top, "How many experts to list per group")->check(CLI::Range(1, 1 << 20));
+  static CLI::Option* top_opt = nullptr;
+  top_opt = cmd->add_option("--top", a.top, "How many experts to list per group (--context-faithful: CE experts per "
+                                            "layer, default the model's top-k)")
+                ->check(CLI::Range(1, 1 << 20));
   static CLI::Option* max_tokens_opt = nullptr;
   max_tokens_opt = cmd->add_option("--max-tokens", a.max_tokens,
                                    "Read at most this many tokens of each corpus (0: all; default 100000, "
@@ -174,10 +249,28 @@ void register_experts(CLI::App& app) {
   cmd->add_option("--context", a.context, "--examples: tokens of context before the token (2 after)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  auto* cf = cmd->add_flag("--context-faithful", a.context_faithful,
+                           "Context-faithful experts (Router Lens) on --data: counts, or the score with --score / "
+                           "--mask-set");
+  for (auto* o : {text, ids, corpus, compare, domain, drivers}) cf->excludes(o);
+  cmd->add_option("--data", a.data, "--context-faithful: the context task (JSON list of {context, question, answer})");
+  cmd->add_option("--base", a.base, "--context-faithful: also count on this base model (OE experts, comparison)");
+  cmd->add_flag("--score", a.score, "--context-faithful: the task score (EM, p(first answer token)) instead of counts");
+  cmd->add_option("--mask-set", a.mask_set, "--context-faithful: score with this set of --experts masked")
+      ->check(CLI::IsMember({"ce", "oe"}));
+  cmd->add_option("--experts", a.experts_file, "--context-faithful: a CE file (written by --out)");
   add_intervention_flags(cmd, a.iv);
 
   cmd->callback([] {
     const std::string fmt = a.as_json ? "json" : a.format;
+    if (!a.context_faithful && (!a.data.empty() || !a.base.empty() || a.score || !a.mask_set.empty() ||
+                                !a.experts_file.empty()))
+      throw InputError("--data, --base, --score, --mask-set and --experts need --context-faithful");
+    if (a.context_faithful) {
+      require_input(fmt == "table" || fmt == "json", "--context-faithful prints a table or JSON (--format table|json)");
+      run_context_faithful(a, fmt, top_opt->count() > 0);
+      return;
+    }
     const bool profile_mode = !a.text.empty() || !a.ids.empty() || !a.corpus.empty();
     if (a.examples > 0 && (!profile_mode || a.out.empty()))
       throw InputError("--examples needs texts (--text, --ids or --corpus) and --out FILE.jsonl");

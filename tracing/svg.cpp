@@ -209,4 +209,62 @@ std::string bar_chart(const BarChart& c) {
   return o.str();
 }
 
+std::string line_chart(const LineChart& c) {
+  const double fs = 10, left = 64, top = 34, plot_h = 200, right = 20;
+  const size_t n = c.x_labels.size();
+  const double step = n > 1 ? std::max(28.0, 360.0 / double(n - 1)) : 40.0;
+  const double pad = 20, plot_w = step * double(n > 1 ? n - 1 : 1) + 2 * pad;  // points keep off the frame
+  double lo = 0, hi = 0;
+  for (const Series& s : c.series)
+    for (double v : s.y)
+      if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+  if (hi - lo < 1e-12) hi = lo + 1;
+  const double margin = 0.05 * (hi - lo);
+  lo -= margin, hi += margin;
+  const double legend_h = 16 * double(c.series.size());
+  const double width = std::max(left + plot_w + right, text_width(c.title, 13) + 20),
+               height = top + plot_h + 46 + legend_h;
+  auto X = [&](size_t i) { return left + (n > 1 ? pad + step * double(i) : plot_w / 2); };
+  auto Y = [&](double v) { return top + plot_h * (hi - v) / (hi - lo); };
+  std::ostringstream o;
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
+    << "\" viewBox=\"0 0 " << num(width) << " " << num(height) << "\" " << kFont << " font-size=\"" << fs << "\">\n";
+  o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+  o << "<text x=\"" << num(width / 2) << "\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">" << escape(c.title)
+    << "</text>\n";
+  o << "<rect x=\"" << num(left) << "\" y=\"" << num(top) << "\" width=\"" << num(plot_w) << "\" height=\""
+    << num(plot_h) << "\" fill=\"none\" stroke=\"#444\"/>\n";
+  for (int t = 0; t <= 4; ++t) {
+    const double v = lo + (hi - lo) * t / 4.0;
+    o << "<text x=\"" << num(left - 4) << "\" y=\"" << num(Y(v) + 3) << "\" text-anchor=\"end\" font-size=\"9\">"
+      << fmt(v, 4) << "</text>\n";
+  }
+  o << "<line x1=\"" << num(left) << "\" y1=\"" << num(Y(0)) << "\" x2=\"" << num(left + plot_w) << "\" y2=\""
+    << num(Y(0)) << "\" stroke=\"#666\" stroke-dasharray=\"4,3\"/>\n";
+  for (size_t i = 0; i < n; ++i)
+    o << "<text x=\"" << num(X(i)) << "\" y=\"" << num(top + plot_h + 14) << "\" text-anchor=\"middle\">"
+      << escape(c.x_labels[i]) << "</text>\n";
+  o << "<text x=\"" << num(left + plot_w / 2) << "\" y=\"" << num(top + plot_h + 30) << "\" text-anchor=\"middle\">"
+    << escape(c.xlabel) << "</text>\n";
+  o << "<text transform=\"translate(14," << num(top + plot_h / 2) << ") rotate(-90)\" text-anchor=\"middle\">"
+    << escape(c.ylabel) << "</text>\n";
+  for (size_t si = 0; si < c.series.size(); ++si) {
+    const Series& s = c.series[si];
+    std::string pts;
+    for (size_t i = 0; i < n && i < s.y.size(); ++i) {
+      if (!std::isfinite(s.y[i])) continue;
+      pts += (pts.empty() ? "" : " ") + num(X(i)) + "," + num(Y(s.y[i]));
+      o << "<circle cx=\"" << num(X(i)) << "\" cy=\"" << num(Y(s.y[i])) << "\" r=\"3\" fill=\"" << s.stroke
+        << "\"><title>" << escape(s.label + " @ " + c.x_labels[i] + ": " + fmt(s.y[i], 6)) << "</title></circle>\n";
+    }
+    o << "<polyline fill=\"none\" stroke=\"" << s.stroke << "\" stroke-width=\"2\" points=\"" << pts << "\"/>\n";
+    const double ly = top + plot_h + 46 + 16 * double(si);
+    o << "<line x1=\"" << num(left) << "\" x2=\"" << num(left + 24) << "\" y1=\"" << num(ly - 4) << "\" y2=\""
+      << num(ly - 4) << "\" stroke=\"" << s.stroke << "\" stroke-width=\"3\"/><text x=\"" << num(left + 30)
+      << "\" y=\"" << num(ly) << "\">" << escape(s.label) << "</text>\n";
+  }
+  o << "</svg>\n";
+  return o.str();
+}
+
 }  // namespace moedit::trace::svg

@@ -1,4 +1,5 @@
-// Plain SVG charts for trace outputs: ROME-style heatmaps and grouped bar charts (no dependencies, no scripts).
+// Plain SVG charts for trace outputs: ROME-style heatmaps, grouped bar charts and line charts (no dependencies, no
+// scripts).
 #pragma once
 #include <string>
 #include <vector>
@@ -43,5 +44,19 @@ struct BarChart {
   std::vector<std::pair<double, std::string>> reference_lines;  // (y, label), dashed
 };
 std::string bar_chart(const BarChart& c);
+
+// A line chart of one or more series over the same categorical x positions (e.g. layers), y range from the data
+// (0 always included, a dashed line at 0); each point carries a tooltip with its value.
+struct Series {
+  std::string label;
+  std::vector<double> y;     // [x_labels.size()]; NaN: no point
+  std::string stroke = "#1f77b4";
+};
+struct LineChart {
+  std::string title, xlabel = "layer", ylabel;
+  std::vector<std::string> x_labels;
+  std::vector<Series> series;
+};
+std::string line_chart(const LineChart& c);
 
 }  // namespace moedit::trace::svg
