@@ -31,6 +31,12 @@ std::vector<eval::TaskItem> load_items(const std::string& path, const std::strin
   return eval::tokenize_task(load_context_task(path), tok, path);
 }
 
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 // Runs check(), prefixing its InputError with the flag.
 template <class F>
 void with_flag(const std::string& flag, F check) {
@@ -70,9 +76,9 @@ TrainSetup load_training(const TrainFlags& f) {
   require_input(f.epochs >= 1, "--epochs " + std::to_string(f.epochs) + ": expected at least 1");
   require_input(f.batch_size >= 1, "--batch-size " + std::to_string(f.batch_size) + ": expected at least 1");
   require_input(f.limit >= 0, "--limit " + std::to_string(f.limit) + ": expected 0 (all) or more");
-  require_input(f.lr > 0, "--lr " + std::to_string(f.lr) + ": expected a learning rate > 0");
-  require_input(f.weight_decay >= 0, "--weight-decay " + std::to_string(f.weight_decay) + ": expected >= 0");
-  for (double b : f.betas) require_input(b >= 0 && b < 1, "--betas " + std::to_string(b) + ": expected in [0, 1)");
+  require_input(f.lr > 0, "--lr " + num(f.lr) + ": expected a learning rate > 0");
+  require_input(f.weight_decay >= 0, "--weight-decay " + num(f.weight_decay) + ": expected >= 0");
+  for (double b : f.betas) require_input(b >= 0 && b < 1, "--betas " + num(b) + ": expected in [0, 1)");
   TrainSetup s;
   s.data_path = task_path(f.data);
   if (!f.eval.empty())
