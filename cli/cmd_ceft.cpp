@@ -1,7 +1,8 @@
 // moedit ceft MODEL --data TRAIN --experts CE.json [--routers] [--full] [training flags] [--save DIR] [--json]:
 // context-faithful expert fine-tuning (Router Lens's CEFT, issue 19): trains only the gate/up/down of the CE experts
 // of a CE file (`moedit experts --context-faithful --out CE.json`, its "ce" set), with --routers the routers too, or
-// with --full every trainable parameter (model/weight_grads.h ParamSelection::everything). Reports the trainable
+// with --full every trainable kind (model/weight_grads.h ParamSelection::everything: routers, shared gates, every
+// expert, shared and dense MLPs; attention, norms and embeddings are not trainable here). Reports the trainable
 // parameter count, the task score before/after, and forgetting before/after: WikiText-2 perplexity on the bundled
 // sample's first --ppl-tokens tokens (eval/drift_probe.h) and the first-token accuracy of the rewrite prompts of the
 // first --facts bundled CounterFact records with target_true (eval/accuracy.h). Shared flags: cli/train_common.h.
@@ -58,7 +59,9 @@ void register_ceft(CLI::App& app) {
   add_train_flags(cmd, a.f, 1e-3);
   cmd->add_option("--experts", a.experts, "The CE file (moedit experts --context-faithful --out): its \"ce\" set");
   cmd->add_flag("--routers", a.routers, "Train the routers too");
-  cmd->add_flag("--full", a.full, "Train every parameter kind of every layer (full fine-tuning baseline)");
+  cmd->add_flag("--full", a.full,
+                "Train every trainable kind of every layer: routers, shared gates, all experts, shared and dense MLPs "
+                "(the full fine-tuning baseline; attention, norms and embeddings stay frozen)");
   cmd->add_option("--ppl-tokens", a.ppl_tokens, "WikiText-2 tokens for the perplexity (0: skip)")
       ->capture_default_str();
   cmd->add_option("--facts", a.facts, "CounterFact records whose facts are checked (0: skip)")->capture_default_str();
