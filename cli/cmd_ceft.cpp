@@ -5,8 +5,10 @@
 // expert, shared and dense MLPs; attention, norms and embeddings are not trainable here). Reports the trainable
 // parameter count, the task score before/after, and forgetting before/after: WikiText-2 perplexity on the bundled
 // sample's first --ppl-tokens tokens (eval/drift_probe.h) and the first-token accuracy of the rewrite prompts of the
-// first --facts bundled CounterFact records with target_true (eval/accuracy.h). Shared flags: cli/train_common.h.
+// first --facts bundled CounterFact records with target_true (eval/accuracy.h) that are not training examples
+// (same case_id). Shared flags: cli/train_common.h.
 #include <cstdio>
+#include <set>
 
 #include "cli/commands.h"
 #include "cli/train_common.h"
@@ -26,13 +28,17 @@ struct Args {
   int ppl_tokens = 1024, facts = 200;
 };
 
-// WikiText-2 perplexity and CounterFact rewrite-prompt accuracy (the facts the base model knows).
-MeasureFn forgetting(const Tokenizer& tok, const Args& a) {
+// WikiText-2 perplexity and CounterFact rewrite-prompt accuracy (the facts the base model knows). The bundled context
+// task is built from these records (counter-memory contexts), so records whose case_id is a training example's are
+// skipped: training on a record's counter-memory answer is not forgetting an unrelated fact.
+MeasureFn forgetting(const Tokenizer& tok, const Args& a, const std::vector<eval::TaskItem>& train) {
   const eval::Sequences windows = eval::wikitext_windows(tok, a.ppl_tokens);
+  std::set<int> trained;
+  for (const eval::TaskItem& it : train) trained.insert(it.case_id);
   std::vector<std::pair<std::string, std::string>> facts;
   for (const CounterFactRecord& r : load_counterfact(bundled_counterfact_path())) {
     if (int(facts.size()) >= a.facts) break;
-    facts.emplace_back(r.rewrite_prompt(), r.target_true);
+    if (!trained.count(r.case_id)) facts.emplace_back(r.rewrite_prompt(), r.target_true);
   }
   return [&tok, windows, facts](const Model& m) {
     Measures out;
@@ -64,7 +70,8 @@ void register_ceft(CLI::App& app) {
                 "(the full fine-tuning baseline; attention, norms and embeddings stay frozen)");
   cmd->add_option("--ppl-tokens", a.ppl_tokens, "WikiText-2 tokens for the perplexity (0: skip)")
       ->capture_default_str();
-  cmd->add_option("--facts", a.facts, "CounterFact records whose facts are checked (0: skip)")->capture_default_str();
+  cmd->add_option("--facts", a.facts,
+                  "CounterFact records whose facts are checked, the first not among the training examples (0: skip)")->capture_default_str();
   cmd->callback([] {
     require_input(a.full || !a.experts.empty(), "ceft needs --experts CE.json (or --full)");
     require_input(!(a.full && (a.routers || !a.experts.empty())), "--full trains everything: drop --experts/--routers");
@@ -90,7 +97,7 @@ void register_ceft(CLI::App& app) {
         throw InputError(a.experts + ": " + e.what());
       }
     }
-    run_training(s, sel, a.f, "ceft", what, forgetting(*s.tok, a));
+    run_training(s, sel, a.f, "ceft", what, forgetting(*s.tok, a, s.train));
   });
 }
 
