@@ -57,11 +57,67 @@ float round_trip(DType dt, float v) {
   }
 }
 
-// Edited (layer, expert) pairs → the down-projection tensors to write: every shared expert of a layer maps to the
-// one shared block (kSharedExpert), written whole from the model's current weights.
-std::set<std::pair<int, int>> edited_tensors(const std::vector<std::pair<int, int>>& edited) {
-  std::set<std::pair<int, int>> out;
-  for (const auto& [l, e] : edited) out.insert({l, is_shared_expert(e) ? kSharedExpert : e});
+// Edited (layer, expert) pairs → their down-projection parameters: every shared expert of a layer maps to the one
+// shared block, written whole from the model's current weights.
+std::vector<ParamId> down_params(const std::vector<std::pair<int, int>>& edited) {
+  std::vector<ParamId> out;
+  for (const auto& [l, e] : edited) out.push_back({ParamId::Kind::Down, l, is_shared_expert(e) ? kSharedBlock : e});
+  return out;
+}
+
+// The parameters to write, grouped by tensor (duplicates dropped).
+struct Patch {
+  ParamId param;
+  int64_t offset = 0, count = 0;
+};
+std::map<std::string, std::vector<Patch>> plan(const Model& m, const TensorStore& st,
+                                               const std::vector<ParamId>& params) {
+  std::map<std::string, std::vector<Patch>> out;
+  std::vector<ParamId> seen;
+  for (const ParamId& p : params) {
+    if (std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
+    seen.push_back(p);
+    const ParamLocation loc = locate_param(m, st, p);
+    out[loc.tensor].push_back({p, loc.offset, loc.count});
+  }
+  return out;
+}
+
+// The tensor as written: the source's bytes (or its values as F32) with the patched parameters' current values.
+OwnedTensor patched_tensor(const Model& m, const std::string& name, const TensorView& view,
+                           const std::vector<Patch>& patches, const SaveOptions& opt, SaveReport& report) {
+  const std::vector<float> source = view.to_f32();  // ΔW is measured against these
+  OwnedTensor t;
+  if (opt.f32) {
+    t = make_f32_tensor(view.shape, source.data());
+  } else {
+    t.dtype = view.dtype;
+    t.shape = view.shape;
+    t.bytes.assign(view.data, view.data + view.nbytes);
+  }
+  SavedTensor rep{name, dtype_name(t.dtype), 0, 0};
+  for (const Patch& p : patches) {
+    const MatR cur = param_values(m, p.param);  // [rows, cols] row-major = the tensor's elements [offset, +count)
+    const size_t n = size_t(p.count), first = size_t(p.offset);
+    convert_into(t.dtype, cur.data(), n, t.bytes.data() + first * dtype_size(t.dtype));
+    for (size_t i = 0; i < n; ++i) {  // ΔW = W − W_source; what the file holds minus ΔW = round(W) − W
+      rep.max_delta = std::max(rep.max_delta, std::abs(double(cur.data()[i]) - source[first + i]));
+      rep.max_rounding =
+          std::max(rep.max_rounding, std::abs(double(round_trip(t.dtype, cur.data()[i])) - cur.data()[i]));
+    }
+  }
+  report.tensors.push_back(std::move(rep));
+  return t;
+}
+
+const char* proj_name(ParamId::Kind k) {
+  return k == ParamId::Kind::Gate ? "gate_proj" : k == ParamId::Kind::Up ? "up_proj" : "down_proj";
+}
+
+// out_dir as an absolute folder path (no trailing separator).
+fs::path folder_path(const std::string& out_dir) {
+  fs::path out = fs::absolute(out_dir).lexically_normal();
+  if (out.filename().empty()) out = out.parent_path();
   return out;
 }
 
@@ -88,6 +144,87 @@ DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& st, i
   return loc;
 }
 
+ParamLocation locate_param(const Model& m, const TensorStore& st, const ParamId& p) {
+  using K = ParamId::Kind;
+  const ModelConfig& c = m.config();
+  const std::string what = "parameter " + p.name();
+  require_input(p.layer >= 0 && p.layer < c.n_layers, what + ": no such layer");
+  const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
+  const bool expert = p.kind == K::Gate || p.kind == K::Up || p.kind == K::Down;
+  if (!f.moe) require_input(expert && p.expert == 0, what + ": layer " + std::to_string(p.layer) + " is dense");
+  if (p.kind == K::SharedGate) require_input(f.shared_gate.size() > 0, what + ": the layer has no shared-expert gate");
+  if (expert && f.moe)
+    require_input(p.expert == kSharedBlock ? f.has_shared : p.expert >= 0 && p.expert < f.experts.E,
+                  what + ": no such expert");
+  const int64_t rows = param_rows(m, p), cols = param_cols(m, p);
+  ParamLocation loc{"", 0, rows * cols};
+  std::vector<int64_t> shape = {rows, cols};
+  const std::string lp = "model.layers." + std::to_string(p.layer) + ".";
+  if (!f.moe) {
+    loc.tensor = lp + "mlp." + proj_name(p.kind) + ".weight";
+  } else {
+    const std::string mp = moe_prefix(c, st, p.layer);
+    if (p.kind == K::Router) {
+      for (auto rw : c.arch->router_weights)
+        if (loc.tensor.empty() && st.has(mp + std::string(rw))) loc.tensor = mp + std::string(rw);
+    } else if (p.kind == K::SharedGate) {
+      loc.tensor = mp + std::string(c.arch->shared_gate);
+    } else if (p.expert == kSharedBlock) {
+      loc.tensor = mp + std::string(c.arch->shared_module) + "." + proj_name(p.kind) + ".weight";
+    } else {
+      for (const auto& [gu, dn] : c.arch->packed)  // gate‖up [E, 2I, H] (gate rows first), down [E, H, I]
+        if (loc.tensor.empty() && st.has(mp + std::string(gu))) {
+          const int64_t E = c.n_experts, n = rows * cols;
+          if (p.kind == K::Down) {
+            loc.tensor = mp + std::string(dn);
+            loc.offset = p.expert * n;
+            shape = {E, rows, cols};
+          } else {
+            loc.tensor = mp + std::string(gu);
+            loc.offset = p.expert * 2 * n + (p.kind == K::Up ? n : 0);
+            shape = {E, 2 * rows, cols};
+          }
+        }
+      if (loc.tensor.empty()) {
+        require_input(!c.arch->expert_gate.empty(), what + ": no expert tensors found in the source checkpoint");
+        const std::string_view t = p.kind == K::Gate ? c.arch->expert_gate
+                                   : p.kind == K::Up ? c.arch->expert_up
+                                                     : c.arch->expert_down;
+        loc.tensor = mp + with_expert(t, p.expert);
+      }
+    }
+  }
+  require_input(!loc.tensor.empty() && st.has(loc.tensor),
+                what + ": tensor '" + loc.tensor + "' not found in the source checkpoint");
+  const TensorView& t = st.get(loc.tensor);
+  require_input(t.shape == shape, t.file + ": tensor '" + loc.tensor + "' does not have the expected shape");
+  return loc;
+}
+
+void check_save_folder(const std::string& source_dir, const std::string& out_dir, const SaveOptions& opt) {
+  require_input(fs::is_directory(source_dir), "source checkpoint '" + source_dir + "' is not a folder");
+  require_input(!out_dir.empty(), "no output folder given");
+  const fs::path src = fs::canonical(source_dir), out = folder_path(out_dir);
+  if (fs::exists(out)) {
+    require_input(!fs::equivalent(src, out), "refusing to save over the source checkpoint '" + source_dir + "'");
+    require_input(fs::is_directory(out), "'" + out_dir + "' exists and is not a folder");
+    require_input(opt.overwrite || fs::is_empty(out),
+                  "'" + out_dir + "' exists and is not empty (pass --overwrite to replace it)");
+  }
+  const auto rel = out.lexically_relative(src);
+  require_input(rel.empty() || *rel.begin() == "..", "the output folder may not lie inside the source checkpoint");
+}
+
+void check_save_file(const std::string& source_dir, const std::string& out_file) {
+  require_input(fs::is_directory(source_dir), "source checkpoint '" + source_dir + "' is not a folder");
+  require_input(!out_file.empty(), "no output file given");
+  const fs::path src = fs::canonical(source_dir), out = fs::absolute(out_file).lexically_normal();
+  const auto rel = out.lexically_relative(src);
+  require_input(rel.empty() || *rel.begin() == "..",
+                "'" + out_file + "': the output file may not lie inside the source checkpoint");
+  require_input(!fs::is_directory(out), "'" + out_file + "' is a folder");
+}
+
 double SaveReport::rounding_ratio() const {
   double d = 0, r = 0;
   for (const SavedTensor& t : tensors) {
@@ -99,39 +236,15 @@ double SaveReport::rounding_ratio() const {
 
 SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
                                   const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt) {
-  const ModelConfig& c = m.config();
-  require_input(fs::is_directory(source_dir), "source checkpoint '" + source_dir + "' is not a folder");
-  require_input(!out_dir.empty(), "no output folder given");
-  const fs::path src = fs::canonical(source_dir);
-  fs::path out = fs::absolute(out_dir).lexically_normal();
-  if (out.filename().empty()) out = out.parent_path();
-  if (fs::exists(out)) {
-    require_input(!fs::equivalent(src, out), "refusing to save over the source checkpoint '" + source_dir + "'");
-    require_input(fs::is_directory(out), "'" + out_dir + "' exists and is not a folder");
-    require_input(opt.overwrite || fs::is_empty(out),
-                  "'" + out_dir + "' exists and is not empty (pass --overwrite to replace it)");
-  }
-  {
-    const auto rel = out.lexically_relative(src);
-    require_input(rel.empty() || *rel.begin() == "..", "the output folder may not lie inside the source checkpoint");
-  }
-  TensorStore store(src.string());
+  return save_trained_checkpoint(m, source_dir, out_dir, down_params(edited), opt);
+}
 
-  // Edited tensors: name → [(slice, layer, expert)].
-  struct Patch {
-    int slice, layer, expert;
-  };
-  std::map<std::string, std::vector<Patch>> patches;
-  for (const auto& [l, e] : edited_tensors(edited)) {
-    const DownProjLocation loc = locate_down_proj(c, store, l, e);
-    const TensorView& t = store.get(loc.tensor);
-    const ExpertBank& b = e == kSharedExpert ? m.weights().layers[size_t(l)].ffn.shared
-                                             : m.weights().layers[size_t(l)].ffn.experts;
-    const std::vector<int64_t> want2 = {b.H, b.I}, want3 = {c.n_experts, b.H, b.I};
-    require_input(loc.slice < 0 ? t.shape == want2 : t.shape == want3,
-                  t.file + ": tensor '" + loc.tensor + "' does not have the expected shape");
-    patches[loc.tensor].push_back({loc.slice, l, e});
-  }
+SaveReport save_trained_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
+                                   const std::vector<ParamId>& params, const SaveOptions& opt) {
+  check_save_folder(source_dir, out_dir, opt);
+  const fs::path src = fs::canonical(source_dir), out = folder_path(out_dir);
+  TensorStore store(src.string());
+  const std::map<std::string, std::vector<Patch>> patches = plan(m, store, params);
 
   const fs::path parent = out.parent_path();
   fs::create_directories(parent);
@@ -153,36 +266,15 @@ SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir,
       }
       std::map<std::string, OwnedTensor> tensors;
       for (const auto& [tname, view] : file->tensors()) {
+        const auto it = patches.find(tname);
+        if (it != patches.end()) {
+          tensors.emplace(tname, patched_tensor(m, tname, view, it->second, opt, report));
+          continue;
+        }
         OwnedTensor t;
         t.dtype = view.dtype;
         t.shape = view.shape;
-        const auto it = patches.find(tname);
-        if (it == patches.end()) {
-          t.bytes.assign(view.data, view.data + view.nbytes);
-          tensors.emplace(tname, std::move(t));
-          continue;
-        }
-        // An edited tensor: the source values (ΔW is measured against them), written in its dtype or in fp32.
-        const std::vector<float> source = view.to_f32();
-        if (opt.f32) {
-          t = make_f32_tensor(view.shape, source.data());
-        } else {
-          t.bytes.assign(view.data, view.data + view.nbytes);
-        }
-        SavedTensor rep{tname, dtype_name(t.dtype), 0, 0};
-        for (const Patch& p : it->second) {
-          const ExpertBank& b = p.expert == kSharedExpert ? m.weights().layers[size_t(p.layer)].ffn.shared
-                                                          : m.weights().layers[size_t(p.layer)].ffn.experts;
-          const size_t n = size_t(b.H) * size_t(b.I), first = p.slice < 0 ? 0 : size_t(p.slice) * n;
-          const MatR cur = down_weight(m.weights(), p.layer, p.expert).to_f32();
-          convert_into(t.dtype, cur.data(), n, t.bytes.data() + first * dtype_size(t.dtype));
-          for (size_t i = 0; i < n; ++i) {  // ΔW = W − W_source; what the file holds minus ΔW = round(W) − W
-            rep.max_delta = std::max(rep.max_delta, std::abs(double(cur.data()[i]) - source[first + i]));
-            rep.max_rounding =
-                std::max(rep.max_rounding, std::abs(double(round_trip(t.dtype, cur.data()[i])) - cur.data()[i]));
-          }
-        }
-        report.tensors.push_back(std::move(rep));
+        t.bytes.assign(view.data, view.data + view.nbytes);
         tensors.emplace(tname, std::move(t));
       }
       write_safetensors((stage / name).string(), tensors, file->metadata());
@@ -209,20 +301,49 @@ SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir,
   return report;
 }
 
-std::vector<std::string> round_to_checkpoint_dtype(Model& m, const std::string& source_dir,
-                                                   const std::vector<std::pair<int, int>>& edited) {
+SaveReport save_param_delta(const Model& m, const std::string& source_dir, const std::string& out_file,
+                            const std::vector<ParamId>& params, const SaveOptions& opt) {
+  check_save_file(source_dir, out_file);
+  TensorStore store(fs::canonical(source_dir).string());
+  SaveReport report;
+  std::map<std::string, OwnedTensor> tensors;
+  for (const auto& [name, patches] : plan(m, store, params))
+    tensors.emplace(name, patched_tensor(m, name, store.get(name), patches, opt, report));
+  const fs::path out = fs::absolute(out_file).lexically_normal();
+  if (!out.parent_path().empty()) fs::create_directories(out.parent_path());
+  const fs::path tmp = out.string() + ".moedit-tmp-" + std::to_string(::getpid());
+  try {
+    write_safetensors(tmp.string(), tensors, {{"format", "pt"}});
+    fs::rename(tmp, out);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  }
+  return report;
+}
+
+std::vector<std::string> round_params_to_checkpoint_dtype(Model& m, const std::string& source_dir,
+                                                          const std::vector<ParamId>& params) {
   TensorStore store(source_dir);
   std::set<std::string> seen;
-  for (const auto& [l, e] : edited_tensors(edited)) {
-    const DownProjLocation loc = locate_down_proj(m.config(), store, l, e);
-    const DType dt = store.get(loc.tensor).dtype;
+  std::vector<ParamId> done;
+  for (const ParamId& p : params) {
+    if (std::find(done.begin(), done.end(), p) != done.end()) continue;
+    done.push_back(p);
+    const DType dt = store.get(locate_param(m, store, p).tensor).dtype;
     seen.insert(dtype_name(dt));
-    FFNWeights& f = m.mutable_weights().layers[size_t(l)].ffn;
-    ExpertBank& b = e == kSharedExpert ? f.shared : f.experts;
-    float* d = b.down[size_t(e == kSharedExpert ? 0 : e)].mutable_f32();
-    for (size_t i = 0; i < size_t(b.H) * size_t(b.I); ++i) d[i] = round_trip(dt, d[i]);
+    float* d = mutable_param(m, p);
+    const size_t n = size_t(param_rows(m, p) * param_cols(m, p));
+    for (size_t i = 0; i < n; ++i) d[i] = round_trip(dt, d[i]);
+    param_changed(m, p);
   }
   return {seen.begin(), seen.end()};
+}
+
+std::vector<std::string> round_to_checkpoint_dtype(Model& m, const std::string& source_dir,
+                                                   const std::vector<std::pair<int, int>>& edited) {
+  return round_params_to_checkpoint_dtype(m, source_dir, down_params(edited));
 }
 
 }  // namespace moedit

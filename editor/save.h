@@ -1,7 +1,9 @@
-// Saving an edited model as a normal Hugging Face checkpoint.
+// Saving an edited or trained model as a normal Hugging Face checkpoint.
 //
 // The output folder is a copy of the source checkpoint folder (config.json, tokenizer files, index, every other
-// top-level file) in which the edited experts' down-projections hold the model's current weights, converted back
+// top-level file) in which the changed parameters — edited experts' down-projections (save_edited_checkpoint), or any
+// trained parameter of model/weight_grads.h: routers, shared-expert gates, expert/shared/dense gate, up and down
+// (save_trained_checkpoint) — hold the model's current weights, converted back
 // to each tensor's stored dtype (F32/F16/BF16, round-to-nearest-even) and layout (per-expert 2-D tensors or packed
 // [E, H, I] tensors: only expert e's slice changes). Tensor names, dtypes, shapes and sharding are the source's;
 // shards without an edited tensor are copied byte for byte. Everything is written into a temporary sibling folder
@@ -12,8 +14,9 @@
 #include <utility>
 #include <vector>
 
-#include "model/model.h"
 #include "io/safetensors.h"
+#include "model/model.h"
+#include "model/weight_grads.h"
 
 namespace moedit {
 
@@ -25,6 +28,15 @@ struct DownProjLocation {
   int slice = -1;
 };
 DownProjLocation locate_down_proj(const ModelConfig& c, const TensorStore& store, int layer, int expert);
+
+// Where a trainable parameter lives in a checkpoint: its tensor, and the parameter's elements in it,
+// [offset, offset + count) of the tensor's row-major data (a slice of a packed [E, 2I, H] gate‖up or [E, H, I] down
+// tensor, else the whole tensor). InputError when the checkpoint has no such tensor or its shape is not the model's.
+struct ParamLocation {
+  std::string tensor;
+  int64_t offset = 0, count = 0;
+};
+ParamLocation locate_param(const Model& m, const TensorStore& store, const ParamId& p);
 
 struct SaveOptions {
   bool overwrite = false;  // replace an existing non-empty output folder
@@ -42,9 +54,28 @@ struct SaveReport {
   double rounding_ratio() const;  // max |ΔW_written − ΔW| / max |ΔW| over every edited tensor
 };
 
+// InputError unless out_dir may receive a save of source_dir (not the source, not inside it, not an existing file or
+// non-empty folder unless opt.overwrite): what the save functions check first, for a command to check before it works.
+void check_save_folder(const std::string& source_dir, const std::string& out_dir, const SaveOptions& opt = {});
+// The same for a delta file (not inside the source folder, not a folder).
+void check_save_file(const std::string& source_dir, const std::string& out_file);
+
 // edited: the (layer, expert) pairs whose down projections changed (editor/rome.h: edited_experts()).
 SaveReport save_edited_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
                                   const std::vector<std::pair<int, int>>& edited, const SaveOptions& opt = {});
+
+// The same for trained parameters (model/weight_grads.h; duplicates ignored). One code path with
+// save_edited_checkpoint (which saves ParamId{Down, l, e}).
+SaveReport save_trained_checkpoint(const Model& m, const std::string& source_dir, const std::string& out_dir,
+                                   const std::vector<ParamId>& params, const SaveOptions& opt = {});
+// Only the tensors holding the parameters, whole (a packed tensor with every other expert's slice as in the source),
+// under their checkpoint names and dtypes (F32 with opt.f32), as one safetensors file written atomically. The file
+// may not lie inside the source folder.
+SaveReport save_param_delta(const Model& m, const std::string& source_dir, const std::string& out_file,
+                            const std::vector<ParamId>& params, const SaveOptions& opt = {});
+// Rounds the parameters' in-memory values to their stored dtype (what a save → reload gives).
+std::vector<std::string> round_params_to_checkpoint_dtype(Model& m, const std::string& source_dir,
+                                                          const std::vector<ParamId>& params);
 
 // Rounds the in-memory weights of the edited experts to their stored dtype (what a save → reload gives), so that
 // the in-memory model and a reloaded checkpoint compute identical logits. Returns the dtypes met ("F32" needs no

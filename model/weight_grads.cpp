@@ -105,6 +105,17 @@ float* mutable_param(Model& m, const ParamId& p) {
   return expert_matrix(m, p).mutable_f32();
 }
 
+MatR param_values(const Model& m, const ParamId& p) {
+  const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
+  if (p.kind == ParamId::Kind::Router) return f.router;
+  if (p.kind == ParamId::Kind::SharedGate) {
+    MatR g(1, f.shared_gate.size());  // [1, H]
+    for (Eigen::Index i = 0; i < g.cols(); ++i) g(0, i) = f.shared_gate(i);
+    return g;
+  }
+  return expert_matrix(m, p).to_f32();
+}
+
 void param_changed(const Model& m, const ParamId& p) {
   const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
   const void* data = p.kind == ParamId::Kind::Router       ? static_cast<const void*>(f.router.data())

@@ -66,6 +66,8 @@ int64_t param_cols(const Model& m, const ParamId& p);
 // copy-on-write copy (Weight::mutable_f32), so every parameter not written stays a view of the checkpoint. After
 // changing the values, call param_changed (a device backend uploads its resident copy again).
 float* mutable_param(Model& m, const ParamId& p);
+// The parameter's current values as fp32 [rows, cols] (a copy).
+MatR param_values(const Model& m, const ParamId& p);
 void param_changed(const Model& m, const ParamId& p);
 
 // ∂loss/∂(selected parameters), zero-initialised; backward passes accumulate (+=) into it.
