@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -12,6 +13,10 @@
 #include "tokenizer/tokenizer.h"
 
 namespace moedit::cli {
+
+// Prints a command's error as one line on stderr ("moedit: error: …" for bad input, "moedit: runtime failure: …",
+// the memory messages) and returns the exit code: 2 for bad input, 1 for everything else (cli/main.cpp).
+int report_error(const std::exception_ptr& e);
 
 // The tokenizer.json of a model folder, or nullopt when it has none.
 inline std::optional<Tokenizer> model_tokenizer(const std::string& model) {

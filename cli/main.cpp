@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "io/errors.h"
 #include "kernels/device.h"
 #include "model/memory.h"
@@ -77,6 +78,29 @@ std::vector<std::pair<int, RegisterFn>>& registry() {
 
 CommandRegistrar::CommandRegistrar(int order, RegisterFn fn) { registry().emplace_back(order, fn); }
 
+int report_error(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "moedit: error: %s\n", e.what());
+    return 2;
+  } catch (const ResourceError& e) {
+    std::fprintf(stderr, "moedit: not enough memory: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    const MachineMemory m = machine_memory();
+    std::fprintf(stderr, "moedit: out of memory (%s of %s RAM available%s%s)\n", gb(m.available).c_str(),
+                 gb(m.ram).c_str(), m.as_limit ? ", address-space limit " : "", m.as_limit ? gb(m.as_limit).c_str() : "");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moedit: runtime failure: %s\n", e.what());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "moedit: runtime failure: an unknown exception\n");
+    return 1;
+  }
+}
+
 void register_all(CLI::App& app) {
   auto r = registry();
   std::stable_sort(r.begin(), r.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -95,21 +119,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     int rc = app.exit(e);
     return rc == 0 ? 0 : 2;
-  } catch (const moedit::InputError& e) {
-    std::fprintf(stderr, "moedit: error: %s\n", e.what());
-    return 2;
-  } catch (const moedit::ResourceError& e) {
-    std::fprintf(stderr, "moedit: not enough memory: %s\n", e.what());
-    return 1;
-  } catch (const std::bad_alloc&) {
-    const moedit::MachineMemory m = moedit::machine_memory();
-    std::fprintf(stderr, "moedit: out of memory (%s of %s RAM available%s%s)\n", moedit::gb(m.available).c_str(),
-                 moedit::gb(m.ram).c_str(), m.as_limit ? ", address-space limit " : "",
-                 m.as_limit ? moedit::gb(m.as_limit).c_str() : "");
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moedit: runtime failure: %s\n", e.what());
-    return 1;
+  } catch (...) {
+    return moedit::cli::report_error(std::current_exception());
   }
   return 0;
 }

@@ -1,10 +1,13 @@
 // `--mpi` (see cli/mpi.h): the one file of moedit that talks to MPI.
 #include "cli/mpi.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <stdexcept>
 #include <string>
 
+#include "cli/common.h"
 #include "io/errors.h"
 
 #ifdef MOEDIT_HAVE_MPI
@@ -27,7 +30,12 @@ struct Session {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
   }
-  ~Session() { MPI_Finalize(); }
+  ~Session() { finish(); }
+  void barrier() const { MPI_Barrier(MPI_COMM_WORLD); }
+  void finish() {
+    if (!finished) MPI_Finalize();
+    finished = true;
+  }
   // The worst status over all ranks (every rank waits for the others here).
   int worst(int status) const {
     int w = status;
@@ -35,6 +43,7 @@ struct Session {
     return w;
   }
   int rank = 0, size = 1;
+  bool finished = false;
 };
 #else
 struct Session {
@@ -43,6 +52,8 @@ struct Session {
                      "through tools/setup.sh, and re-run cmake)");
   }
   int worst(int status) const { return status; }
+  void barrier() const {}
+  void finish() {}
   int rank = 0, size = 1;
 };
 #endif
@@ -71,9 +82,21 @@ void run_then_merge(const std::function<void(int rank, int size)>& work, const s
     status = kRuntimeFailure;
   }
   const int worst = s.worst(status);
-  if (error) std::rethrow_exception(error);
-  if (worst == kBadInput) throw InputError("--mpi: another rank stopped on bad input (its message above); nothing merged");
-  if (worst != kOk) throw std::runtime_error("--mpi: another rank failed (its message above); nothing merged");
+  if (worst != kOk) {
+    // Every rank writes its message before any rank exits: mpirun aborts the job as soon as one rank exits non-zero,
+    // which could cut another off before its message is out. So: report, wait for all, finalize, exit.
+    if (!error)
+      error = worst == kBadInput
+                  ? std::make_exception_ptr(
+                        InputError("--mpi: another rank stopped on bad input (its message above); nothing merged"))
+                  : std::make_exception_ptr(
+                        std::runtime_error("--mpi: another rank failed (its message above); nothing merged"));
+    const int code = report_error(error);
+    std::fflush(stderr);
+    s.barrier();
+    s.finish();
+    std::exit(code);
+  }
   if (s.rank == 0) merge(s.size);
 }
 

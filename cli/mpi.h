@@ -9,8 +9,9 @@ namespace moedit::cli::mpi {
 bool available();
 
 // Runs work(rank, size) on every rank (MPI_Init first, MPI_Finalize at the end, even on errors). When every rank
-// succeeded, rank 0 then runs merge(size). A rank whose work threw rethrows its error; the other ranks then fail
-// too (an input error when the failing rank's was one), and nothing is merged.
+// succeeded, rank 0 then runs merge(size). When a rank's work threw, every rank reports an error and exits (the
+// failing rank its own; the others an input error when the failing rank's was one, else a runtime failure) after
+// all ranks have written their message, and nothing is merged.
 void run_then_merge(const std::function<void(int rank, int size)>& work, const std::function<void(int size)>& merge);
 
 }  // namespace moedit::cli::mpi
