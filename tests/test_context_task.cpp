@@ -11,6 +11,7 @@
 #include "eval/context_task_eval.h"
 #include "io/errors.h"
 #include "model/generate.h"
+#include "context_task_util.h"
 #include "test_util.h"
 #include "tracing/interventions.h"
 
@@ -371,14 +372,7 @@ TEST(ContextTask, AttentionGainsMatchAHandComputation) {
 
 // ---- CLI ---------------------------------------------------------------------------------------------------------
 
-std::string small_task(const test::TempDir& t, size_t n) {
-  json all = json::parse(test::read_file(bundled_context_task_path("train")));
-  json some = json::array();
-  for (size_t i = 0; i < n; ++i) some.push_back(all[i]);
-  const std::string p = t / "task.json";
-  test::write_file(p, some.dump());
-  return p;
-}
+using test::small_task;
 
 TEST(ContextTaskCli, ContextFaithfulExpertsCountsAndMaskRuns) {
   test::TempDir t;

@@ -15,6 +15,7 @@
 #include "model/model.h"
 #include "train/train.h"
 #include "edit_util.h"
+#include "context_task_util.h"
 #include "test_util.h"
 
 namespace moedit {
@@ -93,14 +94,7 @@ TEST(SaveTrained, EveryKindRoundTripsAndOnlyTrainedTensorsChange) {
 
 // ---- CLI ---------------------------------------------------------------------------------------------------------
 
-std::string small_task(const test::TempDir& t, size_t n) {
-  json all = json::parse(test::read_file(bundled_context_task_path("train")));
-  json some = json::array();
-  for (size_t i = 0; i < n; ++i) some.push_back(all[i]);
-  const std::string p = t / "task.json";
-  test::write_file(p, some.dump());
-  return p;
-}
+using test::small_task;
 
 TEST(TrainCli, RouterTuneReportsScoresAndSavesOnlyRouters) {
   SerialCli serial;  // the re-scored checkpoint must reproduce the reported score exactly

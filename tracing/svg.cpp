@@ -40,6 +40,19 @@ double text_width(const std::string& s, double fs) {
 
 const char* kFont = "font-family=\"Times New Roman, Times, serif\"";
 
+// The opening <svg> element of a chart (width × height, the common font at size fs).
+void open_svg(std::ostringstream& o, double width, double height, double fs) {
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
+    << "\" viewBox=\"0 0 " << num(width) << " " << num(height) << "\" " << kFont << " font-size=\"" << fs << "\">\n";
+}
+
+// A white background and the title centred at the top (the bar and line charts).
+void background_and_title(std::ostringstream& o, double width, const std::string& title) {
+  o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+  o << "<text x=\"" << num(width / 2) << "\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">" << escape(title)
+    << "</text>\n";
+}
+
 }  // namespace
 
 std::string color(Palette p, double t) {
@@ -88,8 +101,7 @@ std::string heatmap(const Heatmap& h) {
                height = top + grid_h + 50;
   const double span = h.vmax > h.vmin ? h.vmax - h.vmin : 1.0;
   std::ostringstream o;
-  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
-    << "\" viewBox=\"0 0 " << num(width) << " " << num(height) << "\" " << kFont << " font-size=\"" << fs << "\">\n";
+  open_svg(o, width, height, fs);
   o << "<defs><pattern id=\"na\" width=\"6\" height=\"6\" patternUnits=\"userSpaceOnUse\">"
        "<rect width=\"6\" height=\"6\" fill=\"#eeeeee\"/><path d=\"M0,6 L6,0\" stroke=\"#bbbbbb\"/></pattern></defs>\n";
   o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
@@ -159,11 +171,8 @@ std::string bar_chart(const BarChart& c) {
                height = top + panel_total * double(c.panels.size()) + 10;
   const double span = c.ymax > c.ymin ? c.ymax - c.ymin : 1.0;
   std::ostringstream o;
-  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
-    << "\" viewBox=\"0 0 " << num(width) << " " << num(height) << "\" " << kFont << " font-size=\"" << fs << "\">\n";
-  o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  o << "<text x=\"" << num(width / 2) << "\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">" << escape(c.title)
-    << "</text>\n";
+  open_svg(o, width, height, fs);
+  background_and_title(o, width, c.title);
   for (size_t pi = 0; pi < c.panels.size(); ++pi) {
     const BarPanel& p = c.panels[pi];
     const double y0 = top + panel_total * double(pi) + 16;  // top of the plot area
@@ -227,11 +236,8 @@ std::string line_chart(const LineChart& c) {
   auto X = [&](size_t i) { return left + (n > 1 ? pad + step * double(i) : plot_w / 2); };
   auto Y = [&](double v) { return top + plot_h * (hi - v) / (hi - lo); };
   std::ostringstream o;
-  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(width) << "\" height=\"" << num(height)
-    << "\" viewBox=\"0 0 " << num(width) << " " << num(height) << "\" " << kFont << " font-size=\"" << fs << "\">\n";
-  o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  o << "<text x=\"" << num(width / 2) << "\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">" << escape(c.title)
-    << "</text>\n";
+  open_svg(o, width, height, fs);
+  background_and_title(o, width, c.title);
   o << "<rect x=\"" << num(left) << "\" y=\"" << num(top) << "\" width=\"" << num(plot_w) << "\" height=\""
     << num(plot_h) << "\" fill=\"none\" stroke=\"#444\"/>\n";
   for (int t = 0; t <= 4; ++t) {
