@@ -163,9 +163,8 @@ NullSpace expert_null_space(const MatD& C, const BatchOptions& opt) {
                                                   : opt.nullspace_threshold);
 }
 
-// One expert's solve and update at layer l.
-BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Columns& c, const BatchOptions& opt,
-                               const KeyCache* cache, int n_shared) {
+// The record of one expert's update from its columns (R [H, n], K [I, n]), before the solve.
+BatchExpertUpdate expert_update(int l, int expert, int pass, const Columns& c) {
   BatchExpertUpdate up;
   up.layer = l;
   up.expert = expert;
@@ -180,6 +179,14 @@ BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Colu
     up.R.col(j) = c.r[size_t(j)];
     up.K.col(j) = c.k[size_t(j)];
   }
+  return up;
+}
+
+// One expert's solve and update at layer l.
+BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Columns& c, const BatchOptions& opt,
+                               const KeyCache* cache, int n_shared) {
+  BatchExpertUpdate up = expert_update(l, expert, pass, c);
+  const int I = int(up.K.rows());
   const MatD C = opt.edit.mom2_adjustment ? MatD(moment_matrix(opt.edit, l, expert, I, n_shared, &up.stats_count))
                                           : MatD(MatD::Identity(I, I));
   MatD delta;
@@ -208,7 +215,7 @@ void moeedit_layer(Model& m, int l, int pass, const std::vector<Probe>& p, const
   std::map<int, int> block_of;  // expert → block
   std::vector<int> experts;
   std::vector<CoupledColumn> cols;
-  std::vector<BatchExpertUpdate> ups;
+  std::vector<Columns> block_cols;  // per block: the columns it is active in (its residual r_c, its weighted key)
   for (size_t i = 0; i < p.size(); ++i) {
     const Eigen::VectorXd a = template_weights(int(p[i].ffn_in.rows()), opt.bare_key_weight);
     for (int t = 0; t < p[i].ffn_in.rows(); ++t) {
@@ -223,26 +230,26 @@ void moeedit_layer(Model& m, int l, int pass, const std::vector<Probe>& p, const
         const auto [it, fresh] = block_of.emplace(e, int(experts.size()));
         if (fresh) {
           experts.push_back(e);
-          ups.emplace_back();
+          block_cols.emplace_back();
         }
         const MatR key = target_keys(m, l, e, p[i].ffn_in.row(t));  // [1, I]
         c.keys.push_back({it->second, s * w * key.row(0).transpose().cast<double>()});
-        BatchExpertUpdate& u = ups[size_t(it->second)];
-        u.requests.push_back(int(i));
-        u.weights.push_back(w);
-        u.scales.push_back(s);
-        u.R.conservativeResize(c.r.size(), u.R.cols() + 1);
-        u.R.col(u.R.cols() - 1) = c.r;
-        u.K.conservativeResize(c.keys.back().second.size(), u.K.cols() + 1);
-        u.K.col(u.K.cols() - 1) = c.keys.back().second;
+        Columns& bc = block_cols[size_t(it->second)];
+        bc.requests.push_back(int(i));
+        bc.weights.push_back(w);
+        bc.scales.push_back(s);
+        bc.r.push_back(c.r);
+        bc.k.push_back(c.keys.back().second);
       }
       if (!c.keys.empty()) cols.push_back(std::move(c));
     }
   }
   if (cols.empty()) return;
   const int n_shared = shared_expert_count(m, l);
+  std::vector<BatchExpertUpdate> ups;
   std::vector<CoupledBlock> blocks(experts.size());
   for (size_t b = 0; b < experts.size(); ++b) {
+    ups.push_back(expert_update(l, experts[b], pass, block_cols[b]));
     const int I = int(ups[b].K.rows());
     const MatD C(moment_matrix(opt.edit, l, experts[b], I, n_shared, &ups[b].stats_count));
     blocks[b].ns = expert_null_space(C, opt);
@@ -257,9 +264,6 @@ void moeedit_layer(Model& m, int l, int pass, const std::vector<Probe>& p, const
       throw std::runtime_error("moeedit: the update of layer " + std::to_string(l) + " expert " +
                                expert_label(experts[b], n_shared) + " is not finite");
     BatchExpertUpdate& u = ups[b];
-    u.layer = l;
-    u.expert = experts[b];
-    u.pass = pass;
     u.delta_norm = sol.delta[b].norm();
     DownMap Wd = save_down(m, l, u.expert, &u.original);
     Wd += sol.delta[b].cast<float>();
