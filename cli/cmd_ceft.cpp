@@ -40,17 +40,31 @@ MeasureFn forgetting(const Tokenizer& tok, const Args& a, const std::vector<eval
     if (int(facts.size()) >= a.facts) break;
     if (!trained.count(r.case_id)) facts.emplace_back(r.rewrite_prompt(), r.target_true);
   }
+  // A part skipped (--ppl-tokens 0, --facts 0) is null in the JSON and "not measured" in the line.
   return [&tok, windows, facts](const Model& m) {
     Measures out;
-    const double ppl = windows.empty() ? 0.0 : eval::windows_perplexity(m, windows);
+    nlohmann::json ppl = nullptr, acc = nullptr;
+    std::string line = "WikiText-2 perplexity ";
+    char buf[96];
+    if (!windows.empty()) {
+      ppl = eval::windows_perplexity(m, windows);
+      std::snprintf(buf, sizeof buf, "%.3f", ppl.get<double>());
+      line += buf;
+    } else {
+      line += "not measured";
+    }
     int correct = 0;
-    for (const PromptCheck& c : check_first_tokens(m, tok, facts)) correct += c.correct;
-    const double acc = facts.empty() ? 0.0 : double(correct) / double(facts.size());
+    line += ", CounterFact facts top-1 ";
+    if (!facts.empty()) {
+      for (const PromptCheck& c : check_first_tokens(m, tok, facts)) correct += c.correct;
+      acc = double(correct) / double(facts.size());
+      std::snprintf(buf, sizeof buf, "%.2f%% (%d/%zu)", 100.0 * acc.get<double>(), correct, facts.size());
+      line += buf;
+    } else {
+      line += "not measured";
+    }
     out.json = {{"wikitext_ppl", ppl}, {"facts", facts.size()}, {"facts_correct", correct}, {"facts_acc", acc}};
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "WikiText-2 perplexity %.3f, CounterFact facts top-1 %.2f%% (%d/%zu)", ppl,
-                  100.0 * acc, correct, facts.size());
-    out.line = buf;
+    out.line = line;
     return out;
   };
 }

@@ -2,6 +2,7 @@
 #include "cli/train_common.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <numeric>
@@ -12,6 +13,7 @@
 #include "datasets/context_task.h"
 #include "editor/save.h"
 #include "io/errors.h"
+#include "model/memory.h"
 #include "train/train.h"
 
 namespace fs = std::filesystem;
@@ -99,8 +101,7 @@ TrainSetup load_training(const TrainFlags& f) {
 
 int64_t count_params(const Model& m, const ParamSelection& sel) {
   int64_t n = 0;
-  const std::vector<ParamId> params = WeightGrads<float>(m, sel).params();
-  for (const ParamId& p : params) n += param_rows(m, p) * param_cols(m, p);
+  for (const ParamId& p : selected_params(m, sel)) n += param_rows(m, p) * param_cols(m, p);
   return n;
 }
 
@@ -129,7 +130,8 @@ nlohmann::json train_epochs(Model& m, const std::vector<eval::TaskItem>& items, 
   for (int ep = 1; ep <= f.epochs; ++ep) {
     std::shuffle(order.begin(), order.end(), rng);
     double sum = 0;
-    size_t tokens = 0;
+    size_t tokens = 0, steps = 0;
+    const auto t0 = std::chrono::steady_clock::now();
     for (size_t b = 0; b < order.size(); b += size_t(f.batch_size)) {
       TrainBatch batch;
       size_t n = 0;
@@ -139,17 +141,20 @@ nlohmann::json train_epochs(Model& m, const std::vector<eval::TaskItem>& items, 
       }
       sum += train_step(m, batch, sel, opt) * double(n);
       tokens += n;
+      ++steps;
     }
     const double loss = sum / double(tokens);
-    if (!f.json) std::printf("epoch %d: loss %.4f\n", ep, loss);
-    epochs.push_back({{"epoch", ep}, {"loss", loss}});
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!f.json) std::printf("epoch %d: loss %.4f (%zu steps, %.3f s per step)\n", ep, loss, steps, secs / double(steps));
+    // Wall time of the epoch's optimiser steps (forward, backward, AdamW), not the scoring before/after.
+    epochs.push_back({{"epoch", ep}, {"loss", loss}, {"steps", steps}, {"seconds", secs}});
   }
   return epochs;
 }
 
 void save_trained(Model& m, const ParamSelection& sel, const TrainFlags& f, nlohmann::json& out) {
   if (f.save.empty() && f.save_delta.empty()) return;
-  const std::vector<ParamId> params = WeightGrads<float>(m, sel).params();
+  const std::vector<ParamId> params = selected_params(m, sel);
   round_params_to_checkpoint_dtype(m, f.model, params);
   if (!f.save.empty()) {
     with_flag("--save " + f.save, [&] { save_trained_checkpoint(m, f.model, f.save, params); });
@@ -180,6 +185,8 @@ void run_training(TrainSetup& s, const ParamSelection& sel, const TrainFlags& f,
     std::printf("%s: %s, %lld trainable parameters (%s), %zu training examples, eval %s\n", command.c_str(),
                 f.model.c_str(), static_cast<long long>(out["trainable_params"].get<int64_t>()), selection.c_str(),
                 s.train.size(), s.eval_path.empty() ? "none" : s.eval_path.c_str());
+  check_training_fits(f.model, uint64_t(out["trainable_params"].get<int64_t>()),
+                      checkpoint_memory(m.config(), f.model), machine_memory());
   std::string line;
   out["before"] = score_json(s, line);
   if (!f.json) std::printf("before: %s\n", line.c_str());

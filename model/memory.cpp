@@ -93,4 +93,17 @@ void check_fits(const std::string& path, const CheckpointMemory& need, const Mac
                         gb(have.available) + " of " + gb(have.ram) + " is available");
 }
 
+void check_training_fits(const std::string& path, uint64_t trainable_params, const CheckpointMemory& need,
+                         const MachineMemory& have) {
+  const uint64_t state = trainable_params * kTrainBytesPerParam;
+  const std::string what = path + ": training " + std::to_string(trainable_params) + " parameters needs " + gb(state) +
+                           " (fp32 weight, gradient and two AdamW moments each)";
+  if (have.as_limit && need.file_bytes + need.fp32_bytes + state > have.as_limit)
+    throw ResourceError(what + " besides the " + gb(need.file_bytes + need.fp32_bytes) +
+                        " the model takes, but the address-space limit (ulimit -v) is " + gb(have.as_limit));
+  if (have.available && state > have.available)
+    throw ResourceError(what + " but only " + gb(have.available) + " of " + gb(have.ram) +
+                        " is available: train fewer parameters (fewer --experts, no --full)");
+}
+
 }  // namespace moedit

@@ -38,4 +38,11 @@ std::string gb(uint64_t bytes);
 // address-space limit or the fp32 copies exceed the available RAM.
 void check_fits(const std::string& path, const CheckpointMemory& need, const MachineMemory& have);
 
+// Training state per trainable parameter: an fp32 copy of the weight, its gradient and AdamW's two moments.
+inline constexpr uint64_t kTrainBytesPerParam = 16;
+// Throws ResourceError naming the model, the trainable parameters, the bytes their state needs and what is available
+// when that state exceeds the available RAM (or, with the mapping, the address-space limit); before any allocation.
+void check_training_fits(const std::string& path, uint64_t trainable_params, const CheckpointMemory& need,
+                         const MachineMemory& have);
+
 }  // namespace moedit

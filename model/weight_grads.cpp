@@ -126,59 +126,60 @@ void param_changed(const Model& m, const ParamId& p) {
 
 // ---- gradients ---------------------------------------------------------------------------------------------------
 
-template <class T>
-WeightGrads<T>::WeightGrads(const Model& m, const ParamSelection& sel) {
+std::vector<ParamId> selected_params(const Model& m, const ParamSelection& sel) {
   sel.validate(m);
+  const size_t L = size_t(m.config().n_layers);
+  std::vector<char> router(L, 0), shared_gate(L, 0);
+  for (int l : sel.routers) router[size_t(l)] = 1;
+  for (int l : sel.shared_gates) shared_gate[size_t(l)] = 1;
+  std::vector<std::vector<int>> experts(L);  // per layer, the shared MLP as kSharedBlock (−1)
+  for (const ExpertId& x : sel.experts) experts[size_t(x.layer)].push_back(x.expert);
+  using K = ParamId::Kind;
+  std::vector<ParamId> out;
+  for (size_t l = 0; l < L; ++l) {
+    const int li = int(l);
+    if (router[l]) out.push_back({K::Router, li, 0});
+    if (shared_gate[l]) out.push_back({K::SharedGate, li, 0});
+    std::vector<int>& es = experts[l];
+    std::sort(es.begin(), es.end());  // kSharedBlock first
+    es.erase(std::unique(es.begin(), es.end()), es.end());
+    for (int e : es)
+      for (K k : {K::Gate, K::Up, K::Down}) out.push_back({k, li, e});
+  }
+  return out;
+}
+
+template <class T>
+WeightGrads<T>::WeightGrads(const Model& m, const ParamSelection& sel) : params_(selected_params(m, sel)) {
   const int L = m.config().n_layers;
   layers_.resize(size_t(L));
+  for (int l = 0; l < L; ++l)
+    layers_[size_t(l)].expert_slot.assign(size_t(m.weights().layers[size_t(l)].ffn.experts.E + 1), -1);
   lowest_ = L;
-  auto sorted_unique = [](std::vector<int> v) {
-    std::sort(v.begin(), v.end());
-    v.erase(std::unique(v.begin(), v.end()), v.end());
-    return v;
-  };
   using K = ParamId::Kind;
-  for (int l : sorted_unique(sel.routers)) {
-    layers_[size_t(l)].router = MatT<T>::Zero(m.weights().layers[size_t(l)].ffn.router.rows(), m.config().hidden);
-    lowest_ = std::min(lowest_, l);
-  }
-  for (int l : sorted_unique(sel.shared_gates)) {
-    layers_[size_t(l)].shared_gate = MatT<T>::Zero(1, m.config().hidden);
-    lowest_ = std::min(lowest_, l);
-  }
-  // Per layer: the selected expert ids (the shared MLP as kSharedBlock).
-  std::vector<std::vector<int>> experts(static_cast<size_t>(L));
-  for (const ExpertId& x : sel.experts) experts[size_t(x.layer)].push_back(x.expert);
-  for (int l = 0; l < L; ++l) {
-    Layer& ly = layers_[size_t(l)];
-    const FFNWeights& f = m.weights().layers[size_t(l)].ffn;
-    ly.expert_slot.assign(size_t(f.experts.E + 1), -1);
-    for (int e : sorted_unique(experts[size_t(l)])) {  // kSharedBlock (−1) first: slot 0
-      const ExpertBank& b = bank_of(f, e);
-      ly.expert_slot[size_t(e + 1)] = int(ly.experts.size());
+  for (const ParamId& p : params_) {  // allocate (every vector gets its final size before pointers are taken)
+    Layer& ly = layers_[size_t(p.layer)];
+    const FFNWeights& f = m.weights().layers[size_t(p.layer)].ffn;
+    lowest_ = std::min(lowest_, p.layer);
+    if (p.kind == K::Router) {
+      ly.router = MatT<T>::Zero(f.router.rows(), m.config().hidden);
+    } else if (p.kind == K::SharedGate) {
+      ly.shared_gate = MatT<T>::Zero(1, m.config().hidden);
+    } else if (p.kind == K::Gate) {  // an expert's three matrices come together, gate first
+      const ExpertBank& b = bank_of(f, p.expert);
+      ly.expert_slot[size_t(p.expert + 1)] = int(ly.experts.size());
       ly.experts.push_back({MatT<T>::Zero(b.I, b.H), MatT<T>::Zero(b.I, b.H), MatT<T>::Zero(b.H, b.I)});
-      lowest_ = std::min(lowest_, l);
     }
   }
-  // The flat list, in the documented order (pointers taken after every vector has its final size).
-  for (int l = 0; l < L; ++l) {
-    Layer& ly = layers_[size_t(l)];
-    if (ly.router.size()) {
-      params_.push_back({K::Router, l, 0});
+  for (const ParamId& p : params_) {
+    Layer& ly = layers_[size_t(p.layer)];
+    if (p.kind == K::Router) {
       ptrs_.push_back(&ly.router);
-    }
-    if (ly.shared_gate.size()) {
-      params_.push_back({K::SharedGate, l, 0});
+    } else if (p.kind == K::SharedGate) {
       ptrs_.push_back(&ly.shared_gate);
-    }
-    for (size_t s = 0; s < ly.expert_slot.size(); ++s) {
-      const int i = ly.expert_slot[s];
-      if (i < 0) continue;
-      Expert& x = ly.experts[size_t(i)];
-      for (auto [kind, mat] : {std::pair{K::Gate, &x.gate}, std::pair{K::Up, &x.up}, std::pair{K::Down, &x.down}}) {
-        params_.push_back({kind, l, int(s) - 1});
-        ptrs_.push_back(mat);
-      }
+    } else {
+      Expert& x = ly.experts[size_t(ly.expert_slot[size_t(p.expert + 1)])];
+      ptrs_.push_back(p.kind == K::Gate ? &x.gate : p.kind == K::Up ? &x.up : &x.down);
     }
   }
 }

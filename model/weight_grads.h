@@ -70,6 +70,9 @@ float* mutable_param(Model& m, const ParamId& p);
 MatR param_values(const Model& m, const ParamId& p);
 void param_changed(const Model& m, const ParamId& p);
 
+// The parameters `sel` selects (validated), in WeightGrads::params()'s order, without allocating anything.
+std::vector<ParamId> selected_params(const Model& m, const ParamSelection& sel);
+
 // ∂loss/∂(selected parameters), zero-initialised; backward passes accumulate (+=) into it.
 template <class T>
 class WeightGrads {

@@ -112,7 +112,11 @@ TEST(TrainCli, RouterTuneReportsScoresAndSavesOnlyRouters) {
     EXPECT_TRUE(j[k].contains("em")) << k;
   }
   ASSERT_EQ(j["epochs"].size(), 2u);
-  for (const auto& e : j["epochs"]) EXPECT_TRUE(std::isfinite(e["loss"].get<double>()));
+  for (const auto& e : j["epochs"]) {
+    EXPECT_TRUE(std::isfinite(e["loss"].get<double>()));
+    EXPECT_EQ(e["steps"].get<int>(), 3);  // 12 examples in batches of 4
+    EXPECT_GT(e["seconds"].get<double>(), 0.0);
+  }
   std::set<std::string> routers;
   for (int l = 0; l < 4; ++l) routers.insert("model.layers." + std::to_string(l) + ".mlp.gate.weight");
   EXPECT_EQ(changed_tensors(demo_model(), out), routers);
@@ -150,7 +154,13 @@ TEST(TrainCli, CeftTrainsOnlyTheChosenExperts) {
   const auto s = test::run_cli("ceft " + demo_model() + " --data " + task + " --experts " + ce +
                                " --routers --epochs 1 --ppl-tokens 0 --facts 0 --json");
   ASSERT_EQ(s.code, 0) << s.err;
-  EXPECT_EQ(json::parse(s.out)["trainable_params"], 2 * 3 * 128 * 128 + 4 * 8 * 128);
+  const json js = json::parse(s.out);
+  EXPECT_EQ(js["trainable_params"], 2 * 3 * 128 * 128 + 4 * 8 * 128);
+  for (const char* k : {"forgetting_before", "forgetting_after"}) {  // skipped measures are null, not 0
+    EXPECT_TRUE(js[k]["wikitext_ppl"].is_null()) << k;
+    EXPECT_TRUE(js[k]["facts_acc"].is_null()) << k;
+    EXPECT_EQ(js[k]["facts"], 0) << k;
+  }
 }
 
 TEST(TrainCli, BadInputsExit2NamingTheFlagOrFile) {

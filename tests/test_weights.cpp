@@ -287,6 +287,20 @@ TEST(Memory, AModelThatCannotFitSaysWhatItNeedsAndWhatIsAvailable) {
   } catch (const ResourceError& e) {
     EXPECT_NE(std::string(e.what()).find("of RAM for fp32 copies"), std::string::npos) << e.what();
   }
+  // Training state: 16 bytes per trainable parameter, checked against the available RAM and the address space.
+  const MachineMemory roomy{64ull << 30, 32ull << 30, 0};
+  EXPECT_NO_THROW(check_training_fits(dir, 1ull << 31, need, roomy));  // 2^31 × 16 B: exactly what is available
+  try {
+    check_training_fits(dir, (1ull << 31) + 1, need, roomy);
+    ADD_FAILURE() << "no error";
+  } catch (const ResourceError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir + ": training 2147483649 parameters needs 34.36 GB"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("only 34.36 GB of 68.72 GB is available"), std::string::npos) << e.what();
+  }
+  const MachineMemory limited{64ull << 30, 32ull << 30, need.file_bytes + need.fp32_bytes + 1600};
+  EXPECT_NO_THROW(check_training_fits(dir, 100, need, limited));
+  EXPECT_THROW(check_training_fits(dir, 101, need, limited), ResourceError);
   // This machine's numbers are read.
   const MachineMemory mine = machine_memory();
   EXPECT_GT(mine.ram, 0u);
