@@ -257,7 +257,8 @@ void register_eval(CLI::App& app) {
                   "SIZE, PMI_RANK/SIZE)");
   cmd->add_flag("--mpi", a.mpi,
                 "Under mpirun: each rank evaluates its shard into OUT/shards/, rank 0 merges them into OUT");
-  cmd->add_flag("--resume", a.resume, "Skip the cases already written to --out");
+  cmd->add_flag("--resume", a.resume,
+                "Skip the cases already written to --out (a --sequential run goes on from its last curve point)");
   cmd->add_option("--sequential", a.sequential,
                   "Accumulate edits (no revert); re-score all edited cases every N edits");
   cmd->add_option("--target", a.target, "dominant | routed | shared | LAYER:EXPERT")->capture_default_str();

@@ -277,6 +277,10 @@ DownMap expert_down(Model& m, int layer, int expert) {
   return DownMap(w.mutable_f32() + b, w.rows(), e - b, Eigen::OuterStride<>(w.cols()));
 }
 
+void set_expert_down(Model& m, int layer, int expert, const std::vector<float>& values) {
+  restore_down(m, layer, expert, values);
+}
+
 void revert(Model& m, const EditResult& r) {
   for (auto it = r.updates.rbegin(); it != r.updates.rend(); ++it) restore_down(m, r.layer, it->expert, it->original);
 }

@@ -230,6 +230,10 @@ struct EditResult {
 using DownMap = Eigen::Map<MatR, 0, Eigen::OuterStride<>>;
 DownMap expert_down(Model& m, int layer, int expert);
 
+// Writes `values` ([H, I] row-major, as ExpertUpdate::original) into that down-projection; one that is back at the
+// checkpoint's bytes drops its copy, as a revert does.
+void set_expert_down(Model& m, int layer, int expert, const std::vector<float>& values);
+
 // The whole edit on ids: v*, keys, C⁻¹k*, ΔW applied in place.
 EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt);
 // Restores the weights this edit changed, bit for bit (revert several edits in reverse order).

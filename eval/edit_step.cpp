@@ -113,4 +113,8 @@ void EditStep::revert(Model& m) const {
     ::moedit::revert(m, *batch_);
 }
 
+std::vector<std::pair<int, int>> EditStep::touched() const {
+  return rome_ ? edited_experts(std::vector<EditResult>{*rome_}) : edited_experts(*batch_);
+}
+
 }  // namespace moedit::eval

@@ -34,6 +34,8 @@ class EditStep {
   // Record i's "moe" entry: the experts its edit changed and how its paraphrases route relative to them.
   nlohmann::json moe_json(size_t i, const CaseMetrics& pre, const CaseMetrics& post) const;
   void revert(Model& m) const;
+  // The (layer, expert) down-projections the step changed.
+  std::vector<std::pair<int, int>> touched() const;
 
  private:
   std::vector<const EvalRecord*> records_;

@@ -13,6 +13,7 @@
 #include "eval/curve.h"
 #include "eval/drift_probe.h"
 #include "eval/edit_step.h"
+#include "eval/sequential_state.h"
 #include "eval/summary.h"
 #include "io/errors.h"
 
@@ -147,6 +148,9 @@ class Evaluator {
     return seqs;
   }
   const Sequences& wiki() const { return wiki_; }
+  // What a sequential run's state carries over (eval/sequential_state.h).
+  std::vector<std::string>& templates() { return templates_; }
+  KeyCache& keys() { return keys_; }
 
  private:
   Model& m_;
@@ -224,7 +228,8 @@ void run_independent(Evaluator& ev, Model& m, const std::vector<const EvalRecord
 
 // Sequential steps: the edits accumulate. After every `sequential_every` edits and after the last, all cases
 // edited so far are re-scored on the current model; each point also gets the routing drift against the clean
-// model (every record's neighbourhood prompts, the WikiText-2 sample) and the WikiText-2 perplexity. Returns the
+// model (every record's neighbourhood prompts, the WikiText-2 sample) and the WikiText-2 perplexity, and the run's
+// state is saved (eval/sequential_state.h). --resume loads the last state and goes on from there. Returns the
 // points; at the end every step is reverted (checked bit for bit).
 json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*>& recs, const RunOptions& opt,
                     RunResult& res) {
@@ -238,12 +243,41 @@ json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*
   curve.push_back(start);
   std::vector<EditStep> applied;
   std::vector<json> cases;
+  std::set<std::pair<int, int>> touched;
+  std::map<std::pair<int, int>, std::vector<float>> resumed_clean;  // what the loaded state replaced
   size_t done = 0;
   double seconds = 0;
   fs::create_directories(opt.out_dir + "/sequential");
-  for (const auto& chunk : chunks(recs, opt.batch_size)) {
+  if (opt.resume) {
+    if (auto st = load_sequential_state(opt.out_dir, m)) {
+      const std::string path = sequential_state_path(opt.out_dir);
+      require_input(st->records == recs.size(),
+                    path + ": written by a run of " + std::to_string(st->records) + " records, this one has " +
+                        std::to_string(recs.size()) + " (a sequential run resumes with the same --limit)");
+      require_input(st->edits % size_t(opt.batch_size) == 0 && st->edits <= recs.size(),
+                    path + ": " + std::to_string(st->edits) + " edits do not fit this run's batch size");
+      resumed_clean = apply_sequential_state(m, *st);
+      for (const auto& [le, v] : st->down) touched.insert(le);
+      ev.templates() = st->templates;
+      ev.keys() = st->keys;
+      done = st->edits;
+      seconds = st->seconds;
+      for (size_t k = 0; k < done; ++k) {
+        const std::string cp = case_path(opt.out_dir, recs[k]->case_id);
+        require_input(fs::exists(cp), path + " holds " + std::to_string(done) + " edits but " + cp + " is missing");
+        cases.push_back(read_json(cp));
+      }
+      for (size_t n = size_t(opt.sequential_every); n <= done; n += size_t(opt.sequential_every))
+        curve.push_back(read_json(opt.out_dir + "/sequential/after_" + std::to_string(n) + ".json"));
+      res.skipped += int(done);
+    }
+  }
+  const auto all = chunks(recs, opt.batch_size);
+  for (size_t c = done / size_t(opt.batch_size); c < all.size(); ++c) {
+    const auto& chunk = all[c];
     applied.push_back(ev.edit(chunk, true));
     seconds += applied.back().seconds();
+    for (const auto& le : applied.back().touched()) touched.insert(le);
     for (size_t i = 0; i < chunk.size(); ++i) {
       const CaseMetrics post = ev.metrics(*chunk[i]);
       cases.push_back(ev.case_json(applied.back(), i, pre[done + i], post, json::object()));
@@ -262,9 +296,12 @@ json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*
     point["routing_drift"] = drift_entry(m, neigh, wiki);
     if (!ev.wiki().empty()) point["perplexity_wikitext"] = windows_perplexity(m, ev.wiki());
     write_file_atomic(opt.out_dir + "/sequential/after_" + std::to_string(done) + ".json", point.dump(2) + "\n");
+    if (done % size_t(opt.sequential_every) == 0)  // resume points fall on the curve's regular points
+      save_sequential_state(opt.out_dir, m, touched, done, recs.size(), seconds, ev.templates(), ev.keys());
     curve.push_back(std::move(point));
   }
   for (auto it = applied.rbegin(); it != applied.rend(); ++it) it->revert(m);
+  for (const auto& [le, v] : resumed_clean) set_expert_down(m, le.first, le.second, v);
   ev.check_revert(clean, -1);
   write_file_atomic(opt.out_dir + "/sequential/curve.svg", curve_svg({{"", curve}}));
   return curve;
@@ -289,8 +326,9 @@ json write_reports(const std::string& dir, const json& settings, const std::vect
 
 RunResult run_eval(Model& m, const Tokenizer& tok, const std::vector<EvalRecord>& records, const RunOptions& opt) {
   require_input(opt.n_shards >= 1 && opt.shard >= 0 && opt.shard < opt.n_shards, "--shard i/n needs 0 <= i < n");
-  require_input(opt.sequential_every == 0 || (!opt.resume && opt.n_shards == 1),
-                "--sequential runs cannot be resumed or sharded (the edits accumulate in one process)");
+  require_input(opt.sequential_every == 0 || opt.n_shards == 1,
+                "--sequential runs cannot be sharded (the edits accumulate in one process; --resume goes on from the "
+                "last curve point)");
   require_input(opt.batch_size >= 1 && (opt.batch || opt.batch_size == 1),
                 "--batch-size B needs B >= 1 (and B > 1 needs --method memit|alphaedit|moeedit)");
   require_input(opt.sequential_every == 0 || opt.sequential_every % opt.batch_size == 0,

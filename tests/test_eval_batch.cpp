@@ -13,6 +13,8 @@
 #include "eval/curve.h"
 #include "eval/drift_probe.h"
 #include "eval/run.h"
+#include "io/errors.h"
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "eval_util.h"
@@ -171,6 +173,117 @@ TEST(EvalBatch, SequentialBatchesGiveACurveAndRevertBitForBit) {
   const std::string svg = test::read_file(tmp / "c.svg");
   EXPECT_NE(svg.find("AlphaEdit"), std::string::npos);
   EXPECT_EQ(std::count(svg.begin(), svg.end(), '\n') > 10, true);
+}
+
+// A sequential run resumes from its last curve point (the state file: the changed down-projections, AlphaEdit's key
+// cache, the templates): a run stopped after 3 of 4 edits (the state holds 2), then --resume, gives the curve and
+// cases of one uninterrupted run, bit for bit (times aside), and the weights are the checkpoint's again at the end.
+TEST(EvalBatch, SequentialRunsResumeFromTheLastCurvePoint) {
+  TempDir tmp;
+  auto m = Model::load(demo_dir());
+  const Tokenizer tok = Tokenizer::from_file(demo_dir());
+  const auto clean = Model::load(demo_dir());
+  const auto recs = load_eval_records(bundled_cf());
+  auto strip = [](json j) {  // wall times differ between runs
+    for (auto& p : j) {
+      p.erase("edit_seconds");
+      p.erase("time");
+    }
+    return j;
+  };
+  for (const std::string method : {"rome", "alphaedit"}) {
+    auto options = [&](const std::string& dir, bool resume) {
+      eval::RunOptions o;
+      o.out_dir = tmp / dir;
+      o.limit = 4;
+      o.resume = resume;
+      o.sequential_every = 2;
+      o.generation_interval = 0;
+      o.drift_tokens = 128;
+      o.edit.layer = 2;
+      o.edit.mom2_adjustment = false;
+      o.edit.v.steps = 3;
+      if (method == "alphaedit") {  // C = I·(1/2): every direction below the threshold 1 is null
+        BatchOptions b;
+        b.method = BatchMethod::AlphaEdit;
+        b.layers = {2};
+        b.edit = o.edit;
+        b.edit.mom2_adjustment = true;
+        b.nullspace_threshold = 1.0;
+        b.edit.moments = [](int, int) {
+          auto st = std::make_shared<SecondMoment>();
+          st->mom2 = MatR::Identity(128, 128) * 0.5f;
+          st->count = 1000;
+          return std::shared_ptr<const SecondMoment>(st);
+        };
+        o.batch = b;
+        o.batch_size = 2;
+      }
+      o.settings = {{"test", method}};
+      return o;
+    };
+    const auto full = eval::run_eval(*m, tok, recs, options(method + "_full", false));
+    // Stopped once the 3rd (rome) or 4th (alphaedit: the second batch) edit is written, before its curve point.
+    eval::RunOptions stop = options(method + "_part", false);
+    stop.progress = [](int done, int) {
+      if (done >= 3) throw std::runtime_error("interrupted");
+    };
+    EXPECT_THROW(eval::run_eval(*m, tok, recs, stop), std::runtime_error);
+    ASSERT_TRUE(std::filesystem::exists(tmp / (method + "_part/sequential/state.safetensors")));
+    m = Model::load(demo_dir());  // the interrupted process's edits are gone with it
+    const auto resumed = eval::run_eval(*m, tok, recs, options(method + "_part", true));
+    EXPECT_EQ(resumed.evaluated, 2) << method;
+    EXPECT_EQ(resumed.skipped, 2) << method;
+    ASSERT_EQ(resumed.summary["sequential"].size(), 3u) << method;
+    EXPECT_EQ(strip(resumed.summary["sequential"]), strip(full.summary["sequential"]))
+        << method << " " << json::diff(strip(full.summary["sequential"]), strip(resumed.summary["sequential"])).dump();
+    for (int k = 0; k < 4; ++k) {
+      const int id = recs[size_t(k)].case_id;
+      json a = json::parse(test::read_file(eval::case_path(tmp / (method + "_full"), id)));
+      json b = json::parse(test::read_file(eval::case_path(tmp / (method + "_part"), id)));
+      for (json* c : {&a, &b}) {
+        c->erase("time");
+        (*c)["edit"].erase("seconds");
+        (*c)["edit"].erase("vstar_seconds");
+        if (c->at("edit").contains("batch")) {
+          (*c)["edit"]["batch"].erase("seconds");
+          (*c)["edit"]["batch"].erase("vstar_seconds");
+        }
+      }
+      EXPECT_EQ(a, b) << method << " case " << id << " " << json::diff(a, b).dump();
+    }
+    EXPECT_TRUE(m->weights().layers[2].ffn.experts.down == clean->weights().layers[2].ffn.experts.down)
+        << method;  // reverted, the loaded state included
+  }
+  auto resume_rome = [&](int limit) {
+    eval::RunOptions o;
+    o.out_dir = tmp / "rome_part";
+    o.limit = limit;
+    o.resume = true;
+    o.sequential_every = 2;
+    o.generation_interval = 0;
+    o.drift_tokens = 128;
+    o.edit.layer = 2;
+    o.edit.mom2_adjustment = false;
+    o.settings = {{"test", "rome"}};
+    return o;
+  };
+  auto expect_error = [&](const eval::RunOptions& o, const std::string& want) {
+    try {
+      eval::run_eval(*m, tok, recs, o);
+      ADD_FAILURE() << "no error: " << want;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  };
+  expect_error(resume_rome(6), "state.safetensors: written by a run of 4 records, this one has 6");
+  // A state file that does not belong to the model is refused by name.
+  std::map<std::string, OwnedTensor> bad;
+  const std::vector<float> z(4, 0.f);
+  bad["down.9.0"] = make_f32_tensor({2, 2}, z.data());
+  write_safetensors(tmp / "rome_part/sequential/state.safetensors", bad,
+                    {{"moedit_sequential_state", R"({"edits": 2, "records": 4, "seconds": 0, "templates": []})"}});
+  expect_error(resume_rome(4), "state.safetensors: tensor 'down.9.0': the model has no such expert");
 }
 
 // --layers auto:2 traces the first records and takes the two MoE layers ending at the largest mean MoE effect among
