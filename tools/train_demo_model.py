@@ -32,6 +32,14 @@ Typical use (see models/moedit-demo/MODEL_CARD.md for the measured runtime):
     python tools/train_demo_model.py --quick --out /tmp/moedit-demo-quick   # end-to-end smoke run
 
 Afterwards tools/measure_demo_model.py re-derives the accuracy numbers from the saved files.
+
+Continuation mode (--init DIR; models/moedit-demo-ctx, issue 19): continue training DIR's checkpoint with its own
+tokenizer (copied, not retrained) on the same fact sentences and WikiText-2 chunks plus in-context copying batches
+(--copy-mix, --copy-kinds; see continue_training() and copy_examples()). Without --init nothing changes: the default
+run trains models/moedit-demo exactly as before. The command that made models/moedit-demo-ctx:
+    python tools/train_demo_model.py --init models/moedit-demo --out models/moedit-demo-ctx \
+        --copy-mix 0.5 --copy-kinds induction,counter --copy-weights 1,2 --fact-frac 0.25 --wiki-frac 0.05 \
+        --epochs 6 --lr 2e-3 --warmup 30 --eval-every 3 --max-seconds 840
 """
 from __future__ import annotations
 
@@ -402,7 +410,25 @@ def main() -> int:
     ap.add_argument("--bottleneck-late-p", type=float, default=0.5, help="share masked in the late epochs")
     ap.add_argument("--bottleneck-late-from", type=float, default=0.6,
                     help="fraction of the epochs after which --bottleneck-late-p applies")
+    # continuation mode (models/moedit-demo-ctx): start from a checkpoint, reuse its tokenizer, mix in copying data
+    ap.add_argument("--init", default=None,
+                    help="continue training from this checkpoint folder (its tokenizer is reused, none is trained); "
+                         "the defaults below then apply, see continue_training()")
+    ap.add_argument("--copy-mix", type=float, default=0.0,
+                    help="with --init: share of the batches that are in-context copying batches")
+    ap.add_argument("--copy-kinds", default="induction,counter",
+                    help="with --init: which copying data (comma list of induction, counter, counter-x); see "
+                         "copy_examples()")
+    ap.add_argument("--copy-weights", default="1,1,1",
+                    help="with --init: relative shares of the --copy-kinds in the copy batches (same order)")
+    ap.add_argument("--fact-frac", type=float, default=1.0,
+                    help="with --init: share of the fact sentences seen per epoch")
+    ap.add_argument("--max-seconds", type=float, default=0.0,
+                    help="with --init: stop after the first epoch that ends past this many seconds (0: no limit)")
     args = ap.parse_args()
+
+    if args.init:
+        return continue_training(args)
 
     if args.quick:
         args.epochs = min(args.epochs, 4)
@@ -589,6 +615,269 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__, "python": platform.python_version()},
     }
+    log("SUMMARY " + json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    with open(args.log + ".summary.json", "w", encoding="utf-8") as f:
+        json.dump({"summary": summary, "measured": res}, f, indent=2)
+    return 0
+
+
+# ------------------------------------------------------------------------ continuation: in-context copying
+def context_task_subjects() -> set[str]:
+    """Subjects of every context-task example (datasets/data/context_task/{train,test}.json); copying data must
+    not mention them."""
+    out = set()
+    for split in ("train", "test"):
+        with open(os.path.join(ROOT, "datasets", "data", "context_task", split + ".json"), encoding="utf-8") as f:
+            out |= {e["subject"] for e in json.load(f)}
+    return out
+
+
+def counter_pool(records, items, log):
+    """Neighborhood and attribute prompts (true facts about subjects other than the records' own) whose text
+    names no context-task subject: (prompt, true target, relation_id, subject or None, relation templates)."""
+    task_subjects = context_task_subjects()
+    rel_of = {r["case_id"]: r["requested_rewrite"]["relation_id"] for r in records}
+    answers: dict[str, set] = {}
+    templates: dict[str, list] = {}
+    for r in records:
+        rw = r["requested_rewrite"]
+        answers.setdefault(rw["relation_id"], set()).update({rw["target_true"]["str"], rw["target_new"]["str"]})
+        ts = templates.setdefault(rw["relation_id"], [])
+        if rw["prompt"] not in ts:
+            ts.append(rw["prompt"])
+    subjects = prompt_subjects(records, items)
+    pool, seen, dropped = [], set(), 0
+    for kind, cid, prompt, target in items:
+        if kind not in ("neighborhood", "attribute") or prompt in seen:
+            continue
+        seen.add(prompt)
+        if any(s in prompt for s in task_subjects):
+            dropped += 1
+            continue
+        rel = rel_of[cid]
+        pool.append((prompt, target, rel, subjects.get(prompt), templates[rel]))
+    answers = {k: sorted(v) for k, v in answers.items()}
+    log(f"copy data: {len(pool)} counter-memory prompts ({dropped} dropped: they name a context-task subject), "
+        f"{sum(p[3] is not None for p in pool)} with a subject span")
+    return pool, answers
+
+
+def copy_examples(kinds, weights, n_tokens, tok, pool, answers, wiki_ids, eot_id, target_weight, rng):
+    """Fresh copying examples (input ids, labels, weights, None) totalling about n_tokens input tokens:
+
+    induction  a WikiText-2 span A (6-24 tokens), a filler span (0-24 tokens), A again; loss on A's repeat
+               (from its second token on): generic copying, no fact format at all;
+    counter    a counter-memory context in the question's own words: P + " " + X + "." + " " + P -> " " + X for
+               a neighborhood/attribute prompt P (a subject that is no context-task subject) and a random
+               other answer X of the relation (drawn anew every epoch, so no counterfactual is memorised);
+    counter-x  as counter, but the context states X with another template of the relation (the context task's
+               own format, on other subjects; prompts whose subject span is unknown fall back to counter).
+    Loss weights as for fact sentences: answer tokens target_weight (the first x2), <|endoftext|> 1, else 0."""
+    out, total = [], 0
+    p = np.array(weights, dtype=float) / sum(weights)
+    while total < n_tokens:
+        kind = kinds[int(rng.choice(len(kinds), p=p))]
+        if kind == "induction":
+            L, Fl = int(rng.integers(6, 25)), int(rng.integers(0, 25))
+            s = int(rng.integers(0, len(wiki_ids) - 2 * L - Fl - 2))
+            a = wiki_ids[s : s + L]
+            f0 = int(rng.integers(0, len(wiki_ids) - Fl - 1))
+            seq = a + wiki_ids[f0 : f0 + Fl] + a
+            x, y = seq[:-1], seq[1:]
+            w = [0.0] * (len(seq) - L) + [1.0] * (L - 1)
+        else:
+            prompt, true_t, rel, subj, tmpls = pool[int(rng.integers(0, len(pool)))]
+            first_true = mdm.encode(tok, " " + true_t)[0]
+            cands = [a for a in answers[rel] if mdm.encode(tok, " " + a)[0] != first_true]
+            if not cands:
+                continue
+            ans = cands[int(rng.integers(0, len(cands)))]
+            ctx_sentence = prompt + " " + ans + "."
+            if kind == "counter-x" and subj:
+                others = [t for t in tmpls if not (prompt.startswith(t.split("{}")[0]) and
+                                                   prompt.endswith(t.split("{}")[1]))] or tmpls
+                ctx_sentence = others[int(rng.integers(0, len(others)))].format(subj) + " " + ans + "."
+            ip = mdm.encode(tok, ctx_sentence + " " + prompt)
+            it = mdm.encode(tok, " " + ans)
+            seq = ip + it + [eot_id]
+            x, y = seq[:-1], seq[1:]
+            w = [0.0] * (len(ip) - 1) + [target_weight] * len(it) + [1.0]
+            w[len(ip) - 1] = target_weight * 2.0
+        y = [t if wi > 0 else -100 for t, wi in zip(y, w)]
+        out.append((x, y, w, None))
+        total += len(x)
+    return out
+
+
+@torch.no_grad()
+def context_task_em(model, tok, examples) -> dict:
+    """Exact match as moedit scores the context task: prompt = context + " " + question, the greedy continuation
+    of as many tokens as encode(" " + answer) has; also how often the first token is the memory answer's."""
+    model.eval()
+    em = mem = 0
+    for e in examples:
+        ids = mdm.encode(tok, e["context"] + " " + e["question"])
+        ans = mdm.encode(tok, " " + e["answer"])
+        memo = mdm.encode(tok, " " + e["memory_answer"])
+        cur = list(ids)
+        for _ in range(len(ans)):
+            cur.append(int(model(input_ids=torch.tensor([cur]), logits_to_keep=1).logits[0, -1].argmax()))
+        gen = cur[len(ids):]
+        em += int(gen == ans)
+        mem += int(gen[0] == memo[0])
+    model.train()
+    return {"em": round(100.0 * em / len(examples), 2), "memory_first_token": round(100.0 * mem / len(examples), 2),
+            "n": len(examples)}
+
+
+def continue_training(args) -> int:
+    """--init DIR: continue training DIR's model (same architecture, same tokenizer files, byte for byte) on the
+    original mix -- a --fact-frac share of the fact sentences (the subject-bottleneck mask on a
+    --bottleneck-late-p share of them, as in the original's last epochs) and a --wiki-frac share of the WikiText-2
+    chunks per epoch -- plus copying batches (copy_examples), a --copy-mix share of all batches. Linear warm-up and
+    cosine decay as in the original; the result is saved and measured as the original is."""
+    import shutil
+
+    import tokenizers
+    import transformers
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    log = Logger(args.log)
+    log("args:", json.dumps(vars(args)))
+    log(f"python {platform.python_version()} torch {torch.__version__} threads {torch.get_num_threads()} "
+        f"transformers {transformers.__version__} tokenizers {tokenizers.__version__} numpy {np.__version__}")
+    if not 0 <= args.copy_mix < 1:
+        raise SystemExit("--copy-mix must be in [0, 1)")
+    kinds = [k for k in args.copy_kinds.split(",") if k]
+    weights = [float(v) for v in args.copy_weights.split(",")][: len(kinds)]
+    if any(k not in ("induction", "counter", "counter-x") for k in kinds) or len(weights) != len(kinds):
+        raise SystemExit("--copy-kinds: induction, counter, counter-x; --copy-weights: one weight each")
+    t_start = time.time()
+    init = os.path.abspath(args.init)
+    tok = mdm.load_tokenizer(init)
+    eot_id = tok.token_to_id(EOT)
+    records = mdm.load_counterfact()
+    items = mdm.prompt_items(records)
+    facts = fact_sentences(items)
+    tok_facts, _ = tokenize_facts(tok, facts, eot_id, log)
+    wiki_ids = mdm.encode(tok, mdm.read_wikitext())
+    subjects = prompt_subjects(records, items)
+    spans = [subject_token_span(tok, p, subjects.get(p)) for p, _, _ in facts]
+    examples = make_fact_examples(tok_facts, args.target_weight, args.prompt_weight, spans)
+    pool, answers = counter_pool(records, items, log)
+    with open(os.path.join(ROOT, "datasets", "data", "context_task", "train.json"), encoding="utf-8") as f:
+        task_train = json.load(f)
+    monitor = task_train[::3]  # in-training check on the context task's *train* split (the test split is untouched)
+
+    model = Qwen2MoeForCausalLM.from_pretrained(init, dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    model.config._experts_implementation = "eager"
+    model.to(args.device).train()
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"init {init}: {n_params} params, {len(examples)} fact sentences, {len(wiki_ids)} WikiText tokens")
+
+    rng = np.random.default_rng(args.seed)
+    wiki_batch_seqs = max(1, args.batch_tokens // args.ctx)
+    n_fact = len(fact_batches(examples[: int(len(examples) * args.fact_frac)], args.batch_tokens,
+                              np.random.default_rng(0)))
+    n_wiki = len(wiki_batches(wiki_ids, args.ctx, wiki_batch_seqs, args.wiki_frac, np.random.default_rng(0)))
+    n_copy = int(round(args.copy_mix / (1 - args.copy_mix) * (n_fact + n_wiki)))
+    total_steps = args.epochs * (n_fact + n_wiki + n_copy)
+    log(f"steps/epoch ~{n_fact} fact + {n_wiki} wiki + {n_copy} copy ({kinds}, weights {weights}), "
+        f"total ~{total_steps}")
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        prog = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    eval_items = items[::7]
+    rec0 = {"epoch": 0, "context_em_train_subset": context_task_em(model, tok, monitor)}
+    log(f"before: context task (train split, every 3rd) {rec0['context_em_train_subset']}")
+    history, step = [rec0], 0
+    mask_p = args.bottleneck_late_p if args.bottleneck_layer >= 0 else 0.0
+    for epoch in range(1, args.epochs + 1):
+        te = time.time()
+        order = rng.permutation(len(examples))[: int(len(examples) * args.fact_frac)]
+        sub = [examples[i] for i in order]
+        copy_ex = copy_examples(kinds, weights, int(n_copy * args.batch_tokens * 0.8), tok, pool, answers,
+                                wiki_ids, eot_id, args.target_weight, rng)
+        batches = ([("fact", b) for _, b in fact_batches(sub, args.batch_tokens, rng)]
+                   + wiki_batches(wiki_ids, args.ctx, wiki_batch_seqs, args.wiki_frac, rng)
+                   + [("copy", b) for _, b in fact_batches(copy_ex, args.batch_tokens, rng)])
+        perm = rng.permutation(len(batches))
+        sums = {"fact": [0.0, 0], "wiki": [0.0, 0], "copy": [0.0, 0]}
+        for bi in perm:
+            kind, payload = batches[bi]
+            masks = None
+            if kind == "fact":
+                x, y, w, masks = collate_facts(sub, payload, eot_id, mask_p, rng)
+            elif kind == "copy":
+                x, y, w, _ = collate_facts(copy_ex, payload, eot_id)
+            else:
+                x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
+            x, y, w = x.to(args.device), y.to(args.device), w.to(args.device)
+            if masks is not None:
+                masks = tuple(m.to(args.device) for m in masks)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss, ce, _ = step_loss(model, x, y, w, args.aux_coef, cfg.num_experts, cfg.num_experts_per_tok, masks,
+                                    args.bottleneck_layer)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            step += 1
+            sums[kind][0] += ce
+            sums[kind][1] += 1
+        rec = {"epoch": epoch, "steps": step, "elapsed_s": round(time.time() - t_start, 1),
+               **{k + "_ce": v[0] / max(1, v[1]) for k, v in sums.items()}}
+        msg = (f"epoch {epoch}/{args.epochs} step {step} lr {lr_at(step):.2e} fact_ce {rec['fact_ce']:.4f} "
+               f"wiki_ce {rec['wiki_ce']:.4f} copy_ce {rec['copy_ce']:.4f} epoch {time.time() - te:.0f}s "
+               f"total {rec['elapsed_s']:.0f}s")
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            acc = quick_fact_accuracy(model, tok, eval_items)
+            rec["acc"] = {k: v["percent"] for k, v in acc.items()}
+            rec["context_em_train_subset"] = context_task_em(model, tok, monitor)
+            msg += (" | acc " + " ".join(f"{k[:5]} {v['percent']:.1f}" for k, v in acc.items())
+                    + f" | ctx {rec['context_em_train_subset']}")
+        history.append(rec)
+        log(msg)
+        if args.max_seconds and time.time() - t_start > args.max_seconds and epoch < args.epochs:
+            log(f"stopping after epoch {epoch}: past --max-seconds {args.max_seconds}")
+            break
+    train_seconds = time.time() - t_start
+    log(f"training finished in {train_seconds:.0f}s")
+
+    os.makedirs(args.out, exist_ok=True)
+    model.eval()
+    model.config.use_cache = True
+    model.config._attn_implementation = "sdpa"
+    model.to("cpu").to(torch.bfloat16).save_pretrained(args.out)
+    cfg_path = os.path.join(args.out, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg_json = json.load(f)
+    cfg_json["rope_theta"] = 10000.0
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg_json, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the same tokenizer, byte for byte
+        shutil.copyfile(os.path.join(init, name), os.path.join(args.out, name))
+    res = mdm.measure(args.out, write=True, log=log)
+    summary = {"args": vars(args), "params": n_params, "train_seconds": round(train_seconds, 1),
+               "total_seconds": round(time.time() - t_start, 1), "history": history,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "tokenizers": tokenizers.__version__, "python": platform.python_version()}}
     log("SUMMARY " + json.dumps({k: v for k, v in summary.items() if k != "history"}))
     with open(args.log + ".summary.json", "w", encoding="utf-8") as f:
         json.dump({"summary": summary, "measured": res}, f, indent=2)
