@@ -358,6 +358,22 @@ def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int, mask
     return loss + aux_coef * aux, ce.mean().item(), float(aux)
 
 
+def optimizer_step(model, opt, args, lr, batch, masks, n_experts, topk):
+    """One optimiser step on a collated batch (x, y, w) at learning rate lr; returns (ce, aux) of step_loss."""
+    x, y, w = (t.to(args.device) for t in batch)
+    if masks is not None:
+        masks = tuple(m.to(args.device) for m in masks)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, n_experts, topk, masks, args.bottleneck_layer)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    return ce, aux
+
+
 @torch.no_grad()
 def quick_fact_accuracy(model, tok, eval_items, kinds=("rewrite", "paraphrase", "neighborhood", "attribute")):
     model.eval()
@@ -539,18 +555,7 @@ def main() -> int:
                 x, y, w, masks = collate_facts(examples, payload, eot_id, mask_p, rng)
             else:
                 x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
-            x, y, w = x.to(args.device), y.to(args.device), w.to(args.device)
-            if masks is not None:
-                masks = tuple(m.to(args.device) for m in masks)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss, ce, aux = step_loss(model, x, y, w, args.aux_coef, args.experts, args.topk, masks,
-                                      args.bottleneck_layer)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
+            ce, aux = optimizer_step(model, opt, args, lr_at(step), (x, y, w), masks, args.experts, args.topk)
             step += 1
             sums[kind][0] += ce
             sums[kind][1] += 1
@@ -825,18 +830,8 @@ def continue_training(args) -> int:
                 x, y, w, _ = collate_facts(copy_ex, payload, eot_id)
             else:
                 x, y, w = collate_wiki(wiki_ids, payload, args.ctx)
-            x, y, w = x.to(args.device), y.to(args.device), w.to(args.device)
-            if masks is not None:
-                masks = tuple(m.to(args.device) for m in masks)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss, ce, _ = step_loss(model, x, y, w, args.aux_coef, cfg.num_experts, cfg.num_experts_per_tok, masks,
-                                    args.bottleneck_layer)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
+            ce, _ = optimizer_step(model, opt, args, lr_at(step), (x, y, w), masks, cfg.num_experts,
+                                   cfg.num_experts_per_tok)
             step += 1
             sums[kind][0] += ce
             sums[kind][1] += 1
