@@ -145,7 +145,8 @@ nlohmann::json train_epochs(Model& m, const std::vector<eval::TaskItem>& items, 
     }
     const double loss = sum / double(tokens);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (!f.json) std::printf("epoch %d: loss %.4f (%zu steps, %.3f s per step)\n", ep, loss, steps, secs / double(steps));
+    if (!f.json)
+      std::printf("epoch %d: loss %.4f (%zu steps, %.3f s per step)\n", ep, loss, steps, secs / double(steps));
     // Wall time of the epoch's optimiser steps (forward, backward, AdamW), not the scoring before/after.
     epochs.push_back({{"epoch", ep}, {"loss", loss}, {"steps", steps}, {"seconds", secs}});
   }

@@ -289,7 +289,11 @@ void revert_all(Model& m, const std::vector<EditResult>& edits) {
   for (auto it = edits.rbegin(); it != edits.rend(); ++it) revert(m, *it);
 }
 
-std::vector<std::pair<int, int>> edited_experts(const std::vector<EditResult>& edits) {
+std::vector<std::pair<int, int>> edited_experts(const EditResult& edit) {
+  return edited_experts(std::span<const EditResult>(&edit, 1));
+}
+
+std::vector<std::pair<int, int>> edited_experts(std::span<const EditResult> edits) {
   std::set<std::pair<int, int>> s;
   for (const auto& e : edits)
     for (const auto& u : e.updates) s.insert({u.layer, u.expert});

@@ -44,6 +44,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -239,8 +240,9 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt);
 // Restores the weights this edit changed, bit for bit (revert several edits in reverse order).
 void revert(Model& m, const EditResult& r);
 void revert_all(Model& m, const std::vector<EditResult>& edits);  // reverse order
-// The experts (layer, expert) an edit changed.
-std::vector<std::pair<int, int>> edited_experts(const std::vector<EditResult>& edits);
+// The experts (layer, expert) an edit (or several) changed.
+std::vector<std::pair<int, int>> edited_experts(const EditResult& edit);
+std::vector<std::pair<int, int>> edited_experts(std::span<const EditResult> edits);
 
 // ---- the text level -----------------------------------------------------------------------------------------------
 

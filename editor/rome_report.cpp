@@ -118,7 +118,7 @@ nlohmann::json EditReport::to_json(bool has_true) const {
 }
 
 EditReport report_edit(const Model& m, const Tokenizer& tok, const EditRequest& req, const EditResult& r) {
-  const auto edited = edited_experts({r});
+  const auto edited = edited_experts(r);
   std::string rewrite = normalized_prompt(req);
   rewrite.replace(rewrite.find("{}"), 2, req.subject);
   std::vector<std::string> prompts = {rewrite};

@@ -114,7 +114,7 @@ void EditStep::revert(Model& m) const {
 }
 
 std::vector<std::pair<int, int>> EditStep::touched() const {
-  return rome_ ? edited_experts(std::vector<EditResult>{*rome_}) : edited_experts(*batch_);
+  return rome_ ? edited_experts(*rome_) : edited_experts(*batch_);
 }
 
 }  // namespace moedit::eval

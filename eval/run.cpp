@@ -249,14 +249,14 @@ json run_sequential(Model& m, Evaluator& ev, const std::vector<const EvalRecord*
   double seconds = 0;
   fs::create_directories(opt.out_dir + "/sequential");
   if (opt.resume) {
-    if (auto st = load_sequential_state(opt.out_dir, m)) {
+    if (auto st = load_sequential_state(opt.out_dir)) {
       const std::string path = sequential_state_path(opt.out_dir);
       require_input(st->records == recs.size(),
                     path + ": written by a run of " + std::to_string(st->records) + " records, this one has " +
                         std::to_string(recs.size()) + " (a sequential run resumes with the same --limit)");
       require_input(st->edits % size_t(opt.batch_size) == 0 && st->edits <= recs.size(),
                     path + ": " + std::to_string(st->edits) + " edits do not fit this run's batch size");
-      resumed_clean = apply_sequential_state(m, *st);
+      resumed_clean = apply_sequential_state(m, *st, path);
       for (const auto& [le, v] : st->down) touched.insert(le);
       ev.templates() = st->templates;
       ev.keys() = st->keys;

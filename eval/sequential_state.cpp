@@ -61,7 +61,7 @@ void save_sequential_state(const std::string& out_dir, Model& m, const std::set<
   write_safetensors(sequential_state_path(out_dir), t, {{"moedit_sequential_state", meta.dump()}});
 }
 
-std::optional<SequentialState> load_sequential_state(const std::string& out_dir, Model& m) {
+std::optional<SequentialState> load_sequential_state(const std::string& out_dir) {
   const std::string path = sequential_state_path(out_dir);
   if (!fs::exists(path)) return std::nullopt;
   const SafeTensorsFile f(path);
@@ -80,16 +80,9 @@ std::optional<SequentialState> load_sequential_state(const std::string& out_dir,
   for (const auto& [name, v] : f.tensors()) {
     std::pair<int, int> le;
     if (parse_name(name, "down", le)) {
-      require_input(v.dtype == DType::F32 && v.shape.size() == 2, path + ": tensor '" + name + "': expected F32 [H, I]");
-      const bool exists = le.first >= 0 && le.first < m.config().n_layers &&
-                          (is_shared_expert(le.second)
-                               ? shared_index(le.second) < shared_expert_count(m, le.first)
-                               : le.second < int(m.weights().layers[size_t(le.first)].ffn.experts.down.size()));
-      require_input(exists, path + ": tensor '" + name + "': the model has no such expert");
-      const DownMap dn = expert_down(m, le.first, le.second);  // throws InputError for an expert the layer lacks
-      require_input(v.shape[0] == dn.rows() && v.shape[1] == dn.cols(),
-                    path + ": tensor '" + name + "': shape does not match the model's down-projection");
-      s.down[le] = v.to_f32();
+      require_input(v.dtype == DType::F32 && v.shape.size() == 2,
+                    path + ": tensor '" + name + "': expected F32 [H, I]");
+      s.down[le] = {v.shape, v.to_f32()};
     } else if (parse_name(name, "keys", le)) {
       require_input(v.dtype == DType::F64 && v.shape.size() == 2 && v.shape[0] == v.shape[1],
                     path + ": tensor '" + name + "': expected F64 [I, I]");
@@ -103,12 +96,24 @@ std::optional<SequentialState> load_sequential_state(const std::string& out_dir,
   return s;
 }
 
-std::map<std::pair<int, int>, std::vector<float>> apply_sequential_state(Model& m, const SequentialState& s) {
+std::map<std::pair<int, int>, std::vector<float>> apply_sequential_state(Model& m, const SequentialState& s,
+                                                                          const std::string& path) {
+  for (const auto& [le, t] : s.down) {  // every matrix checked before any is written
+    const std::string name = key_name("down", le);
+    const bool exists = le.first >= 0 && le.first < m.config().n_layers &&
+                        (is_shared_expert(le.second)
+                             ? shared_index(le.second) < shared_expert_count(m, le.first)
+                             : le.second < int(m.weights().layers[size_t(le.first)].ffn.experts.down.size()));
+    require_input(exists, path + ": tensor '" + name + "': the model has no such expert");
+    const DownMap dn = expert_down(m, le.first, le.second);
+    require_input(t.shape[0] == dn.rows() && t.shape[1] == dn.cols(),
+                  path + ": tensor '" + name + "': shape does not match the model's down-projection");
+  }
   std::map<std::pair<int, int>, std::vector<float>> clean;
-  for (const auto& [le, values] : s.down) {
+  for (const auto& [le, t] : s.down) {
     const MatR before = expert_down(m, le.first, le.second);
     clean[le].assign(before.data(), before.data() + before.size());
-    set_expert_down(m, le.first, le.second, values);
+    set_expert_down(m, le.first, le.second, t.values);
   }
   return clean;
 }

@@ -6,6 +6,7 @@
 // cases and curve points are bit-identical to an uninterrupted run's.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <set>
@@ -19,11 +20,15 @@
 namespace moedit::eval {
 
 struct SequentialState {
+  struct Down {
+    std::vector<int64_t> shape;  // [H, I] as stored
+    std::vector<float> values;   // row-major
+  };
   size_t edits = 0;
   size_t records = 0;                                         // of the run (its curve's neighbourhood drift covers all)
   double seconds = 0;                                         // wall time of those edits
   std::vector<std::string> templates;                         // sampled once, on the clean model
-  std::map<std::pair<int, int>, std::vector<float>> down;     // (layer, expert) → [H, I] row-major
+  std::map<std::pair<int, int>, Down> down;                   // (layer, expert) → its down-projection
   KeyCache keys;                                              // alphaedit: the batches' Σ K Kᵀ
 };
 
@@ -33,10 +38,11 @@ std::string sequential_state_path(const std::string& out_dir);
 void save_sequential_state(const std::string& out_dir, Model& m, const std::set<std::pair<int, int>>& touched,
                            size_t edits, size_t records, double seconds, const std::vector<std::string>& templates,
                            const KeyCache& keys);
-// The state of a run directory, or nullopt when it has none; InputError naming the file when it is malformed or does
-// not fit the model.
-std::optional<SequentialState> load_sequential_state(const std::string& out_dir, Model& m);
-// Writes the state's matrices into the model; returns the values they replaced (clean: what a revert restores).
-std::map<std::pair<int, int>, std::vector<float>> apply_sequential_state(Model& m, const SequentialState& s);
+// The state of a run directory, or nullopt when it has none; InputError naming the file when it is malformed.
+std::optional<SequentialState> load_sequential_state(const std::string& out_dir);
+// Writes the state's matrices into the model after checking that every one fits it (InputError naming `path` and
+// the tensor otherwise, nothing written); returns the values they replaced (clean: what a revert restores).
+std::map<std::pair<int, int>, std::vector<float>> apply_sequential_state(Model& m, const SequentialState& s,
+                                                                          const std::string& path);
 
 }  // namespace moedit::eval

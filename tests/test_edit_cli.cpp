@@ -210,7 +210,9 @@ void cross_check(const std::string& name, int n_shared) {
     EditResult r = apply_edit_ids(*m, ids, opt);
     // Same experts, same δ, same loss curve, same post-edit logits.
     const auto want_experts = ref.ids(kind + ".experts");
-    if (opt.target.kind == TargetKind::Shared) EXPECT_EQ(want_experts.size(), size_t(n_shared)) << kind;
+    if (opt.target.kind == TargetKind::Shared) {
+      EXPECT_EQ(want_experts.size(), size_t(n_shared)) << kind;
+    }
     EXPECT_EQ(r.updates.size(), want_experts.size()) << kind;
     for (size_t i = 0; i < std::min(want_experts.size(), r.updates.size()); ++i)
       EXPECT_EQ(r.updates[i].expert, want_experts[i]) << kind << " update " << i;

@@ -358,6 +358,15 @@ def step_loss(model, x, y, w, aux_coef: float, num_experts: int, topk: int, mask
     return loss + aux_coef * aux, ce.mean().item(), float(aux)
 
 
+def start_run(args):
+    """Threads, seeds and the log of a run (the log opens with the arguments); returns the logger."""
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    log = Logger(args.log)
+    log("args:", json.dumps(vars(args)))
+    return log
+
+
 def optimizer_step(model, opt, args, lr, batch, masks, n_experts, topk):
     """One optimiser step on a collated batch (x, y, w) at learning rate lr; returns (ce, aux) of step_loss."""
     x, y, w = (t.to(args.device) for t in batch)
@@ -451,10 +460,7 @@ def main() -> int:
         args.wiki_frac = 0.05
         args.eval_every = 2
 
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    log = Logger(args.log)
-    log("args:", json.dumps(vars(args)))
+    log = start_run(args)
     log(f"python {platform.python_version()} torch {torch.__version__} threads {torch.get_num_threads()} "
         f"cpu {platform.processor() or platform.machine()}")
     import tokenizers
@@ -747,10 +753,7 @@ def continue_training(args) -> int:
     import transformers
     from transformers import Qwen2MoeForCausalLM
 
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    log = Logger(args.log)
-    log("args:", json.dumps(vars(args)))
+    log = start_run(args)
     log(f"python {platform.python_version()} torch {torch.__version__} threads {torch.get_num_threads()} "
         f"transformers {transformers.__version__} tokenizers {tokenizers.__version__} numpy {np.__version__}")
     if not 0 <= args.copy_mix < 1:
