@@ -29,6 +29,15 @@ using test::summary_without_time;
 std::string demo_dir() { return test::demo_model_dir(); }
 std::string bundled_cf() { return test::bundled_counterfact(); }
 
+// Key statistics C = I·(1/2) for every expert of the demo model (128-wide keys): below AlphaEdit's threshold 1 every
+// direction is null, so the projection keeps the whole update.
+std::shared_ptr<const SecondMoment> half_identity_moments(int, int) {
+  auto s = std::make_shared<SecondMoment>();
+  s->mom2 = MatR::Identity(128, 128) * 0.5f;
+  s->count = 1000;
+  return s;
+}
+
 TEST(EvalDrift, WindowsPerplexityIsTheMeanNllOfEveryPredictedToken) {
   auto m = Model::load(demo_dir());
   const Tokenizer tok = Tokenizer::from_file(demo_dir());
@@ -144,12 +153,7 @@ TEST(EvalBatch, SequentialBatchesGiveACurveAndRevertBitForBit) {
     if (method == BatchMethod::AlphaEdit) {  // AlphaEdit needs key statistics: C = I·(1/2) has no null space below 1
       b.edit.mom2_adjustment = true;
       b.nullspace_threshold = 1.0;
-      b.edit.moments = [](int, int) {
-        auto s = std::make_shared<SecondMoment>();
-        s->mom2 = MatR::Identity(128, 128) * 0.5f;
-        s->count = 1000;
-        return std::shared_ptr<const SecondMoment>(s);
-      };
+      b.edit.moments = half_identity_moments;
     }
     o.batch = b;
     o.edit.layer = 2;
@@ -210,12 +214,7 @@ TEST(EvalBatch, SequentialRunsResumeFromTheLastCurvePoint) {
         b.edit = o.edit;
         b.edit.mom2_adjustment = true;
         b.nullspace_threshold = 1.0;
-        b.edit.moments = [](int, int) {
-          auto st = std::make_shared<SecondMoment>();
-          st->mom2 = MatR::Identity(128, 128) * 0.5f;
-          st->count = 1000;
-          return std::shared_ptr<const SecondMoment>(st);
-        };
+        b.edit.moments = half_identity_moments;
         o.batch = b;
         o.batch_size = 2;
       }
