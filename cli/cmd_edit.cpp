@@ -32,6 +32,7 @@ int auto_layer(const Model& m, const Tokenizer& tok, const EditRequest& req, dou
 void run_edit(const EditArgs& a) {
   if (a.batch.batch()) return run_batch_edit(a);
   require_input(a.batch.layers.empty(), "--layers is for --method memit|alphaedit|moeedit; ROME edits one --layer");
+  require_input(!a.batch.router_guard, "--router-guard is for --method memit|alphaedit|moeedit");
   const std::vector<EditRequest> reqs = edit_requests(a);
   EditOptions opt = editor_options(a.editor);
   opt.target = parse_edit_target(a.target);

@@ -116,6 +116,7 @@ void run(const EvalArgs& a) {
   e.target = parse_edit_target(a.target);
   const bool batch = a.batch.batch();
   if (batch) check_batch_flags(a.batch, a.target);  // fails before the model loads
+  require_input(batch || !a.batch.router_guard, "--router-guard is for --method memit|alphaedit|moeedit");
   const bool auto_layer = !batch && e.target.kind != TargetKind::Expert && a.layer == "auto";
   if (batch) {
     // --layers (or one --layer) are read with the model's config below

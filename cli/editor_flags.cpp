@@ -203,6 +203,12 @@ void add_batch_flags(CLI::App* cmd, BatchFlags& f) {
                   "moeedit: block-coordinate sweeps over a layer's experts per solve")
       ->capture_default_str();
   cmd->add_option("--l2", f.l2, "alphaedit/moeedit: λ₂ in ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ (AlphaEdit's L2)")->capture_default_str();
+  cmd->add_flag("--router-guard", f.router_guard,
+                "memit/alphaedit/moeedit: keep every update's output change (and v*'s δ) out of the directions the "
+                "routers after its layer read, so their logits do not move along the residual stream (first order)");
+  cmd->add_option("--router-guard-layers", f.router_guard_layers,
+                  "--router-guard: only the next N MoE layers' routers (0: all later ones)")
+      ->capture_default_str();
 }
 
 void check_batch_flags(const BatchFlags& f, const std::string& target) {
@@ -216,6 +222,7 @@ void check_batch_flags(const BatchFlags& f, const std::string& target) {
   require_input(f.passes >= 1, "--passes must be at least 1");
   require_input(f.bcd_sweeps >= 1, "--bcd-sweeps must be at least 1");
   require_input(f.nullspace_relative >= 0 && std::isfinite(f.nullspace_relative), "--nullspace-relative must be ≥ 0");
+  require_input(f.router_guard_layers >= 0, "--router-guard-layers must be ≥ 0 (0: every later MoE layer)");
 }
 
 int auto_layer_width(const BatchFlags& f) {
@@ -293,6 +300,8 @@ BatchOptions batch_options(const BatchFlags& f, const std::string& layer, const 
   o.key_columns = parse_key_columns(f.key_columns);
   o.passes = f.passes;
   o.bcd_sweeps = f.bcd_sweeps;
+  o.router_guard = f.router_guard;
+  o.router_guard_layers = f.router_guard_layers;
   return o;
 }
 
@@ -301,7 +310,8 @@ nlohmann::json batch_settings(const BatchFlags& f) {
   return {{"method", f.method},           {"layers", f.layers}, {"mom2_weight", f.mom2_weight},
           {"nullspace_threshold", f.nullspace_threshold},
           {"nullspace_relative", f.nullspace_relative}, {"l2", f.l2}, {"bare_key_weight", f.bare_key_weight},
-          {"key_columns", f.key_columns}, {"passes", f.passes}, {"bcd_sweeps", f.bcd_sweeps}};
+          {"key_columns", f.key_columns}, {"passes", f.passes}, {"bcd_sweeps", f.bcd_sweeps},
+          {"router_guard", f.router_guard ? nlohmann::json(f.router_guard_layers) : nlohmann::json(nullptr)}};
 }
 
 }  // namespace moedit::cli

@@ -29,7 +29,8 @@ void add_editor_flags(CLI::App* cmd, EditorFlags& f);
 struct BatchFlags {
   std::string method = "rome", layers, key_columns = "mean";
   double mom2_weight = 15000, nullspace_threshold = 2e-2, nullspace_relative = 0, l2 = 10, bare_key_weight = -1;
-  int passes = 1, bcd_sweeps = 5;
+  int passes = 1, bcd_sweeps = 5, router_guard_layers = 0;
+  bool router_guard = false;
   bool batch() const { return method != "rome"; }
 };
 void add_batch_flags(CLI::App* cmd, BatchFlags& f);

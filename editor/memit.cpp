@@ -9,6 +9,7 @@
 #include <set>
 
 #include "editor/rome_internal.h"
+#include "editor/router_guard.h"
 #include "io/errors.h"
 #include "tokenizer/tokenizer.h"
 
@@ -301,6 +302,17 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
   if (opt.edit.mom2_adjustment)
     for (int l : opt.layers) opt.edit.moments(l, opt.edit.target.kind == TargetKind::Shared ? kSharedExpert : 0);
 
+  // The router guard's directions per layer, from the unedited routers (edits change only down-projections).
+  std::map<int, Eigen::MatrixXd> guard;
+  VStarOptions vopt = opt.edit.v;
+  if (opt.router_guard) {
+    for (int l : opt.layers) {
+      guard[l] = router_directions(m, l, opt.router_guard_layers);
+      res.router_guard_dims[l] = int(guard[l].cols());
+    }
+    vopt.exclude = std::make_shared<const Eigen::MatrixXd>(guard[last]);
+  }
+
   // z*_i = h_i + ρ·δ_i on the model before the batch (its probe serves the first layer as well).
   std::vector<Probe> p = probe(m, ids, opt.layers[0], last, opt.forward_requests);
   // The requests' v* problems are independent: they run side by side, one request per thread (each one's ops then
@@ -312,7 +324,7 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
 #pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (n_req > 1)
   for (int i = 0; i < n_req; ++i) {
     try {
-      res.vstar[size_t(i)] = compute_vstar(m, last, ids[size_t(i)], opt.edit.v);
+      res.vstar[size_t(i)] = compute_vstar(m, last, ids[size_t(i)], vopt);
     } catch (...) {
       failed[size_t(i)] = std::current_exception();
     }
@@ -333,8 +345,10 @@ BatchEditResult apply_batch_edit_ids(Model& m, const std::vector<EditIds>& ids, 
         if (pass > 0 || j > 0) p = probe(m, ids, l, last, opt.forward_requests);
         res.residual_norms.push_back(residual_norms(p, z));
         std::vector<Eigen::VectorXd> r;
-        for (size_t i = 0; i < ids.size(); ++i)
+        for (size_t i = 0; i < ids.size(); ++i) {
           r.push_back((z[i] - p[i].h) / (rho * double(n_layers - j)));  // the layers left share it
+          if (opt.router_guard) remove_directions(guard[l], r.back());
+        }
         if (opt.method == BatchMethod::MoeEdit) {
           moeedit_layer(m, l, pass, p, r, opt, cache, &res);
           continue;

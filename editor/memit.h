@@ -25,6 +25,9 @@
 //    (A_e: Σ K Kᵀ of the earlier batches given in a KeyCache, else 0), added to e's down-projection
 //    (copy-on-write, the previous matrix kept: revert is bit-exact). Every expert of layer l is solved from the same
 //    forward, before any of them changes.
+//    With the router guard, r_i ← (I − U_l U_lᵀ) r_i (U_l: editor/router_guard.h) before the columns are built: every
+//    closed form above is linear in R, so each ΔW_e's columns then lie in the complement of U_l, and v*'s δ is kept
+//    in the complement of U_{L_m} so that z* stays reachable.
 // 3. passes > 1 sweeps the layers again: each later sweep solves for the residual z*_i − h_i(cur) the earlier ones
 //    left (block-coordinate descent over the edited experts, as MoEEdit iterates), its updates added on top.
 // One request at one layer, one pass, mean keys: ΔW = ROME's update with --keys consistent times k*ᵀC⁻¹k* / (λ + k*ᵀC⁻¹k*).
@@ -65,6 +68,10 @@ struct BatchOptions {
   KeyColumns key_columns = KeyColumns::Mean;
   int passes = 1;                     // sweeps over the layers (step 3 above)
   int bcd_sweeps = 5;                 // moeedit: block-coordinate sweeps over a layer's experts per solve
+  // The router guard (editor/router_guard.h): every update's output changes, and v*'s δ, kept out of the directions
+  // the routers after its layer read (the next router_guard_layers MoE layers; 0: all of them).
+  bool router_guard = false;
+  int router_guard_layers = 0;
   int forward_requests = 16;          // requests per forward when reading keys and residuals
 };
 KeyColumns parse_key_columns(const std::string& s);  // "mean" | "templates"; InputError otherwise
@@ -104,6 +111,7 @@ struct BatchEditResult {
   std::vector<std::vector<double>> residual_norms;
   std::vector<BatchExpertUpdate> updates;     // applied in this order
   int bcd_sweeps = 0;                         // moeedit
+  std::map<int, int> router_guard_dims;       // router guard: layer → directions kept out (empty: no guard)
   std::vector<std::vector<double>> bcd_objective;  // moeedit: per solve (pass by pass, layer by layer), the coupled
                                                    // objective at ΔW = 0 and after each sweep
   std::vector<std::string> templates;         // text API only

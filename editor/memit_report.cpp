@@ -92,6 +92,11 @@ nlohmann::json batch_edit_json(const BatchEditResult& r) {
     j["bcd_sweeps"] = r.bcd_sweeps;
     j["bcd_objective"] = r.bcd_objective;
   }
+  if (!r.router_guard_dims.empty()) {  // layer → the directions its updates keep out of
+    nlohmann::json g;
+    for (const auto& [l, d] : r.router_guard_dims) g[std::to_string(l)] = d;
+    j["router_guard_dims"] = g;
+  }
   j["updates"] = nlohmann::json::array();
   for (const BatchExpertUpdate& u : r.updates) {
     nlohmann::json x = {{"layer", u.layer},

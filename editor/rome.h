@@ -110,6 +110,9 @@ struct VStarOptions {
   double early_stop_loss = 5e-2;
   bool cache_prefix = true;        // run only tokens at/after the subject in layers > L (exact; faster)
   VStarObjective objective = VStarObjective::Rome;
+  // When set: U [H, m] with orthonormal columns; δ is kept in their complement (δ ← δ − U Uᵀδ after every step:
+  // projected Adam), e.g. the router guard's directions (editor/router_guard.h).
+  std::shared_ptr<const Eigen::MatrixXd> exclude;
 };
 
 // Supplies C for (layer, expert); shared_expert_id(j) for shared expert j (kSharedExpert for a single one).

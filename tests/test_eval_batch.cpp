@@ -333,6 +333,7 @@ TEST(EvalBatch, BadOptionsExitWithTwoAndSayWhy) {
       {" --method moeedit --layers 1 --bcd-sweeps 0", "--bcd-sweeps must be at least 1"},
       {" --method alphaedit --layers 1 --nullspace-relative -1", "--nullspace-relative must be"},
       {" --layer 1 --lr-scale log", "--lr-scale must be absolute or relative"},
+      {" --layer 1 --router-guard", "--router-guard is for --method"},
   };
   for (const Case& c : cases) {
     const auto r = test::run_cli(base + c.args);

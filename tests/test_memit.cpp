@@ -6,9 +6,11 @@
 
 #include <Eigen/Cholesky>
 #include <Eigen/Eigenvalues>
+#include <Eigen/LU>
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <set>
 #include <nlohmann/json.hpp>
 
@@ -16,6 +18,7 @@
 #include "editor/keystats.h"
 #include "editor/memit.h"
 #include "editor/rome.h"
+#include "editor/router_guard.h"
 #include "io/errors.h"
 #include "model/model.h"
 #include "edit_util.h"
@@ -372,6 +375,79 @@ TEST(Memit, MoeEditCouplesTheRoutedExpertsInTheirNullSpaces) {
   EXPECT_THROW(apply_batch_edit_ids(*m, {fixed_ids()}, bo), InputError);
 }
 
+// (7) The router guard (editor/router_guard.h): U spans exactly the later routers' rows times their norm weights —
+// centred for softmax routers (qwen2_moe: layers 1 and 3 after layer 0, layer 2 dense; 7 directions each), whole for
+// DeepSeek-V3's sigmoid router — and with the guard every applied update moves none of those logits along the
+// residual stream (‖rows·ΔW‖ ≤ 1e-5 ‖rows‖‖ΔW‖, fp32 weights) for memit, alphaedit and moeedit, nor does v*'s δ,
+// while the same edit without the guard does (so the check can fail).
+TEST(Memit, RouterGuardKeepsUpdatesOutOfTheLaterRoutersDirections) {
+  SerialOps serial;
+  struct Case {
+    std::string fx;
+    int layer, next_layers;
+    std::vector<int> guarded;  // the MoE layers whose routers count
+    bool centred;
+  };
+  for (const Case& c : {Case{"qwen2_moe", 0, 0, {1, 3}, true}, Case{"qwen2_moe", 0, 1, {1}, true},
+                        Case{"deepseek_v3", 1, 0, {2}, false}}) {
+    auto m = Model::load(fixture_model(c.fx));
+    const int H = m->config().hidden;
+    MatD rows(0, H);  // the guarded rows, stacked
+    for (int l : c.guarded) {
+      const FFNWeights& f = m->weights().layers[size_t(l)].ffn;
+      MatD R = f.router.cast<double>() * m->weights().layers[size_t(l)].ln_post.cast<double>().asDiagonal();
+      if (c.centred) R.rowwise() -= R.colwise().mean();
+      rows.conservativeResize(rows.rows() + R.rows(), H);
+      rows.bottomRows(R.rows()) = R;
+    }
+    const Eigen::MatrixXd U = router_directions(*m, c.layer, c.next_layers);
+    const int rank = int(Eigen::FullPivLU<MatD>(rows).rank());
+    EXPECT_EQ(U.cols(), rank) << c.fx;
+    EXPECT_EQ(rank, c.centred ? 7 * int(c.guarded.size()) : int(rows.rows())) << c.fx;
+    EXPECT_LE((U.transpose() * U - Eigen::MatrixXd::Identity(U.cols(), U.cols())).norm(), 1e-10) << c.fx;
+    EXPECT_LE((rows - rows * U * U.transpose()).norm(), 1e-10 * rows.norm()) << c.fx;  // every row in span U
+
+    const auto stats = compute_key_stats(*m, c.layer, random_corpus(40, 32, m->config().vocab_size, 3));
+    for (const BatchMethod method : {BatchMethod::Memit, BatchMethod::AlphaEdit, BatchMethod::MoeEdit}) {
+      BatchOptions bo = batch_opts(stats, {c.layer}, "routed");
+      bo.method = method;
+      bo.nullspace_relative = 0.5;
+      bo.mom2_weight = 1;  // updates well above the fp32 rounding of the weights they are added to
+      bo.l2 = 1e-2;
+      bo.router_guard_layers = c.next_layers;
+      double worst_unguarded = 0;
+      for (const bool guard : {false, true}) {
+        bo.router_guard = guard;
+        std::map<int, MatD> before;
+        for (int e = 0; e < m->config().n_experts; ++e) before[e] = down_of(*m, c.layer, e);
+        const BatchEditResult r = apply_batch_edit_ids(*m, {fixed_ids(), other_ids()}, bo);
+        ASSERT_FALSE(r.updates.empty());
+        EXPECT_EQ(r.router_guard_dims.empty(), !guard);
+        if (guard) EXPECT_EQ(r.router_guard_dims.at(c.layer), rank) << c.fx;
+        double worst = 0;
+        for (const BatchExpertUpdate& u : r.updates) {
+          const MatD dW = down_of(*m, c.layer, u.expert) - before[u.expert];
+          ASSERT_GT(dW.norm(), 0);
+          worst = std::max(worst, (rows * dW).norm() / (rows.norm() * dW.norm()));
+        }
+        for (const VStarResult& v : r.vstar) {
+          const Eigen::VectorXd d = v.delta.cast<double>();
+          ASSERT_GT(d.norm(), 0);
+          if (guard) EXPECT_LE((U.transpose() * d).norm(), 1e-6 * d.norm()) << c.fx;
+        }
+        std::printf("  [router guard] %s layer %d, %s%s: %d directions, max |rows dW| / (|rows| |dW|) = %.2e\n",
+                    c.fx.c_str(), c.layer, method_name(method).c_str(), guard ? " guarded" : "", rank, worst);
+        if (guard)
+          EXPECT_LE(worst, 1e-5) << c.fx << " " << method_name(method);
+        else
+          worst_unguarded = worst;
+        revert(*m, r);
+      }
+      EXPECT_GT(worst_unguarded, 1e-2) << c.fx << " " << method_name(method);
+    }
+  }
+}
+
 TEST(Memit, BadOptionsFailWithClearMessages) {
   SerialOps serial;
   auto m = Model::load(fixture_model("qwen2_moe"));
@@ -426,7 +502,8 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
                            " --cache-dir " + tmp / "cache" + " --stats-tokens 3000 --steps 8 --drift-tokens 64 ";
   for (const std::string method : {"memit", "alphaedit", "moeedit"}) {
     const auto r = test::run_cli(base + "--method " + method + " --layers 0-1 --mom2-weight 10 --json" +
-                                 (method == "moeedit" ? " --target routed --nullspace-relative 0.05" : ""));
+                                 (method == "moeedit" ? " --target routed --nullspace-relative 0.05" : "") +
+                                 (method == "alphaedit" ? " --router-guard" : ""));
     ASSERT_EQ(r.code, 0) << r.err;
     const auto j = nlohmann::json::parse(r.out);
     EXPECT_EQ(j["edits"].size(), 3u);
@@ -444,6 +521,12 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
     } else {
       EXPECT_TRUE(j["batch"]["updates"][0].contains("null_space_dim"));
     }
+    // The guard's directions per layer: after layer 0 the routers of layers 1 and 3 (2 is dense), 7 centred rows
+    // each; after layer 1 layer 3's.
+    if (method == "alphaedit")
+      EXPECT_EQ(j["batch"]["router_guard_dims"], nlohmann::json({{"0", 14}, {"1", 7}}));
+    else
+      EXPECT_FALSE(j["batch"].contains("router_guard_dims"));
     if (method == "moeedit") {
       EXPECT_EQ(j["batch"]["bcd_sweeps"], 5);
       EXPECT_EQ(j["batch"]["bcd_objective"].size(), 2u);  // one coupled solve per layer
@@ -478,6 +561,8 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
       {"--method memit --layers 1 --target 1:0 --requests " + tmp / "reqs.json", "names one layer's expert"},
       {"--method alphaedit --layers 1 --requests " + tmp / "reqs.json", "drop --no-mom2"},
       {"--layers 1 --requests " + tmp / "reqs.json", "--layers is for --method"},
+      {"--layer 1 --router-guard --requests " + tmp / "reqs.json", "--router-guard is for --method"},
+      {"--method memit --layers 1 --router-guard-layers -1 --requests " + tmp / "reqs.json", "--router-guard-layers"},
       {"--method memit --layers 1 --layer 0 --requests " + tmp / "reqs.json", "not both"},
   };
   for (const Case& c : cases) {
