@@ -91,6 +91,9 @@ void run_batch_edit(const EditArgs& a) {
     std::printf("%s over layers %s (%s targets): %zu requests, %zu expert updates, %.2fs (%.3fs per request; v* "
                 "%.2fs)\n", a.batch.method.c_str(), layers_text(r.layers).c_str(), a.target.c_str(), reqs.size(),
                 r.updates.size(), r.seconds, r.seconds / double(reqs.size()), r.vstar_seconds);
+  if (!a.json)
+    for (const auto& [l, d] : r.router_guard_dims)
+      std::printf("router guard: layer %d's updates keep out of %d directions the later routers read\n", l, d);
   if (tally.n_true > 0) out["summary"] = tally.summary(a.json);
 
   // Routing drift of the whole batch.

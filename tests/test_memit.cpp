@@ -535,8 +535,9 @@ TEST(MemitCli, EditsABatchAndRejectsBadInput) {
                 j["summary"]["efficacy"].get<double>(), j["batch"]["updates"].size(),
                 j["batch"]["seconds"].get<double>());
   }
-  const auto text = test::run_cli(base + "--method memit --layers 1");  // the human-readable report
+  const auto text = test::run_cli(base + "--method memit --layers 1 --router-guard");  // the human-readable report
   ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("router guard: layer 1's updates keep out of 7 directions"), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("summary over 3 requests: efficacy"), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("routing drift of the batch"), std::string::npos) << text.out;
 
