@@ -420,7 +420,7 @@ std::string read_file(const std::string& path, bool& exists) {
 json parse_json(std::string_view text, const std::string& source) {
   try {
     return json::parse(text.begin(), text.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // a syntax error, or a number out of range (406: overflow)
     throw InputError(source + ": malformed JSON: " + e.what());
   }
 }
