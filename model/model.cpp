@@ -14,6 +14,31 @@
 
 namespace moedit {
 
+void Model::set_backend(const Backend& b) {
+  be_ = &b;
+  if (!b.host_memory() && std::find(devices_.begin(), devices_.end(), &b) == devices_.end()) devices_.push_back(&b);
+}
+
+Model::~Model() {
+  for (const Backend* be : devices_) {
+    for_each_tensor(
+        w_,
+        [&](const Weight& W) {
+          if (W.empty()) return;
+          const ops::WeightView v = W.kernel();
+          be->forget(v.data);
+          if (v.scales.data) be->forget(v.scales.data);
+        },
+        [&](const VecF& v) {
+          if (v.size()) be->forget(v.data());
+        },
+        [&](const MatR& m) {
+          if (m.size()) be->forget(m.data());
+        });
+    if (!inv_freq_.empty()) be->forget(inv_freq_.data());
+  }
+}
+
 void Model::linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b) const {
   host_backend().linear(x, size_t(in), n, in, W.kernel(), int(W.rows()), y, size_t(W.rows()), b.size() ? b.data() : nullptr);
 }

@@ -103,6 +103,11 @@ class Model {
   // Loads config.json and the safetensors weights of a checkpoint folder.
   static std::shared_ptr<Model> load(const std::string& path, const LoadOptions& opt = {});
   Model(ModelConfig cfg, Weights w);
+  // Drops the device copies of this model's host data from every device backend it ran on: they are keyed by host
+  // address, and a model loaded later may get the same addresses (a reused mapping or allocation).
+  ~Model();
+  Model(const Model&) = default;  // a copy shares mapped weights: its end only makes the original upload them again
+  Model& operator=(const Model&) = default;
 
   const ModelConfig& config() const { return cfg_; }
   const Weights& weights() const { return w_; }
@@ -117,7 +122,7 @@ class Model {
   // The backend of the helpers below that take host matrices: the model's where its memory is the host's, else the
   // CPU backend.
   const Backend& host_backend() const { return be_->host_memory() ? *be_ : cpu_backend(); }
-  void set_backend(const Backend& b) { be_ = &b; }
+  void set_backend(const Backend& b);
   // A standing router edit that every forward applies, the taped gradient stack included (model/router_edit.h);
   // null: none. Set it before the runs it should steer (it is read, never copied, by each forward).
   void set_router_edit(std::shared_ptr<const RouterEdit> e) { router_edit_ = std::move(e); }
@@ -155,6 +160,7 @@ class Model {
   std::vector<float> inv_freq_;
   ops::RouteSpec route_;
   const Backend* be_ = &cpu_backend();
+  std::vector<const Backend*> devices_;  // the device backends set so far (their resident copies of our data)
   std::shared_ptr<const RouterEdit> router_edit_;
 };
 

@@ -308,4 +308,8 @@ const Backend& cuda_backend(int device) {
   return *b;
 }
 
+size_t cuda_resident_bytes(int device) {
+  return static_cast<const cuda::CudaBackend&>(cuda_backend(device)).resident_bytes();
+}
+
 }  // namespace moedit

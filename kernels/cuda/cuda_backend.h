@@ -12,4 +12,7 @@ int cuda_device_count();
 // std::runtime_error naming the cause when there is no such device.
 const Backend& cuda_backend(int device = 0);
 
+// Bytes that device `device`'s resident copies of host data hold now (tests: a destroyed model's copies are gone).
+size_t cuda_resident_bytes(int device = 0);
+
 }  // namespace moedit

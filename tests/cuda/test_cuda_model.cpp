@@ -78,6 +78,25 @@ TEST_P(CudaModel, TraceScoresMatchTheCpu) {
   }
 }
 
+// Device copies are keyed by host address: a model must take its copies with it, or a model loaded later at reused
+// addresses (a new mapping, a new allocation) would run on the old one's weights — as the trace tests did when
+// fixtures ran one after another in one process.
+TEST(CudaModelLifetime, DestroyingAModelDropsItsDeviceCopies) {
+  MOEDIT_REQUIRE_GPU();
+  const Backend& be = test::gpu();
+  const size_t before = cuda_resident_bytes();
+  for (const std::string fx : {"olmoe", "deepseek_v3_fp8"}) {
+    const std::string dir = test::fixture("models/" + fx);
+    {
+      const auto m = Model::load(dir);
+      m->set_backend(be);
+      m->forward(test::reference_inputs(dir));
+      EXPECT_GT(cuda_resident_bytes(), before) << fx;
+    }
+    EXPECT_EQ(cuda_resident_bytes(), before) << fx;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel, ::testing::ValuesIn(test::fixture_names()),
                          [](const auto& info) { return info.param; });
 
