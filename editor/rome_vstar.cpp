@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "editor/rome_internal.h"
+#include "editor/router_guard.h"
 #include "io/errors.h"
 
 namespace moedit {
@@ -211,7 +212,7 @@ VStarResult compute_vstar(const Model& m, int layer, const EditIds& ids, const V
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
     const Eigen::VectorXd denom = (v1.cwiseSqrt() / std::sqrt(bc2)).array() + eps;
     delta -= (lr / bc1) * m1.cwiseQuotient(denom);
-    if (opt.exclude) delta -= *opt.exclude * (opt.exclude->transpose() * delta);
+    if (opt.exclude) remove_directions(*opt.exclude, delta);
     const double n = delta.norm();
     if (n > max_norm) delta *= max_norm / n;
   }

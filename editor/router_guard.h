@@ -21,8 +21,8 @@ namespace moedit {
 
 // U_l [H, m], orthonormal columns: the router directions of the MoE layers after `layer`, of the next `next_layers`
 // of them when > 0 (deep models: E·(layers left) rows soon span all of H; the next few routers feel Δ most directly),
-// m = 0 if there are none. Directions whose singular value is below 1e-6 of the largest are dropped (below that, G = Σ rowᵀrow's
-// eigenvalues are rounding).
+// m = 0 if there are none. Directions whose singular value is below 1e-6 of the largest are dropped (below that,
+// the eigenvalues of G = Σ rowᵀrow are rounding).
 Eigen::MatrixXd router_directions(const Model& m, int layer, int next_layers = 0);
 
 // x − U Uᵀ x for each column of x [H, n] (in place).
