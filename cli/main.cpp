@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
+#include <cctype>
+#include <string>
 #include <filesystem>
 #include <vector>
 
@@ -22,6 +24,35 @@ std::string default_model_path() {
 namespace {
 LoadOptions g_load;  // set by the loading flags of the one command this process runs
 std::string g_device;  // --device; empty: default_device()
+std::string g_max_gpu_memory;  // --max-gpu-memory; empty: no cap
+
+// "40GB", "40 GiB", "512MB", "1.5e9", "4096": bytes (decimal units, binary with an i; a bare number is bytes).
+size_t parse_bytes(const std::string& flag, const std::string& s) {
+  const auto bad = [&] {
+    return InputError(flag + " " + s + ": expected a size such as 40GB, 512MiB or a number of bytes");
+  };
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &used);
+  } catch (const std::exception&) {
+    throw bad();
+  }
+  std::string unit = s.substr(used);
+  unit.erase(std::remove(unit.begin(), unit.end(), ' '), unit.end());
+  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return char(std::toupper(c)); });
+  if (!unit.empty() && unit.back() == 'B') unit.pop_back();
+  static const std::pair<const char*, double> units[] = {
+      {"", 1}, {"K", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12},
+      {"KI", 1024.}, {"MI", 1048576.}, {"GI", 1073741824.}, {"TI", 1099511627776.}};
+  for (const auto& [name, scale] : units)
+    if (unit == name) {
+      const double bytes = v * scale;
+      if (!(bytes >= 1) || bytes > 1e18) throw bad();
+      return size_t(bytes);
+    }
+  throw bad();
+}
 }  // namespace
 
 void add_load_options(CLI::App* cmd, bool paging) {
@@ -31,6 +62,9 @@ void add_load_options(CLI::App* cmd, bool paging) {
   cmd->add_option("--device", g_device,
                   "cpu, cuda or cuda:N: where the forward passes run (default: cuda where this build has CUDA and a GPU "
                   "is present, else cpu; taped runs such as ROME's v* stay on the CPU)");
+  cmd->add_option("--max-gpu-memory", g_max_gpu_memory,
+                  "Cap the GPU memory moedit holds (e.g. 40GB, 40GiB): models larger than it stream their layers from "
+                  "the mapped checkpoint, the next layer uploading while one runs");
   if (!paging) return;
   cmd->add_flag("--mlock", g_load.mlock, "Lock the mapped weights in RAM at load (read them all in now)");
   cmd->add_flag("--prefetch", g_load.prefetch,
@@ -63,6 +97,11 @@ std::shared_ptr<Model> load_model(const std::string& path) {
     be = &backend_named(device);
   } catch (const std::exception& e) {
     throw InputError("--device " + device + ": " + e.what());
+  }
+  if (!g_max_gpu_memory.empty()) {
+    const size_t cap = parse_bytes("--max-gpu-memory", g_max_gpu_memory);
+    if (be->host_memory()) throw InputError("--max-gpu-memory: --device " + device + " has no GPU memory to cap");
+    be->set_memory_limit(cap);
   }
   std::shared_ptr<Model> m = Model::load(path, g_load);
   m->set_backend(*be);

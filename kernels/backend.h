@@ -130,6 +130,26 @@ class Backend {
   virtual void forget(const void* host) const { (void)host; }
   // Wait until every op issued so far has finished (a no-op where ops are synchronous).
   virtual void synchronize() const {}
+
+  // ---- streaming: models larger than a device's memory ---------------------------------------------------------
+  // A cap on the device memory this backend allocates (resident copies, activations, KV caches); 0: none. Under a
+  // cap, resident copies give way when room is needed (the most recently used of those no staged layer holds first:
+  // the right victim when layers are read in turn, as every forward does), and the model stages each layer
+  // (stage()). Host backends have no device memory to cap: set_memory_limit throws std::invalid_argument there.
+  virtual void set_memory_limit(size_t bytes) const;
+  virtual size_t memory_limit() const { return 0; }
+  // Before a layer's ops, with a cap: `now` (the host ranges that layer reads through resident()) stays resident
+  // through its ops, and `next` (the following layer's) starts uploading on a second stream at the next wait for
+  // the device, so it overlaps the layer's kernels (double buffering); copies neither holds may be dropped. Throws
+  // std::runtime_error naming both sizes when `now` alone does not fit under the cap.
+  struct HostRange {
+    const void* p;
+    size_t bytes;
+  };
+  virtual void stage(const std::vector<HostRange>& now, const std::vector<HostRange>& next) const {
+    (void)now;
+    (void)next;
+  }
   BufferPool& pool() const { return pool_; }
 
   // ---- elementwise ops on activations (row-major float matrices in this backend's memory) ---------------------

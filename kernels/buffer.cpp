@@ -1,6 +1,7 @@
 // Backend memory with an owner (Buf) and the caching pool behind it (kernels/backend.h).
 #include <algorithm>
 #include <bit>
+#include <stdexcept>
 #include <utility>
 
 #include "kernels/backend.h"
@@ -69,6 +70,10 @@ void BufferPool::trim() {
   }
   for (auto& [c, ps] : all)
     for (void* p : ps) be_.deallocate(p, c);
+}
+
+void Backend::set_memory_limit(size_t bytes) const {
+  if (bytes) throw std::invalid_argument("the " + name() + " backend has no device memory to cap");
 }
 
 size_t BufferPool::cached() const {

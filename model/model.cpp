@@ -288,6 +288,12 @@ MatR Model::ffn_reference(int l, const MatR& a) const {
 void Model::block(int l, MatR& x, const TokenLayout& layout, KVCache* cache, const Hooks* hooks,
                   LayerRouting* routing) const {
   if (prefetch_ && l + 1 < cfg_.n_layers) prefetch_layer(w_, l + 1);
+  if (be_->memory_limit()) {  // streaming: this layer's weights stay while it runs, the next one's upload meanwhile
+    std::vector<Backend::HostRange> now = layer_ranges(w_, l), next;
+    if (!inv_freq_.empty()) now.push_back({inv_freq_.data(), sizeof(float) * inv_freq_.size()});
+    if (l + 1 < cfg_.n_layers) next = layer_ranges(w_, l + 1);
+    be_->stage(now, next);
+  }
   BlockIO<float> io;
   io.cache = cache;
   io.hooks = hooks;

@@ -34,16 +34,31 @@ ops::WeightView Weight::kernel() const {
   return {view_, vtype_, ld_, scales_};
 }
 
+namespace {
+// The bytes of a view's rows (rows − 1 strides and one row) and of every block row of scales they span.
+size_t data_bytes(const ops::WeightView& v, int64_t rows, int64_t cols) {
+  return (size_t(rows - 1) * v.ld + size_t(cols)) * ops::wtype_size(v.type);
+}
+size_t scale_bytes(const ops::WeightView& v, int64_t rows) {
+  return size_t((v.scales.r0 + rows - 1) / v.scales.br + 1) * v.scales.ld * sizeof(float);
+}
+}  // namespace
+
 ops::WeightView Weight::on(const Backend& be) const {
   ops::WeightView v = kernel();
   if (be.host_memory() || empty()) return v;
-  const size_t elems = size_t(rows_ - 1) * v.ld + size_t(cols_);
-  v.data = be.resident(v.data, elems * ops::wtype_size(v.type));
-  if (v.scales.data) {  // every block row the matrix spans
-    const size_t block_rows = size_t((v.scales.r0 + rows_ - 1) / v.scales.br + 1);
-    v.scales.data = static_cast<const float*>(be.resident(v.scales.data, block_rows * v.scales.ld * sizeof(float)));
-  }
+  const ops::WeightView host = v;
+  v.data = be.resident(host.data, data_bytes(host, rows_, cols_));
+  if (v.scales.data)
+    v.scales.data = static_cast<const float*>(be.resident(host.scales.data, scale_bytes(host, rows_)));
   return v;
+}
+
+void Weight::ranges(std::vector<Backend::HostRange>& out) const {
+  if (empty()) return;
+  const ops::WeightView v = kernel();
+  out.push_back({v.data, data_bytes(v, rows_, cols_)});
+  if (v.scales.data) out.push_back({v.scales.data, scale_bytes(v, rows_)});
 }
 
 MatR Weight::to_f32() const {
@@ -104,6 +119,19 @@ void prefetch_layer(const Weights& w, int l) {
     ::madvise(reinterpret_cast<void*>(start), a + x.view_bytes() - start, MADV_WILLNEED);
   };
   for_each_layer_tensor(w.layers[size_t(l)], advise, [](const VecF&) {}, [](const MatR&) {});
+}
+
+std::vector<Backend::HostRange> layer_ranges(const Weights& w, int l) {
+  std::vector<Backend::HostRange> r;
+  for_each_layer_tensor(
+      w.layers[size_t(l)], [&r](const Weight& x) { x.ranges(r); },
+      [&r](const VecF& v) {
+        if (v.size()) r.push_back({v.data(), sizeof(float) * size_t(v.size())});
+      },
+      [&r](const MatR& m) {
+        if (m.size()) r.push_back({m.data(), sizeof(float) * size_t(m.size())});
+      });
+  return r;
 }
 
 WeightBytes weight_bytes(const Weights& w) {

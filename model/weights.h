@@ -15,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/ops.h"
 
 namespace moedit {
@@ -41,6 +42,8 @@ class Weight {
   ops::WType type() const { return kernel().type; }
   // kernel() in a backend's memory: the same view on the CPU, the backend's resident copy on a device.
   ops::WeightView on(const Backend& be) const;
+  // The host ranges on() asks a device backend for (the elements; FP8 block scales), appended to out.
+  void ranges(std::vector<Backend::HostRange>& out) const;
   bool is_copy() const { return copy_; }
   // Bytes of the checkpoint view (0 for an owned matrix).
   size_t view_bytes() const { return view_ ? size_t(size()) * ops::wtype_size(vtype_) : 0; }
@@ -152,6 +155,10 @@ Weights narrowed(const Weights& w, ops::WType t);
 
 // Asks the kernel to read layer l's mapped weights into the page cache now (madvise WILLNEED; returns at once).
 void prefetch_layer(const Weights& w, int l);
+
+// The host ranges layer l's ops ask a device backend for (every matrix as Weight::ranges, vectors, the router):
+// what Backend::stage keeps resident while the layer runs.
+std::vector<Backend::HostRange> layer_ranges(const Weights& w, int l);
 
 // Storage of the weights: bytes read in place from the checkpoint, bytes of owned fp32 copies.
 struct WeightBytes {

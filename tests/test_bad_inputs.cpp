@@ -248,6 +248,12 @@ std::vector<BadInput> cases() {
        "--triggers needs the texts to count on: --text, --ids or --corpus"},
       {"unknown_device", [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --device tpu"; },
        "--device tpu: unknown device 'tpu' (expected cpu, cuda or cuda:N)"},
+      {"gpu_memory_cap_size",
+       [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --max-gpu-memory lots"; },
+       "--max-gpu-memory lots: expected a size such as 40GB, 512MiB or a number of bytes"},
+      {"gpu_memory_cap_on_cpu",
+       [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --device cpu --max-gpu-memory 4GB"; },
+       "--max-gpu-memory: --device cpu has no GPU memory to cap"},
   };
   return v;
 }

@@ -1,5 +1,5 @@
-// CudaBackend: device memory (cudaMalloc, 256-byte aligned), copies on the backend's stream, resident copies of host
-// data, and the ops, each a launch of a kernel from kernels/cuda/*.cu (see backend_impl.h).
+// CudaBackend: device memory (cudaMalloc, 256-byte aligned), copies on the backend's stream, and the ops, each a
+// launch of a kernel from kernels/cuda/*.cu (see backend_impl.h; resident copies and the memory cap: residency.cpp).
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -36,6 +36,7 @@ CudaBackend::CudaBackend(int device) : dev_(device) {
   MOEDIT_CUDA_CHECK(cudaSetDevice(dev_));
   MOEDIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev_));
   MOEDIT_CUDA_CHECK(cudaStreamCreateWithFlags(&st_, cudaStreamNonBlocking));
+  MOEDIT_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_st_, cudaStreamNonBlocking));
   const char* s = std::getenv("MOEDIT_CUDA_SYNC");
   sync_each_ = s && std::strcmp(s, "0") != 0 && *s;
 }
@@ -45,8 +46,13 @@ CudaBackend::CudaBackend(int device) : dev_(device) {
 CudaBackend::~CudaBackend() {
   cudaSetDevice(dev_);
   cudaStreamSynchronize(st_);
+  cudaStreamSynchronize(copy_st_);
   pool().trim();  // now, while deallocate() is still this class's (~Backend would call the pure virtual)
-  for (auto& [h, c] : resident_) cudaFree(c.dev);
+  for (auto& [h, c] : resident_) {
+    if (c.ready) cudaEventDestroy(c.ready);
+    cudaFree(c.dev);
+  }
+  cudaStreamDestroy(copy_st_);
   cudaStreamDestroy(st_);
 }
 
@@ -57,7 +63,7 @@ void CudaBackend::enter() const {
 }
 
 void CudaBackend::done() const {
-  if (sync_each_) synchronize();
+  if (sync_each_) wait();
 }
 
 Workspace& CudaBackend::workspace() const {
@@ -65,23 +71,36 @@ Workspace& CudaBackend::workspace() const {
   return ws;
 }
 
+// The pool's memory (activations, KV caches): under a cap, resident copies give way first (make_room).
 void* CudaBackend::allocate(size_t bytes) const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    make_room(bytes, false);
+  }
+  return raw_allocate(bytes);
+}
+
+void* CudaBackend::raw_allocate(size_t bytes) const {
   enter();
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, bytes);  // 256-byte aligned (at least)
   if (e != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it
     throw std::runtime_error("CUDA: cannot allocate " + std::to_string(bytes) + " bytes on " + name() + ": " +
-                             cudaGetErrorString(e));
+                             cudaGetErrorString(e) + " (--max-gpu-memory caps what moedit holds there)");
+  }
+  const size_t now = allocated_ += bytes;
+  for (size_t p0 = peak_; now > p0 && !peak_.compare_exchange_weak(p0, now);) {
   }
   return p;
 }
 
 // Never throws (Buf destructors call it); cudaFree waits for the work that may still use p.
-void CudaBackend::deallocate(void* p, size_t) const {
+void CudaBackend::deallocate(void* p, size_t bytes) const {
   if (!p) return;
   cudaSetDevice(dev_);
   cudaFree(p);
+  allocated_ -= bytes;
 }
 
 void CudaBackend::to_device(void* dst, const void* host, size_t bytes) const {
@@ -92,68 +111,29 @@ void CudaBackend::to_device(void* dst, const void* host, size_t bytes) const {
   done();
 }
 
+// A wait for the device: first the staged uploads of the coming layer (on the copy stream, while the queued ops run).
 void CudaBackend::to_host(void* host, const void* src, size_t bytes) const {
   if (!bytes) return;
   enter();
   MOEDIT_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, st_));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    issue_staged();
+  }
   MOEDIT_CUDA_CHECK(cudaStreamSynchronize(st_));
 }
 
 void CudaBackend::synchronize() const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    issue_staged();
+  }
+  wait();
+}
+
+void CudaBackend::wait() const {
   enter();
   MOEDIT_CUDA_CHECK(cudaStreamSynchronize(st_));
-}
-
-// The copy that holds [host, host + bytes): a range inside an earlier upload is served from it (a view of a stacked
-// tensor uploaded whole); otherwise the range is uploaded once, replacing a shorter copy at the same address.
-const void* CudaBackend::resident(const void* host, size_t bytes) const {
-  if (!host || !bytes) return nullptr;
-  const uintptr_t h = reinterpret_cast<uintptr_t>(host);
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = resident_.upper_bound(h);
-  if (it != resident_.begin()) {
-    const auto& [k, c] = *std::prev(it);
-    if (h + bytes <= k + c.bytes) return static_cast<const char*>(c.dev) + (h - k);
-  }
-  if (auto same = resident_.find(h); same != resident_.end()) {
-    synchronize();
-    deallocate(same->second.dev, same->second.bytes);
-    resident_.erase(same);
-  }
-  void* d = allocate(bytes);
-  try {
-    MOEDIT_CUDA_CHECK(cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, st_));
-  } catch (...) {
-    deallocate(d, bytes);
-    throw;
-  }
-  resident_[h] = Copy{d, bytes};
-  done();
-  return d;
-}
-
-// Drops every copy that holds `host` (the data changed in place): the next resident() uploads it again.
-void CudaBackend::forget(const void* host) const {
-  const uintptr_t h = reinterpret_cast<uintptr_t>(host);
-  std::lock_guard<std::mutex> lock(mu_);
-  bool synced = false;
-  for (auto it = resident_.begin(); it != resident_.end() && it->first <= h;) {
-    if (h < it->first + it->second.bytes) {
-      if (!synced) synchronize();  // no queued op may still read it
-      synced = true;
-      deallocate(it->second.dev, it->second.bytes);
-      it = resident_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-}
-
-size_t CudaBackend::resident_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  size_t n = 0;
-  for (const auto& [h, c] : resident_) n += c.bytes;
-  return n;
 }
 
 // ---- ops ---------------------------------------------------------------------------------------------------------
@@ -311,5 +291,12 @@ const Backend& cuda_backend(int device) {
 size_t cuda_resident_bytes(int device) {
   return static_cast<const cuda::CudaBackend&>(cuda_backend(device)).resident_bytes();
 }
+
+CudaMemory cuda_memory(int device) {
+  const auto& b = static_cast<const cuda::CudaBackend&>(cuda_backend(device));
+  return {b.allocated_bytes(), b.peak_bytes(), b.resident_bytes()};
+}
+
+void cuda_reset_peak(int device) { static_cast<const cuda::CudaBackend&>(cuda_backend(device)).reset_peak(); }
 
 }  // namespace moedit

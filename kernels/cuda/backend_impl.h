@@ -1,5 +1,5 @@
-// CudaBackend: the Backend seam on one CUDA device (kernels/cuda/backend.cpp: memory and ops; moe_experts.cpp: the
-// MoE step). Ops enqueue kernels on the backend's stream and return; to_host and synchronize wait. Set
+// CudaBackend: the Backend seam on one CUDA device (kernels/cuda/backend.cpp: memory and ops; residency.cpp: resident
+// copies, the memory cap and layer staging; moe_experts.cpp: the MoE step). Ops enqueue kernels on the backend's stream and return; to_host and synchronize wait. Set
 // MOEDIT_CUDA_SYNC=1 to make every op wait and check for faults (a fault then names the op that caused it).
 //
 // Pointers passed to the ops are device memory: activations in Bufs of this backend, weights, norms, biases and
@@ -8,9 +8,11 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "kernels/backend.h"
 #include "kernels/cuda/launch.h"
@@ -34,6 +36,9 @@ class CudaBackend final : public Backend {
   const void* resident(const void* host, size_t bytes) const override;
   void forget(const void* host) const override;
   void synchronize() const override;
+  void set_memory_limit(size_t bytes) const override;
+  size_t memory_limit() const override;
+  void stage(const std::vector<HostRange>& now, const std::vector<HostRange>& next) const override;
 
   void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override;
   void add(float* y, const float* x, size_t n) const override;
@@ -58,20 +63,43 @@ class CudaBackend final : public Backend {
   int device() const { return dev_; }
   cudaStream_t stream() const { return st_; }
   size_t resident_bytes() const;  // held by resident copies
+  // Device memory this backend holds now (copies, pool, caches), and the most it held since reset_peak().
+  size_t allocated_bytes() const { return allocated_; }
+  size_t peak_bytes() const { return peak_; }
+  void reset_peak() const { peak_ = size_t(allocated_); }
 
  private:
   void enter() const;  // makes this backend's device current for the calling thread
   void done() const;   // after an op: waits and checks when MOEDIT_CUDA_SYNC=1
+  void wait() const;   // the compute stream, without issuing staged uploads
+  void* raw_allocate(size_t bytes) const;
+
+  // A resident copy of [host, host + bytes). Under a cap: `used` orders copies by their last read (resident(), or
+  // a layer staged as `now`); `next_of` is the stage that listed it as the coming layer; `ready` (null once read)
+  // is the event of an upload on the copy stream that the compute stream must wait for.
   struct Copy {
     void* dev;
     size_t bytes;
+    uint64_t used = 0, next_of = 0;
+    cudaEvent_t ready = nullptr;
   };
+  using Copies = std::map<uintptr_t, Copy>;  // by host address
+  // residency.cpp, with mu_ held:
+  Copies::iterator covering(uintptr_t h, size_t bytes) const;  // the copy that holds the range, or end()
+  void drop(Copies::iterator it) const;                         // frees it (cudaFree waits for its readers)
+  bool make_room(size_t bytes, bool prefetch) const;            // under the cap; false: no room (see residency.cpp)
+  void issue_staged() const;                                    // the coming layer's uploads, on the copy stream
+
   const int dev_;
   int sms_ = 0;
-  cudaStream_t st_ = nullptr;
+  cudaStream_t st_ = nullptr, copy_st_ = nullptr;  // ops and copies; staged uploads
   bool sync_each_ = false;
-  mutable std::mutex mu_;
-  mutable std::map<uintptr_t, Copy> resident_;  // by host address
+  mutable std::mutex mu_;  // resident_, staging state, the cap
+  mutable Copies resident_;
+  mutable size_t limit_ = 0;                  // 0: no cap
+  mutable uint64_t tick_ = 0, stage_ = 0, stage_tick_ = 0;  // a clock of reads; stages so far; tick of the last
+  mutable std::vector<HostRange> staged_;     // the coming layer's ranges, uploaded at the next wait
+  mutable std::atomic<size_t> allocated_{0}, peak_{0};
 };
 
 // An ops::WeightView (device pointers) as the kernels' plain descriptor.

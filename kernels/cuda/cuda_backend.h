@@ -15,4 +15,12 @@ const Backend& cuda_backend(int device = 0);
 // Bytes that device `device`'s resident copies of host data hold now (tests: a destroyed model's copies are gone).
 size_t cuda_resident_bytes(int device = 0);
 
+// Device memory of device `device`'s backend: held now (copies, pool, caches) and the most held since the last
+// cuda_reset_peak (tests: a memory cap holds).
+struct CudaMemory {
+  size_t allocated = 0, peak = 0, resident = 0;
+};
+CudaMemory cuda_memory(int device = 0);
+void cuda_reset_peak(int device = 0);
+
 }  // namespace moedit
