@@ -10,6 +10,8 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/invariance.h"
+#include "tracing/trace.h"
 
 // Every test starts here: without a GPU it reports the skip and runs nothing.
 #define MOEDIT_REQUIRE_GPU()                                                                            \
@@ -57,6 +59,17 @@ inline void expect_near_scaled(const std::vector<float>& got, const std::vector<
   EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements differ by more than " << bound
                      << " (" << tol << " × scale " << scale << "); first at " << first << ": cuda " << got[first]
                      << ", cpu " << want[first] << "; worst difference " << worst;
+}
+
+// The causal trace the model tests compare: a fixture's first reference sequence, subject tokens 1..2, 3 samples.
+inline trace::TraceReport fixture_trace(const Model& m, const std::string& dir) {
+  trace::TraceInput in;
+  in.ids = reference_inputs(dir)[0];
+  in.subject_begin = 1;
+  in.subject_end = std::min<int>(3, int(in.ids.size()) - 1);
+  trace::TraceOptions opt;
+  opt.samples = 3;
+  return trace::trace_ids(m, in, opt);
 }
 
 }  // namespace moedit::test

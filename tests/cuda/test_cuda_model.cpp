@@ -51,15 +51,9 @@ TEST_P(CudaModel, TraceScoresMatchTheCpu) {
   MOEDIT_REQUIRE_GPU();
   const std::string dir = test::fixture("models/" + GetParam());
   const auto m = Model::load(dir);
-  TraceInput in;
-  in.ids = test::reference_inputs(dir)[0];
-  in.subject_begin = 1;
-  in.subject_end = std::min<int>(3, int(in.ids.size()) - 1);
-  TraceOptions opt;
-  opt.samples = 3;
-  const TraceReport cpu = trace_ids(*m, in, opt);
+  const TraceReport cpu = test::fixture_trace(*m, dir);
   m->set_backend(test::gpu());
-  const TraceReport gpu = trace_ids(*m, in, opt);
+  const TraceReport gpu = test::fixture_trace(*m, dir);
   EXPECT_NEAR(gpu.high_score, cpu.high_score, 1e-5);
   EXPECT_NEAR(gpu.low_score, cpu.low_score, 1e-5);
   ASSERT_EQ(gpu.kinds.size(), cpu.kinds.size());

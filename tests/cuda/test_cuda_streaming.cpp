@@ -20,16 +20,6 @@ struct NoCapAfter {
   ~NoCapAfter() { test::gpu().set_memory_limit(0); }
 };
 
-TraceReport trace_of(const Model& m, const std::string& dir) {
-  TraceInput in;
-  in.ids = test::reference_inputs(dir)[0];
-  in.subject_begin = 1;
-  in.subject_end = std::min<int>(3, int(in.ids.size()) - 1);
-  TraceOptions opt;
-  opt.samples = 3;
-  return trace_ids(m, in, opt);
-}
-
 // Bytes of layer l's resident copies (its ranges and the RoPE frequencies every layer reads).
 size_t layer_bytes(const Model& m, int l) {
   size_t n = sizeof(float) * m.inv_freq().size();
@@ -96,7 +86,7 @@ TEST_P(CudaStreaming, ACapBelowTheWeightsGivesTheSameLogitsAndTraceScores) {
   const size_t resident0 = cuda_resident_bytes();
   m->set_backend(test::gpu());
   const ForwardOutput free_run = m->forward(seqs);
-  const TraceReport free_trace = trace_of(*m, dir);
+  const TraceReport free_trace = test::fixture_trace(*m, dir);
   const size_t weights = cuda_resident_bytes() - resident0;
   int L = m->config().n_layers;
   size_t largest = 0;
@@ -111,7 +101,7 @@ TEST_P(CudaStreaming, ACapBelowTheWeightsGivesTheSameLogitsAndTraceScores) {
   cuda_reset_peak();
   ASSERT_LE(cuda_memory().peak, cap);
   const ForwardOutput capped_run = m->forward(seqs);
-  const TraceReport capped_trace = trace_of(*m, dir);
+  const TraceReport capped_trace = test::fixture_trace(*m, dir);
   EXPECT_LE(cuda_memory().peak, cap) << GetParam();
   EXPECT_LT(cuda_resident_bytes() - resident0, weights) << GetParam() << ": nothing was dropped";
 
@@ -126,9 +116,10 @@ TEST_P(CudaStreaming, ACapBelowTheWeightsGivesTheSameLogitsAndTraceScores) {
     ASSERT_EQ(a.size(), b.size());
     for (size_t r = 0; r < b.size(); ++r)
       for (size_t l = 0; l < b[r].size(); ++l)
-        if (!(std::isnan(a[r][l]) && std::isnan(b[r][l])))
+        if (!(std::isnan(a[r][l]) && std::isnan(b[r][l]))) {
           EXPECT_EQ(a[r][l], b[r][l]) << GetParam() << " " << kind_name(free_trace.kinds[k].kind) << " row " << r
                                       << " layer " << l;
+        }
   }
 }
 
