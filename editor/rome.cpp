@@ -274,7 +274,11 @@ DownMap expert_down(Model& m, int layer, int expert) {
   Weight& w = down_weight(m.mutable_weights(), layer, expert);
   const auto [b, e] = is_shared_expert(expert) ? shared_columns(m, layer, expert)
                                                : std::pair<int, int>{0, int(w.cols())};
-  return DownMap(w.mutable_f32() + b, w.rows(), e - b, Eigen::OuterStride<>(w.cols()));
+  float* data = w.mutable_f32();
+  // The caller writes through the map before the next forward, and restore_down may free the copy: a device must
+  // upload these bytes again, not run on a copy of what was here before (or of a freed copy at a reused address).
+  m.forget_device_copies(data);
+  return DownMap(data + b, w.rows(), e - b, Eigen::OuterStride<>(w.cols()));
 }
 
 void set_expert_down(Model& m, int layer, int expert, const std::vector<float>& values) {

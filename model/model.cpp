@@ -19,24 +19,24 @@ void Model::set_backend(const Backend& b) {
   if (!b.host_memory() && std::find(devices_.begin(), devices_.end(), &b) == devices_.end()) devices_.push_back(&b);
 }
 
+void Model::forget_device_copies(const void* host) const {
+  if (host)
+    for (const Backend* be : devices_) be->forget(host);
+}
+
 Model::~Model() {
-  for (const Backend* be : devices_) {
-    for_each_tensor(
-        w_,
-        [&](const Weight& W) {
-          if (W.empty()) return;
-          const ops::WeightView v = W.kernel();
-          be->forget(v.data);
-          if (v.scales.data) be->forget(v.scales.data);
-        },
-        [&](const VecF& v) {
-          if (v.size()) be->forget(v.data());
-        },
-        [&](const MatR& m) {
-          if (m.size()) be->forget(m.data());
-        });
-    if (!inv_freq_.empty()) be->forget(inv_freq_.data());
-  }
+  if (devices_.empty()) return;
+  for_each_tensor(
+      w_,
+      [&](const Weight& W) {
+        if (W.empty()) return;
+        const ops::WeightView v = W.kernel();
+        forget_device_copies(v.data);
+        forget_device_copies(v.scales.data);
+      },
+      [&](const VecF& v) { forget_device_copies(v.data()); },
+      [&](const MatR& m) { forget_device_copies(m.data()); });
+  forget_device_copies(inv_freq_.data());
 }
 
 void Model::linear(const float* x, int n, int in, const Weight& W, float* y, const VecF& b) const {

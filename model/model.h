@@ -123,6 +123,10 @@ class Model {
   // CPU backend.
   const Backend& host_backend() const { return be_->host_memory() ? *be_ : cpu_backend(); }
   void set_backend(const Backend& b);
+  // Drops the copies of host data at `host` from every device backend this model was set to: call it before data
+  // the forward reads is written in place (an edit), or before its memory is freed, so no device runs on the old
+  // bytes (copies are keyed by host address).
+  void forget_device_copies(const void* host) const;
   // A standing router edit that every forward applies, the taped gradient stack included (model/router_edit.h);
   // null: none. Set it before the runs it should steer (it is read, never copied, by each forward).
   void set_router_edit(std::shared_ptr<const RouterEdit> e) { router_edit_ = std::move(e); }

@@ -63,7 +63,7 @@ TEST(CudaResidency, UnderACapTheMostRecentlyReadIdleCopyGivesWay) {
   EXPECT_EQ(cuda_memory().allocated, before);
   EXPECT_EQ(read(1), layer[1]);  // held copies: 2 (this layer) and 1; 0 gave way
   EXPECT_EQ(cuda_resident_bytes() - resident0, 3 * bytes);
-  be.set_memory_limit(cuda_memory().allocated - cuda_resident_bytes() + resident0 + bytes / 2);
+  be.set_memory_limit(bytes / 2);
   try {
     be.stage({range(3)}, {});
     ADD_FAILURE() << "a layer larger than the cap was staged";
@@ -72,7 +72,7 @@ TEST(CudaResidency, UnderACapTheMostRecentlyReadIdleCopyGivesWay) {
   }
   be.set_memory_limit(0);
   for (int i = 0; i < 4; ++i) be.forget(layer[size_t(i)].data());
-  EXPECT_EQ(cuda_resident_bytes(), resident0);
+  EXPECT_LE(cuda_resident_bytes(), resident0);
 }
 
 class CudaStreaming : public ::testing::TestWithParam<std::string> {};
@@ -85,17 +85,22 @@ TEST_P(CudaStreaming, ACapBelowTheWeightsGivesTheSameLogitsAndTraceScores) {
   const auto m = Model::load(dir);
   const size_t resident0 = cuda_resident_bytes();
   m->set_backend(test::gpu());
+  test::gpu().pool().trim();
+  cuda_reset_peak();
   const ForwardOutput free_run = m->forward(seqs);
   const TraceReport free_trace = test::fixture_trace(*m, dir);
   const size_t weights = cuda_resident_bytes() - resident0;
+  // What the runs held besides the weights (the pool keeps its buffers, so this bounds every moment's activations).
+  const size_t other = cuda_memory().peak - weights;
   int L = m->config().n_layers;
   size_t largest = 0;
   for (int l = 0; l < L; ++l) largest = std::max(largest, layer_bytes(*m, l));
   ASSERT_GE(L, 2) << "a one-layer fixture cannot stream";
   ASSERT_LT(largest, weights);
 
-  // Room for everything else the runs held (pool, caches) and the largest layer: the rest must stream.
-  const size_t cap = cuda_memory().allocated - weights + largest;
+  // Room for everything else the runs held (other models' copies, pool, caches) and the largest layer: the rest
+  // must stream.
+  const size_t cap = other + largest;
   test::gpu().set_memory_limit(cap);
   m->forward(seqs);  // the copies past the cap give way as the layers run
   cuda_reset_peak();
