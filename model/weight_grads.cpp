@@ -121,7 +121,7 @@ void param_changed(const Model& m, const ParamId& p) {
   const void* data = p.kind == ParamId::Kind::Router       ? static_cast<const void*>(f.router.data())
                      : p.kind == ParamId::Kind::SharedGate ? static_cast<const void*>(f.shared_gate.data())
                                                            : expert_matrix(m, p).f32();
-  if (data) m.backend().forget(data);
+  m.forget_device_copies(data);  // every device the model ran on (null: nothing)
 }
 
 // ---- gradients ---------------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ class CudaBackend final : public Backend {
   bool sync_each_ = false;
   mutable std::mutex mu_;  // resident_, staging state, the cap
   mutable Copies resident_;
+  mutable size_t largest_ = 0;                // the largest copy ever made (forget's search window)
   mutable size_t limit_ = 0;                  // 0: no cap
   mutable uint64_t tick_ = 0, stage_ = 0, stage_tick_ = 0;  // a clock of reads; stages so far; tick of the last
   mutable std::vector<HostRange> staged_;     // the coming layer's ranges, uploaded at the next wait

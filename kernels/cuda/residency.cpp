@@ -105,6 +105,7 @@ const void* CudaBackend::resident(const void* host, size_t bytes) const {
     throw;
   }
   resident_[h] = Copy{d, bytes, t, 0, nullptr};
+  largest_ = std::max(largest_, bytes);
   done();
   return d;
 }
@@ -113,7 +114,10 @@ const void* CudaBackend::resident(const void* host, size_t bytes) const {
 void CudaBackend::forget(const void* host) const {
   const uintptr_t h = reinterpret_cast<uintptr_t>(host);
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto it = resident_.begin(); it != resident_.end() && it->first <= h;) {
+  // Only copies that start less than the largest copy's size below h can hold it (a model's end forgets every tensor:
+  // this keeps that linear in the copies, not quadratic).
+  auto it = resident_.lower_bound(h >= largest_ ? h - largest_ + 1 : 0);
+  while (it != resident_.end() && it->first <= h) {
     auto here = it++;
     if (h < here->first + here->second.bytes) drop(here);
   }
@@ -198,6 +202,7 @@ void CudaBackend::issue_staged() const {
       throw;
     }
     resident_[h] = Copy{d, r.bytes, 0, stage_, ev};
+    largest_ = std::max(largest_, r.bytes);
   }
 }
 
