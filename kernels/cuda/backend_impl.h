@@ -87,6 +87,7 @@ class CudaBackend final : public Backend {
   // residency.cpp, with mu_ held:
   Copies::iterator covering(uintptr_t h, size_t bytes) const;  // the copy that holds the range, or end()
   void drop(Copies::iterator it) const;                         // frees it (cudaFree waits for its readers)
+  size_t held_bytes(size_t* all) const;                         // held by the running layer; *all: every copy
   bool make_room(size_t bytes, bool prefetch) const;            // under the cap; false: no room (see residency.cpp)
   void issue_staged() const;                                    // the coming layer's uploads, on the copy stream
 

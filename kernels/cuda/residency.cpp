@@ -44,6 +44,18 @@ void CudaBackend::drop(Copies::iterator it) const {
   resident_.erase(it);
 }
 
+// Bytes of the copies the running layer holds (read since the last stage; with no stage yet, every copy); *all: of
+// every copy.
+size_t CudaBackend::held_bytes(size_t* all) const {
+  size_t held = 0;
+  *all = 0;
+  for (const auto& [h, c] : resident_) {
+    *all += c.bytes;
+    if (stage_ == 0 || c.used >= stage_tick_) held += c.bytes;
+  }
+  return held;
+}
+
 bool CudaBackend::make_room(size_t bytes, bool prefetch) const {
   auto over = [&] { return limit_ && allocated_ + bytes > limit_; };
   if (!over()) return true;
@@ -67,11 +79,8 @@ bool CudaBackend::make_room(size_t bytes, bool prefetch) const {
     }
   if (!over()) return true;
   if (prefetch) return false;
-  size_t held = 0, weights = 0;
-  for (const auto& [h, c] : resident_) {
-    weights += c.bytes;
-    if (stage_ == 0 || c.used >= stage_tick_) held += c.bytes;
-  }
+  size_t weights = 0;
+  const size_t held = held_bytes(&weights);
   throw std::runtime_error("the device memory cap (--max-gpu-memory) of " + gb(limit_) + " on " + name() +
                            " is reached: the running layer's weights hold " + gb(held) + ", activations and caches " +
                            gb(allocated_ - weights) + ", and " + gb(bytes) + " more are needed; raise the cap");
@@ -156,11 +165,8 @@ void CudaBackend::stage(const std::vector<HostRange>& now, const std::vector<Hos
       missing += r.bytes;
   }
   make_room(0, true);  // down to the cap with what no one holds (a cap lowered while copies were resident)
-  size_t held = 0, weights = 0;
-  for (const auto& [h, c] : resident_) {
-    weights += c.bytes;
-    if (c.used >= stage_tick_) held += c.bytes;
-  }
+  size_t weights = 0;
+  const size_t held = held_bytes(&weights);
   const size_t other = allocated_ - weights, in_use = other - std::min(other, pool().cached());
   if (held + missing + in_use > limit_)
     throw std::runtime_error("the device memory cap (--max-gpu-memory) of " + gb(limit_) + " on " + name() +

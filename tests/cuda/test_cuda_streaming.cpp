@@ -20,11 +20,15 @@ struct NoCapAfter {
   ~NoCapAfter() { test::gpu().set_memory_limit(0); }
 };
 
-// Bytes of layer l's resident copies (its ranges and the RoPE frequencies every layer reads).
-size_t layer_bytes(const Model& m, int l) {
-  size_t n = sizeof(float) * m.inv_freq().size();
-  for (const auto& r : layer_ranges(m.weights(), l)) n += r.bytes;
-  return n;
+// Bytes of the largest layer's resident copies (its ranges and the RoPE frequencies every layer reads).
+size_t largest_layer_bytes(const Model& m) {
+  size_t largest = 0;
+  for (int l = 0; l < m.config().n_layers; ++l) {
+    size_t n = sizeof(float) * m.inv_freq().size();
+    for (const auto& r : layer_ranges(m.weights(), l)) n += r.bytes;
+    largest = std::max(largest, n);
+  }
+  return largest;
 }
 
 // The policy on four 256 KiB "layers" under a cap with room for three: the idle copy read last gives way (layers
@@ -92,10 +96,8 @@ TEST_P(CudaStreaming, ACapBelowTheWeightsGivesTheSameLogitsAndTraceScores) {
   const size_t weights = cuda_resident_bytes() - resident0;
   // What the runs held besides the weights (the pool keeps its buffers, so this bounds every moment's activations).
   const size_t other = cuda_memory().peak - weights;
-  int L = m->config().n_layers;
-  size_t largest = 0;
-  for (int l = 0; l < L; ++l) largest = std::max(largest, layer_bytes(*m, l));
-  ASSERT_GE(L, 2) << "a one-layer fixture cannot stream";
+  const size_t largest = largest_layer_bytes(*m);
+  ASSERT_GE(m->config().n_layers, 2) << "a one-layer fixture cannot stream";
   ASSERT_LT(largest, weights);
 
   // Room for everything else the runs held (other models' copies, pool, caches) and the largest layer: the rest
@@ -136,8 +138,7 @@ TEST_P(CudaStreaming, ACapBelowOneLayerFailsClearlyAndTheModelRunsAfterIt) {
   const auto m = Model::load(dir);
   m->set_backend(test::gpu());
   const ForwardOutput free_run = m->forward(seqs);
-  size_t largest = 0;
-  for (int l = 0; l < m->config().n_layers; ++l) largest = std::max(largest, layer_bytes(*m, l));
+  const size_t largest = largest_layer_bytes(*m);
 
   test::gpu().set_memory_limit(largest / 2);
   try {
