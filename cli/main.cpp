@@ -25,6 +25,7 @@ namespace {
 LoadOptions g_load;  // set by the loading flags of the one command this process runs
 std::string g_device;  // --device; empty: default_device()
 std::string g_max_gpu_memory;  // --max-gpu-memory; empty: no cap
+std::string g_precision = "fp32";  // --precision
 
 // "40GB", "40 GiB", "512MB", "1.5e9", "4096": bytes (decimal units, binary with an i; a bare number is bytes).
 size_t parse_bytes(const std::string& flag, const std::string& s) {
@@ -65,6 +66,10 @@ void add_load_options(CLI::App* cmd, bool paging) {
   cmd->add_option("--max-gpu-memory", g_max_gpu_memory,
                   "Cap the GPU memory moedit holds (e.g. 40GB, 40GiB): models larger than it stream their layers from "
                   "the mapped checkpoint, the next layer uploading while one runs");
+  cmd->add_option("--precision", g_precision,
+                  "fp32 or bf16: the arithmetic of matrix products. fp32 (default) is the CPU's; bf16 (GPU) rounds "
+                  "activations and 16/8-bit weights to bf16 on tensor cores, sums in fp32; norms, attention, routing, "
+                  "scores and fp32 weights (routers, edits) stay fp32");
   if (!paging) return;
   cmd->add_flag("--mlock", g_load.mlock, "Lock the mapped weights in RAM at load (read them all in now)");
   cmd->add_flag("--prefetch", g_load.prefetch,
@@ -102,6 +107,11 @@ std::shared_ptr<Model> load_model(const std::string& path) {
     const size_t cap = parse_bytes("--max-gpu-memory", g_max_gpu_memory);
     if (be->host_memory()) throw InputError("--max-gpu-memory: --device " + device + " has no GPU memory to cap");
     be->set_memory_limit(cap);
+  }
+  try {
+    set_precision_named(*be, g_precision);
+  } catch (const std::invalid_argument& e) {
+    throw InputError("--precision " + g_precision + ": " + e.what());
   }
   std::shared_ptr<Model> m = Model::load(path, g_load);
   m->set_backend(*be);

@@ -145,6 +145,21 @@ std::vector<KeySum> compute_key_sums(const Model& m, int layer, const std::vecto
     acc[size_t(E + j)] = Eigen::MatrixXd::Zero(e - b, e - b);
   }
 
+  // On a device backend the keys stay there: readers at the key hooks add each batch's Kᵀ·K to fp64 sums in device
+  // memory (Backend::gram), allocated at an expert's first key and copied to the host once at the end.
+  const Backend& be = m.backend();
+  const bool on_device = !be.host_memory();
+  std::vector<Buf> dsum(on_device ? size_t(n_out) : 0);
+  auto width = [&](int e) { return e < E ? I : slice(e - E).second - slice(e - E).first; };
+  auto device_add = [&](int e, const float* rows, int n, size_t ld) {
+    if (n <= 0) return;
+    const int w = width(e);
+    const bool first = dsum[size_t(e)].bytes() == 0;
+    if (first) dsum[size_t(e)] = Buf(be, sizeof(double) * size_t(w) * size_t(w));
+    be.gram(rows, n, w, ld, dsum[size_t(e)].as<double>(), !first);
+    count[size_t(e)] += n;
+  };
+
   int64_t total = 0, done = 0;
   for (const auto& s : seqs) total += int64_t(s.size());
   size_t next = 0;
@@ -161,31 +176,52 @@ std::vector<KeySum> compute_key_sums(const Model& m, int layer, const std::vecto
     if (batch.empty()) continue;
     Hooks hooks;
     std::vector<std::shared_ptr<Hooks::Capture>> keys(static_cast<size_t>(E));
-    for (int e = 0; e < E; ++e) keys[size_t(e)] = hooks.capture(hook_names::expert_key(layer, e));
-    const std::shared_ptr<Hooks::Capture> skey = shared ? hooks.capture(hook_names::shared_key(layer)) : nullptr;
+    std::shared_ptr<Hooks::Capture> skey;
+    if (on_device) {
+      for (int e = 0; e < E; ++e)
+        hooks.add_reader(hook_names::expert_key(layer, e),
+                         [&, e](const float* rows, int n, int, size_t ld) { device_add(e, rows, n, ld); });
+      if (shared)
+        hooks.add_reader(hook_names::shared_key(layer), [&](const float* rows, int n, int, size_t ld) {
+          for (int j = 0; j < n_shared; ++j) device_add(E + j, rows + slice(j).first, n, ld);
+        });
+    } else {
+      for (int e = 0; e < E; ++e) keys[size_t(e)] = hooks.capture(hook_names::expert_key(layer, e));
+      if (shared) skey = hooks.capture(hook_names::shared_key(layer));
+    }
     ForwardOptions fo;
     fo.hooks = &hooks;
     fo.stop_after_layer = layer;
     fo.record_routing = false;
     m.forward(batch, fo);
-    std::vector<MatR> blocks(static_cast<size_t>(n_out));
-    for (int e = 0; e < E; ++e) blocks[size_t(e)] = std::move(keys[size_t(e)]->value);
-    for (int j = 0; j < n_shared; ++j) {  // shared expert j's columns of the forward's shared key
-      const auto [b, e] = slice(j);
-      blocks[size_t(E + j)] = skey->value.middleCols(b, e - b);
-    }
+    if (!on_device) {
+      std::vector<MatR> blocks(static_cast<size_t>(n_out));
+      for (int e = 0; e < E; ++e) blocks[size_t(e)] = std::move(keys[size_t(e)]->value);
+      for (int j = 0; j < n_shared; ++j) {  // shared expert j's columns of the forward's shared key
+        const auto [b, e] = slice(j);
+        blocks[size_t(E + j)] = skey->value.middleCols(b, e - b);
+      }
 #pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads())
-    for (int e = 0; e < n_out; ++e) {
-      const MatR& k = blocks[size_t(e)];
-      if (k.rows() == 0) continue;
-      // One fp64 rank-k update per batch (the lower triangle: as much arithmetic as a full fp32 GEMM), so the sums
-      // do not depend on how the windows were batched: corpus shards add up to one pass (editor/keystats_shards.h).
-      const Eigen::MatrixXd kd = k.cast<double>().transpose();
-      acc[size_t(e)].selfadjointView<Eigen::Lower>().rankUpdate(kd);
-      count[size_t(e)] += k.rows();
+      for (int e = 0; e < n_out; ++e) {
+        const MatR& k = blocks[size_t(e)];
+        if (k.rows() == 0) continue;
+        // One fp64 rank-k update per batch (the lower triangle: as much arithmetic as a full fp32 GEMM), so the
+        // sums do not depend on how the windows were batched: corpus shards add up to one pass
+        // (editor/keystats_shards.h).
+        const Eigen::MatrixXd kd = k.cast<double>().transpose();
+        acc[size_t(e)].selfadjointView<Eigen::Lower>().rankUpdate(kd);
+        count[size_t(e)] += k.rows();
+      }
     }
     done += ntok;
     if (progress) progress(done, total);
+  }
+  for (int e = 0; e < int(dsum.size()); ++e) {  // the device's lower triangles (rows ≥ columns are what is read)
+    if (dsum[size_t(e)].bytes() == 0) continue;
+    const int w = width(e);
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> h(w, w);
+    be.to_host(h.data(), dsum[size_t(e)].as<void>(), sizeof(double) * size_t(w) * size_t(w));
+    acc[size_t(e)].triangularView<Eigen::Lower>() = h;
   }
   std::vector<KeySum> out(static_cast<size_t>(n_out));
   for (int e = 0; e < n_out; ++e) {

@@ -36,6 +36,9 @@ struct ExpertsView {
 // in place; the op goes on with what it leaves. A device backend copies to the host only for a set tap.
 struct MoeTaps {
   std::function<void(int e, MapMatR rows, const std::vector<int>& tokens)> key, out;
+  // Expert e's key rows where they are (this backend's memory, [n_e, I] contiguous), read only, before `key` runs:
+  // no host copy (key statistics accumulate them on the device with gram()).
+  std::function<void(int e, const float* rows, int n)> key_rows;
 };
 
 // Scratch memory that grows to the largest request and is then reused: no allocation per call in steady state.
@@ -105,6 +108,14 @@ class BufferPool {
   size_t cached_ = 0;
 };
 
+// The arithmetic of matrix products (Backend::linear, moe_experts). fp32: fp32 operands (typed weights widened
+// exactly), fp32 sums — the CPU's arithmetic. bf16 (a device backend's tensor cores): a product whose weights are
+// stored in 16 or 8 bits rounds both operands to bf16 (nearest even) and sums the exact products in fp32; weights
+// held in fp32 (routers, edited matrices, fp32 checkpoints) are multiplied in fp32 either way, and everything outside
+// matrix products (norms, attention, routing, the residual stream, scores) stays fp32.
+enum class Precision { fp32, bf16 };
+const char* precision_name(Precision p);
+
 class Backend {
  public:
   Backend() : pool_(*this) {}
@@ -152,6 +163,11 @@ class Backend {
   }
   BufferPool& pool() const { return pool_; }
 
+  // ---- precision -----------------------------------------------------------------------------------------------
+  // The CPU computes in fp32 only: set_precision(bf16) throws std::invalid_argument there.
+  virtual void set_precision(Precision p) const;
+  virtual Precision precision() const { return Precision::fp32; }
+
   // ---- elementwise ops on activations (row-major float matrices in this backend's memory) ---------------------
   // y[rows, cols] (rows ldy apart) = x[rows, cols] (rows ldx apart); x and y do not overlap.
   virtual void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const = 0;
@@ -191,6 +207,11 @@ class Backend {
   // per token in ascending expert id (the order transformers accumulates in). taps may be null.
   virtual void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                            float* y, const MoeTaps* taps = nullptr) const = 0;
+
+  // ---- key statistics ------------------------------------------------------------------------------------------
+  // C [cols, cols] (fp64, row-major, this backend's memory) = (accumulate ? C : 0) + Kᵀ·K for the rows K [n, cols]
+  // (ld floats apart), every product and sum in fp64; only the lower triangle (row ≥ column) is written.
+  virtual void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const = 0;
 
  private:
   mutable BufferPool pool_;

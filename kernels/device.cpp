@@ -50,4 +50,12 @@ const Backend& backend_named(const std::string& name) {
 #endif
 }
 
+void set_precision_named(const Backend& be, const std::string& name) {
+  if (name == "fp32") return be.set_precision(Precision::fp32);
+  if (name != "bf16") throw std::invalid_argument("unknown precision '" + name + "' (expected bf16 or fp32)");
+  if (be.host_memory())
+    throw std::invalid_argument("bf16 runs on a GPU's tensor cores; the " + be.name() + " backend computes in fp32");
+  be.set_precision(Precision::bf16);
+}
+
 }  // namespace moedit

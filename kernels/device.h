@@ -1,4 +1,4 @@
-// Backends by name, for the CLI's --device: "cpu", "cuda" (device 0) and "cuda:N". Compiles with and without CUDA
+// Backends by name, for the CLI's --device: "cpu", "cuda" (device 0) and "cuda:N"; precisions by name (--precision). Compiles with and without CUDA
 // (MOEDIT_HAS_CUDA); without it, asking for a CUDA device says how to build one.
 #pragma once
 #include <string>
@@ -17,5 +17,9 @@ int gpu_count();
 
 // "cuda" where this build has CUDA and a GPU is present, else "cpu" (the default --device).
 std::string default_device();
+
+// `name` (bf16 or fp32) set on `be` (--precision): std::invalid_argument for another name, and for bf16 on a backend
+// that computes in fp32 only (the CPU).
+void set_precision_named(const Backend& be, const std::string& name);
 
 }  // namespace moedit

@@ -400,14 +400,24 @@ void experts_backend(const Ops<float>& op, int l, const ExpertBank& b, const Act
   const ExpertsView ex{E, b.I, b.H, views.data(), views.data() + E, views.data() + 2 * E};
   MoeTaps taps;
   if (hooks) {
+    // Only the stages some expert's hook or reader asks for (a device copies a tapped stage to the host and back).
+    auto any = [&](std::string (*name_of)(int, int), bool reader) {
+      for (int e = 0; e < E; ++e)
+        if (reader ? hooks->has_reader(name_of(l, e)) : hooks->has(name_of(l, e))) return true;
+      return false;
+    };
     auto tap = [&](std::string (*name_of)(int, int)) {
       return [&, name_of](int e, MapMatR rows, const std::vector<int>& tokens) {
         const std::string name = name_of(l, e);
         hooks->run(name, rows, {name, l, e, layout, &tokens});
       };
     };
-    taps.key = tap(&hook_names::expert_key);
-    taps.out = tap(&hook_names::expert_out);
+    if (any(&hook_names::expert_key, false)) taps.key = tap(&hook_names::expert_key);
+    if (any(&hook_names::expert_out, false)) taps.out = tap(&hook_names::expert_out);
+    if (any(&hook_names::expert_key, true))
+      taps.key_rows = [&](int e, const float* rows, int n) {
+        hooks->read(hook_names::expert_key(l, e), rows, n, b.I, size_t(b.I));
+      };
   }
   op.be.moe_experts(a.data(), a.rows, ex, ids, w.data(), w.cols, y.data(), hooks ? &taps : nullptr);
 }
@@ -489,7 +499,10 @@ Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, 
     Act<T> gu, key, s = op.act(N, H);
     op.gate_up_key(f.shared, 0, a.data(), N, gu, key);  // key [N, Is]
     if constexpr (f32)
-      if (hooks) run_hook(op, hooks, hook_names::shared_key(l), key, l, -1, layout);
+      if (hooks) {
+        hooks->read(hook_names::shared_key(l), key.data(), N, Is, size_t(Is));
+        run_hook(op, hooks, hook_names::shared_key(l), key, l, -1, layout);
+      }
     op.linear(key.data(), N, Is, f.shared.down[0], s.data());
     if (tp) {
       tp->s_gu = op.host(gu);

@@ -16,6 +16,12 @@ void Hooks::run(const std::string& name, Eigen::Ref<MatR> act, const HookContext
   for (const auto& fn : it->second) fn(act, ctx);
 }
 
+void Hooks::read(const std::string& name, const float* rows, int n, int cols, size_t ld) const {
+  auto it = readers_.find(name);
+  if (it == readers_.end()) return;
+  for (const auto& fn : it->second) fn(rows, n, cols, ld);
+}
+
 std::shared_ptr<Hooks::Capture> Hooks::capture(const std::string& name) {
   auto cap = std::make_shared<Capture>();
   add(name, [cap](Eigen::Ref<MatR> act, const HookContext& ctx) {

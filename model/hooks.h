@@ -60,12 +60,23 @@ struct Site {
 
 class Hooks {
  public:
-  bool empty() const { return fns_.empty(); }
+  bool empty() const { return fns_.empty() && readers_.empty(); }
   void add(const std::string& name, HookFn fn) { fns_[name].push_back(std::move(fn)); }
-  void clear() { fns_.clear(); }
+  void clear() {
+    fns_.clear();
+    readers_.clear();
+  }
   bool has(const std::string& name) const { return fns_.count(name) != 0; }
   // Runs the hooks registered under `name` (if any).
   void run(const std::string& name, Eigen::Ref<MatR> act, const HookContext& ctx) const;
+
+  // Readers see an activation where it is — the model backend's memory, device memory on a GPU — read only, with no
+  // host copy: fn(rows, n, cols, ld) for rows [n, cols], ld floats apart, before any hook of the same name. Called
+  // at expert_key (the routed rows) and shared_key; key statistics accumulate there with Backend::gram.
+  using ReadFn = std::function<void(const float* rows, int n, int cols, size_t ld)>;
+  void add_reader(const std::string& name, ReadFn fn) { readers_[name].push_back(std::move(fn)); }
+  bool has_reader(const std::string& name) const { return readers_.count(name) != 0; }
+  void read(const std::string& name, const float* rows, int n, int cols, size_t ld) const;
 
   // Conveniences built on add():
   // Records every call's activation, keyed by name (expert hooks store only their routed rows; see rows()).
@@ -81,6 +92,7 @@ class Hooks {
 
  private:
   std::unordered_map<std::string, std::vector<HookFn>> fns_;
+  std::unordered_map<std::string, std::vector<ReadFn>> readers_;
 };
 
 // Names: keep every formatting of a hook name in one place.

@@ -5,9 +5,12 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <memory>
 #include <optional>
+#include <stdexcept>
 
 #include "kernels/backend.h"
+#include "kernels/half.h"
 #include "model/config.h"
 #include "io/errors.h"
 #include "io/safetensors.h"
@@ -444,23 +447,50 @@ Weights load_weights(const ModelConfig& c, std::shared_ptr<const TensorStore> st
   return w;
 }
 
-Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
+namespace {
+
+// splitmix64's output for the state after `state += golden`.
+uint64_t splitmix(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// bf16 matrices of random weights, owned by Weights::storage.
+struct Bf16Arena {
+  std::vector<std::unique_ptr<uint16_t[]>> blocks;
+};
+
+}  // namespace
+
+Weights random_weights(const ModelConfig& c, uint64_t seed, float std, ops::WType dtype) {
+  if (dtype != ops::WType::F32 && dtype != ops::WType::BF16)
+    throw std::invalid_argument("random_weights: fp32 or bf16 only");
   // Uniform(-a, a) with a = √3·std (variance std²), from splitmix64: fast enough for GB-sized benchmark models.
   uint64_t state = seed;
   const float a = std * 1.7320508f;
-  auto next = [&]() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (float(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * a;
-  };
+  auto uniform = [a](uint64_t z) { return (float(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * a; };
+  auto next = [&]() { return uniform(splitmix(state)); };
   auto mat = [&](int64_t r, int64_t k) {
     MatR m(r, k);
     for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = next();
     return m;
   };
-  auto wmat = [&](int64_t rr, int64_t k) { return Weight(mat(rr, k)); };
+  const auto arena = dtype == ops::WType::BF16 ? std::make_shared<Bf16Arena>() : nullptr;
+  auto wmat = [&](int64_t rr, int64_t k) {
+    if (!arena) return Weight(mat(rr, k));
+    auto block = std::make_unique_for_overwrite<uint16_t[]>(size_t(rr * k));
+    uint16_t* p = block.get();
+    const uint64_t base = splitmix(state);  // row i draws from its own stream, seeded by (base, i)
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rr; ++i) {
+      uint64_t s = base ^ (uint64_t(i) * 0xd1b54a32d192ed03ull);
+      for (int64_t j = 0; j < k; ++j) p[i * k + j] = f32_to_bf16(uniform(splitmix(s)));
+    }
+    arena->blocks.push_back(std::move(block));
+    return Weight::view(p, ops::WType::BF16, rr, k, size_t(k));
+  };
   // A bank drawn as one gate‖up block [E, 2I, H] then one down block [E, H, I] (the order earlier versions used).
   auto bank = [&](int E, int I, int64_t Hh) {
     ExpertBank b{E, I, int(Hh), {}, {}, {}};
@@ -532,6 +562,7 @@ Weights random_weights(const ModelConfig& c, uint64_t seed, float std) {
       if (c.arch->shared == SharedExpertKind::SigmoidGated) f.shared_gate = mat(H, 1).col(0);
     }
   }
+  w.storage = arena;
   return w;
 }
 

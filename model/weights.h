@@ -124,8 +124,10 @@ struct Weights {
 Weights load_weights(const ModelConfig& cfg, std::shared_ptr<const TensorStore> store);
 
 // Random weights with the given config (benchmarks and tests): uniform entries of standard deviation std,
-// norm weights around 1. All owned fp32.
-Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f);
+// norm weights around 1. All owned fp32; with dtype BF16 the matrices are bf16 views of memory the Weights own
+// (storage) — the size of a bf16 checkpoint of that config, filled in parallel, one stream per matrix row — and
+// norms, biases and routers fp32, as a loaded checkpoint has them.
+Weights random_weights(const ModelConfig& cfg, uint64_t seed, float std = 0.02f, ops::WType dtype = ops::WType::F32);
 
 // Calls fw(Weight&) for every matrix, fv(VecF&) for every vector and fm(MatR&) for every router (const or not).
 // The same for one layer (LayerWeights, const or not).

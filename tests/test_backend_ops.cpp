@@ -347,6 +347,32 @@ TEST(BackendOps, MoeExpertsIsBatchInvariant) {
   }
 }
 
+// gram: the lower triangle of Kᵀ·K in fp64 (strided rows), accumulated over calls; the upper triangle untouched.
+TEST(BackendOps, GramIsTheLowerTriangleOfKtKInFp64) {
+  const int cols = 45;
+  const size_t ld = 50;
+  const auto K1 = randn(size_t(37) * ld, 71), K2 = randn(size_t(5) * ld, 72);
+  std::vector<double> C(size_t(cols) * cols, -7.0);
+  cpu_backend().gram(K1.data(), 37, cols, ld, C.data(), false);
+  cpu_backend().gram(K2.data(), 5, cols, ld, C.data(), true);
+  for (int i = 0; i < cols; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const double got = C[size_t(i) * cols + size_t(j)];
+      if (j > i) {
+        EXPECT_EQ(got, -7.0) << i << "," << j;
+        continue;
+      }
+      double want = 0, mag = 0;
+      for (const auto* K : {&K1, &K2})
+        for (size_t r = 0; r < K->size() / ld; ++r) {
+          const double p = double((*K)[r * ld + size_t(i)]) * double((*K)[r * ld + size_t(j)]);
+          want += p;
+          mag += std::abs(p);
+        }
+      EXPECT_NEAR(got, want, 1e-14 * mag) << i << "," << j;
+    }
+}
+
 TEST(BackendOps, WorkspaceKeepsEarlierPiecesWhenItGrows) {
   Workspace ws;
   float* a = ws.take(10);

@@ -254,6 +254,11 @@ std::vector<BadInput> cases() {
       {"gpu_memory_cap_on_cpu",
        [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --device cpu --max-gpu-memory 4GB"; },
        "--max-gpu-memory: --device cpu has no GPU memory to cap"},
+      {"unknown_precision", [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --precision fp8"; },
+       "--precision fp8: unknown precision 'fp8' (expected bf16 or fp32)"},
+      {"bf16_on_cpu",
+       [](const TempDir&) { return "logits " + demo_model() + " --ids 1,2 --device cpu --precision bf16"; },
+       "--precision bf16: bf16 runs on a GPU's tensor cores; the cpu backend computes in fp32"},
   };
   return v;
 }

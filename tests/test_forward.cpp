@@ -177,6 +177,40 @@ TEST(Hooks, FfnInputAndSharedKey) {
   }
 }
 
+// Readers see the activation where it is, before the hooks of the same name: the routed key rows of each expert and
+// the shared key, equal to what captures record; a forward with only readers gives the logits of one without hooks.
+TEST(Hooks, ReadersSeeTheKeysCapturesRecord) {
+  const ModelConfig c = tiny("qwen2_moe");
+  Model m(c, random_weights(c, 8, 0.3f));
+  const int l = 1;
+  Hooks h, readers_only;
+  std::vector<std::shared_ptr<Hooks::Capture>> caps;
+  std::vector<MatR> seen(size_t(c.n_experts) + 1);
+  for (int e = 0; e <= c.n_experts; ++e) {
+    const std::string name = e < c.n_experts ? hook_names::expert_key(l, e) : hook_names::shared_key(l);
+    caps.push_back(h.capture(name));
+    auto read = [&seen, e](const float* rows, int n, int cols, size_t ld) {
+      MatR& s = seen[size_t(e)];
+      s.resize(s.rows() + n, cols);
+      for (int r = 0; r < n; ++r)
+        for (int j = 0; j < cols; ++j) s(s.rows() - n + r, j) = rows[size_t(r) * ld + size_t(j)];
+    };
+    h.add_reader(name, read);
+    readers_only.add_reader(name, [](const float*, int, int, size_t) {});
+  }
+  ForwardOptions o;
+  o.hooks = &h;
+  m.forward(batch(), o);
+  int routed = 0;
+  for (int e = 0; e <= c.n_experts; ++e) {
+    EXPECT_EQ(seen[size_t(e)], caps[size_t(e)]->value) << "expert " << e;
+    if (e < c.n_experts) routed += int(seen[size_t(e)].rows());
+  }
+  EXPECT_EQ(routed, int(seen.back().rows()) * c.top_k);  // every token's top-k rows; the shared key has every token
+  o.hooks = &readers_only;
+  EXPECT_EQ(m.forward(batch(), o).logits, m.forward(batch()).logits);
+}
+
 TEST(Hooks, CaptureMatchesOutputAndPatchingIsCausal) {
   Model m(tiny("qwen2_moe"), random_weights(tiny("qwen2_moe"), 5, 0.3f));
   const auto seqs = batch();

@@ -179,6 +179,39 @@ TEST(TypedWeights, Fp8CheckpointRunsInPlaceLikeItsDequantisedCopy) {
   test::expect_batch_and_cache_invariant(*fp8, seqs);
 }
 
+// Random bf16 weights (the GPU benchmarks' models of real configs): every matrix a bf16 view of the fp32 version's
+// shape, the bytes a function of the seed, entries of the requested spread; a model runs on them.
+TEST(TypedWeights, RandomBf16WeightsAreSeededViewsOfTheRightShape) {
+  for (const char* fam : test::kFamilies) {
+    const ModelConfig c = test::tiny_config(fam);
+    const Weights f = random_weights(c, 5, 0.3f), a = random_weights(c, 5, 0.3f, ops::WType::BF16),
+                  b = random_weights(c, 5, 0.3f, ops::WType::BF16), d = random_weights(c, 6, 0.3f, ops::WType::BF16);
+    std::vector<const Weight*> fw, aw, bw, dw;
+    for_each_tensor(f, [&](const Weight& x) { fw.push_back(&x); }, [](const VecF&) {}, [](const MatR&) {});
+    for_each_tensor(a, [&](const Weight& x) { aw.push_back(&x); }, [](const VecF&) {}, [](const MatR&) {});
+    for_each_tensor(b, [&](const Weight& x) { bw.push_back(&x); }, [](const VecF&) {}, [](const MatR&) {});
+    for_each_tensor(d, [&](const Weight& x) { dw.push_back(&x); }, [](const VecF&) {}, [](const MatR&) {});
+    ASSERT_EQ(aw.size(), fw.size());
+    double sq = 0, n = 0;
+    bool differs = false;
+    for (size_t i = 0; i < aw.size(); ++i) {
+      ASSERT_EQ(aw[i]->rows(), fw[i]->rows()) << fam << " matrix " << i;
+      ASSERT_EQ(aw[i]->cols(), fw[i]->cols()) << fam << " matrix " << i;
+      if (aw[i]->empty()) continue;
+      EXPECT_EQ(aw[i]->type(), ops::WType::BF16) << fam << " matrix " << i;
+      EXPECT_TRUE(*aw[i] == *bw[i]) << fam << " matrix " << i << ": same seed, other values";
+      differs |= !(*aw[i] == *dw[i]);
+      const MatR m = aw[i]->to_f32();
+      sq += m.squaredNorm();
+      n += double(m.size());
+    }
+    EXPECT_TRUE(differs) << fam << ": another seed gave the same weights";
+    EXPECT_NEAR(std::sqrt(sq / n), 0.3, 0.3 * 0.03) << fam;
+    const Model m(c, random_weights(c, 7, 0.3f, ops::WType::BF16));
+    EXPECT_TRUE(m.forward({{5, 17, 3, 88}, {9, 2}}).logits.allFinite()) << fam;
+  }
+}
+
 TEST(TypedWeights, EditsAreCopyOnWriteAndRevertingDropsTheCopy) {
   auto m = Model::load(test::source_dir() + "/models/moedit-demo");
   Weight& w = m->mutable_weights().layers[0].ffn.experts.down[3];

@@ -7,11 +7,13 @@
 #                               library they need beyond glibc and the driver), anchor/ (the HF anchor script and the
 #                               configs it times), run.sh; bin/ and lib/ travel packed as bins.tar.xz (~5 MiB).
 #   tools/gpu_check.sh run      on the GPU machine (the same as `bash .gpu/run.sh`), through the device tool:
-#                               run(command="bash .gpu/run.sh", carry=[".gpu"], timeout_s=420). About 6 minutes:
+#                               run(command="bash .gpu/run.sh", carry=[".gpu"], timeout_s=480). About 7 minutes:
 #                               nvidia-smi, the CUDA op tests ($OUT/cuda_tests.txt; failures rerun with
-#                               MOEDIT_CUDA_SYNC=1 into $OUT/cuda_tests_sync.txt), the HF anchor on OLMoE-1B-7B when a
-#                               python3 with torch is there ($OUT/anchor.txt, $OUT/gpu_anchor.json), and $OUT/report.md
-#                               (pass/fail counts, timings, date). RUN_CPU_TESTS=1 also runs moedit_tests there.
+#                               MOEDIT_CUDA_SYNC=1 into $OUT/cuda_tests_sync.txt), moedit's benchmarks (bench_gpu on
+#                               random bf16 weights of OLMoE-1B-7B, $OUT/bench_olmoe.{txt,json}), the HF anchor on
+#                               OLMoE-1B-7B when a python3 with torch is there ($OUT/anchor.txt, $OUT/gpu_anchor.json),
+#                               Mixtral-8x7B's first 8 layers with and without a 10 GB cap ($OUT/bench_mixtral8*), and
+#                               $OUT/report.md (pass/fail counts, timings, date). RUN_CPU_TESTS=1 also runs moedit_tests.
 set -uo pipefail
 
 mode=${1:-}
@@ -48,8 +50,16 @@ build() {
   # Where the tests look for fixtures and the demo model (MOEDIT_SOURCE_DIR, baked in at build time): run.sh points
   # that path at the checkout it runs in (the fixtures travel with the working tree; nothing is copied).
   echo "$root" >"$g/source_dir"
-  # The HF anchor (../shared does not travel) and the config it times.
+  # The moedit benchmarks' configs and the OLMoE tokenizer (key statistics over WikiText: the corpus travels with
+  # the checkout, datasets/data/wikitext-2).
   local shared=${SHARED:-$root/../shared}
+  mkdir -p "$g/bench/configs"
+  for c in olmoe-1b-7b-0924 mixtral-8x7b-v0.1; do
+    [ -d "$shared/data/configs/$c" ] && cp -r "$shared/data/configs/$c" "$g/bench/configs/"
+  done
+  [ -f "$shared/data/tokenizers/olmoe-1b-7b-0924/tokenizer.json" ] &&
+    cp "$shared/data/tokenizers/olmoe-1b-7b-0924/tokenizer.json" "$g/bench/olmoe-tokenizer.json"
+  # The HF anchor (../shared does not travel) and the config it times.
   if [ -f "$shared/bench/hf_trace_anchor.py" ]; then
     cp "$shared/bench/hf_trace_anchor.py" "$g/anchor/"
     for c in olmoe-1b-7b-0924; do
@@ -71,7 +81,7 @@ EOF
   du -sh "$g" "$g"/*
   local kib; kib=$(du -sk "$g" | cut -f1)
   [ "$kib" -le $((50 * 1024)) ] || echo "gpu_check: WARNING: .gpu is $((kib / 1024)) MiB (over 50 MiB)"
-  echo "ready: run on the GPU machine with run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=420)"
+  echo "ready: run on the GPU machine with run(command=\"bash .gpu/run.sh\", carry=[\".gpu\"], timeout_s=480)"
 }
 
 run() {
@@ -87,7 +97,7 @@ run() {
   local out=${OUT:-$g/out}
   mkdir -p "$out"
   local t0; t0=$(date +%s)
-  local deadline=$((t0 + ${BUDGET_S:-330}))  # the call (start, transfers) stays near 7 min: time left to rerun
+  local deadline=$((t0 + ${BUDGET_S:-400}))  # the call (start, transfers) stays near 8 min: time left to rerun
   left() { echo $((deadline - $(date +%s))); }
   # Our libraries for our binaries only (python3 and torch keep their own libstdc++).
   local libpath="$g/lib"
@@ -113,7 +123,7 @@ run() {
 
   # The CUDA op tests.
   local ts; ts=$(date +%s)
-  local limit=$(($(left) < 240 ? $(left) : 240))
+  local limit=$(($(left) < 150 ? $(left) : 150))
   ours timeout $limit "$g/bin/moedit_cuda_tests" --gtest_color=no >"$out/cuda_tests.txt" 2>&1
   local rc=$? tt=$(($(date +%s) - ts))
   local passed failed skipped
@@ -136,12 +146,34 @@ run() {
     cpu_line="rc $crc in $(($(date +%s) - ts)) s: $(grep -E '^\[  (PASSED|FAILED) ' "$out/cpu_tests.txt" | paste -sd' ' -)"
   fi
 
+  # moedit's benchmarks (bench_gpu: random bf16 weights of the real configs, in memory), before the anchor: OLMoE-1B-7B
+  # whole; Mixtral-8x7B's first 8 of 32 layers (the whole model is 93 GB: more than an H100 holds, and streaming all
+  # of it per forward does not fit this run) with and without a cap that makes it stream.
+  local bench_lines=()
+  bench() {  # name, timeout, args...
+    local name=$1 tmo=$2; shift 2
+    if [ "$(left)" -lt $((tmo / 2 + 60)) ]; then bench_lines+=("$name: skipped (no time left)"); return; fi
+    [ "$tmo" -gt "$(($(left) - 60))" ] && tmo=$(($(left) - 60))
+    ours timeout "$tmo" "$g/bin/bench_gpu" "$@" --json "$out/bench_$name.json" >"$out/bench_$name.txt" 2>&1
+    local brc=$?
+    bench_lines+=("$name: rc $brc — $(grep -v '^$' "$out/bench_$name.txt" | paste -sd';' - | cut -c1-900)")
+  }
+  if [ -n "$gpu" ] && [ -x "$g/bin/bench_gpu" ] && [ -d "$g/bench/configs/olmoe-1b-7b-0924" ]; then
+    local tokf=()
+    [ -f "$g/bench/olmoe-tokenizer.json" ] && tokf=(--tokenizer "$g/bench/olmoe-tokenizer.json" --corpus
+      "$repo/datasets/data/wikitext-2/wiki.test.raw" --what forward,trace,expert,prefill,decode,keystats)
+    bench olmoe 75 "$g/bench/configs/olmoe-1b-7b-0924" "${tokf[@]}"
+  else
+    bench_lines+=("skipped (no GPU, no bench_gpu or no configs)")
+  fi
+
   # The HF anchor (random bf16 weights of the real config, timed in this run).
   local anchor_line="skipped"
   if [ -z "$gpu" ]; then
     anchor_line="skipped (no GPU)"
   elif [ -f "$g/anchor/hf_trace_anchor.py" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
     local budget=$(($(left) - 45))
+    [ $budget -gt 200 ] && budget=200  # Mixtral's benchmarks come after it
     if [ $budget -gt 60 ]; then
       ts=$(date +%s)
       OUT="$out" SKIP_EAGER=1 BUDGET=$((budget - 30)) PYTHONUNBUFFERED=1 timeout $budget \
@@ -154,6 +186,13 @@ run() {
     anchor_line="skipped (no python3 with torch and transformers)"
   fi
 
+  # Mixtral last: the anchor comes first where time is short.
+  if [ -n "$gpu" ] && [ -x "$g/bin/bench_gpu" ] && [ -d "$g/bench/configs/mixtral-8x7b-v0.1" ]; then
+    bench mixtral8 50 "$g/bench/configs/mixtral-8x7b-v0.1" --layers 8 --what forward,trace --reps 2
+    bench mixtral8_capped 60 "$g/bench/configs/mixtral-8x7b-v0.1" --layers 8 --what forward,trace --reps 1 \
+      --max-gpu-memory 10000000000
+  fi
+
   {
     echo "# GPU check — $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
@@ -163,6 +202,8 @@ run() {
     [ -n "$failed_names" ] && echo "  - failed: ${failed_names//:/, } (see cuda_tests.txt, cuda_tests_sync.txt)"
     echo "- moedit --help: $smoke"
     echo "- CPU tests (moedit_tests): $cpu_line"
+    echo "- moedit benchmarks (bench_gpu, bf16):"
+    for l in "${bench_lines[@]}"; do echo "  - $l"; done
     echo "- HF anchor: $anchor_line"
     if [ -f "$out/gpu_anchor.json" ]; then
       python3 - "$out/gpu_anchor.json" <<'EOF' 2>/dev/null

@@ -98,6 +98,15 @@ class CpuBackend final : public Backend {
 
   void moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k, float* y,
                    const MoeTaps* taps) const override;
+
+  void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override {
+    Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> c(C, cols, cols);
+    if (!accumulate) c.triangularView<Eigen::Lower>().setZero();
+    if (n <= 0) return;
+    using Rows = Eigen::Map<const MatR, 0, Eigen::OuterStride<>>;
+    const Eigen::MatrixXd kt = Rows(K, n, cols, Eigen::OuterStride<>(long(ld))).cast<double>().transpose();  // [cols, n]
+    c.selfadjointView<Eigen::Lower>().rankUpdate(kt);
+  }
 };
 
 void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
@@ -150,6 +159,8 @@ void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const
       f(e, MapMatR(base + r0 * width, n, width), rows);
     }
   };
+  if (taps && taps->key_rows)
+    for (int e : active) taps->key_rows(e, key + group(e).first * I, group(e).second);
   if (taps && taps->key) tap(taps->key, key, I);
   // Phase 2: down projections, each row scaled by its routing weight.
 #pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)

@@ -183,7 +183,16 @@ void CudaBackend::gather_rows(const ops::WeightView& table, const int* ids, int 
 void CudaBackend::linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y,
                          size_t ldy, const float* bias) const {
   enter();
-  cuda::linear(X, ldx, n, in, dev_weight(W), out, Y, ldy, bias, st_);
+  if (precision_ == Precision::bf16 && W.type != ops::WType::F32)
+    cuda::linear_bf16(X, ldx, n, in, dev_weight(W), out, Y, ldy, bias, st_);
+  else
+    cuda::linear(X, ldx, n, in, dev_weight(W), out, Y, ldy, bias, st_);
+  done();
+}
+
+void CudaBackend::gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const {
+  enter();
+  cuda::gram(K, n, cols, ld, C, accumulate, st_);
   done();
 }
 

@@ -39,6 +39,8 @@ class CudaBackend final : public Backend {
   void set_memory_limit(size_t bytes) const override;
   size_t memory_limit() const override;
   void stage(const std::vector<HostRange>& now, const std::vector<HostRange>& next) const override;
+  void set_precision(Precision p) const override { precision_ = p; }
+  Precision precision() const override { return precision_; }
 
   void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override;
   void add(float* y, const float* x, size_t n) const override;
@@ -59,6 +61,7 @@ class CudaBackend final : public Backend {
              float* w) const override;
   void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                    float* y, const MoeTaps* taps) const override;
+  void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override;
 
   int device() const { return dev_; }
   cudaStream_t stream() const { return st_; }
@@ -102,6 +105,7 @@ class CudaBackend final : public Backend {
   mutable uint64_t tick_ = 0, stage_ = 0, stage_tick_ = 0;  // a clock of reads; stages so far; tick of the last
   mutable std::vector<HostRange> staged_;     // the coming layer's ranges, uploaded at the next wait
   mutable std::atomic<size_t> allocated_{0}, peak_{0};
+  mutable std::atomic<Precision> precision_{Precision::fp32};
 };
 
 // An ops::WeightView (device pointers) as the kernels' plain descriptor.

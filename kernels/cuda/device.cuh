@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/launch.h"
 
@@ -33,6 +34,21 @@ __device__ __forceinline__ float f8_bits(uint8_t v) {
   return __uint_as_float(sign | (exp + 120u) << 23 | mant << 20);
 }
 
+// f(std::integral_constant<int, T>{}) for the weight kind T = type, so that kernels and launches take T as a template
+// argument (f uses decltype(t)::value) and one switch serves them all.
+// (Host and device: launches call it with host lambdas, kernels with device ones; nv_exec_check_disable lets each
+// instantiation call what its side may.)
+#pragma nv_exec_check_disable
+template <class F>
+__host__ __device__ __forceinline__ void with_wkind(int32_t type, F&& f) {
+  switch (type) {
+    case kF32: f(std::integral_constant<int, kF32>{}); break;
+    case kBF16: f(std::integral_constant<int, kBF16>{}); break;
+    case kF16: f(std::integral_constant<int, kF16>{}); break;
+    default: f(std::integral_constant<int, kF8>{}); break;
+  }
+}
+
 // Element (r, c) of W widened to fp32; T is the weight kind (a template argument, so the switch folds away).
 template <int T>
 __device__ __forceinline__ float widen(const DevWeight& W, int64_t r, int64_t c) {
@@ -47,6 +63,31 @@ __device__ __forceinline__ float widen(const DevWeight& W, int64_t r, int64_t c)
     const float s = __ldg(W.scales + size_t((W.r0 + r) / W.br) * W.sld + size_t((W.c0 + c) / W.bc));
     return f8_bits(__ldg(static_cast<const unsigned char*>(W.data) + i)) * s;
   }
+}
+
+// fp32 → bf16 bits, round to nearest even (NaN stays a quiet NaN), as f32_to_bf16 (kernels/half.cpp).
+__device__ __forceinline__ uint16_t bf16_round(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// The group of row tile `tile` in a grouped product (launch.h, grouped_linear): e (−1 past the last tile), its first
+// row s0, its rows n and the tile's first row within the group. Empty groups share their successor's tile_start.
+struct TileGroup {
+  int e, s0, n, row0;
+};
+__device__ __forceinline__ TileGroup tile_group(int tile, const int* __restrict__ start,
+                                                const int* __restrict__ tile_start, int E, int tile_rows) {
+  if (tile >= tile_start[E]) return {-1, 0, 0, 0};
+  int lo = 0, hi = E;  // the last e with tile_start[e] ≤ tile
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_start[mid] <= tile) lo = mid;
+    else hi = mid;
+  }
+  return {lo, start[lo], start[lo + 1] - start[lo], (tile - tile_start[lo]) * tile_rows};
 }
 
 // exp, sigmoid, cos, sin of an fp32 argument: the double result rounded once.

@@ -153,12 +153,10 @@ void scale_rows(float* y, int rows, int cols, const float* g, cudaStream_t st) {
 void gather_rows(const DevWeight& table, const int* ids, int n, int H, float* y, cudaStream_t st) {
   if (n <= 0 || H <= 0) return;
   const dim3 grid(unsigned(n), (unsigned(H) + kThreads - 1) / kThreads);
-  switch (table.type) {
-    case kF32: gather_rows_kernel<kF32><<<grid, kThreads, 0, st>>>(table, ids, H, y); break;
-    case kBF16: gather_rows_kernel<kBF16><<<grid, kThreads, 0, st>>>(table, ids, H, y); break;
-    case kF16: gather_rows_kernel<kF16><<<grid, kThreads, 0, st>>>(table, ids, H, y); break;
-    default: gather_rows_kernel<kF8><<<grid, kThreads, 0, st>>>(table, ids, H, y); break;
-  }
+  with_wkind(table.type, [&](auto t) {
+    constexpr int T = decltype(t)::value;
+    gather_rows_kernel<T><<<grid, kThreads, 0, st>>>(table, ids, H, y);
+  });
   MOEDIT_CUDA_LAUNCHED();
 }
 

@@ -46,8 +46,23 @@ int grouped_tile_rows(int P, int E);
 // Group e (rows start[e] .. start[e+1] of X and Y): Y[rows, out] = X[rows, in]·W[e]ᵀ, for every group in one launch.
 // W [E] descriptors and start [E+1], tile_start [E+1] (prefix sums of ceil(rows/tile_rows)) in device memory;
 // max_tiles bounds tile_start[E] (the grid's height).
+// f32_only: only the groups whose weights are fp32 (grouped_linear_bf16 takes the others).
 void grouped_linear(const float* X, size_t ldx, int in, const DevWeight* W, int out, float* Y, size_t ldy,
-                    const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st);
+                    const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st,
+                    bool f32_only = false);
+
+// ---- linear_tc.cu: --precision bf16 -----------------------------------------------------------------------------
+// As linear and grouped_linear for weights stored in 16 or 8 bits (not fp32), on tensor cores: X and W rounded to
+// bf16 (nearest even), products exact, fp32 sums; bias added in fp32. grouped_linear_bf16 skips fp32 groups.
+void linear_bf16(const float* X, size_t ldx, int n, int in, const DevWeight& W, int out, float* Y, size_t ldy,
+                 const float* bias, cudaStream_t st);
+void grouped_linear_bf16(const float* X, size_t ldx, int in, const DevWeight* W, int out, float* Y, size_t ldy,
+                         const int* start, const int* tile_start, int E, int tile_rows, int max_tiles,
+                         cudaStream_t st);
+
+// ---- gram.cu ----------------------------------------------------------------------------------------------------
+// C [cols, cols] (fp64) = (accumulate ? C : 0) + Kᵀ·K for K [n, cols] (rows ld floats apart); lower triangle only.
+void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate, cudaStream_t st);
 
 // ---- attention.cu ---------------------------------------------------------------------------------------------
 struct DevAttn {

@@ -7,8 +7,9 @@
 // the call or the group a row is in — the CUDA backend is batch invariant like the CPU one (kernels/ops.h), though
 // its sums are ordered differently from the CPU's eight-lane sums (≈ 1 ulp·√in apart).
 //
-// Known limits: plain fp32 FMA (no tensor cores), no double buffering: about 10–20 % of the fp32 peak for large
-// products; a product of a few rows reads W once per BN-column block but leaves most SMs idle when out is small.
+// Known limits: plain fp32 FMA (no tensor cores: --precision bf16 uses them, linear_tc.cu), no double buffering:
+// about 10–20 % of the fp32 peak for large products; a product of a few rows reads W once per BN-column block but
+// leaves most SMs idle when out is small.
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/launch.h"
@@ -101,33 +102,24 @@ __global__ void __launch_bounds__(threads_of<S>) linear_kernel(const float* __re
 
 // grid (column tiles, max_tiles): row tile y = blockIdx.y is group e's where tile_start[e] ≤ y < tile_start[e+1].
 // Groups may hold different weight types (an edited expert's fp32 copy among bf16 ones): the block branches on its
-// group's type.
+// group's type. f32_only: groups of other types are left to the tensor-core kernel (--precision bf16, linear_tc.cu).
 template <class S>
 __global__ void __launch_bounds__(threads_of<S>) grouped_kernel(const float* __restrict__ X, size_t ldx, int in,
                                                                 const DevWeight* __restrict__ Ws, int out,
                                                                 float* __restrict__ Y, size_t ldy,
                                                                 const int* __restrict__ start,
-                                                                const int* __restrict__ tile_start, int E) {
+                                                                const int* __restrict__ tile_start, int E,
+                                                                bool f32_only) {
   __shared__ Smem<S> sm;
-  const int tile = int(blockIdx.y);
-  if (tile >= tile_start[E]) return;
-  int lo = 0, hi = E;  // the last e with tile_start[e] ≤ tile (empty groups share their successor's start)
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (tile_start[mid] <= tile) lo = mid;
-    else hi = mid;
-  }
-  const int e = lo, s0 = start[e], n = start[e + 1] - s0, row0 = (tile - tile_start[e]) * S::BM;
-  const DevWeight W = Ws[e];
-  const float* Xe = X + size_t(s0) * ldx;
-  float* Ye = Y + size_t(s0) * ldy;
-  const int col0 = int(blockIdx.x) * S::BN;
-  switch (W.type) {
-    case kF32: gemm_tile<kF32, S>(sm, Xe, ldx, n, in, W, out, Ye, ldy, nullptr, row0, col0); break;
-    case kBF16: gemm_tile<kBF16, S>(sm, Xe, ldx, n, in, W, out, Ye, ldy, nullptr, row0, col0); break;
-    case kF16: gemm_tile<kF16, S>(sm, Xe, ldx, n, in, W, out, Ye, ldy, nullptr, row0, col0); break;
-    default: gemm_tile<kF8, S>(sm, Xe, ldx, n, in, W, out, Ye, ldy, nullptr, row0, col0); break;
-  }
+  const TileGroup g = tile_group(int(blockIdx.y), start, tile_start, E, S::BM);
+  if (g.e < 0) return;
+  const DevWeight W = Ws[g.e];
+  if (f32_only && W.type != kF32) return;
+  with_wkind(W.type, [&](auto t) {
+    constexpr int T = decltype(t)::value;
+    gemm_tile<T, S>(sm, X + size_t(g.s0) * ldx, ldx, g.n, in, W, out, Y + size_t(g.s0) * ldy, ldy, nullptr, g.row0,
+                    int(blockIdx.x) * S::BN);
+  });
 }
 
 template <class S>
@@ -137,12 +129,10 @@ void launch_linear(const float* X, size_t ldx, int n, int in, const DevWeight& W
   if (row_tiles > 65535u) throw std::runtime_error("cuda linear: " + std::to_string(n) + " rows is too many");
   const dim3 grid(unsigned((out + S::BN - 1) / S::BN), row_tiles);
   constexpr unsigned nt = threads_of<S>;
-  switch (W.type) {
-    case kF32: linear_kernel<kF32, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias); break;
-    case kBF16: linear_kernel<kBF16, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias); break;
-    case kF16: linear_kernel<kF16, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias); break;
-    default: linear_kernel<kF8, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias); break;
-  }
+  with_wkind(W.type, [&](auto t) {
+    constexpr int T = decltype(t)::value;
+    linear_kernel<T, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias);
+  });
   MOEDIT_CUDA_LAUNCHED();
 }
 
@@ -161,16 +151,19 @@ int grouped_tile_rows(int P, int E) {
 }
 
 void grouped_linear(const float* X, size_t ldx, int in, const DevWeight* W, int out, float* Y, size_t ldy,
-                    const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st) {
+                    const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st,
+                    bool f32_only) {
   if (max_tiles <= 0 || out <= 0 || E <= 0) return;
   if (max_tiles > 65535)
     throw std::runtime_error("cuda grouped linear: " + std::to_string(max_tiles) + " row tiles is too many");
   if (tile_rows == Big::BM) {
     const dim3 grid(unsigned((out + Big::BN - 1) / Big::BN), unsigned(max_tiles));
-    grouped_kernel<Big><<<grid, threads_of<Big>, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E);
+    constexpr unsigned nt = threads_of<Big>;
+    grouped_kernel<Big><<<grid, nt, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E, f32_only);
   } else if (tile_rows == Small::BM) {
     const dim3 grid(unsigned((out + Small::BN - 1) / Small::BN), unsigned(max_tiles));
-    grouped_kernel<Small><<<grid, threads_of<Small>, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E);
+    constexpr unsigned nt = threads_of<Small>;
+    grouped_kernel<Small><<<grid, nt, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E, f32_only);
   } else {
     throw std::logic_error("cuda grouped linear: tile_rows " + std::to_string(tile_rows) + " is not a tile shape");
   }

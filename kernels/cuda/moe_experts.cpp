@@ -44,22 +44,45 @@ void CudaBackend::moe_experts(const float* a, int N, const ExpertsView& ex, cons
   DevWeight* dw = dbuf.as<DevWeight>();
   to_device(dw, desc.data(), sizeof(DevWeight) * desc.size());
 
+  // One grouped product per bank: in bf16, the banks' 16- and 8-bit experts on tensor cores, then the fp32 ones
+  // (an edited expert's copy) in fp32; the two kernels write disjoint groups.
+  const bool tc = precision_ == Precision::bf16;
+  auto grouped = [&](const float* X, int in, int bank, int out, float* Y, size_t ldy) {
+    const ops::WeightView* views = bank == 0 ? ex.gate : bank == 1 ? ex.up : ex.down;
+    const bool any_f32 =
+        std::any_of(views, views + E, [](const ops::WeightView& v) { return v.type == ops::WType::F32; });
+    const DevWeight* d = dw + size_t(bank) * size_t(E);
+    if (tc) grouped_linear_bf16(X, size_t(in), in, d, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, st_);
+    if (!tc || any_f32)
+      grouped_linear(X, size_t(in), in, d, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, st_, tc);
+  };
+
   // Rows of every group at once (groups are disjoint row ranges): gathered inputs, gate‖up, keys, outputs.
   const Buf xg(*this, sizeof(float) * Pz * size_t(H)), gu(*this, sizeof(float) * Pz * 2 * size_t(I)),
       key(*this, sizeof(float) * Pz * size_t(I)), out(*this, sizeof(float) * Pz * size_t(H));
   moe_gather(a, H, tok, start, E, P, xg.as<float>(), st_);
-  grouped_linear(xg.as<float>(), size_t(H), H, dw, I, gu.as<float>(), 2 * size_t(I), start, tile_start, E,
-                 tile_rows, max_tiles, st_);
-  grouped_linear(xg.as<float>(), size_t(H), H, dw + E, I, gu.as<float>() + I, 2 * size_t(I), start, tile_start, E,
-                 tile_rows, max_tiles, st_);
+  grouped(xg.as<float>(), H, 0, I, gu.as<float>(), 2 * size_t(I));
+  grouped(xg.as<float>(), H, 1, I, gu.as<float>() + I, 2 * size_t(I));
   cuda::silu_mul(gu.as<float>(), P, I, key.as<float>(), st_);
 
-  // A tap: the stage's rows to the host, f(e, rows of e, tokens of e) for each active expert in ascending id, back.
+  // The groups' row ranges on the host (only where a tap needs them).
   std::vector<int> hstart, htok;
+  auto groups = [&] {
+    if (!hstart.empty()) return;
+    hstart.resize(size_t(E) + 1);
+    to_host(hstart.data(), start, sizeof(int) * hstart.size());
+  };
+  // Readers: each active expert's key rows where they are (no copy).
+  if (taps && taps->key_rows) {
+    groups();
+    for (int e = 0; e < E; ++e)
+      if (const int n = hstart[size_t(e) + 1] - hstart[size_t(e)]; n > 0)
+        taps->key_rows(e, key.as<float>() + size_t(hstart[size_t(e)]) * size_t(I), n);
+  }
+  // A tap: the stage's rows to the host, f(e, rows of e, tokens of e) for each active expert in ascending id, back.
   auto tap = [&](const std::function<void(int, MapMatR, const std::vector<int>&)>& f, float* rows, int width) {
-    if (hstart.empty()) {
-      hstart.resize(size_t(E) + 1);
-      to_host(hstart.data(), start, sizeof(int) * hstart.size());
+    groups();
+    if (htok.empty()) {
       htok.resize(size_t(hstart[size_t(E)]));
       to_host(htok.data(), tok, sizeof(int) * htok.size());
     }
@@ -77,8 +100,7 @@ void CudaBackend::moe_experts(const float* a, int N, const ExpertsView& ex, cons
   };
   if (taps && taps->key) tap(taps->key, key.as<float>(), I);
 
-  grouped_linear(key.as<float>(), size_t(I), I, dw + 2 * E, H, out.as<float>(), size_t(H), start, tile_start, E,
-                 tile_rows, max_tiles, st_);
+  grouped(key.as<float>(), I, 2, H, out.as<float>(), size_t(H));
   moe_scale_rows(out.as<float>(), H, pair, w, start, E, P, st_);
   if (taps && taps->out) tap(taps->out, out.as<float>(), H);
   moe_combine(out.as<float>(), H, ids, pos, N, k, y, st_);

@@ -15,12 +15,17 @@
 
 namespace moedit::py {
 
-PyModel::PyModel(const std::string& p, const std::string& device) : path(p) {
+PyModel::PyModel(const std::string& p, const std::string& device, const std::string& precision) : path(p) {
   const Backend* be = nullptr;
   try {
     be = &backend_named(device);
   } catch (const std::exception& e) {
     throw InputError("device " + device + ": " + e.what());
+  }
+  try {
+    set_precision_named(*be, precision);
+  } catch (const std::invalid_argument& e) {
+    throw InputError("precision " + precision + ": " + e.what());
   }
   m = Model::load(path);
   m->set_backend(*be);
@@ -179,8 +184,10 @@ nb::class_<PyModel> bind_model(nb::module_& mod) {
       .def("__repr__", [](const HookInfo& h) { return "HookInfo('" + h.name + "')"; });
 
   return nb::class_<PyModel>(mod, "Model", "A Hugging Face MoE checkpoint folder, loaded (weights memory-mapped)")
-      .def(nb::init<const std::string&, const std::string&>(), nb::arg("path"), nb::arg("device") = "cpu",
-           "Loads config.json and the safetensors weights; device: cpu, cuda or cuda:N")
+      .def(nb::init<const std::string&, const std::string&, const std::string&>(), nb::arg("path"),
+           nb::arg("device") = "cpu", nb::arg("precision") = "fp32",
+           "Loads config.json and the safetensors weights; device: cpu, cuda or cuda:N; precision: fp32, or bf16 "
+           "(GPU: matrix products on tensor cores)")
       .def_ro("path", &PyModel::path)
       .def_prop_ro("n_layers", [](PyModel& p) { return p.m->config().n_layers; })
       .def_prop_ro("d_model", [](PyModel& p) { return p.m->config().hidden; })

@@ -18,7 +18,7 @@ namespace moedit::py {
 using Tokens = std::variant<std::string, std::vector<int32_t>>;
 
 struct PyModel {
-  PyModel(const std::string& path, const std::string& device);
+  PyModel(const std::string& path, const std::string& device, const std::string& precision = "fp32");
   std::shared_ptr<Model> m;
   std::string path;
   std::vector<EditResult> edits;  // applied by edit(), in order; revert() undoes them all

@@ -74,6 +74,13 @@ def test_unknown_device_is_an_input_error():
         moedit.Model(str(DEMO), device="tpu")
 
 
+def test_bf16_on_the_cpu_is_an_input_error():
+    with pytest.raises(moedit.InputError, match="precision bf16: .*computes in fp32"):
+        moedit.Model(str(DEMO), device="cpu", precision="bf16")
+    with pytest.raises(moedit.InputError, match="unknown precision 'fp8'"):
+        moedit.Model(str(DEMO), precision="fp8")
+
+
 def test_the_package_ships_type_stubs():
     import pathlib
 

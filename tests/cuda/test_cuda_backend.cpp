@@ -177,6 +177,37 @@ TEST(CudaBackend, LinearIsBatchInvariant) {
   }
 }
 
+// Key statistics on the device: gram's lower triangle of Kᵀ·K in fp64 against the CPU's (partial tiles, strided rows,
+// no rows, accumulation over calls), the upper triangle untouched.
+TEST(CudaBackend, GramMatchesTheCpu) {
+  MOEDIT_REQUIRE_GPU();
+  for (auto [cols, n1, n2] : {std::tuple{70, 300, 17}, {1, 5, 0}, {33, 0, 40}, {96, 1, 64}}) {
+    const size_t ld = size_t(cols) + 3;
+    const auto K1 = randn(size_t(std::max(n1, 1)) * ld, 81), K2 = randn(size_t(std::max(n2, 1)) * ld, 82);
+    const std::vector<double> C0(size_t(cols) * cols, -7.0);
+    std::vector<double> want = C0;
+    cpu().gram(K1.data(), n1, cols, ld, want.data(), false);
+    cpu().gram(K2.data(), n2, cols, ld, want.data(), true);
+    Buf dK1 = up(K1), dK2 = up(K2), dC = up(C0);
+    gpu().gram(dK1.as<float>(), n1, cols, ld, dC.as<double>(), false);
+    gpu().gram(dK2.as<float>(), n2, cols, ld, dC.as<double>(), true);
+    const auto got = down<double>(dC, C0.size());
+    for (int i = 0; i < cols; ++i)
+      for (int j = 0; j < cols; ++j) {
+        const size_t at = size_t(i) * cols + size_t(j);
+        if (j > i) {
+          EXPECT_EQ(got[at], -7.0) << cols << " cols: upper " << i << "," << j;
+          continue;
+        }
+        double mag = 0;
+        for (auto [K, n] : {std::pair{&K1, n1}, {&K2, n2}})
+          for (int r = 0; r < n; ++r)
+            mag += std::abs(double((*K)[size_t(r) * ld + size_t(i)]) * (*K)[size_t(r) * ld + size_t(j)]);
+        EXPECT_NEAR(got[at], want[at], 1e-14 * mag) << cols << " cols: " << i << "," << j;
+      }
+  }
+}
+
 TEST(CudaBackend, RmsNormRopeSiluMul) {
   MOEDIT_REQUIRE_GPU();
   {  // RMSNorm in place (x and y alias), rows longer than a block

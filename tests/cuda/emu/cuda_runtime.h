@@ -95,6 +95,7 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 template <class T>
 T __ldg(const T* p) { return *p; }
 inline float __uint_as_float(uint32_t u) { return std::bit_cast<float>(u); }
+inline uint32_t __float_as_uint(float f) { return std::bit_cast<uint32_t>(f); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
