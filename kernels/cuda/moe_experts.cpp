@@ -49,10 +49,11 @@ void CudaBackend::moe_experts(const float* a, int N, const ExpertsView& ex, cons
   const bool tc = precision_ == Precision::bf16;
   auto grouped = [&](const float* X, int in, int bank, int out, float* Y, size_t ldy) {
     const ops::WeightView* views = bank == 0 ? ex.gate : bank == 1 ? ex.up : ex.down;
-    const bool any_f32 =
-        std::any_of(views, views + E, [](const ops::WeightView& v) { return v.type == ops::WType::F32; });
+    const auto f32 = [](const ops::WeightView& v) { return v.type == ops::WType::F32; };
+    const bool any_f32 = std::any_of(views, views + E, f32), all_f32 = std::all_of(views, views + E, f32);
     const DevWeight* d = dw + size_t(bank) * size_t(E);
-    if (tc) grouped_linear_bf16(X, size_t(in), in, d, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, st_);
+    if (tc && !all_f32)
+      grouped_linear_bf16(X, size_t(in), in, d, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, st_);
     if (!tc || any_f32)
       grouped_linear(X, size_t(in), in, d, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, st_, tc);
   };

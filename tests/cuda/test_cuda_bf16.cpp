@@ -236,6 +236,30 @@ TEST(CudaBf16, MoeExpertsAreTheExpertsThroughTheBf16Linear) {
   }
 }
 
+// Experts held in fp32 (every expert edited, an fp32 checkpoint) run on the fp32 kernel in bf16 too: bit for bit.
+TEST(CudaBf16, MoeOfFp32ExpertsIsTheFp32Path) {
+  MOEDIT_REQUIRE_GPU();
+  const int E = 4, I = 32, H = 48, N = 60, k = 2;
+  std::vector<TypedWeight> ws;
+  for (int m = 0; m < 3 * E; ++m) ws.emplace_back(m < 2 * E ? I : H, m < 2 * E ? H : I, W::F32, uint64_t(800 + m));
+  std::vector<ops::WeightView> views;
+  for (const auto& t : ws) views.push_back(t.on(gpu()));
+  const ExpertsView ex{E, I, H, views.data(), views.data() + E, views.data() + 2 * E};
+  std::vector<int> ids;
+  std::vector<float> w;
+  for (int t = 0; t < N; ++t) {
+    ids.insert(ids.end(), {t % E, (t + 1 + t / E) % E == t % E ? (t + 2) % E : (t + 1 + t / E) % E});
+    w.insert(w.end(), {0.7f, 0.3f});
+  }
+  const auto a = randn(size_t(N) * H, 90);
+  Buf da = up(a), dids = up(ids), dw = up(w), dy(gpu(), sizeof(float) * size_t(N) * H);
+  gpu().moe_experts(da.as<float>(), N, ex, dids.as<int>(), dw.as<float>(), k, dy.as<float>());
+  const auto fp32 = down<float>(dy, size_t(N) * H);
+  const Bf16Scope bf16;
+  gpu().moe_experts(da.as<float>(), N, ex, dids.as<int>(), dw.as<float>(), k, dy.as<float>());
+  EXPECT_EQ(down<float>(dy, fp32.size()), fp32);
+}
+
 TEST(CudaBf16, DemoModelKeepsTheTop1TokenOnCounterFactPrompts) {
   MOEDIT_REQUIRE_GPU();
   const std::string dir = std::string(MOEDIT_SOURCE_DIR) + "/models/moedit-demo";
