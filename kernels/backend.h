@@ -114,7 +114,6 @@ class BufferPool {
 // held in fp32 (routers, edited matrices, fp32 checkpoints) are multiplied in fp32 either way, and everything outside
 // matrix products (norms, attention, routing, the residual stream, scores) stays fp32.
 enum class Precision { fp32, bf16 };
-const char* precision_name(Precision p);
 
 class Backend {
  public:
@@ -164,7 +163,7 @@ class Backend {
   BufferPool& pool() const { return pool_; }
 
   // ---- precision -----------------------------------------------------------------------------------------------
-  // The CPU computes in fp32 only: set_precision(bf16) throws std::invalid_argument there.
+  // The CPU computes in fp32 only: set_precision(bf16) throws std::invalid_argument there, naming the backend.
   virtual void set_precision(Precision p) const;
   virtual Precision precision() const { return Precision::fp32; }
 

@@ -76,11 +76,9 @@ void Backend::set_memory_limit(size_t bytes) const {
   if (bytes) throw std::invalid_argument("the " + name() + " backend has no device memory to cap");
 }
 
-const char* precision_name(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
-
 void Backend::set_precision(Precision p) const {
   if (p != Precision::fp32)
-    throw std::invalid_argument("the " + name() + " backend computes in fp32 only (bf16 runs on a GPU's tensor cores)");
+    throw std::invalid_argument("bf16 runs on a GPU's tensor cores; the " + name() + " backend computes in fp32");
 }
 
 size_t BufferPool::cached() const {

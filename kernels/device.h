@@ -1,5 +1,5 @@
-// Backends by name, for the CLI's --device: "cpu", "cuda" (device 0) and "cuda:N"; precisions by name (--precision). Compiles with and without CUDA
-// (MOEDIT_HAS_CUDA); without it, asking for a CUDA device says how to build one.
+// Backends by name, for the CLI's --device: "cpu", "cuda" (device 0) and "cuda:N"; precisions by name (--precision).
+// Compiles with and without CUDA (MOEDIT_HAS_CUDA); without it, asking for a CUDA device says how to build one.
 #pragma once
 #include <string>
 

@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(NT) tc_linear_kernel(const float* __restrict__
   tc_tile<T, S>(sm, X, ldx, n, in, W, out, Y, ldy, bias, int(blockIdx.y) * S::BM, int(blockIdx.x) * S::BN);
 }
 
-// grid (column tiles, max_tiles), as linear.cu's grouped kernel; groups with fp32 weights are left to that kernel.
+// grid (column tiles, max_tiles), as linear.cu's grouped kernel; groups with fp32 weights are left to that kernel
+// (their blocks do nothing).
 template <class S>
 __global__ void __launch_bounds__(NT) tc_grouped_kernel(const float* __restrict__ X, size_t ldx, int in,
                                                         const DevWeight* __restrict__ Ws, int out,
@@ -123,7 +124,6 @@ __global__ void __launch_bounds__(NT) tc_grouped_kernel(const float* __restrict_
   const TileGroup g = tile_group(int(blockIdx.y), start, tile_start, E, S::BM);
   if (g.e < 0) return;
   const DevWeight W = Ws[g.e];
-  if (W.type == kF32) return;
   with_wkind(W.type, [&](auto t) {
     constexpr int T = decltype(t)::value;
     if constexpr (T != kF32)

@@ -61,6 +61,20 @@ inline void expect_near_scaled(const std::vector<float>& got, const std::vector<
                      << ", cpu " << want[first] << "; worst difference " << worst;
 }
 
+// Rows 0, 37 and n − 1 of X [n, in]·Wᵀ on the GPU, each computed alone, equal bit for bit the same rows of one call
+// over all n rows (W [out, in] in device memory; whatever precision the backend is set to).
+inline void expect_linear_batch_invariant(const ops::WeightView& w, int out, const std::vector<float>& X, int n,
+                                          int in) {
+  Buf dX = up(X), dY(gpu(), sizeof(float) * size_t(n) * out), d1(gpu(), sizeof(float) * size_t(out));
+  gpu().linear(dX.as<float>(), size_t(in), n, in, w, out, dY.as<float>(), size_t(out));
+  const auto all = down<float>(dY, size_t(n) * out);
+  for (int r : {0, 37, n - 1}) {
+    gpu().linear(dX.as<float>() + size_t(r) * in, size_t(in), 1, in, w, out, d1.as<float>(), size_t(out));
+    const auto one = down<float>(d1, size_t(out));
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + long(r) * out)) << "row " << r;
+  }
+}
+
 // The causal trace the model tests compare: a fixture's first reference sequence, subject tokens 1..2, 3 samples.
 inline trace::TraceReport fixture_trace(const Model& m, const std::string& dir) {
   trace::TraceInput in;

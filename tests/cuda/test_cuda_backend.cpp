@@ -165,16 +165,7 @@ TEST(CudaBackend, LinearIsBatchInvariant) {
   MOEDIT_REQUIRE_GPU();
   const int n = 100, in = 203, out = 150;
   const TypedWeight W(out, in, ops::WType::BF16, 21);
-  const auto X = randn(size_t(n) * in, 22);
-  Buf dX = up(X), dY(gpu(), sizeof(float) * n * out), d1(gpu(), sizeof(float) * out);
-  const ops::WeightView w = W.on(gpu());
-  gpu().linear(dX.as<float>(), in, n, in, w, out, dY.as<float>(), out);
-  const auto all = down<float>(dY, size_t(n) * out);
-  for (int r : {0, 37, 99}) {
-    gpu().linear(dX.as<float>() + size_t(r) * in, in, 1, in, w, out, d1.as<float>(), out);
-    const auto one = down<float>(d1, size_t(out));
-    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + long(r) * out)) << "row " << r;
-  }
+  expect_linear_batch_invariant(W.on(gpu()), out, randn(size_t(n) * in, 22), n, in);
 }
 
 // Key statistics on the device: gram's lower triangle of Kᵀ·K in fp64 against the CPU's (partial tiles, strided rows,

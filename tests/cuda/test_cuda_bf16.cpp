@@ -162,16 +162,7 @@ TEST(CudaBf16, LinearIsBatchInvariant) {
   const Bf16Scope bf16;
   const int n = 100, in = 203, out = 150;
   const TypedWeight w(out, in, W::BF16, 61);
-  const auto X = randn(size_t(n) * in, 62);
-  Buf dX = up(X), dY(gpu(), sizeof(float) * n * out), d1(gpu(), sizeof(float) * out);
-  const ops::WeightView v = w.on(gpu());
-  gpu().linear(dX.as<float>(), in, n, in, v, out, dY.as<float>(), out);
-  const auto all = down<float>(dY, size_t(n) * out);
-  for (int r : {0, 37, 99}) {
-    gpu().linear(dX.as<float>() + size_t(r) * in, in, 1, in, v, out, d1.as<float>(), out);
-    const auto one = down<float>(d1, size_t(out));
-    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + long(r) * out)) << "row " << r;
-  }
+  expect_linear_batch_invariant(w.on(gpu()), out, randn(size_t(n) * in, 62), n, in);
 }
 
 // moe_experts in bf16 = each active expert's rows through the bf16 Linear (gate, up), SwiGLU, Linear (down), times
