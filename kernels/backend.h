@@ -188,7 +188,8 @@ class Backend {
                       size_t ldy, const float* bias = nullptr) const = 0;
   // y[rows, dim] = w ⊙ x·rsqrt(mean(x²) + eps) (x and y may alias).
   virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps) const = 0;
-  // Rotate-half RoPE in place (ops::rope_neox).
+  // Rotate-half RoPE in place (ops::rope_neox). Its backward is the same op at the negated positions (the rotation
+  // by −angle, the transposed rotation: cos and sin are even and odd, and the angle is an exact fp32 product).
   virtual void rope(float* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
                     const float* inv_freq, float attn_scaling) const = 0;
   // Causal attention of one sequence (ops::attention).
@@ -197,6 +198,25 @@ class Backend {
                          int out_stride) const = 0;
   // key[rows, I] = silu(gu[:, :I]) ⊙ gu[:, I:] for gate‖up rows gu [rows, 2I].
   virtual void silu_mul(const float* gu, int rows, int I, float* key) const = 0;
+
+  // ---- backward ops: ∂loss/∂(input) of the ops above (v*, weight gradients) --------------------------------------
+  // dX[n, in] (= or += when accumulate) dY[n, out]·W for W [out, in] (the backward of linear's X); rows of dY and dX
+  // are lddy, lddx floats apart.
+  virtual void linear_backward(const float* dY, size_t lddy, int n, int out, const ops::WeightView& W, int in,
+                               float* dX, size_t lddx, bool accumulate) const = 0;
+  // dx[rows, dim] (= or +=) of rmsnorm from dy: with r = rsqrt(mean(x²) + eps),
+  // dx_j = r·w_j·dy_j − x_j·r³/dim·Σ_i w_i·dy_i·x_i.
+  virtual void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, int rows, int dim,
+                                float eps, bool accumulate) const = 0;
+  // dgu[rows, 2I] of silu_mul from dkey [rows, I]: ∂g = dk·u·σ(g)·(1 + g·(1 − σ(g))), ∂u = dk·silu(g).
+  virtual void silu_mul_backward(const float* gu, const float* dkey, int rows, int I, float* dgu) const = 0;
+  // The backward of attention (the same arguments; its probabilities recomputed): dq [n_q, q_stride] (=),
+  // dk [n_k, k_stride] and dv [n_k, v_stride] (+=) from dout [n_q, dout_stride]. With P the probabilities and
+  // dP = dO·Vᵀ per head: dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pᵀ·dO (the query
+  // heads of a kv group summed into its dK, dV).
+  virtual void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                                  const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
+                                  int dout_stride, float* dq, float* dk, float* dv) const = 0;
 
   // Routing of N tokens: router logits z [N, E] → ids [N, k] (top-k order) and weights w [N, k]; bias [E] or null.
   virtual void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,

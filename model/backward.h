@@ -18,15 +18,12 @@
 #pragma once
 #include <vector>
 
+#include "kernels/grad_ops.h"
 #include "model/model.h"
 #include "model/router.h"
 
 namespace moedit {
 
-template <class T>
-using MatT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using VecT = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 using IdxMat = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 template <class T>
@@ -34,63 +31,13 @@ class WeightGrads;
 
 namespace grad {
 
-// ---- op level (row-major buffers; W is a float [out, in] weight, y = x·Wᵀ + b) ---------------------------------
+// ---- op level: kernels/grad_ops.h; here the same Linear on a model weight in its storage dtype --------------
 
-// Y[n, out] = X[n, in]·Wᵀ (+ b).
-template <class T>
-void linear(const T* X, int n, int in, const float* W, int out, T* Y, const float* b = nullptr);
-// dX[n, in] = dY[n, out]·W (+= when accumulate). dW[out, in] += dYᵀ·X and db[out] += Σ_rows dY when non-null
-// (X is then required).
-template <class T>
-void linear_backward(const T* dY, int n, int in, const float* W, int out, T* dX, bool accumulate,
-                     const T* X = nullptr, T* dW = nullptr, T* db = nullptr);
-// The same with a model weight in its storage dtype (out = W.rows()); bf16/f16 weights are widened on use (exact).
+// Y = X·Wᵀ and dX (+)= dY·W for a model weight (out = W.rows()); bf16/f16/FP8 weights are widened on use (exact).
 template <class T>
 void linear(const T* X, int n, int in, const Weight& W, T* Y, const float* b = nullptr);
 template <class T>
 void linear_backward(const T* dY, int n, int in, const Weight& W, T* dX, bool accumulate);
-
-// y = w ⊙ x·rsqrt(mean(x²) + eps), per row.
-template <class T>
-void rmsnorm(const T* x, const float* w, T* y, int rows, int dim, float eps);
-// dx (= or +=) from dy; dw[dim] += Σ_rows dy ⊙ x·r when non-null.
-template <class T>
-void rmsnorm_backward(const T* x, const float* w, const T* dy, T* dx, int rows, int dim, float eps,
-                      bool accumulate, T* dw = nullptr);
-
-// Rotate-half RoPE in place (ops::rope_neox layout and angles, cos/sin computed in fp32 as the forward does);
-// transpose = true applies the transposed rotation (the backward: rotation by −angle); cos/sin scaled by scaling.
-template <class T>
-void rope(T* x, int rows, int row_stride, int n_heads, int head_stride, int rot_dim, const int* pos,
-          const float* inv_freq, bool transpose, float scaling = 1.f);
-
-// Softmax in place (ops::softmax_inplace semantics, -inf → 0) and its backward dz = p ⊙ (dp − Σ p·dp).
-template <class T>
-void softmax(T* x, int n);
-template <class T>
-void softmax_backward(const T* p, const T* dp, int n, T* dz);
-
-// key[r, i] = silu(gu[r, i])·gu[r, I + i] for gate‖up rows [rows, 2I]; backward gives dgu [rows, 2I].
-template <class T>
-void swiglu(const T* gu, int rows, int I, T* key);
-template <class T>
-void swiglu_backward(const T* gu, const T* dkey, int rows, int I, T* dgu);
-
-// Causal attention of one sequence, ops::attention semantics, recording probs [Hq, n_q, n_k] (masked entries 0).
-template <class T>
-void attention(const T* q, int n_q, int q_stride, int q_pos0, const T* k, int k_stride, const T* v, int v_stride,
-               int n_k, const ops::AttnShape& s, T* out, int out_stride, T* probs);
-// Backward: dq [n_q, q_stride] (=), dk [n_k, k_stride] (+=), dv [n_k, v_stride] (+=) from dout.
-template <class T>
-void attention_backward(const T* q, int n_q, int q_stride, const T* k, int k_stride, const T* v, int v_stride,
-                        int n_k, const ops::AttnShape& s, const T* probs, const T* dout, int dout_stride, T* dq,
-                        T* dk, T* dv);
-
-// Routing (route, route_backward) is in model/router.h.
-
-// log-softmax of a row.
-template <class T>
-void log_softmax(const T* x, int n, T* out);
 
 // ---- block level ------------------------------------------------------------------------------------------------
 

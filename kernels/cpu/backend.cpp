@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/grad_ops.h"
 
 namespace moedit {
 
@@ -90,6 +92,26 @@ class CpuBackend final : public Backend {
   }
   void silu_mul(const float* gu, int rows, int I, float* key) const override { ops::silu_mul(gu, rows, I, key); }
 
+  // The backward ops: the float instances of kernels/grad_ops.h (what the taped v* stack runs).
+  void linear_backward(const float* dY, size_t lddy, int n, int out, const ops::WeightView& W, int in, float* dX,
+                       size_t lddx, bool accumulate) const override;
+  void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, int rows, int dim, float eps,
+                        bool accumulate) const override {
+    grad::rmsnorm_backward(x, w, dy, dx, rows, dim, eps, accumulate);
+  }
+  void silu_mul_backward(const float* gu, const float* dkey, int rows, int I, float* dgu) const override {
+    grad::swiglu_backward(gu, dkey, rows, I, dgu);
+  }
+  void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                          const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
+                          int dout_stride, float* dq, float* dk, float* dv) const override {
+    std::vector<float> probs(size_t(s.Hq) * n_q * size_t(n_k)), out(size_t(n_q) * s.Hq * s.Dv);
+    grad::attention(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, s, out.data(), s.Hq * s.Dv,
+                    probs.data());
+    grad::attention_backward(q, n_q, q_stride, k, k_stride, v, v_stride, n_k, s, probs.data(), dout, dout_stride, dq,
+                             dk, dv);
+  }
+
   void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
              float* w) const override {
     for (int t = 0; t < N; ++t)
@@ -108,6 +130,29 @@ class CpuBackend final : public Backend {
     c.selfadjointView<Eigen::Lower>().rankUpdate(kt);
   }
 };
+
+void CpuBackend::linear_backward(const float* dY, size_t lddy, int n, int out, const ops::WeightView& W, int in,
+                                 float* dX, size_t lddx, bool accumulate) const {
+  // grad::linear_backward on contiguous fp32 operands: a typed or strided W widened, strided rows packed.
+  std::vector<float> w, dy, dx;
+  const float* wp = static_cast<const float*>(W.data);
+  if (W.type != ops::WType::F32 || W.ld != size_t(in)) {
+    w.resize(size_t(out) * size_t(in));
+    for (int r = 0; r < out; ++r) ops::widen_row(W, r, 0, in, w.data() + size_t(r) * in);
+    wp = w.data();
+  }
+  const float* dyp = dY;
+  if (lddy != size_t(out)) {
+    dy.resize(size_t(n) * size_t(out));
+    copy2d(dY, lddy, dy.data(), size_t(out), n, out);
+    dyp = dy.data();
+  }
+  if (lddx == size_t(in)) return grad::linear_backward(dyp, n, in, wp, out, dX, accumulate);
+  dx.resize(size_t(n) * size_t(in));
+  if (accumulate) copy2d(dX, lddx, dx.data(), size_t(in), n, in);
+  grad::linear_backward(dyp, n, in, wp, out, dx.data(), accumulate);
+  copy2d(dx.data(), size_t(in), dX, lddx, n, in);
+}
 
 void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
                              float* y, const MoeTaps* taps) const {

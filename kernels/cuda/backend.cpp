@@ -224,6 +224,37 @@ void CudaBackend::silu_mul(const float* gu, int rows, int I, float* key) const {
   done();
 }
 
+void CudaBackend::linear_backward(const float* dY, size_t lddy, int n, int out, const ops::WeightView& W, int in,
+                                  float* dX, size_t lddx, bool accumulate) const {
+  enter();
+  cuda::linear_backward(dY, lddy, n, out, dev_weight(W), in, dX, lddx, accumulate, st_);
+  done();
+}
+
+void CudaBackend::rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, int rows, int dim,
+                                   float eps, bool accumulate) const {
+  enter();
+  cuda::rmsnorm_backward(x, w, dy, dx, rows, dim, eps, accumulate, st_);
+  done();
+}
+
+void CudaBackend::silu_mul_backward(const float* gu, const float* dkey, int rows, int I, float* dgu) const {
+  enter();
+  cuda::silu_mul_backward(gu, dkey, rows, I, dgu, st_);
+  done();
+}
+
+void CudaBackend::attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k,
+                                     int k_stride, const float* v, int v_stride, int n_k, const ops::AttnShape& s,
+                                     const float* dout, int dout_stride, float* dq, float* dk, float* dv) const {
+  enter();
+  const DevAttn a{s.Hq, s.Hkv, s.Dk, s.Dv, s.scale, s.window};
+  Buf scratch(*this, sizeof(float) * cuda::attention_backward_scratch(n_q, n_k, a));
+  cuda::attention_backward(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, a, dout, dout_stride, dq, dk, dv,
+                           scratch.as<float>(), st_);
+  done();
+}
+
 void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
                         float* w) const {
   if (N <= 0) return;

@@ -57,6 +57,14 @@ class CudaBackend final : public Backend {
   void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride, const float* v,
                  int v_stride, int n_k, const ops::AttnShape& s, float* out, int out_stride) const override;
   void silu_mul(const float* gu, int rows, int I, float* key) const override;
+  void linear_backward(const float* dY, size_t lddy, int n, int out, const ops::WeightView& W, int in, float* dX,
+                       size_t lddx, bool accumulate) const override;
+  void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, int rows, int dim, float eps,
+                        bool accumulate) const override;
+  void silu_mul_backward(const float* gu, const float* dkey, int rows, int I, float* dgu) const override;
+  void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                          const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
+                          int dout_stride, float* dq, float* dk, float* dv) const override;
   void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
              float* w) const override;
   void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,

@@ -90,6 +90,24 @@ __device__ __forceinline__ TileGroup tile_group(int tile, const int* __restrict_
   return {lo, start[lo], start[lo + 1] - start[lo], (tile - tile_start[lo]) * tile_rows};
 }
 
+// The sum (max) of v over the block, every thread gets it: a shuffle tree per warp, then the warps in order (a fixed
+// order: deterministic). sh: 32 floats of shared memory; every thread of the block must call it.
+template <bool Max = false>
+__device__ __forceinline__ float block_reduce(float v, float* sh) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = Max ? fmaxf(v, u) : v + u;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = (blockDim.x + 31) / 32;
+  __syncthreads();  // sh may still be read by an earlier call
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float s = sh[0];
+  for (int w = 1; w < nw; ++w) s = Max ? fmaxf(s, sh[w]) : s + sh[w];
+  return s;
+}
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce<false>(v, sh); }
+
 // exp, sigmoid, cos, sin of an fp32 argument: the double result rounded once.
 __device__ __forceinline__ float exp_ref(float x) { return float(exp(double(x))); }
 __device__ __forceinline__ float sigmoid_ref(float x) { return 1.f / (1.f + exp_ref(-x)); }

@@ -70,18 +70,6 @@ __global__ void silu_mul_kernel(const float* __restrict__ gu, int rows, int I, f
   }
 }
 
-// Sum of v over the block (every thread gets it); sh: 32 floats of shared memory.
-__device__ float block_sum(float v, float* sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = (blockDim.x + 31) / 32;
-  __syncthreads();  // sh may still be read by an earlier call
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int w = 0; w < nw; ++w) s += sh[w];
-  return s;
-}
-
 // Block per row: y = w ⊙ x·(1/sqrt(mean(x²) + eps)); x and y may alias (each element is read before it is written,
 // by the thread that writes it).
 __global__ void rmsnorm_kernel(const float* x, const float* __restrict__ w, float* y, int dim, float eps) {

@@ -51,6 +51,11 @@ void grouped_linear(const float* X, size_t ldx, int in, const DevWeight* W, int 
                     const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st,
                     bool f32_only = false);
 
+// dX[n, in] (= or += when accumulate) dY[n, out]·W for W [out, in]: the backward of linear's X, fp32 in either
+// precision (the same tiles and per-element fmaf order).
+void linear_backward(const float* dY, size_t lddy, int n, int out, const DevWeight& W, int in, float* dX,
+                     size_t lddx, bool accumulate, cudaStream_t st);
+
 // ---- linear_tc.cu: --precision bf16 -----------------------------------------------------------------------------
 // As linear and grouped_linear for weights stored in 16 or 8 bits (not fp32), on tensor cores: X and W rounded to
 // bf16 (nearest even), products exact, fp32 sums; bias added in fp32. grouped_linear_bf16 skips fp32 groups.
@@ -72,6 +77,17 @@ struct DevAttn {
 };
 void attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride, const float* v,
                int v_stride, int n_k, const DevAttn& s, float* out, int out_stride, cudaStream_t st);
+
+// ---- backward.cu: the backward ops (Backend's), fp32 ------------------------------------------------------------
+// dx (= or +=) of rmsnorm from dy (dx may alias dy); dgu [rows, 2I] of silu_mul from dkey [rows, I].
+void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, int rows, int dim, float eps,
+                      bool accumulate, cudaStream_t st);
+void silu_mul_backward(const float* gu, const float* dkey, int rows, int I, float* dgu, cudaStream_t st);
+// dq (=), dk and dv (+=) of attention from dout; scratch: attention_backward_scratch(n_q, n_k, s) floats.
+size_t attention_backward_scratch(int n_q, int n_k, const DevAttn& s);
+void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
+                        const float* v, int v_stride, int n_k, const DevAttn& s, const float* dout, int dout_stride,
+                        float* dq, float* dk, float* dv, float* scratch, cudaStream_t st);
 
 // ---- route.cu -------------------------------------------------------------------------------------------------
 // ops::RouteSpec as plain data (renorm_eps already rounded to fp32, as route_row<float> adds it).

@@ -1,6 +1,7 @@
-// Linear on typed weights: Y[n, out] = X[n, in]·Wᵀ (+ bias), fp32 accumulation, weights widened to fp32 as they are
-// staged in shared memory (bf16, f16 and FP8 widen exactly, so a typed product equals the product with the widened
-// copy). Shared-memory tiles of BM rows × BN columns, BK = 16 deep; each thread keeps TM × TN outputs in registers.
+// Linear on typed weights: Y[n, out] = X[n, in]·Wᵀ (+ bias), and its backward dX (+)= dY·W (the same tiles, W staged
+// transposed), fp32 accumulation, weights widened to fp32 as they are staged in shared memory (bf16, f16 and FP8
+// widen exactly, so a typed product equals the product with the widened copy). Shared-memory tiles of BM rows × BN
+// columns, BK = 16 deep; each thread keeps TM × TN outputs in registers.
 //
 // Every output element is one thread's sequence fmaf(x[k], w[k], acc) in order of k from 0 (the zero-padded tail
 // of the last BK step adds exact zeros), then the bias: the same sequence whatever the tile shape, the rows sharing
@@ -37,11 +38,14 @@ struct Smem {
   float w[BK][S::BN + 4];  // widened W tile, k-major (consecutive threads read consecutive columns)
 };
 
-// Rows [row0, row0 + BM) × columns [col0, col0 + BN) of Y (rows < n and columns < out are written).
-template <int T, class S>
+// Rows [row0, row0 + BM) × columns [col0, col0 + BN) of Y (rows < n and columns < out are written): Y = X·Wᵀ (+ bias)
+// with X [n, in], W [out, in]; with Tr, Y (+)= X·W, X [n, in] and W [in, out] (linear_backward: in is the weight's
+// row count, out its column count).
+template <int T, class S, bool Tr = false>
 __device__ __forceinline__ void gemm_tile(Smem<S>& sm, const float* __restrict__ X, size_t ldx, int n, int in,
                                           const DevWeight& W, int out, float* __restrict__ Y, size_t ldy,
-                                          const float* __restrict__ bias, int row0, int col0) {
+                                          const float* __restrict__ bias, int row0, int col0,
+                                          bool accumulate = false) {
   constexpr int BM = S::BM, BN = S::BN, TM = S::TM, TN = S::TN, NT = threads_of<S>;
   constexpr int RS = BM / TM, CS = BN / TN;  // a thread's rows are RS apart, its columns CS apart
   static_assert(BM * BK % NT == 0 && BN * BK % NT == 0, "every thread stages the same number of elements");
@@ -60,9 +64,9 @@ __device__ __forceinline__ void gemm_tile(Smem<S>& sm, const float* __restrict__
       sm.x[kk][m] = (r < n && k < in) ? __ldg(X + size_t(r) * ldx + size_t(k)) : 0.f;
     }
 #pragma unroll
-    for (int s = 0; s < BN * BK / NT; ++s) {
-      const int e = tid + s * NT, c = e / BK, kk = e % BK, col = col0 + c, k = k0 + kk;
-      sm.w[kk][c] = (col < out && k < in) ? widen<T>(W, col, k) : 0.f;
+    for (int s = 0; s < BN * BK / NT; ++s) {  // contiguous in W: k (rows of W) or, with Tr, columns
+      const int e = tid + s * NT, c = Tr ? e % BN : e / BK, kk = Tr ? e / BN : e % BK, col = col0 + c, k = k0 + kk;
+      sm.w[kk][c] = (col < out && k < in) ? (Tr ? widen<T>(W, k, col) : widen<T>(W, col, k)) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -86,18 +90,22 @@ __device__ __forceinline__ void gemm_tile(Smem<S>& sm, const float* __restrict__
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int c = col0 + tc + j * CS;
-      if (c < out) Y[size_t(r) * ldy + size_t(c)] = bias ? acc[i][j] + bias[c] : acc[i][j];
+      if (c >= out) continue;
+      float& y = Y[size_t(r) * ldy + size_t(c)];
+      y = accumulate ? y + acc[i][j] : bias ? acc[i][j] + bias[c] : acc[i][j];
     }
   }
 }
 
 // grid (column tiles, row tiles).
-template <int T, class S>
+template <int T, class S, bool Tr>
 __global__ void __launch_bounds__(threads_of<S>) linear_kernel(const float* __restrict__ X, size_t ldx, int n, int in,
                                                                DevWeight W, int out, float* __restrict__ Y,
-                                                               size_t ldy, const float* __restrict__ bias) {
+                                                               size_t ldy, const float* __restrict__ bias,
+                                                               bool accumulate) {
   __shared__ Smem<S> sm;
-  gemm_tile<T, S>(sm, X, ldx, n, in, W, out, Y, ldy, bias, int(blockIdx.y) * S::BM, int(blockIdx.x) * S::BN);
+  gemm_tile<T, S, Tr>(sm, X, ldx, n, in, W, out, Y, ldy, bias, int(blockIdx.y) * S::BM, int(blockIdx.x) * S::BN,
+                      accumulate);
 }
 
 // grid (column tiles, max_tiles): row tile y = blockIdx.y is group e's where tile_start[e] ≤ y < tile_start[e+1].
@@ -122,16 +130,16 @@ __global__ void __launch_bounds__(threads_of<S>) grouped_kernel(const float* __r
   });
 }
 
-template <class S>
+template <class S, bool Tr>
 void launch_linear(const float* X, size_t ldx, int n, int in, const DevWeight& W, int out, float* Y, size_t ldy,
-                   const float* bias, cudaStream_t st) {
+                   const float* bias, bool accumulate, cudaStream_t st) {
   const unsigned row_tiles = unsigned((n + S::BM - 1) / S::BM);
   if (row_tiles > 65535u) throw std::runtime_error("cuda linear: " + std::to_string(n) + " rows is too many");
   const dim3 grid(unsigned((out + S::BN - 1) / S::BN), row_tiles);
   constexpr unsigned nt = threads_of<S>;
   with_wkind(W.type, [&](auto t) {
     constexpr int T = decltype(t)::value;
-    linear_kernel<T, S><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias);
+    linear_kernel<T, S, Tr><<<grid, nt, 0, st>>>(X, ldx, n, in, W, out, Y, ldy, bias, accumulate);
   });
   MOEDIT_CUDA_LAUNCHED();
 }
@@ -141,8 +149,15 @@ void launch_linear(const float* X, size_t ldx, int n, int in, const DevWeight& W
 void linear(const float* X, size_t ldx, int n, int in, const DevWeight& W, int out, float* Y, size_t ldy,
             const float* bias, cudaStream_t st) {
   if (n <= 0 || out <= 0) return;
-  if (n >= 48) launch_linear<Big>(X, ldx, n, in, W, out, Y, ldy, bias, st);
-  else launch_linear<Small>(X, ldx, n, in, W, out, Y, ldy, bias, st);
+  if (n >= 48) launch_linear<Big, false>(X, ldx, n, in, W, out, Y, ldy, bias, false, st);
+  else launch_linear<Small, false>(X, ldx, n, in, W, out, Y, ldy, bias, false, st);
+}
+
+void linear_backward(const float* dY, size_t lddy, int n, int out, const DevWeight& W, int in, float* dX,
+                     size_t lddx, bool accumulate, cudaStream_t st) {
+  if (n <= 0 || in <= 0) return;  // out = 0: an empty sum, dX = 0 (or unchanged)
+  if (n >= 48) launch_linear<Big, true>(dY, lddy, n, out, W, in, dX, lddx, nullptr, accumulate, st);
+  else launch_linear<Small, true>(dY, lddy, n, out, W, in, dX, lddx, nullptr, accumulate, st);
 }
 
 int grouped_tile_rows(int P, int E) {

@@ -75,6 +75,25 @@ inline void expect_linear_batch_invariant(const ops::WeightView& w, int out, con
   }
 }
 
+// The attention shapes the op tests run (forward and backward): GQA, windows, Dk ≠ Dv, queries at an offset, many
+// keys, one decoded query, a query that sees no key.
+struct AttnCase {
+  const char* name;
+  ops::AttnShape s;
+  int n_q, n_k, q_pos0;
+};
+inline std::vector<AttnCase> attention_cases() {
+  return {
+      {"mha prefill", {4, 4, 16, 16, 0.25f, 0}, 7, 7, 0},
+      {"gqa, queries at 7..11 of 12", {8, 2, 32, 32, 0.18f, 0}, 5, 12, 7},
+      {"window 3", {4, 2, 8, 6, 0.3f, 3}, 4, 9, 5},
+      {"mla-like Dk 24, Dv 16", {6, 3, 24, 16, 0.2f, 0}, 3, 10, 7},
+      {"300 keys (5 chunks), window 100", {4, 1, 64, 64, 0.125f, 100}, 2, 300, 298},
+      {"decode one query of 150", {8, 4, 32, 48, 0.17f, 0}, 1, 150, 149},
+      {"every key outside the window", {2, 1, 8, 8, 0.3f, 3}, 2, 4, 10},
+  };
+}
+
 // The causal trace the model tests compare: a fixture's first reference sequence, subject tokens 1..2, 3 samples.
 inline trace::TraceReport fixture_trace(const Model& m, const std::string& dir) {
   trace::TraceInput in;

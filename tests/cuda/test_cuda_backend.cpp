@@ -234,21 +234,7 @@ TEST(CudaBackend, RmsNormRopeSiluMul) {
 
 TEST(CudaBackend, AttentionGqaWindowMlaAndOffset) {
   MOEDIT_REQUIRE_GPU();
-  struct Case {
-    const char* name;
-    ops::AttnShape s;
-    int n_q, n_k, q_pos0;
-  };
-  const Case cases[] = {
-      {"mha prefill", {4, 4, 16, 16, 0.25f, 0}, 7, 7, 0},
-      {"gqa, queries at 7..11 of 12", {8, 2, 32, 32, 0.18f, 0}, 5, 12, 7},
-      {"window 3", {4, 2, 8, 6, 0.3f, 3}, 4, 9, 5},
-      {"mla-like Dk 24, Dv 16", {6, 3, 24, 16, 0.2f, 0}, 3, 10, 7},
-      {"300 keys (5 chunks), window 100", {4, 1, 64, 64, 0.125f, 100}, 2, 300, 298},
-      {"decode one query of 150", {8, 4, 32, 48, 0.17f, 0}, 1, 150, 149},
-      {"every key outside the window", {2, 1, 8, 8, 0.3f, 3}, 2, 4, 10},
-  };
-  for (const Case& c : cases) {
+  for (const AttnCase& c : attention_cases()) {
     const auto& s = c.s;
     const int qs = s.Hq * s.Dk + 3, ks = s.Hkv * s.Dk + 1, vs = s.Hkv * s.Dv + 2, os = s.Hq * s.Dv + 5;
     const auto q = randn(size_t(c.n_q) * qs, 41), k = randn(size_t(c.n_k) * ks, 42), v = randn(size_t(c.n_k) * vs, 43);

@@ -23,7 +23,7 @@ flags=(${EXTRA:-} -march=native -std=c++20 -O1 -g -ffp-contract=off -pthread -fo
        -DEIGEN_DONT_PARALLELIZE -DPCRE2_CODE_UNIT_WIDTH=8)
 objs=()
 tests=()
-for t in ${EMU_TESTS:-test_cuda_backend.cpp test_cuda_moe.cpp}; do tests+=("$root/tests/cuda/$t"); done
+for t in ${EMU_TESTS:-test_cuda_backend.cpp test_cuda_backward.cpp test_cuda_moe.cpp}; do tests+=("$root/tests/cuda/$t"); done
 for f in "$W"/src/*.cpp "$root"/kernels/cuda/*.cpp "$root"/kernels/device.cpp "${tests[@]}"; do
   o=$W/obj/$(basename "$f" .cpp)-$(echo "$f ${EXTRA:-}" | md5sum | cut -c1-8).o
   objs+=("$o")

@@ -1,0 +1,129 @@
+// The backward ops of the backend seam (kernels/backend.h) against the gradient ops of kernels/grad_ops.h run in
+// double (those are checked against central finite differences in tests/test_backward.cpp): linear_backward in every
+// weight dtype with strided rows, sub-views and accumulation; rmsnorm_backward and silu_mul_backward; attention_backward
+// with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; RoPE's backward as the forward at negated
+// positions. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
+// tests/cuda/test_cuda_backend.cpp holds the CUDA backend's ops to the CPU's.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "kernels/backend.h"
+#include "kernels/grad_ops.h"
+#include "tests/typed_weight.h"
+#include "test_util.h"
+
+namespace moedit {
+namespace {
+
+using test::randn;
+using test::TypedWeight;
+
+constexpr ops::WType kTypes[] = {ops::WType::F32, ops::WType::BF16, ops::WType::F16, ops::WType::F8E4M3};
+
+std::vector<double> wide(const std::vector<float>& x) { return {x.begin(), x.end()}; }
+
+// Every element of got within tol·max|want| of want.
+void expect_near_scaled(const std::vector<float>& got, const std::vector<double>& want, double tol,
+                        const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (double x : want) scale = std::max(scale, std::abs(x));
+  ASSERT_GT(scale, 0) << what << ": an all-zero result would make the check vacuous";
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], tol * scale) << what << " element " << i;
+}
+
+// dX (+)= dY·W: rows of dY, dX strided, W a sub-view (rows from 1, columns from 2) or the whole matrix.
+TEST(BackendBackward, LinearBackwardEveryTypeStridedSubviewsAccumulate) {
+  const Backend& be = cpu_backend();
+  for (ops::WType t : kTypes)
+    for (auto [n, out, in] : {std::tuple{1, 5, 7}, {3, 33, 64}, {13, 300, 100}, {50, 129, 256}})
+      for (bool sub : {false, true})
+        for (bool acc : {false, true}) {
+          const int r0 = sub ? 1 : 0, c0 = sub ? 2 : 0;
+          const TypedWeight W(out + r0 + 1, in + c0 + 3 * int(sub), t, 41);
+          const ops::WeightView view = sub ? W.view.at(r0, c0) : W.view;
+          const size_t lddy = size_t(out) + 3, lddx = size_t(in) + 5;
+          const auto dY = randn(size_t(n) * lddy, 42);
+          auto dX = randn(size_t(n) * lddx, 43);
+          const auto before = dX;
+          be.linear_backward(dY.data(), lddy, n, out, view, in, dX.data(), lddx, acc);
+          for (int r = 0; r < n; ++r) {
+            for (int c = 0; c < in; ++c) {
+              double want = acc ? before[size_t(r) * lddx + c] : 0.0, mag = std::abs(want);
+              for (int o = 0; o < out; ++o) {
+                const double p = double(dY[size_t(r) * lddy + o]) * W.value[size_t(o + r0) * W.cols + c + c0];
+                want += p;
+                mag += std::abs(p);
+              }
+              ASSERT_NEAR(dX[size_t(r) * lddx + c], want, (out + 2) * 6e-8 * mag + 1e-30)
+                  << int(t) << " " << n << "x" << out << "x" << in << " sub " << sub << " acc " << acc;
+            }
+            for (size_t c = size_t(in); c < lddx; ++c) ASSERT_EQ(dX[size_t(r) * lddx + c], before[size_t(r) * lddx + c]);
+          }
+        }
+}
+
+TEST(BackendBackward, RmsNormAndSiluMul) {
+  const Backend& be = cpu_backend();
+  const int rows = 5, dim = 48, I = 9;
+  const auto x = randn(size_t(rows) * dim, 51), w = randn(size_t(dim), 52), dy = randn(size_t(rows) * dim, 53);
+  for (bool acc : {false, true}) {
+    auto dx = randn(size_t(rows) * dim, 54);
+    auto want = wide(dx);
+    const auto xd = wide(x), dyd = wide(dy);
+    be.rmsnorm_backward(x.data(), w.data(), dy.data(), dx.data(), rows, dim, 1e-6f, acc);
+    grad::rmsnorm_backward(xd.data(), w.data(), dyd.data(), want.data(), rows, dim, 1e-6f, acc);
+    expect_near_scaled(dx, want, 1e-6, acc ? "rmsnorm_backward +=" : "rmsnorm_backward");
+  }
+  const auto gu = randn(size_t(rows) * 2 * I, 55, 2.f), dk = randn(size_t(rows) * I, 56);
+  std::vector<float> dgu(gu.size());
+  std::vector<double> want(gu.size());
+  be.silu_mul_backward(gu.data(), dk.data(), rows, I, dgu.data());
+  grad::swiglu_backward(wide(gu).data(), wide(dk).data(), rows, I, want.data());
+  expect_near_scaled(dgu, want, 1e-6, "silu_mul_backward");
+}
+
+TEST(BackendBackward, AttentionGqaWindowMlaShapesAndOffset) {
+  const Backend& be = cpu_backend();
+  for (int window : {0, 3}) {
+    const ops::AttnShape s{4, 2, 8, 6, 0.3f, window};
+    const int n_k = 9, n_q = 4, p0 = n_k - n_q;
+    const int qs = s.Hq * s.Dk + 3, ks = s.Hkv * s.Dk + 1, vs = s.Hkv * s.Dv + 2, os = s.Hq * s.Dv + 4;
+    const auto q = randn(size_t(n_q) * qs, 61), k = randn(size_t(n_k) * ks, 62), v = randn(size_t(n_k) * vs, 63);
+    const auto dout = randn(size_t(n_q) * os, 64);
+    std::vector<float> dq(size_t(n_q) * qs, 0.f);
+    auto dk = randn(size_t(n_k) * ks, 65), dv = randn(size_t(n_k) * vs, 66);
+    auto wdk = wide(dk), wdv = wide(dv);
+    std::vector<double> wdq(dq.size(), 0.0), probs(size_t(s.Hq) * n_q * n_k), out(size_t(n_q) * s.Hq * s.Dv);
+    be.attention_backward(q.data(), n_q, qs, p0, k.data(), ks, v.data(), vs, n_k, s, dout.data(), os, dq.data(),
+                          dk.data(), dv.data());
+    const auto qd = wide(q), kd = wide(k), vd = wide(v), dod = wide(dout);
+    grad::attention(qd.data(), n_q, qs, p0, kd.data(), ks, vd.data(), vs, n_k, s, out.data(), s.Hq * s.Dv,
+                    probs.data());
+    grad::attention_backward(qd.data(), n_q, qs, kd.data(), ks, vd.data(), vs, n_k, s, probs.data(), dod.data(), os,
+                             wdq.data(), wdk.data(), wdv.data());
+    const std::string w = " window " + std::to_string(window);
+    expect_near_scaled(dq, wdq, 1e-5, "dq" + w);
+    expect_near_scaled(dk, wdk, 1e-5, "dk" + w);
+    expect_near_scaled(dv, wdv, 1e-5, "dv" + w);
+  }
+}
+
+// The transposed rotation is the rotation at −pos: on the CPU bit for bit grad::rope's transpose in fp32.
+TEST(BackendBackward, RopeAtNegatedPositionsIsTheTransposedRotation) {
+  const int rows = 4, H = 3, D = 8, rot = 6;
+  std::vector<float> inv_freq(size_t(rot / 2));
+  for (int i = 0; i < rot / 2; ++i) inv_freq[size_t(i)] = float(std::pow(10000.0, -2.0 * i / rot));
+  const std::vector<int> pos = {0, 3, 17, 1000}, neg = {0, -3, -17, -1000};
+  const auto x = randn(size_t(rows) * H * D, 71);
+  auto got = x, want = x;
+  cpu_backend().rope(got.data(), rows, H * D, H, D, rot, neg.data(), inv_freq.data(), 1.25f);
+  grad::rope(want.data(), rows, H * D, H, D, rot, pos.data(), inv_freq.data(), true, 1.25f);
+  EXPECT_EQ(got, want);
+  EXPECT_NE(got, x);
+}
+
+}  // namespace
+}  // namespace moedit
