@@ -218,6 +218,13 @@ class Backend {
                                   const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
                                   int dout_stride, float* dq, float* dk, float* dv) const = 0;
 
+  // The backward of moe_experts with the routing held fixed (each expert's forward recomputed, in fp32): for the rows
+  // a [N, H], ids and w [N, k] and ∂loss/∂y dy [N, H], da [N, H] (= or += when accumulate) Σ_j w[t, j]·J_e(a[t])ᵀ·dy[t]
+  // with e = ids[t, j], summed per token in ascending expert id, and dw [N, k] = dy[t]·E_e(a[t]) (the gradient of the
+  // routing weights: the experts' unweighted outputs).
+  virtual void moe_experts_backward(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w,
+                                    int k, const float* dy, float* da, float* dw, bool accumulate) const = 0;
+
   // Routing of N tokens: router logits z [N, E] → ids [N, k] (top-k order) and weights w [N, k]; bias [E] or null.
   virtual void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
                      float* w) const = 0;

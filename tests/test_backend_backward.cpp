@@ -1,8 +1,9 @@
 // The backward ops of the backend seam (kernels/backend.h) against the gradient ops of kernels/grad_ops.h run in
 // double (those are checked against central finite differences in tests/test_backward.cpp): linear_backward in every
 // weight dtype with strided rows, sub-views and accumulation; rmsnorm_backward and silu_mul_backward; attention_backward
-// with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; RoPE's backward as the forward at negated
-// positions. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
+// with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; moe_experts_backward (mixed weight dtypes,
+// an unchosen expert, accumulation) against the experts' forward and backward composed in double; RoPE's backward as
+// the forward at negated positions. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
 // tests/cuda/test_cuda_backend.cpp holds the CUDA backend's ops to the CPU's.
 #include <gtest/gtest.h>
 
@@ -108,6 +109,58 @@ TEST(BackendBackward, AttentionGqaWindowMlaShapesAndOffset) {
     expect_near_scaled(dq, wdq, 1e-5, "dq" + w);
     expect_near_scaled(dk, wdk, 1e-5, "dk" + w);
     expect_near_scaled(dv, wdv, 1e-5, "dv" + w);
+  }
+}
+
+// moe_experts_backward against each (token, slot) pair's expert run forward and backward in double: da = Σ_j w·Jᵀdy,
+// dw = dy·E(a). Experts of every dtype in one bank, expert 5 never chosen, ties of one expert in two slots excluded.
+TEST(BackendBackward, MoeExpertsBackwardIsTheExpertsGradient) {
+  const Backend& be = cpu_backend();
+  const int E = 6, I = 20, H = 24, N = 11, k = 2;
+  const test::TypedBank bank(E, I, H, [](int e, int) { return kTypes[e % 4]; }, 100);
+  std::vector<ops::WeightView> views;
+  const ExpertsView ex = bank.on(be, views);
+  const auto a = randn(size_t(N) * H, 81), dy = randn(size_t(N) * H, 82), w = randn(size_t(N) * k, 83);
+  std::vector<int> ids(size_t(N) * k);
+  for (int t = 0; t < N; ++t) {  // two distinct experts of 0..4 per token
+    ids[size_t(t * k)] = (3 * t) % 5;
+    ids[size_t(t * k + 1)] = (3 * t + 1 + t % 4) % 5;
+  }
+  // The reference in double.
+  std::vector<double> want_da(size_t(N) * H, 0.0), want_dw(size_t(N) * k);
+  for (int t = 0; t < N; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int e = ids[size_t(t * k + j)];
+      const auto x = wide(std::vector<float>(a.begin() + t * H, a.begin() + (t + 1) * H));
+      const auto d = wide(std::vector<float>(dy.begin() + t * H, dy.begin() + (t + 1) * H));
+      const size_t Iz = static_cast<size_t>(I), Hz = static_cast<size_t>(H);
+      std::vector<double> gu(2 * Iz), key(Iz), y(Hz), dyw(Hz), dkey(Iz), dgu(2 * Iz), dx(Hz, 0.0);
+      const auto &G = bank.gate(e).value, &U = bank.up(e).value, &D = bank.down(e).value;
+      grad::linear(x.data(), 1, H, G.data(), I, gu.data());
+      grad::linear(x.data(), 1, H, U.data(), I, gu.data() + I);
+      grad::swiglu(gu.data(), 1, I, key.data());
+      grad::linear(key.data(), 1, I, D.data(), H, y.data());
+      double s = 0;
+      for (int h = 0; h < H; ++h) {
+        s += d[size_t(h)] * y[size_t(h)];
+        dyw[size_t(h)] = double(w[size_t(t * k + j)]) * d[size_t(h)];
+      }
+      want_dw[size_t(t * k + j)] = s;
+      grad::linear_backward(dyw.data(), 1, I, D.data(), H, dkey.data(), false);
+      grad::swiglu_backward(gu.data(), dkey.data(), 1, I, dgu.data());
+      grad::linear_backward(dgu.data(), 1, H, G.data(), I, dx.data(), true);
+      grad::linear_backward(dgu.data() + I, 1, H, U.data(), I, dx.data(), true);
+      for (int h = 0; h < H; ++h) want_da[size_t(t) * H + h] += dx[size_t(h)];
+    }
+  for (bool acc : {false, true}) {
+    auto da = randn(size_t(N) * H, 84);
+    std::vector<float> dw(size_t(N) * k, -7.f);
+    std::vector<double> want = want_da;
+    if (acc)
+      for (size_t i = 0; i < da.size(); ++i) want[i] += da[i];
+    be.moe_experts_backward(a.data(), N, ex, ids.data(), w.data(), k, dy.data(), da.data(), dw.data(), acc);
+    expect_near_scaled(da, want, 1e-5, acc ? "da +=" : "da");
+    expect_near_scaled(dw, want_dw, 1e-5, "dw");
   }
 }
 

@@ -244,16 +244,9 @@ TEST(BackendOps, MoeExpertsWithTaps) {
   const int E = 6, I = 20, H = 24, N = 11, k = 2;
   for (const Backend* be : backends())
     for (ops::WType t : kTypes) {
-      std::vector<TypedWeight> gate, up, down;
-      for (int e = 0; e < E; ++e) {
-        gate.emplace_back(I, H, t, 100 + e);
-        up.emplace_back(I, H, t, 200 + e);
-        down.emplace_back(H, I, t, 300 + e);
-      }
+      const test::TypedBank bank(E, I, H, [t](int, int) { return t; }, 100);
       std::vector<ops::WeightView> views;
-      for (auto* bank : {&gate, &up, &down})
-        for (auto& w : *bank) views.push_back(w.view);
-      const ExpertsView ex{E, I, H, views.data(), views.data() + E, views.data() + 2 * E};
+      const ExpertsView ex = bank.on(*be, views);
       const auto a = randn(size_t(N) * H, 51);
       std::vector<int> ids(size_t(N) * k);
       std::vector<float> w(size_t(N) * k);
@@ -296,16 +289,16 @@ TEST(BackendOps, MoeExpertsWithTaps) {
               double g = 0, u = 0, gm = 0, um = 0;
               for (int c = 0; c < H; ++c) {
                 const double x = a[size_t(tk * H + c)];
-                g += x * gate[size_t(e)].value[size_t(i * H + c)];
-                u += x * up[size_t(e)].value[size_t(i * H + c)];
-                gm += std::abs(x * gate[size_t(e)].value[size_t(i * H + c)]);
-                um += std::abs(x * up[size_t(e)].value[size_t(i * H + c)]);
+                g += x * bank.gate(e).value[size_t(i * H + c)];
+                u += x * bank.up(e).value[size_t(i * H + c)];
+                gm += std::abs(x * bank.gate(e).value[size_t(i * H + c)]);
+                um += std::abs(x * bank.up(e).value[size_t(i * H + c)]);
               }
               const double sg = 1 / (1 + std::exp(-g)), kv = g * sg * u;
               // key error: through the gate and up dot products, plus a few ulp for silu's exp and the products
               const double ek = std::abs(u * (sg + g * sg * (1 - sg))) * dot_bound(H, gm) +
                                 std::abs(g * sg) * dot_bound(H, um) + 5e-7 * std::abs(kv);
-              const double d = down[size_t(e)].value[size_t(h * I + i)];
+              const double d = bank.down(e).value[size_t(h * I + i)];
               o += kv * d;
               err += std::abs(d) * ek + dot_bound(I, std::abs(kv * d));
             }

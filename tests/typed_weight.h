@@ -74,4 +74,26 @@ struct TypedWeight {
   mutable const Backend* uploaded_ = nullptr;
 };
 
+// A bank of E SwiGLU experts of typed weights: gate and up [I, H], down [H, I]; matrix m (0 gate, 1 up, 2 down) of
+// expert e stored as type(e, m), with seed seed + 100·m + e.
+struct TypedBank {
+  int E, I, H;
+  std::vector<TypedWeight> w;  // gate [E] ‖ up [E] ‖ down [E]
+  template <class TypeOf>
+  TypedBank(int E_, int I_, int H_, TypeOf type, uint64_t seed, float sd = 0.5f) : E(E_), I(I_), H(H_) {
+    w.reserve(3 * size_t(E));
+    for (int m = 0; m < 3; ++m)
+      for (int e = 0; e < E; ++e) w.emplace_back(m < 2 ? I : H, m < 2 ? H : I, type(e, m), seed + 100 * m + e, sd);
+  }
+  const TypedWeight& gate(int e) const { return w[size_t(e)]; }
+  const TypedWeight& up(int e) const { return w[size_t(E + e)]; }
+  const TypedWeight& down(int e) const { return w[size_t(2 * E + e)]; }
+  // The views in be's memory and the ExpertsView over them (views must outlive the call).
+  ExpertsView on(const Backend& be, std::vector<ops::WeightView>& views) const {
+    views.clear();
+    for (const auto& t : w) views.push_back(t.on(be));
+    return ExpertsView{E, I, H, views.data(), views.data() + E, views.data() + 2 * E};
+  }
+};
+
 }  // namespace moedit::test

@@ -120,6 +120,8 @@ class CpuBackend final : public Backend {
 
   void moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k, float* y,
                    const MoeTaps* taps) const override;
+  void moe_experts_backward(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
+                            const float* dy, float* da, float* dw, bool accumulate) const override;
 
   void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override {
     Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> c(C, cols, cols);
@@ -154,23 +156,30 @@ void CpuBackend::linear_backward(const float* dY, size_t lddy, int n, int out, c
   copy2d(dx.data(), size_t(in), dX, lddx, n, in);
 }
 
+// The (token, slot) pairs grouped by expert with a counting sort: row r of the grouped order is token tok[r], pair
+// pair[r] = t·k + j; expert e's rows are start[e] .. start[e+1] (tokens ascending); active: the experts with rows.
+struct PairGroups {
+  std::vector<int> start, tok, pair, active;
+  PairGroups(const int* ids, int N, int k, int E) : start(size_t(E) + 1, 0), tok(size_t(N) * k), pair(size_t(N) * k) {
+    for (int p = 0; p < N * k; ++p) ++start[size_t(ids[p]) + 1];
+    for (int e = 0; e < E; ++e) start[size_t(e) + 1] += start[size_t(e)];
+    std::vector<int> fill(start.begin(), start.end() - 1);
+    for (int t = 0; t < N; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int e = ids[size_t(t) * k + j], r = fill[size_t(e)]++;
+        tok[size_t(r)] = t;
+        pair[size_t(r)] = t * k + j;
+      }
+    for (int e = 0; e < E; ++e)
+      if (start[size_t(e) + 1] > start[size_t(e)]) active.push_back(e);
+  }
+};
+
 void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
                              float* y, const MoeTaps* taps) const {
-  const int E = ex.E, I = ex.I, H = ex.H;
-  // Counting sort of the (token, slot) pairs by expert: pair p of expert e is row p of its group, tokens ascending.
-  std::vector<int> start(size_t(E) + 1, 0);
-  for (int p = 0; p < N * k; ++p) ++start[size_t(ids[p]) + 1];
-  for (int e = 0; e < E; ++e) start[size_t(e) + 1] += start[size_t(e)];
-  std::vector<int> tok(size_t(N) * k), pair(size_t(N) * k), fill(start.begin(), start.end() - 1);
-  for (int t = 0; t < N; ++t)
-    for (int j = 0; j < k; ++j) {
-      const int e = ids[size_t(t) * k + j], r = fill[size_t(e)]++;
-      tok[size_t(r)] = t;
-      pair[size_t(r)] = t * k + j;
-    }
-  std::vector<int> active;
-  for (int e = 0; e < E; ++e)
-    if (start[size_t(e) + 1] > start[size_t(e)]) active.push_back(e);
+  const int I = ex.I, H = ex.H;
+  const PairGroups groups(ids, N, k, ex.E);
+  const std::vector<int>&start = groups.start, &tok = groups.tok, &pair = groups.pair, &active = groups.active;
 
   // Scratch for every group at once (groups are disjoint row ranges): gathered rows, gate‖up, keys, outputs.
   Workspace& ws = workspace();
@@ -230,6 +239,52 @@ void CpuBackend::moe_experts(const float* a, int N, const ExpertsView& ex, const
       for (int h = 0; h < H; ++h) yt[h] += o[h];
     }
   }
+}
+
+void CpuBackend::moe_experts_backward(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w,
+                                      int k, const float* dy, float* da, float* dw, bool accumulate) const {
+  const int I = ex.I, H = ex.H;
+  const PairGroups g(ids, N, k, ex.E);
+  std::vector<float> dsum(size_t(N) * H, 0.f);  // Σ over each token's pairs, in ascending expert id
+  std::vector<float> x, gu, key, y, dye, dkey, dgu, dx;
+  for (int e : g.active) {
+    const int r0 = g.start[size_t(e)], n = g.start[size_t(e) + 1] - r0;
+    const size_t nz = size_t(n);
+    x.resize(nz * H);
+    for (int j = 0; j < n; ++j) std::copy_n(a + size_t(g.tok[size_t(r0 + j)]) * H, H, x.data() + size_t(j) * H);
+    // The expert's forward: gate‖up [n, 2I], key [n, I], unweighted output y [n, H].
+    gu.resize(nz * 2 * I);
+    key.resize(nz * I);
+    y.resize(nz * H);
+    ops::linear(x.data(), size_t(H), n, H, ex.gate[e], I, gu.data(), 2 * size_t(I));
+    ops::linear(x.data(), size_t(H), n, H, ex.up[e], I, gu.data() + I, 2 * size_t(I));
+    ops::silu_mul(gu.data(), n, I, key.data());
+    ops::linear(key.data(), size_t(I), n, I, ex.down[e], H, y.data(), size_t(H));
+    // dw = dy·y per pair; the rows' output gradient w·dy back through down, SwiGLU, gate and up.
+    dye.resize(nz * H);
+    for (int j = 0; j < n; ++j) {
+      const int t = g.tok[size_t(r0 + j)], p = g.pair[size_t(r0 + j)];
+      const float* d = dy + size_t(t) * H;
+      float s = 0.f;
+      for (int h = 0; h < H; ++h) {
+        s += d[h] * y[size_t(j) * H + h];
+        dye[size_t(j) * H + h] = w[p] * d[h];
+      }
+      dw[p] = s;
+    }
+    dkey.resize(nz * I);
+    dgu.resize(nz * 2 * I);
+    dx.resize(nz * H);
+    linear_backward(dye.data(), size_t(H), n, H, ex.down[e], I, dkey.data(), size_t(I), false);
+    silu_mul_backward(gu.data(), dkey.data(), n, I, dgu.data());
+    linear_backward(dgu.data(), 2 * size_t(I), n, I, ex.gate[e], H, dx.data(), size_t(H), false);
+    linear_backward(dgu.data() + I, 2 * size_t(I), n, I, ex.up[e], H, dx.data(), size_t(H), true);
+    for (int j = 0; j < n; ++j) {
+      float* o = dsum.data() + size_t(g.tok[size_t(r0 + j)]) * H;
+      for (int h = 0; h < H; ++h) o[h] += dx[size_t(j) * H + h];
+    }
+  }
+  for (size_t i = 0; i < dsum.size(); ++i) da[i] = accumulate ? da[i] + dsum[i] : dsum[i];
 }
 
 }  // namespace

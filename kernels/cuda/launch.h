@@ -56,6 +56,11 @@ void grouped_linear(const float* X, size_t ldx, int in, const DevWeight* W, int 
 void linear_backward(const float* dY, size_t lddy, int n, int out, const DevWeight& W, int in, float* dX,
                      size_t lddx, bool accumulate, cudaStream_t st);
 
+// Group e: dX[rows, in] (= or +=) dY[rows, out]·W[e] (W[e] [out, in]); the grouping as grouped_linear's. fp32.
+void grouped_linear_backward(const float* dY, size_t lddy, int out, const DevWeight* W, int in, float* dX,
+                             size_t lddx, const int* start, const int* tile_start, int E, int tile_rows,
+                             int max_tiles, bool accumulate, cudaStream_t st);
+
 // ---- linear_tc.cu: --precision bf16 -----------------------------------------------------------------------------
 // As linear and grouped_linear for weights stored in 16 or 8 bits (not fp32), on tensor cores: X and W rounded to
 // bf16 (nearest even), products exact, fp32 sums; bias added in fp32. grouped_linear_bf16 skips fp32 groups.
@@ -113,6 +118,9 @@ void moe_gather(const float* a, int H, const int* tok, const int* start, int E, 
 // out[r, :H] *= w[pair[r]] for the rows r < start[E].
 void moe_scale_rows(float* out, int H, const int* pair, const float* w, const int* start, int E, int P,
                     cudaStream_t st);
+// d[pair[r]] = Σ_c a[r, c]·b[r, c] over H columns (a fixed order) for the rows r < start[E]; pairs with no row keep d.
+void moe_row_dot(const float* a, const float* b, int H, const int* pair, const int* start, int E, int P, float* d,
+                 cudaStream_t st);
 // y[t, :H] = Σ out[pos[t·k + j], :H] over the slots j of token t in ascending (expert id, slot), from 0.
 void moe_combine(const float* out, int H, const int* ids, const int* pos, int N, int k, float* y, cudaStream_t st);
 

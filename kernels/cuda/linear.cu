@@ -111,13 +111,14 @@ __global__ void __launch_bounds__(threads_of<S>) linear_kernel(const float* __re
 // grid (column tiles, max_tiles): row tile y = blockIdx.y is group e's where tile_start[e] ≤ y < tile_start[e+1].
 // Groups may hold different weight types (an edited expert's fp32 copy among bf16 ones): the block branches on its
 // group's type. f32_only: groups of other types are left to the tensor-core kernel (--precision bf16, linear_tc.cu).
-template <class S>
+// Tr: Y (+)= X·W per group (grouped_linear_backward).
+template <class S, bool Tr = false>
 __global__ void __launch_bounds__(threads_of<S>) grouped_kernel(const float* __restrict__ X, size_t ldx, int in,
                                                                 const DevWeight* __restrict__ Ws, int out,
                                                                 float* __restrict__ Y, size_t ldy,
                                                                 const int* __restrict__ start,
                                                                 const int* __restrict__ tile_start, int E,
-                                                                bool f32_only) {
+                                                                bool f32_only, bool accumulate = false) {
   __shared__ Smem<S> sm;
   const TileGroup g = tile_group(int(blockIdx.y), start, tile_start, E, S::BM);
   if (g.e < 0) return;
@@ -125,8 +126,8 @@ __global__ void __launch_bounds__(threads_of<S>) grouped_kernel(const float* __r
   if (f32_only && W.type != kF32) return;
   with_wkind(W.type, [&](auto t) {
     constexpr int T = decltype(t)::value;
-    gemm_tile<T, S>(sm, X + size_t(g.s0) * ldx, ldx, g.n, in, W, out, Y + size_t(g.s0) * ldy, ldy, nullptr, g.row0,
-                    int(blockIdx.x) * S::BN);
+    gemm_tile<T, S, Tr>(sm, X + size_t(g.s0) * ldx, ldx, g.n, in, W, out, Y + size_t(g.s0) * ldy, ldy, nullptr,
+                        g.row0, int(blockIdx.x) * S::BN, accumulate);
   });
 }
 
@@ -165,24 +166,41 @@ int grouped_tile_rows(int P, int E) {
   return groups > 0 && P / groups >= 48 ? Big::BM : Small::BM;
 }
 
+namespace {
+
+// The grouped launch of either direction: grid (column tiles of `cols`, max_tiles) of the tile shape tile_rows.
+template <bool Tr>
+void launch_grouped(const float* X, size_t ldx, int K, const DevWeight* W, int cols, float* Y, size_t ldy,
+                    const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, bool f32_only,
+                    bool accumulate, cudaStream_t st) {
+  if (max_tiles <= 0 || cols <= 0 || E <= 0) return;
+  if (max_tiles > 65535)
+    throw std::runtime_error("cuda grouped linear: " + std::to_string(max_tiles) + " row tiles is too many");
+  auto go = [&](auto shape) {
+    using S = decltype(shape);
+    const dim3 grid(unsigned((cols + S::BN - 1) / S::BN), unsigned(max_tiles));
+    grouped_kernel<S, Tr><<<grid, threads_of<S>, 0, st>>>(X, ldx, K, W, cols, Y, ldy, start, tile_start, E, f32_only,
+                                                           accumulate);
+  };
+  if (tile_rows == Big::BM) go(Big{});
+  else if (tile_rows == Small::BM) go(Small{});
+  else throw std::logic_error("cuda grouped linear: tile_rows " + std::to_string(tile_rows) + " is not a tile shape");
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
 void grouped_linear(const float* X, size_t ldx, int in, const DevWeight* W, int out, float* Y, size_t ldy,
                     const int* start, const int* tile_start, int E, int tile_rows, int max_tiles, cudaStream_t st,
                     bool f32_only) {
-  if (max_tiles <= 0 || out <= 0 || E <= 0) return;
-  if (max_tiles > 65535)
-    throw std::runtime_error("cuda grouped linear: " + std::to_string(max_tiles) + " row tiles is too many");
-  if (tile_rows == Big::BM) {
-    const dim3 grid(unsigned((out + Big::BN - 1) / Big::BN), unsigned(max_tiles));
-    constexpr unsigned nt = threads_of<Big>;
-    grouped_kernel<Big><<<grid, nt, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E, f32_only);
-  } else if (tile_rows == Small::BM) {
-    const dim3 grid(unsigned((out + Small::BN - 1) / Small::BN), unsigned(max_tiles));
-    constexpr unsigned nt = threads_of<Small>;
-    grouped_kernel<Small><<<grid, nt, 0, st>>>(X, ldx, in, W, out, Y, ldy, start, tile_start, E, f32_only);
-  } else {
-    throw std::logic_error("cuda grouped linear: tile_rows " + std::to_string(tile_rows) + " is not a tile shape");
-  }
-  MOEDIT_CUDA_LAUNCHED();
+  launch_grouped<false>(X, ldx, in, W, out, Y, ldy, start, tile_start, E, tile_rows, max_tiles, f32_only, false, st);
+}
+
+void grouped_linear_backward(const float* dY, size_t lddy, int out, const DevWeight* W, int in, float* dX,
+                             size_t lddx, const int* start, const int* tile_start, int E, int tile_rows,
+                             int max_tiles, bool accumulate, cudaStream_t st) {
+  launch_grouped<true>(dY, lddy, out, W, in, dX, lddx, start, tile_start, E, tile_rows, max_tiles, false, accumulate,
+                       st);
 }
 
 }  // namespace moedit::cuda

@@ -114,6 +114,19 @@ __global__ void moe_combine_kernel(const float* __restrict__ out, int H, const i
   y[size_t(t) * H + c] = s;
 }
 
+// A warp per row r < start[E] (grid-stride): d[pair[r]] = a[r]·b[r], lanes over the columns, a fixed shuffle tree.
+__global__ void moe_row_dot_kernel(const float* __restrict__ a, const float* __restrict__ b, int H,
+                                   const int* __restrict__ pair, const int* __restrict__ start, int E,
+                                   float* __restrict__ d) {
+  const size_t warps = size_t(gridDim.x) * blockDim.x / 32, lane = threadIdx.x % 32, rows = size_t(start[E]);
+  for (size_t r = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32; r < rows; r += warps) {  // whole warps
+    float s = 0.f;
+    for (size_t c = lane; c < size_t(H); c += 32) s = fmaf(a[r * H + c], b[r * H + c], s);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) d[pair[r]] = s;
+  }
+}
+
 constexpr unsigned kColThreads = 256;
 dim3 row_grid(int rows, int H) { return dim3(unsigned(rows), (unsigned(H) + kColThreads - 1) / kColThreads); }
 
@@ -139,6 +152,13 @@ void moe_scale_rows(float* out, int H, const int* pair, const float* w, const in
                     cudaStream_t st) {
   if (P <= 0 || H <= 0) return;
   moe_scale_kernel<<<row_grid(P, H), kColThreads, 0, st>>>(out, H, pair, w, start, E);
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+void moe_row_dot(const float* a, const float* b, int H, const int* pair, const int* start, int E, int P, float* d,
+                 cudaStream_t st) {
+  if (P <= 0) return;
+  moe_row_dot_kernel<<<blocks_for(size_t(P) * 32, kColThreads), kColThreads, 0, st>>>(a, b, H, pair, start, E, d);
   MOEDIT_CUDA_LAUNCHED();
 }
 

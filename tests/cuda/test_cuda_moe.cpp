@@ -1,7 +1,8 @@
 // moe_experts on the GPU against the CPU backend: every weight dtype, experts of mixed dtypes (an edited expert's
 // fp32 copy among bf16 ones), few and many rows per expert (both tile shapes of the grouped product), unused experts,
 // and taps that read and rewrite the keys and the outputs (each backend's taps must see the same experts, tokens and
-// rows). Tolerance: 1e-5 × max|CPU result| per element (see test_cuda_backend.cpp).
+// rows); moe_experts_backward (da and dw, with and without accumulation) on the same banks. Tolerance: 1e-5 ×
+// max|CPU result| per element (see test_cuda_backend.cpp).
 #include <gtest/gtest.h>
 
 #include <array>
@@ -17,22 +18,9 @@ namespace {
 using namespace test;  // gpu(), up(), down(), expect_near_scaled, randn, TypedWeight
 
 // E experts with gate/up [I, H] and down [H, I]; types[e] per expert and matrix (gate, up, down).
-struct Bank {
-  int E, I, H;
-  std::vector<TypedWeight> w;  // gate [E] ‖ up [E] ‖ down [E]
+struct Bank : TypedBank {
   Bank(int E_, int I_, int H_, const std::vector<std::array<ops::WType, 3>>& types, uint64_t seed)
-      : E(E_), I(I_), H(H_) {
-    w.reserve(3 * size_t(E));
-    for (int m = 0; m < 3; ++m)
-      for (int e = 0; e < E; ++e)
-        w.emplace_back(m < 2 ? I : H, m < 2 ? H : I, types[size_t(e)][size_t(m)], seed + 100 * m + e, 0.3f);
-  }
-  // The views in be's memory and the ExpertsView over them (views must outlive the call).
-  ExpertsView on(const Backend& be, std::vector<ops::WeightView>& views) const {
-    views.clear();
-    for (const auto& t : w) views.push_back(t.on(be));
-    return ExpertsView{E, I, H, views.data(), views.data() + E, views.data() + 2 * E};
-  }
+      : TypedBank(E_, I_, H_, [&](int e, int m) { return types[size_t(e)][size_t(m)]; }, seed, 0.3f) {}
 };
 
 // Routing: k distinct experts per token among the first `used` (the others never chosen), weights in (0.05, 1).
@@ -124,6 +112,40 @@ TEST(CudaMoe, ManyRowsPerExpertAndMixedTypes) {
     compare(bank, 5, 2, 6, 72, taps, "moe 5 tokens top-2 of 6");
     compare(bank, 1, 3, 6, 73, taps, "moe one token (decoding)");
   }
+}
+
+// moe_experts_backward on both backends: da (= and +=) and dw.
+void compare_backward(const Bank& bank, int N, int k, int used, uint64_t seed, const std::string& what) {
+  std::vector<int> ids;
+  std::vector<float> w;
+  random_routing(N, k, used, seed, ids, w);
+  const auto a = randn(size_t(N) * bank.H, seed + 1), dy = randn(size_t(N) * bank.H, seed + 2);
+  std::vector<ops::WeightView> hv, dv;
+  for (bool acc : {false, true}) {
+    std::vector<float> da = randn(size_t(N) * bank.H, seed + 3), dw(size_t(N) * k);
+    Buf ga = up(a), gids = up(ids), gw = up(w), gdy = up(dy), gda = up(da), gdw(gpu(), sizeof(float) * dw.size());
+    cpu_backend().moe_experts_backward(a.data(), N, bank.on(cpu_backend(), hv), ids.data(), w.data(), k, dy.data(),
+                                       da.data(), dw.data(), acc);
+    gpu().moe_experts_backward(ga.as<float>(), N, bank.on(gpu(), dv), gids.as<int>(), gw.as<float>(), k,
+                               gdy.as<float>(), gda.as<float>(), gdw.as<float>(), acc);
+    expect_near_scaled(down<float>(gda, da.size()), da, 1e-5, what + (acc ? ": da +=" : ": da"));
+    expect_near_scaled(down<float>(gdw, dw.size()), dw, 1e-5, what + ": dw");
+  }
+}
+
+TEST(CudaMoe, BackwardMatchesTheCpu) {
+  MOEDIT_REQUIRE_GPU();
+  using W = ops::WType;
+  const int E = 6, I = 40, H = 48;
+  std::vector<std::array<W, 3>> types(size_t(E), {W::BF16, W::BF16, W::BF16});
+  types[1] = {W::F32, W::F32, W::F32};
+  types[2][2] = W::F32;
+  types[4][0] = W::F16;
+  types[5] = {W::F8E4M3, W::F8E4M3, W::F8E4M3};
+  const Bank bank(E, I, H, types, 900);
+  compare_backward(bank, 300, 2, 5, 81, "moe backward 300 tokens top-2 of 5 (tall tiles, expert 5 unused)");
+  compare_backward(bank, 9, 3, 6, 82, "moe backward 9 tokens top-3 of 6");
+  compare_backward(bank, 1, 2, 6, 83, "moe backward one token");
 }
 
 }  // namespace
