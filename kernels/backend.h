@@ -218,6 +218,11 @@ class Backend {
                                   const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
                                   int dout_stride, float* dq, float* dk, float* dv) const = 0;
 
+  // The backward of route with its selection held fixed: dz [N, E] = ∂loss/∂z from dw [N, k] = ∂loss/∂w for the ids
+  // [N, k] route chose from z (ops::route_row_backward; the selection bias and group limits only choose, so they pass
+  // no gradient).
+  virtual void route_backward(const float* z, int N, const ops::RouteSpec& spec, const int* ids, const float* dw,
+                              float* dz) const = 0;
   // The backward of moe_experts with the routing held fixed (each expert's forward recomputed, in fp32): for the rows
   // a [N, H], ids and w [N, k] and ∂loss/∂y dy [N, H], da [N, H] (= or += when accumulate) Σ_j w[t, j]·J_e(a[t])ᵀ·dy[t]
   // with e = ids[t, j], summed per token in ascending expert id, and dw [N, k] = dy[t]·E_e(a[t]) (the gradient of the

@@ -1,7 +1,8 @@
 // The backward ops of the backend seam (kernels/backend.h) against the gradient ops of kernels/grad_ops.h run in
 // double (those are checked against central finite differences in tests/test_backward.cpp): linear_backward in every
 // weight dtype with strided rows, sub-views and accumulation; rmsnorm_backward and silu_mul_backward; attention_backward
-// with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; moe_experts_backward (mixed weight dtypes,
+// with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; route_backward for every router kind;
+// moe_experts_backward (mixed weight dtypes,
 // an unchosen expert, accumulation) against the experts' forward and backward composed in double; RoPE's backward as
 // the forward at negated positions. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
 // tests/cuda/test_cuda_backend.cpp holds the CUDA backend's ops to the CPU's.
@@ -11,6 +12,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/grad_ops.h"
+#include "tests/router_kinds.h"
 #include "tests/typed_weight.h"
 #include "test_util.h"
 
@@ -109,6 +111,25 @@ TEST(BackendBackward, AttentionGqaWindowMlaShapesAndOffset) {
     expect_near_scaled(dq, wdq, 1e-5, "dq" + w);
     expect_near_scaled(dk, wdk, 1e-5, "dk" + w);
     expect_near_scaled(dv, wdv, 1e-5, "dv" + w);
+  }
+}
+
+// route_backward for every router kind against route_row_backward in double, the selection the forward made.
+TEST(BackendBackward, RouteBackwardEveryRouterKind) {
+  const int N = 37;
+  for (const auto& [name, sp, with_bias] : test::router_kinds()) {
+    const auto z = randn(size_t(N) * sp.E, 91, 2.f), bias = randn(size_t(sp.E), 92, 0.3f);
+    const auto dw = randn(size_t(N) * sp.k, 93);
+    std::vector<int> ids(size_t(N) * sp.k);
+    std::vector<float> w(ids.size()), dz(size_t(N) * sp.E, -7.f);
+    cpu_backend().route(z.data(), N, sp, with_bias ? bias.data() : nullptr, ids.data(), w.data());
+    cpu_backend().route_backward(z.data(), N, sp, ids.data(), dw.data(), dz.data());
+    std::vector<double> want(dz.size());
+    const auto zd = wide(z), dwd = wide(dw);
+    for (int t = 0; t < N; ++t)
+      ops::route_row_backward(sp, zd.data() + size_t(t) * sp.E, ids.data() + size_t(t) * sp.k,
+                              dwd.data() + size_t(t) * sp.k, want.data() + size_t(t) * sp.E);
+    expect_near_scaled(dz, want, 1e-5, "route_backward " + name);
   }
 }
 

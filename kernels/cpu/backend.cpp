@@ -118,6 +118,13 @@ class CpuBackend final : public Backend {
       ops::route_row(spec, z + size_t(t) * spec.E, bias, ids + size_t(t) * spec.k, w + size_t(t) * spec.k);
   }
 
+  void route_backward(const float* z, int N, const ops::RouteSpec& spec, const int* ids, const float* dw,
+                      float* dz) const override {
+    for (int t = 0; t < N; ++t)
+      ops::route_row_backward(spec, z + size_t(t) * spec.E, ids + size_t(t) * spec.k, dw + size_t(t) * spec.k,
+                              dz + size_t(t) * spec.E);
+  }
+
   void moe_experts(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k, float* y,
                    const MoeTaps* taps) const override;
   void moe_experts_backward(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,

@@ -255,10 +255,10 @@ void CudaBackend::attention_backward(const float* q, int n_q, int q_stride, int 
   done();
 }
 
-void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
-                        float* w) const {
-  if (N <= 0) return;
-  enter();
+namespace {
+
+// ops::RouteSpec as the kernels' plain data.
+DevRoute dev_route(const ops::RouteSpec& spec) {
   using S = ops::RouteSpec;
   DevRoute r;
   r.score = spec.score == S::Score::Softmax ? 0 : spec.score == S::Score::Sigmoid ? 1 : 2;
@@ -271,9 +271,28 @@ void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const
   r.renorm_eps = float(spec.renorm_eps);  // route_row<float> adds T(renorm_eps)
   r.scale = spec.scale;
   r.scaling = spec.scaling;
+  return r;
+}
+
+}  // namespace
+
+void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
+                        float* w) const {
+  if (N <= 0) return;
+  enter();
+  const DevRoute r = dev_route(spec);
   // Scratch: scores p [N, E], selection scores [N, E], group scores [N, n_group].
   const Buf scratch(*this, sizeof(float) * size_t(N) * (2 * size_t(spec.E > 0 ? spec.E : 0) + size_t(r.n_group)));
   cuda::route(z, N, r, bias, ids, w, scratch.as<float>(), st_);
+  done();
+}
+
+void CudaBackend::route_backward(const float* z, int N, const ops::RouteSpec& spec, const int* ids, const float* dw,
+                                 float* dz) const {
+  if (N <= 0) return;
+  enter();
+  const Buf scratch(*this, sizeof(float) * size_t(N) * 2 * size_t(spec.E > 0 ? spec.E : 0));  // p, dp [N, E]
+  cuda::route_backward(z, N, dev_route(spec), ids, dw, dz, scratch.as<float>(), st_);
   done();
 }
 

@@ -69,6 +69,8 @@ class CudaBackend final : public Backend {
              float* w) const override;
   void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                    float* y, const MoeTaps* taps) const override;
+  void route_backward(const float* z, int N, const ops::RouteSpec& spec, const int* ids, const float* dw,
+                      float* dz) const override;
   void moe_experts_backward(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                             const float* dy, float* da, float* dw, bool accumulate) const override;
   void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override;

@@ -107,6 +107,10 @@ struct DevRoute {
 void route(const float* z, int N, const DevRoute& s, const float* bias, int* ids, float* w, float* scratch,
            cudaStream_t st);
 
+// dz [N, E] from dw [N, k] for the ids route chose (route_row_backward<float>); scratch: 2·N·E floats.
+void route_backward(const float* z, int N, const DevRoute& s, const int* ids, const float* dw, float* dz,
+                    float* scratch, cudaStream_t st);
+
 // ---- moe.cu ---------------------------------------------------------------------------------------------------
 // Groups the P = N·k (token, slot) pairs ids [P] by expert, stably (pairs ascending within an expert): start [E+1],
 // tile_start [E+1] (row tiles of tile_rows), and for row r of the grouped order tok[r] (its token), pair[r] (its

@@ -5,6 +5,9 @@
 // in double and rounded once (device.cuh), so the weights match the CPU's to an ulp and the ids exactly (barring
 // scores within an ulp of each other).
 //
+// route_backward: the same thread per token through route_row_backward<float>'s steps (the weights' gradient back
+// through scaling, renormalisation and the softmax or sigmoid; the selection is held fixed).
+//
 // Known limits: a token's E scores live in global scratch and are scanned k times by one thread: fine for E ≤ 256
 // and the batch sizes of a forward, not a throughput kernel.
 #include <math_constants.h>
@@ -117,7 +120,65 @@ __global__ void route_kernel(const float* __restrict__ z, int N, DevRoute s, con
     for (int j = 0; j < k; ++j) wt[j] *= s.scaling;
 }
 
+// One thread per token t: route_row_backward<float> step for step; p, dp: E floats of scratch each.
+__global__ void route_backward_kernel(const float* __restrict__ z, int N, DevRoute s, const int* __restrict__ ids,
+                                      const float* __restrict__ dw_in, float* __restrict__ dz, float* scratch) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= N) return;
+  const int E = s.E, k = s.k;
+  const float* zt = z + size_t(t) * E;
+  const int* id = ids + size_t(t) * k;
+  const float* dw = dw_in + size_t(t) * k;
+  float* d = dz + size_t(t) * E;
+  float* p = scratch + size_t(t) * E;
+  float* dp = scratch + size_t(N) * E + size_t(t) * E;
+  const float sc = s.scale ? s.scaling : 1.f;
+  for (int e = 0; e < E; ++e) d[e] = 0.f;
+  if (s.score == 2) {  // TopKThenSoftmax: the softmax of the k chosen logits
+    for (int j = 0; j < k; ++j) p[j] = zt[id[j]];
+    softmax_row(p, k);
+    float dot = 0.f;
+    for (int j = 0; j < k; ++j) dot += p[j] * (dw[j] * sc);
+    for (int j = 0; j < k; ++j) d[id[j]] = p[j] * (dw[j] * sc - dot);
+    return;
+  }
+  for (int e = 0; e < E; ++e) {
+    p[e] = zt[e];
+    dp[e] = 0.f;
+  }
+  if (s.score == 0) softmax_row(p, E);
+  else
+    for (int e = 0; e < E; ++e) p[e] = sigmoid_ref(p[e]);
+  if (s.renorm) {  // w_j = p_j / S, S = eps + Σ_sel p:  dp_i = dw_i/S − (Σ_j dw_j p_j)/S²
+    float S = s.renorm_eps, dot = 0.f;
+    for (int j = 0; j < k; ++j) {
+      S += p[id[j]];
+      dot += (dw[j] * sc) * p[id[j]];
+    }
+    for (int j = 0; j < k; ++j) dp[id[j]] = (dw[j] * sc) / S - dot / (S * S);
+  } else {
+    for (int j = 0; j < k; ++j) dp[id[j]] = dw[j] * sc;
+  }
+  if (s.score == 0) {
+    float dot = 0.f;
+    for (int e = 0; e < E; ++e) dot += p[e] * dp[e];
+    for (int e = 0; e < E; ++e) d[e] = p[e] * (dp[e] - dot);
+  } else {
+    for (int e = 0; e < E; ++e) d[e] = dp[e] * p[e] * (1.f - p[e]);
+  }
+}
+
 }  // namespace
+
+void route_backward(const float* z, int N, const DevRoute& s, const int* ids, const float* dw, float* dz,
+                    float* scratch, cudaStream_t st) {
+  if (N <= 0) return;
+  if (s.E <= 0 || s.k <= 0 || s.k > s.E)
+    throw std::invalid_argument("cuda route backward: k = " + std::to_string(s.k) + " of E = " + std::to_string(s.E));
+  constexpr unsigned nt = 128;
+  route_backward_kernel<<<(unsigned(N) + nt - 1) / nt, nt, 0, st>>>(z, N, s, ids, dw, dz, scratch);
+  MOEDIT_CUDA_LAUNCHED();
+}
 
 void route(const float* z, int N, const DevRoute& s, const float* bias, int* ids, float* w, float* scratch,
            cudaStream_t st) {

@@ -15,6 +15,7 @@
 
 #include "kernels/device.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/router_kinds.h"
 #include "tests/typed_weight.h"
 
 namespace moedit {
@@ -249,52 +250,8 @@ TEST(CudaBackend, AttentionGqaWindowMlaAndOffset) {
 
 TEST(CudaBackend, RouteEveryRouterKind) {
   MOEDIT_REQUIRE_GPU();
-  using S = ops::RouteSpec;
-  auto spec = [](S::Score score, int E, int k) {
-    S s;
-    s.score = score;
-    s.E = E;
-    s.k = k;
-    return s;
-  };
-  std::vector<std::pair<std::string, S>> kinds;
-  kinds.push_back({"softmax", spec(S::Score::Softmax, 16, 4)});
-  S s = spec(S::Score::Softmax, 60, 4);
-  s.renorm = true;
-  kinds.push_back({"softmax+renorm (OLMoE/Qwen)", s});
-  s = spec(S::Score::Softmax, 16, 2);
-  s.scale = true;
-  s.scaling = 2.5f;
-  kinds.push_back({"softmax+scale", s});
-  s = spec(S::Score::TopKThenSoftmax, 16, 3);
-  kinds.push_back({"topk-then-softmax (Granite)", s});
-  s.scale = true;
-  s.scaling = 0.7f;
-  kinds.push_back({"topk-then-softmax+scale", s});
-  s = spec(S::Score::Softmax, 64, 6);
-  s.groups = S::Groups::MaxScore;
-  s.n_group = 8;
-  s.topk_group = 3;
-  s.scale = true;
-  s.scaling = 16.f;
-  kinds.push_back({"softmax+groups(max) (DeepSeek-V2)", s});
-  s = spec(S::Score::Sigmoid, 64, 8);
-  s.groups = S::Groups::TopTwoSum;
-  s.n_group = 8;
-  s.topk_group = 4;
-  s.renorm = true;
-  s.renorm_eps = 1e-20;
-  s.scale = true;
-  s.scaling = 2.5f;
-  kinds.push_back({"sigmoid+bias+groups(top2) (DeepSeek-V3)", s});
-  s = spec(S::Score::Sigmoid, 16, 4);
-  kinds.push_back({"sigmoid+bias, no groups", s});
-  s = spec(S::Score::Softmax, 16, 4);
-  kinds.push_back({"softmax+bias", s});
-
   const int N = 300;
-  for (const auto& [name, sp] : kinds) {
-    const bool with_bias = sp.score == S::Score::Sigmoid || name == "softmax+bias";
+  for (const auto& [name, sp, with_bias] : router_kinds()) {
     const auto z = randn(size_t(N) * sp.E, 51, 2.f), bias = randn(size_t(sp.E), 52, 0.3f);
     std::vector<int> ids(size_t(N) * sp.k);
     std::vector<float> w(ids.size());

@@ -2,14 +2,16 @@
 // gradient ops in double): linear_backward in every weight dtype with strided rows, FP8 sub-views off the block grid,
 // accumulation and both tile shapes; rmsnorm_backward (rows longer than a block, dx aliasing dy); silu_mul_backward;
 // attention_backward on the forward test's shapes (GQA, windows, Dk ≠ Dv, q_pos0 > 0, 300 keys, one decoded query, a
-// query that sees no key; strided rows); RoPE at negated positions (its backward). Tolerance: 1e-5 × max|CPU
-// result|, element by element (fp32 sums in another order), as the forward ops'. The precision setting does not reach
-// the backward ops: bf16 gives the same bits. Each test skips, saying so, where there is no GPU.
+// query that sees no key; strided rows); route_backward for every router kind; RoPE at negated positions (its
+// backward). Tolerance: 1e-5 × max|CPU result|, element by element (fp32 sums in another order), as the forward
+// ops'. The precision setting does not reach the backward ops: bf16 gives the same bits. Each test skips, saying so,
+// where there is no GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/router_kinds.h"
 #include "tests/typed_weight.h"
 
 namespace moedit {
@@ -83,6 +85,22 @@ TEST(CudaBackward, RmsNormSiluMulAndRope) {
     cpu().rope(x.data(), rows, row_stride, H, D, rot, neg.data(), inv_freq.data(), 1.3f);
     gpu().rope(dx.as<float>(), rows, row_stride, H, D, rot, dpos.as<int>(), dfreq.as<float>(), 1.3f);
     expect_near_scaled(down<float>(dx, x.size()), x, 1e-5, "rope at negated positions");
+  }
+}
+
+TEST(CudaBackward, RouteBackwardEveryRouterKind) {
+  MOEDIT_REQUIRE_GPU();
+  const int N = 300;
+  for (const auto& [name, sp, with_bias] : router_kinds()) {
+    const auto z = randn(size_t(N) * sp.E, 51, 2.f), bias = randn(size_t(sp.E), 52, 0.3f);
+    const auto dw = randn(size_t(N) * sp.k, 53);
+    std::vector<int> ids(size_t(N) * sp.k);
+    std::vector<float> w(ids.size()), want(size_t(N) * sp.E);
+    cpu().route(z.data(), N, sp, with_bias ? bias.data() : nullptr, ids.data(), w.data());
+    cpu().route_backward(z.data(), N, sp, ids.data(), dw.data(), want.data());
+    Buf gz = up(z), gids = up(ids), gdw = up(dw), gdz(gpu(), sizeof(float) * want.size());
+    gpu().route_backward(gz.as<float>(), N, sp, gids.as<int>(), gdw.as<float>(), gdz.as<float>());
+    expect_near_scaled(down<float>(gdz, want.size()), want, 1e-5, "route_backward " + name);
   }
 }
 
