@@ -200,6 +200,8 @@ run() {
     echo "- CUDA op tests (moedit_cuda_tests): rc $rc in ${tt} s — passed ${passed:-0}, failed ${failed:-0}," \
       "skipped ${skipped:-0}"
     [ -n "$failed_names" ] && echo "  - failed: ${failed_names//:/, } (see cuda_tests.txt, cuda_tests_sync.txt)"
+    # What the tests measured besides pass/fail (the eval summary's agreement, the bf16 demo-model agreement).
+    grep -E '^  \[(cuda eval|bf16)\]' "$out/cuda_tests.txt" 2>/dev/null | sed 's/^  /  - /' || true
     echo "- moedit --help: $smoke"
     echo "- CPU tests (moedit_tests): $cpu_line"
     echo "- moedit benchmarks (bench_gpu, bf16):"

@@ -285,8 +285,8 @@ TEST(CudaBf16, DemoModelKeepsTheTop1TokenOnCounterFactPrompts) {
   }
   const double agree = double(same) / double(positions);
   EXPECT_GE(agree, 0.99) << same << " of " << positions << " positions";
-  std::printf("bf16 vs fp32 on the demo model: top-1 token equal on %zu of %zu positions (%.2f %%); expert choices "
-              "equal in %zu of %zu (token, slot, layer) entries\n",
+  std::printf("  [bf16] bf16 vs fp32 on the demo model: top-1 token equal on %zu of %zu positions (%.2f %%); expert "
+              "choices equal in %zu of %zu (token, slot, layer) entries\n",
               same, positions, 100 * agree, routes_same, routes);
 }
 
