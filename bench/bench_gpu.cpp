@@ -2,7 +2,7 @@
 // file: a bf16 checkpoint's size in host RAM, filled in parallel), timed on one backend:
 //
 //   bench_gpu CONFIG_DIR [--device cuda] [--precision bf16|fp32] [--max-gpu-memory BYTES] [--layers N]
-//             [--what forward,trace,expert,prefill,decode,keystats] [--tokenizer tokenizer.json] [--corpus FILE]
+//             [--what forward,trace,expert,prefill,decode,keystats,edit] [--tokenizer tokenizer.json] [--corpus FILE]
 //             [--keystats-tokens 100000] [--reps 3] [--json FILE]
 //
 //   forward   one forward of 11 × 16 tokens (ROME's trace batch: 1 clean + 10 corrupted rows), best of reps + 2
@@ -15,6 +15,10 @@
 //   decode    greedy decoding at batch 1 with the KV cache (64 new tokens after a 16-token prompt, minus the 1-token
 //             run): tokens/s, and the active weight bytes read per token (the HBM bound is those ÷ the bandwidth)
 //   keystats  key statistics of the middle MoE layer over --keystats-tokens WikiText tokens (windows of 1024)
+//   edit      a ROME edit of the dominant expert at the middle MoE layer with its statistics cached (computed first,
+//             untimed, over 32k random tokens): ROME's 21 prompts (the bare one, 20 with a 10-token prefix) of a
+//             10-token fact, a 2-token target, v* with ROME's defaults (20 steps, lr 0.5); the whole edit and its v*
+//             part, best of max(1, reps − 1), reverted after each
 //
 // --layers N keeps the first N layers (a model larger than the host's RAM); what is timed is then that model, and the
 // output says so. Nothing is compared here: the HF anchor (../shared/bench/hf_trace_anchor.py) runs in the same GPU
@@ -29,6 +33,7 @@
 
 #include "bench_util.h"
 #include "editor/keystats.h"
+#include "editor/rome.h"
 #include "io/text.h"
 #include "kernels/device.h"
 #include "model/config.h"
@@ -118,7 +123,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") reps = std::max(1, std::stoi(next()));
     else if (a == "-h" || a == "--help") {
       std::printf("usage: bench_gpu CONFIG_DIR [--device D] [--precision bf16|fp32] [--max-gpu-memory BYTES] "
-                  "[--layers N] [--what forward,trace,expert,prefill,decode,keystats] [--tokenizer F] [--corpus F] "
+                  "[--layers N] [--what forward,trace,expert,prefill,decode,keystats,edit] [--tokenizer F] [--corpus F] "
                   "[--keystats-tokens N] [--reps N] [--json FILE]\n");
       return 0;
     } else if (!a.empty() && a[0] != '-') config_dir = a;
@@ -242,6 +247,48 @@ int main(int argc, char** argv) {
       out["keystats_layer"] = layer;
       std::printf("key statistics, layer %d, %lld tokens, %zu experts: %.2f s\n", layer, static_cast<long long>(n),
                   stats.size(), t);
+    }
+    if (wants("edit")) {
+      int layer = cfg.n_layers / 2;
+      while (layer < cfg.n_layers && !cfg.is_moe(layer)) ++layer;
+      if (layer >= cfg.n_layers) throw std::runtime_error("edit: no MoE layer at or above the middle");
+      std::vector<std::vector<int32_t>> windows;
+      for (int w = 0; w < 32; ++w) windows.push_back(ids_of(1024, cfg.vocab_size, 100 + uint64_t(w)));
+      auto stats = std::make_shared<std::vector<SecondMoment>>(compute_key_stats(*m, layer, windows));
+      EditIds ids;
+      const auto fact = ids_of(10, cfg.vocab_size, 30);  // subject = tokens 2..4
+      ids.prompts.push_back(fact);
+      ids.subject_last.push_back(4);
+      for (int t = 0; t < 20; ++t) {
+        auto p = ids_of(10, cfg.vocab_size, 40 + uint64_t(t));
+        p.insert(p.end(), fact.begin(), fact.end());
+        ids.prompts.push_back(p);
+        ids.subject_last.push_back(14);
+      }
+      ids.kl_prompt = {fact[2], fact[3], fact[4], 3, 4};
+      ids.kl_subject_last = 2;
+      ids.target = ids_of(2, cfg.vocab_size, 60);
+      EditOptions eo;
+      eo.layer = layer;
+      eo.target = parse_edit_target("dominant");
+      eo.moments = [stats](int l, int e) -> std::shared_ptr<const SecondMoment> {
+        for (const auto& st : *stats)
+          if (st.layer == l && st.expert == e) return std::make_shared<SecondMoment>(st);
+        return nullptr;
+      };
+      EditResult r;
+      double vstar = 1e300;
+      const double t = best_of(std::max(1, reps - 1), [&] {
+        r = apply_edit_ids(*m, ids, eo);
+        vstar = std::min(vstar, r.vstar_seconds);
+        revert(*m, r);
+      });
+      out["edit_s"] = t;
+      out["edit_vstar_s"] = vstar;
+      out["edit_layer"] = layer;
+      out["edit_vstar_steps"] = r.vstar.updates;
+      std::printf("ROME edit, layer %d, dominant expert, statistics cached: %.3f s (v* %.3f s, %d steps, on the "
+                  "host)\n", layer, t, vstar, int(r.vstar.updates));
     }
 #ifdef MOEDIT_HAS_CUDA
     if (!be.host_memory()) {

@@ -192,6 +192,10 @@ run() {
     bench mixtral8_capped 60 "$g/bench/configs/mixtral-8x7b-v0.1" --layers 8 --what forward,trace --reps 1 \
       --max-gpu-memory 10000000000
   fi
+  # A ROME edit of OLMoE-1B-7B with its statistics cached (v* still taped on the host): last, where time is left.
+  if [ -n "$gpu" ] && [ -x "$g/bin/bench_gpu" ] && [ -d "$g/bench/configs/olmoe-1b-7b-0924" ]; then
+    bench olmoe_edit 60 "$g/bench/configs/olmoe-1b-7b-0924" --what edit --reps 1
+  fi
 
   {
     echo "# GPU check — $(date -u '+%Y-%m-%d %H:%M UTC')"
