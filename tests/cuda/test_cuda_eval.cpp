@@ -9,14 +9,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <fstream>
 
 #include "datasets/eval_records.h"
 #include "editor/keystats.h"
 #include "eval/run.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/eval_util.h"
-#include "test_util.h"
+#include "tests/test_util.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moedit {
