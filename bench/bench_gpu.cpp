@@ -173,6 +173,13 @@ int main(int argc, char** argv) {
       out["forward_11x16_ms"] = 1e3 * t;
       std::printf("forward 11 x 16 tokens: %.1f ms\n", 1e3 * t);
     }
+    // The MoE layer keystats and edit use: the first at or above the middle.
+    const auto middle_moe_layer = [&] {
+      int layer = cfg.n_layers / 2;
+      while (layer < cfg.n_layers && !cfg.is_moe(layer)) ++layer;
+      if (layer >= cfg.n_layers) throw std::runtime_error("no MoE layer at or above the middle");
+      return layer;
+    };
     trace::TraceInput in;
     in.ids = ids_of(16, cfg.vocab_size, 3);
     in.subject_begin = 3;
@@ -237,8 +244,7 @@ int main(int argc, char** argv) {
           corpus_windows(tok, read_file(corpus.empty() ? default_corpus_path() : corpus), 1024, ks_tokens);
       int64_t n = 0;
       for (const auto& w : windows) n += int64_t(w.size());
-      int layer = cfg.n_layers / 2;
-      while (layer < cfg.n_layers && !cfg.is_moe(layer)) ++layer;
+      const int layer = middle_moe_layer();
       t0 = Clock::now();
       const auto stats = compute_key_stats(*m, layer, windows);
       const double t = seconds_since(t0);
@@ -249,9 +255,7 @@ int main(int argc, char** argv) {
                   stats.size(), t);
     }
     if (wants("edit")) {
-      int layer = cfg.n_layers / 2;
-      while (layer < cfg.n_layers && !cfg.is_moe(layer)) ++layer;
-      if (layer >= cfg.n_layers) throw std::runtime_error("edit: no MoE layer at or above the middle");
+      const int layer = middle_moe_layer();
       std::vector<std::vector<int32_t>> windows;
       for (int w = 0; w < 32; ++w) windows.push_back(ids_of(1024, cfg.vocab_size, 100 + uint64_t(w)));
       auto stats = std::make_shared<std::vector<SecondMoment>>(compute_key_stats(*m, layer, windows));

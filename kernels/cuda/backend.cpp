@@ -209,11 +209,35 @@ void CudaBackend::rope(float* x, int rows, int row_stride, int n_heads, int head
   done();
 }
 
+namespace {
+
+// ops::AttnShape as the kernels' plain data.
+DevAttn dev_attn(const ops::AttnShape& s) { return {s.Hq, s.Hkv, s.Dk, s.Dv, s.scale, s.window}; }
+
+// ops::RouteSpec as the kernels' plain data.
+DevRoute dev_route(const ops::RouteSpec& spec) {
+  using S = ops::RouteSpec;
+  DevRoute r;
+  r.score = spec.score == S::Score::Softmax ? 0 : spec.score == S::Score::Sigmoid ? 1 : 2;
+  r.groups = spec.groups == S::Groups::None ? 0 : spec.groups == S::Groups::MaxScore ? 1 : 2;
+  r.E = spec.E;
+  r.k = spec.k;
+  r.n_group = spec.n_group > 0 ? spec.n_group : 1;
+  r.topk_group = spec.topk_group;
+  r.renorm = spec.renorm;
+  r.renorm_eps = float(spec.renorm_eps);  // route_row<float> adds T(renorm_eps)
+  r.scale = spec.scale;
+  r.scaling = spec.scaling;
+  return r;
+}
+
+}  // namespace
+
 void CudaBackend::attention(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
                             const float* v, int v_stride, int n_k, const ops::AttnShape& s, float* out,
                             int out_stride) const {
   enter();
-  const DevAttn a{s.Hq, s.Hkv, s.Dk, s.Dv, s.scale, s.window};
+  const DevAttn a = dev_attn(s);
   cuda::attention(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, a, out, out_stride, st_);
   done();
 }
@@ -248,33 +272,12 @@ void CudaBackend::attention_backward(const float* q, int n_q, int q_stride, int 
                                      int k_stride, const float* v, int v_stride, int n_k, const ops::AttnShape& s,
                                      const float* dout, int dout_stride, float* dq, float* dk, float* dv) const {
   enter();
-  const DevAttn a{s.Hq, s.Hkv, s.Dk, s.Dv, s.scale, s.window};
+  const DevAttn a = dev_attn(s);
   Buf scratch(*this, sizeof(float) * cuda::attention_backward_scratch(n_q, n_k, a));
   cuda::attention_backward(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, a, dout, dout_stride, dq, dk, dv,
                            scratch.as<float>(), st_);
   done();
 }
-
-namespace {
-
-// ops::RouteSpec as the kernels' plain data.
-DevRoute dev_route(const ops::RouteSpec& spec) {
-  using S = ops::RouteSpec;
-  DevRoute r;
-  r.score = spec.score == S::Score::Softmax ? 0 : spec.score == S::Score::Sigmoid ? 1 : 2;
-  r.groups = spec.groups == S::Groups::None ? 0 : spec.groups == S::Groups::MaxScore ? 1 : 2;
-  r.E = spec.E;
-  r.k = spec.k;
-  r.n_group = spec.n_group > 0 ? spec.n_group : 1;
-  r.topk_group = spec.topk_group;
-  r.renorm = spec.renorm;
-  r.renorm_eps = float(spec.renorm_eps);  // route_row<float> adds T(renorm_eps)
-  r.scale = spec.scale;
-  r.scaling = spec.scaling;
-  return r;
-}
-
-}  // namespace
 
 void CudaBackend::route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
                         float* w) const {
