@@ -46,6 +46,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -151,13 +152,20 @@ void validate(const EditIds& ids, const ModelConfig& c);
 // output.
 using DeltaSpread = std::function<VecF(const MatR& ffn_in, const LayerRouting& routing)>;
 
-// The v* objective at a given δ (ROME's loss), forward and gradient; templated for float64 checks.
+namespace grad {
+class SeamStack;  // model/seam_backward.h
+}
+
+// The v* objective at a given δ (ROME's loss), forward and gradient; templated for float64 checks. The layers above L
+// run in fp32 on the model's backend, a GPU's included (grad::SeamStack), and in float64 on the taped reference
+// stack (grad::TapedStack<double>, model/backward.h).
 template <class T>
 class VStarProblem {
  public:
   // `spread` is required with VStarObjective::Exact and ignored otherwise.
   VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
                const DeltaSpread& spread = nullptr);
+  ~VStarProblem();
   struct Value {
     T loss = 0, nll = 0, kl = 0, wd = 0;
     T p_target = 0;  // mean over templates of exp(−mean NLL of the target tokens)
@@ -183,7 +191,8 @@ class VStarProblem {
   std::vector<int> logit_rows_;           // rows given to logits(): templates' target positions, then the KL row
   std::vector<std::vector<int>> tmpl_rows_;  // per template: indices into logit_rows_
   VecT<T> kl_init_;                       // log p_0 at the KL row
-  mutable grad::TapedStack<T> stack_;
+  using Stack = std::conditional_t<std::is_same_v<T, float>, grad::SeamStack, grad::TapedStack<T>>;
+  std::unique_ptr<Stack> stack_;
   MatT<T> dlogits_;
   VecT<T> delta_;
 };

@@ -8,6 +8,7 @@
 #include "editor/rome_internal.h"
 #include "editor/router_guard.h"
 #include "io/errors.h"
+#include "model/seam_backward.h"
 
 namespace moedit {
 
@@ -25,7 +26,7 @@ int first_above(const Model& m, int layer) {
 template <class T>
 VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
                               const DeltaSpread& spread)
-    : m_(m), layer_(layer), opt_(opt), ids_(ids), stack_(m, first_above(m, layer)) {
+    : m_(m), layer_(layer), opt_(opt), ids_(ids), stack_(std::make_unique<Stack>(m, first_above(m, layer))) {
   const ModelConfig& c = m.config();
   validate(ids, c);
   const int nt = int(ids.prompts.size()), nT = int(ids.target.size());
@@ -92,7 +93,7 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   base_ = gather(act_rows);
   lay_ = layout_from_lengths(na, np);
   if (!pre_rows.empty()) {
-    grad::TapedStack<T> pre(m, layer + 1);
+    Stack pre(m, layer + 1);
     pre.forward(gather(pre_rows), layout_from_lengths(np, std::vector<int>(size_t(ns), 0)));
     prefix_ = pre.kv();
   }
@@ -112,11 +113,14 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   logit_rows_.push_back(act_row(nt, idx[size_t(nt)]));  // the KL row: the KL prompt's subject token
 
   // p_0 at δ = 0.
-  stack_.forward(base_, lay_, prefix_.k.empty() ? nullptr : &prefix_);
-  MatT<T> lg = stack_.logits({logit_rows_.back()});
+  stack_->forward(base_, lay_, prefix_.k.empty() ? nullptr : &prefix_);
+  MatT<T> lg = stack_->logits({logit_rows_.back()});
   kl_init_.resize(lg.cols());
   grad::log_softmax(lg.data(), int(lg.cols()), kl_init_.data());
 }
+
+template <class T>
+VStarProblem<T>::~VStarProblem() = default;
 
 template <class T>
 int VStarProblem<T>::hidden() const {
@@ -135,8 +139,8 @@ typename VStarProblem<T>::Value VStarProblem<T>::eval(const VecT<T>& delta) {
   delta_ = delta;
   MatT<T> x = base_;
   for (size_t i = 0; i < delta_rows_.size(); ++i) x.row(delta_rows_[i]) += (rm * delta_scale_[i]) * delta.transpose();
-  stack_.forward(std::move(x), lay_, prefix_.k.empty() ? nullptr : &prefix_);
-  const MatT<T> lg = stack_.logits(logit_rows_);
+  stack_->forward(std::move(x), lay_, prefix_.k.empty() ? nullptr : &prefix_);
+  const MatT<T> lg = stack_->logits(logit_rows_);
   const int V = int(lg.cols()), nt = int(tmpl_rows_.size()), nT = int(ids_.target.size());
   dlogits_ = MatT<T>::Zero(lg.rows(), V);
   Value out;
@@ -174,7 +178,7 @@ typename VStarProblem<T>::Value VStarProblem<T>::eval(const VecT<T>& delta) {
 template <class T>
 VecT<T> VStarProblem<T>::grad() const {
   const T rm = T(m_.config().residual_multiplier);
-  const MatT<T> dx = stack_.backward(dlogits_);
+  const MatT<T> dx = stack_->backward(dlogits_);
   VecT<T> g = VecT<T>::Zero(delta_.size());
   for (size_t i = 0; i < delta_rows_.size(); ++i) g += (rm * delta_scale_[i]) * dx.row(delta_rows_[i]).transpose();
   const T n = delta_.norm();

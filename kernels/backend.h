@@ -180,6 +180,8 @@ class Backend {
   virtual void sigmoid(float* x, size_t n) const = 0;
   // y[r, :cols] *= g[r] for r < rows (rows of y contiguous)
   virtual void scale_rows(float* y, int rows, int cols, const float* g) const = 0;
+  // x[n] = v
+  virtual void fill(float* x, size_t n, float v) const = 0;
   // y[n, H] = rows ids[n] of a typed table (the embedding), widened to fp32; ids in backend memory.
   virtual void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const = 0;
 
@@ -217,6 +219,13 @@ class Backend {
   virtual void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
                                   const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
                                   int dout_stride, float* dq, float* dk, float* dv) const = 0;
+
+  // The backward of clamp(x, c): dx[i] = 0 where x[i] < −c or x[i] > c (dx[i] kept inside [−c, c]).
+  virtual void clamp_backward(float* dx, const float* x, size_t n, float c) const = 0;
+  // The backward of a sigmoid row gate y_r·g_r with g_r = σ(s_r) (the shared expert's gate) with respect to the
+  // logit s: ds[r] = (Σ_c dy[r, c]·y[r, c])·g[r]·(1 − g[r]) for dy, y [rows, cols] (y ungated) and g [rows].
+  virtual void sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols,
+                                     float* ds) const = 0;
 
   // The backward of route with its selection held fixed: dz [N, E] = ∂loss/∂z from dw [N, k] = ∂loss/∂w for the ids
   // [N, k] route chose from z (ops::route_row_backward; the selection bias and group limits only choose, so they pass

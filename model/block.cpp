@@ -6,150 +6,20 @@
 #include <numeric>
 #include <type_traits>
 
+#include "model/block_ops.h"
 #include "model/router.h"
+#include "model/seam_backward.h"
 
 namespace moedit {
 
 namespace {
 
-// An activation [rows, cols], row-major: fp32 rows live in the model backend's memory (a Buf from its pool, so a
-// forward asks the same sizes every layer and allocates nothing in steady state), double rows (taped runs, the
-// finite-difference tests) in host memory. view() wraps memory the caller owns (the residual stream).
+// A copy of an fp32 activation kept in the seam tape's `field` (double runs have no seam tape).
 template <class T>
-struct Act {
-  Buf buf;
-  T* p = nullptr;
-  int rows = 0, cols = 0;
-  T* data() const { return p; }
-  T* row(int r) const { return p + size_t(r) * size_t(cols); }
-  size_t size() const { return size_t(rows) * size_t(cols); }
-  static Act view(T* p, int rows, int cols) { return {Buf(), p, rows, cols}; }
-};
-
-// The ops of a block run: fp32 through the model's backend; double through the reference ops of model/backward.h.
-template <class T>
-struct Ops {
-  const Model& m;
-  const Backend& be;
-  static constexpr bool f32 = std::is_same_v<T, float>;
-
-  // Where activations live: the backend's memory (fp32), the host (double).
-  const Backend& mem() const {
-    if constexpr (f32) return be;
-    else return cpu_backend();
-  }
-  Act<T> act(int rows, int cols) const {
-    Buf b(mem(), sizeof(T) * size_t(rows) * size_t(cols));
-    T* p = b.template as<T>();
-    return {std::move(b), p, rows, cols};
-  }
-  // A host copy of an activation (the tape, hooks on a device).
-  MatT<T> host(const Act<T>& a) const {
-    MatT<T> h(a.rows, a.cols);
-    mem().to_host(h.data(), a.data(), sizeof(T) * a.size());
-    return h;
-  }
-  // Host data that does not change between calls (norms, biases, routers), in the backend's memory.
-  const float* on(const float* host, size_t n) const { return static_cast<const float*>(be.resident(host, 4 * n)); }
-  const float* on(const VecF& v) const { return v.size() ? on(v.data(), size_t(v.size())) : nullptr; }
-
-  // y [n, W.rows()] = x [n, in]·Wᵀ (+ b)
-  void linear(const T* x, int n, int in, const Weight& W, T* y, const VecF& b = VecF()) const {
-    if constexpr (f32)
-      be.linear(x, size_t(in), n, in, W.on(be), int(W.rows()), y, size_t(W.rows()), on(b));
-    else
-      grad::linear(x, n, in, W, y, b.size() ? b.data() : nullptr);
-  }
-  // y [n, out] = x [n, in]·Wᵀ for a small fp32 matrix W [out, in] (router, shared-expert gate)
-  void linear(const T* x, int n, int in, const float* W, int out, T* y) const {
-    if constexpr (f32)
-      be.linear(x, size_t(in), n, in, ops::WeightView(on(W, size_t(out) * in), size_t(in)), out, y, size_t(out));
-    else
-      grad::linear(x, n, in, W, out, y);
-  }
-  void rmsnorm(const T* x, const VecF& w, T* y, int rows, int dim, float eps) const {
-    if constexpr (f32)
-      be.rmsnorm(x, on(w), y, rows, dim, eps);
-    else
-      grad::rmsnorm(x, w.data(), y, rows, dim, eps);
-  }
-  // pos: the rows' positions in the activations' memory (staged by the block).
-  void rope(T* x, int rows, int row_stride, int heads, int head_stride, int rot, const int* pos) const {
-    const ModelConfig& c = m.config();
-    const std::vector<float>& f = m.inv_freq();
-    if constexpr (f32)
-      be.rope(x, rows, row_stride, heads, head_stride, rot, pos, on(f.data(), f.size()), c.rope_attn_factor);
-    else
-      grad::rope(x, rows, row_stride, heads, head_stride, rot, pos, f.data(), false, c.rope_attn_factor);
-  }
-  void silu_mul(const T* gu, int rows, int I, T* key) const {
-    if constexpr (f32)
-      be.silu_mul(gu, rows, I, key);
-    else
-      grad::swiglu(gu, rows, I, key);
-  }
-  void route(const T* z, int N, const VecF& bias, int* ids, T* w) const {
-    const ops::RouteSpec& spec = m.route_spec();
-    if constexpr (f32) {
-      be.route(z, N, spec, on(bias), ids, w);
-    } else {
-      const float* b = bias.size() ? bias.data() : nullptr;
-      for (int t = 0; t < N; ++t) ops::route_row(spec, z + size_t(t) * spec.E, b, ids + size_t(t) * spec.k, w + size_t(t) * spec.k);
-    }
-  }
-  // Elementwise ops (kernels/backend.h); double runs on the host.
-  void copy2d(const T* x, size_t ldx, T* y, size_t ldy, int rows, int cols) const {
-    if constexpr (f32)
-      be.copy2d(x, ldx, y, ldy, rows, cols);
-    else
-      for (int r = 0; r < rows; ++r) std::copy_n(x + size_t(r) * ldx, cols, y + size_t(r) * ldy);
-  }
-  void add(const Act<T>& y, const Act<T>& x) const {
-    if constexpr (f32)
-      be.add(y.data(), x.data(), y.size());
-    else
-      for (size_t i = 0; i < y.size(); ++i) y.p[i] += x.p[i];
-  }
-  void scale(const Act<T>& x, T s) const {
-    if constexpr (f32)
-      be.scale(x.data(), x.size(), s);
-    else
-      for (size_t i = 0; i < x.size(); ++i) x.p[i] *= s;
-  }
-  void clamp(const Act<T>& x, T c) const {
-    if constexpr (f32)
-      be.clamp(x.data(), x.size(), c);
-    else
-      for (size_t i = 0; i < x.size(); ++i) x.p[i] = std::min(std::max(x.p[i], -c), c);
-  }
-  // g ← sigmoid(g) [rows]; y[r, :] *= g[r]
-  void sigmoid_gate(const Act<T>& y, const Act<T>& g) const {
-    if constexpr (f32) {
-      be.sigmoid(g.data(), g.size());
-      be.scale_rows(y.data(), y.rows, y.cols, g.data());
-    } else {
-      for (int r = 0; r < y.rows; ++r) {
-        g.p[r] = T(1) / (T(1) + std::exp(-g.p[r]));
-        for (int c = 0; c < y.cols; ++c) y.p[size_t(r) * y.cols + c] *= g.p[r];
-      }
-    }
-  }
-  // Expert e of a bank on rows x [n, H]: gate‖up [n, 2I] and key [n, I].
-  void gate_up_key(const ExpertBank& b, int e, const T* x, int n, Act<T>& gu, Act<T>& key) const {
-    gu = act(n, 2 * b.I);
-    key = act(n, b.I);
-    if constexpr (f32) {
-      be.linear(x, size_t(b.H), n, b.H, b.gate[size_t(e)].on(be), b.I, gu.data(), 2 * size_t(b.I));
-      be.linear(x, size_t(b.H), n, b.H, b.up[size_t(e)].on(be), b.I, gu.data() + b.I, 2 * size_t(b.I));
-    } else {
-      MatT<T> g(n, b.I), u(n, b.I);
-      grad::linear(x, n, b.H, b.gate[size_t(e)], g.data());
-      grad::linear(x, n, b.H, b.up[size_t(e)], u.data());
-      Eigen::Map<MatT<T>>(gu.data(), n, 2 * b.I) << g, u;
-    }
-    silu_mul(gu.data(), n, b.I, key.data());
-  }
-};
+void keep(const Ops<T>& op, grad::SeamTape* st, Act<float> grad::SeamTape::*field, const Act<T>& a) {
+  if constexpr (Ops<T>::f32)
+    if (st) st->*field = op.copy(a);
+}
 
 // Hook `name` on an fp32 activation: in place on the host; through a host copy (down and back) on a device.
 void run_hook(const Ops<float>& op, const Hooks* h, const std::string& name, const Act<float>& act, int l, int e,
@@ -183,8 +53,8 @@ void edit_router_logits(const Ops<T>& op, const RouterEdit& re, int l, const Act
 
 // q [N, Hq·Dk], k [N, Hkv·Dk], v [N, Hkv·Dv] after bias, q/k-norm, clip_qkv and RoPE (standard attention).
 template <class T>
-void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, Act<T>& q, Act<T>& k,
-         Act<T>& v) {
+void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, grad::SeamTape* st,
+         Act<T>& q, Act<T>& k, Act<T>& v) {
   const ModelConfig& c = op.m.config();
   const AttnWeights& at = op.m.weights().layers[size_t(l)].attn;
   const int N = a.rows, H = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
@@ -199,6 +69,8 @@ void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTa
       tp->q_raw = op.host(q);
       tp->k_raw = op.host(k);
     }
+    keep(op, st, &grad::SeamTape::q_raw, q);
+    keep(op, st, &grad::SeamTape::k_raw, k);
     // PerHead: every head's D values normalised with the shared [D] weight; WholeProjection: the whole row.
     const bool per_head = c.arch->qk_norm == QKNorm::PerHead;
     op.rmsnorm(q.data(), at.q_norm, q.data(), per_head ? N * Hq : N, per_head ? D : Hq * D, c.rms_eps);
@@ -210,6 +82,9 @@ void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTa
       tp->k_pre = op.host(k);
       tp->v_pre = op.host(v);
     }
+    keep(op, st, &grad::SeamTape::q_pre, q);
+    keep(op, st, &grad::SeamTape::k_pre, k);
+    keep(op, st, &grad::SeamTape::v_pre, v);
     for (const Act<T>* x : {&q, &k, &v}) op.clamp(*x, T(c.clip_qkv));
   }
   op.rope(q.data(), N, Hq * D, Hq, D, D, pos);
@@ -219,8 +94,8 @@ void qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTa
 // Multi-head latent attention (DeepSeek-V2/V3): q [N, Hq·dq], k [N, Hq·dq] (per head k_nope ‖ the shared k_pe),
 // v [N, Hq·dv], RoPE applied (formulas in model/backward_qkv.cpp).
 template <class T>
-void mla_qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, Act<T>& q,
-             Act<T>& k, Act<T>& v) {
+void mla_qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::BlockTape<T>* tp, grad::SeamTape* st,
+             Act<T>& q, Act<T>& k, Act<T>& v) {
   const ModelConfig& c = op.m.config();
   const AttnWeights& at = op.m.weights().layers[size_t(l)].attn;
   const int N = a.rows, H = c.hidden, Hq = c.n_heads, dn = c.qk_nope_dim, dr = c.qk_rope_dim, dv = c.v_head_dim,
@@ -230,6 +105,7 @@ void mla_qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::Blo
     Act<T> qa = op.act(N, rq);
     op.linear(a.data(), N, H, at.wq_a, qa.data(), at.bq_a);
     if (tp) tp->mla_qa = op.host(qa);
+    keep(op, st, &grad::SeamTape::mla_qa, qa);
     op.rmsnorm(qa.data(), at.q_a_norm, qa.data(), N, rq, kMlaLatentEps);
     op.linear(qa.data(), N, rq, at.wq_b, q.data());
   } else {
@@ -238,6 +114,7 @@ void mla_qkv(const Ops<T>& op, int l, const Act<T>& a, const int* pos, grad::Blo
   Act<T> ckv = op.act(N, rkv + dr);  // [latent rkv | shared k_pe dr]
   op.linear(a.data(), N, H, at.wkv_a, ckv.data(), at.bkv_a);
   if (tp) tp->mla_ckv = op.host(ckv);
+  keep(op, st, &grad::SeamTape::mla_ckv, ckv);
   Act<T> lat = op.act(N, rkv);  // [N, rkv]
   op.copy2d(ckv.data(), size_t(rkv + dr), lat.data(), size_t(rkv), N, rkv);
   op.rmsnorm(lat.data(), at.kv_a_norm, lat.data(), N, rkv, kMlaLatentEps);
@@ -268,9 +145,9 @@ Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& la
   const ops::AttnShape shape = attn_shape(c);
   Act<T> q, k, v;  // [N, Hq·Dk], [N, Hkv·Dk], [N, Hkv·Dv]
   if (c.arch->attention == AttentionKind::MLA)
-    mla_qkv(op, l, a, pos, tp, q, k, v);
+    mla_qkv(op, l, a, pos, tp, io.seam, q, k, v);
   else
-    qkv(op, l, a, pos, tp, q, k, v);
+    qkv(op, l, a, pos, tp, io.seam, q, k, v);
   const int qw = q.cols, kw = k.cols, vw = v.cols, ow = Hq * shape.Dv;
 
   Act<T> o = op.act(N, ow);
@@ -283,6 +160,8 @@ Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& la
     tp->vf.clear();
     tp->probs.clear();
   }
+  if constexpr (Ops<T>::f32)
+    if (grad::SeamTape* st = io.seam) st->clear_segments();
   // Tokens of one sequence are contiguous in the packed batch.
   for (int start = 0; start < N;) {
     const int s = layout.seq[size_t(start)];
@@ -324,7 +203,24 @@ Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& la
       tp->vf.push_back(std::move(vf));
       tp->probs.push_back(std::move(probs));
     } else if constexpr (Ops<T>::f32) {
-      if (cache)
+      if (grad::SeamTape* st = io.seam) {  // keys and values prefix ‖ this call's rows kept (the backend's memory)
+        Act<float> kf = op.act(np + n, kw), vf = op.act(np + n, vw);
+        if (np && io.prefix) {
+          op.be.to_device(kf.data(), io.prefix->k[size_t(l)][size_t(s)].data(), sizeof(float) * size_t(np) * kw);
+          op.be.to_device(vf.data(), io.prefix->v[size_t(l)][size_t(s)].data(), sizeof(float) * size_t(np) * vw);
+        } else if (np) {
+          op.copy2d(cache->k_row(l, s, 0), size_t(kw), kf.data(), size_t(kw), np, kw);
+          op.copy2d(cache->v_row(l, s, 0), size_t(vw), vf.data(), size_t(vw), np, vw);
+        }
+        op.copy2d(k.row(start), size_t(kw), kf.row(np), size_t(kw), n, kw);
+        op.copy2d(v.row(start), size_t(vw), vf.row(np), size_t(vw), n, vw);
+        op.be.attention(q.row(start), n, qw, np, kf.data(), kw, vf.data(), vw, np + n, shape, o.row(start), ow);
+        st->seg_begin.push_back(start);
+        st->seg_end.push_back(end);
+        st->seg_seq.push_back(s);
+        st->kf.push_back(std::move(kf));
+        st->vf.push_back(std::move(vf));
+      } else if (cache)
         op.be.attention(q.row(start), n, qw, p0, cache->k_row(l, s, 0), kw, cache->v_row(l, s, 0), vw, p0 + n, shape,
                         o.row(start), ow);
       else
@@ -340,6 +236,8 @@ Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& la
     tp->q = op.host(q);
     tp->o = op.host(o);
   }
+  if constexpr (Ops<T>::f32)
+    if (io.seam) io.seam->q = std::move(q);
   return out;
 }
 
@@ -452,6 +350,7 @@ Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, 
   op.linear(a.data(), N, H, f.router.data(), E, z.data());
   if (const RouterEdit* re = op.m.router_edit(); re && re->touches(l)) {
     if (tp) tp->z_raw = op.host(z);
+    keep(op, io.seam, &grad::SeamTape::z_raw, z);
     edit_router_logits(op, *re, l, z);
   }
   if constexpr (f32)
@@ -490,6 +389,11 @@ Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, 
     experts_taped(op, f.experts, a, *tp, y);
   } else if constexpr (f32) {
     experts_backend(op, l, f.experts, a, ids.as<int>(), w, layout, hooks, y);
+    if (grad::SeamTape* st = io.seam) {
+      st->z = std::move(z);
+      st->ids = std::move(ids);
+      st->w = std::move(w);
+    }
   } else {
     throw std::logic_error("double-precision blocks run with a tape");
   }
@@ -509,12 +413,14 @@ Act<T> ffn(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& layout, 
       tp->s_key = op.host(key);
       tp->s_y = op.host(s);
     }
+    keep(op, io.seam, &grad::SeamTape::s_y, s);
     Act<T> g;  // sigmoid gate per token [N, 1], empty when ungated
     if (f.shared_gate.size()) {
       g = op.act(N, 1);  // a·gate: through linear, so each token's gate is the same whatever its batch
       op.linear(a.data(), N, H, f.shared_gate.data(), 1, g.data());
       if (tp) tp->s_logit = op.host(g).col(0);
       op.sigmoid_gate(s, g);
+      keep(op, io.seam, &grad::SeamTape::s_gate, g);
     }
     if constexpr (f32) {
       if (hooks) {
@@ -557,18 +463,24 @@ void block(const Ops<T>& op, int l, const Act<T>& x, const TokenLayout& layout, 
   };
   hook(&hook_names::resid_pre, x);
   if (tp) tp->x_in = op.host(x);
+  keep(op, io.seam, &grad::SeamTape::x_in, x);
+  if constexpr (Ops<T>::f32)
+    if (io.seam) io.seam->pos = layout.pos;
   Act<T> a = op.act(N, H);
   op.rmsnorm(x.data(), L.ln_in, a.data(), N, H, c.rms_eps);
   Act<T> att = attention(op, l, a, layout, pos, io);
   if (tp) tp->a1 = op.host(a);
+  keep(op, io.seam, &grad::SeamTape::a1, a);
   hook(&hook_names::attn_out, att);
   if (rm != T(1)) op.scale(att, rm);
   op.add(x, att);
   if (tp) tp->x_mid = op.host(x);
+  keep(op, io.seam, &grad::SeamTape::x_mid, x);
   op.rmsnorm(x.data(), L.ln_post, a.data(), N, H, c.rms_eps);
   hook(&hook_names::ffn_in, a);
   Act<T> mo = ffn(op, l, a, layout, io);
   if (tp) tp->a2 = op.host(a);
+  keep(op, io.seam, &grad::SeamTape::a2, a);
   hook(&hook_names::moe_out, mo);
   if (rm != T(1)) op.scale(mo, rm);
   op.add(x, mo);

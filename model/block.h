@@ -10,6 +10,10 @@
 
 namespace moedit {
 
+namespace grad {
+struct SeamTape;  // model/seam_backward.h
+}
+
 // What a block run reads and writes besides the residual stream.
 template <class T>
 struct BlockIO {
@@ -17,7 +21,9 @@ struct BlockIO {
   const grad::PrefixKV<T>* prefix = nullptr;   // or: constant prefix K/V (taped runs)
   const Hooks* hooks = nullptr;                // fp32 runs only
   LayerRouting* routing = nullptr;             // record the router's choices
-  grad::BlockTape<T>* tape = nullptr;          // record for the backward
+  grad::BlockTape<T>* tape = nullptr;          // record for the backward (host memory)
+  grad::SeamTape* seam = nullptr;              // or: record for the backward over the backend's ops (fp32, the
+                                               // model backend's memory)
 };
 
 // Block l on x [N, H] in place.

@@ -4,7 +4,7 @@
 // with GQA, a sliding window, Dk ≠ Dv, a query offset and strided rows; route_backward for every router kind;
 // moe_experts_backward (mixed weight dtypes,
 // an unchosen expert, accumulation) against the experts' forward and backward composed in double; RoPE's backward as
-// the forward at negated positions. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
+// the forward at negated positions; clamp's and a sigmoid gate's backward, fill. Tolerances: fp32 sums against the double result, scaled by the magnitude of the terms or of the result.
 // tests/cuda/test_cuda_backend.cpp holds the CUDA backend's ops to the CPU's.
 #include <gtest/gtest.h>
 
@@ -197,6 +197,38 @@ TEST(BackendBackward, RopeAtNegatedPositionsIsTheTransposedRotation) {
   grad::rope(want.data(), rows, H * D, H, D, rot, pos.data(), inv_freq.data(), true, 1.25f);
   EXPECT_EQ(got, want);
   EXPECT_NE(got, x);
+}
+
+// clamp's backward zeroes the gradient where x lies outside [−c, c] (the bounds themselves pass); the sigmoid gate's
+// backward against the formula in double; fill.
+TEST(BackendBackward, ClampSigmoidGateAndFill) {
+  const Backend& be = cpu_backend();
+  std::vector<float> x = randn(1000, 81, 2.f), dx = randn(1000, 82);
+  x[0] = 0.9f, x[1] = -0.9f, x[2] = 0.90001f;
+  std::vector<float> got = dx;
+  be.clamp_backward(got.data(), x.data(), got.size(), 0.9f);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], std::abs(x[i]) <= 0.9f ? dx[i] : 0.f) << i;
+  EXPECT_EQ(got[0], dx[0]);
+  EXPECT_EQ(got[2], 0.f);
+
+  const int rows = 7, cols = 300;
+  const auto dy = randn(size_t(rows) * cols, 83), y = randn(size_t(rows) * cols, 84), s = randn(size_t(rows), 85);
+  std::vector<float> g(static_cast<size_t>(rows)), ds(static_cast<size_t>(rows));
+  std::vector<double> want(static_cast<size_t>(rows));
+  for (int r = 0; r < rows; ++r) {
+    g[size_t(r)] = 1.f / (1.f + std::exp(-s[size_t(r)]));
+    double dot = 0;
+    for (int c = 0; c < cols; ++c) dot += double(dy[size_t(r) * cols + c]) * y[size_t(r) * cols + c];
+    want[size_t(r)] = dot * g[size_t(r)] * (1.0 - g[size_t(r)]);
+  }
+  be.sigmoid_gate_backward(dy.data(), y.data(), g.data(), rows, cols, ds.data());
+  expect_near_scaled(ds, want, 1e-5, "sigmoid_gate_backward");
+
+  std::vector<float> f(33, 1.f);
+  be.fill(f.data() + 1, 31, -2.5f);
+  EXPECT_EQ(f.front(), 1.f);
+  EXPECT_EQ(f.back(), 1.f);
+  for (size_t i = 1; i < 32; ++i) EXPECT_EQ(f[i], -2.5f);
 }
 
 }  // namespace

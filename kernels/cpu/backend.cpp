@@ -71,6 +71,7 @@ class CpuBackend final : public Backend {
     for (int r = 0; r < rows; ++r)
       for (int c = 0; c < cols; ++c) y[size_t(r) * cols + c] *= g[r];
   }
+  void fill(float* x, size_t n, float v) const override { std::fill_n(x, n, v); }
   void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const override {
     for (int i = 0; i < n; ++i) ops::widen_row(table, ids[i], 0, H, y + size_t(i) * H);
   }
@@ -110,6 +111,19 @@ class CpuBackend final : public Backend {
                     probs.data());
     grad::attention_backward(q, n_q, q_stride, k, k_stride, v, v_stride, n_k, s, probs.data(), dout, dout_stride, dq,
                              dk, dv);
+  }
+
+  void clamp_backward(float* dx, const float* x, size_t n, float c) const override {
+    for (size_t i = 0; i < n; ++i)
+      if (x[i] < -c || x[i] > c) dx[i] = 0.f;
+  }
+  void sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols,
+                             float* ds) const override {
+    for (int r = 0; r < rows; ++r) {
+      float s = 0.f;
+      for (int c = 0; c < cols; ++c) s += dy[size_t(r) * cols + c] * y[size_t(r) * cols + c];
+      ds[r] = s * g[r] * (1.f - g[r]);
+    }
   }
 
   void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
@@ -252,23 +266,21 @@ void CpuBackend::moe_experts_backward(const float* a, int N, const ExpertsView& 
                                       int k, const float* dy, float* da, float* dw, bool accumulate) const {
   const int I = ex.I, H = ex.H;
   const PairGroups g(ids, N, k, ex.E);
-  std::vector<float> dsum(size_t(N) * H, 0.f);  // Σ over each token's pairs, in ascending expert id
-  std::vector<float> x, gu, key, y, dye, dkey, dgu, dx;
-  for (int e : g.active) {
-    const int r0 = g.start[size_t(e)], n = g.start[size_t(e) + 1] - r0;
+  const size_t P = size_t(N) * k;
+  std::vector<float> dxg(P * H);  // each pair's ∂/∂(expert input), in grouped order
+  const bool par = !omp_in_parallel() && 2.0 * P * 3.0 * H * I > 4e6;  // moe_experts' threshold
+#pragma omp parallel for schedule(dynamic) num_threads(ops::num_threads()) if (par)
+  for (int i = 0; i < int(g.active.size()); ++i) {
+    const int e = g.active[size_t(i)], r0 = g.start[size_t(e)], n = g.start[size_t(e) + 1] - r0;
     const size_t nz = size_t(n);
-    x.resize(nz * H);
+    std::vector<float> x(nz * H), gu(nz * 2 * I), key(nz * I), y(nz * H), dye(nz * H), dkey(nz * I), dgu(nz * 2 * I);
     for (int j = 0; j < n; ++j) std::copy_n(a + size_t(g.tok[size_t(r0 + j)]) * H, H, x.data() + size_t(j) * H);
     // The expert's forward: gate‖up [n, 2I], key [n, I], unweighted output y [n, H].
-    gu.resize(nz * 2 * I);
-    key.resize(nz * I);
-    y.resize(nz * H);
     ops::linear(x.data(), size_t(H), n, H, ex.gate[e], I, gu.data(), 2 * size_t(I));
     ops::linear(x.data(), size_t(H), n, H, ex.up[e], I, gu.data() + I, 2 * size_t(I));
     ops::silu_mul(gu.data(), n, I, key.data());
     ops::linear(key.data(), size_t(I), n, I, ex.down[e], H, y.data(), size_t(H));
     // dw = dy·y per pair; the rows' output gradient w·dy back through down, SwiGLU, gate and up.
-    dye.resize(nz * H);
     for (int j = 0; j < n; ++j) {
       const int t = g.tok[size_t(r0 + j)], p = g.pair[size_t(r0 + j)];
       const float* d = dy + size_t(t) * H;
@@ -279,18 +291,20 @@ void CpuBackend::moe_experts_backward(const float* a, int N, const ExpertsView& 
       }
       dw[p] = s;
     }
-    dkey.resize(nz * I);
-    dgu.resize(nz * 2 * I);
-    dx.resize(nz * H);
+    float* dx = dxg.data() + size_t(r0) * H;
     linear_backward(dye.data(), size_t(H), n, H, ex.down[e], I, dkey.data(), size_t(I), false);
     silu_mul_backward(gu.data(), dkey.data(), n, I, dgu.data());
-    linear_backward(dgu.data(), 2 * size_t(I), n, I, ex.gate[e], H, dx.data(), size_t(H), false);
-    linear_backward(dgu.data() + I, 2 * size_t(I), n, I, ex.up[e], H, dx.data(), size_t(H), true);
-    for (int j = 0; j < n; ++j) {
-      float* o = dsum.data() + size_t(g.tok[size_t(r0 + j)]) * H;
-      for (int h = 0; h < H; ++h) o[h] += dx[size_t(j) * H + h];
-    }
+    linear_backward(dgu.data(), 2 * size_t(I), n, I, ex.gate[e], H, dx, size_t(H), false);
+    linear_backward(dgu.data() + I, 2 * size_t(I), n, I, ex.up[e], H, dx, size_t(H), true);
   }
+  // Σ over each token's pairs in ascending expert id.
+  std::vector<float> dsum(size_t(N) * H, 0.f);
+  for (int e : g.active)
+    for (int r = g.start[size_t(e)]; r < g.start[size_t(e) + 1]; ++r) {
+      float* o = dsum.data() + size_t(g.tok[size_t(r)]) * H;
+      const float* d = dxg.data() + size_t(r) * H;
+      for (int h = 0; h < H; ++h) o[h] += d[h];
+    }
   for (size_t i = 0; i < dsum.size(); ++i) da[i] = accumulate ? da[i] + dsum[i] : dsum[i];
 }
 

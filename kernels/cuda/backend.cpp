@@ -174,6 +174,12 @@ void CudaBackend::scale_rows(float* y, int rows, int cols, const float* g) const
   done();
 }
 
+void CudaBackend::fill(float* x, size_t n, float v) const {
+  enter();
+  cuda::fill(x, n, v, st_);
+  done();
+}
+
 void CudaBackend::gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const {
   enter();
   cuda::gather_rows(dev_weight(table), ids, n, H, y, st_);
@@ -276,6 +282,19 @@ void CudaBackend::attention_backward(const float* q, int n_q, int q_stride, int 
   Buf scratch(*this, sizeof(float) * cuda::attention_backward_scratch(n_q, n_k, a));
   cuda::attention_backward(q, n_q, q_stride, q_pos0, k, k_stride, v, v_stride, n_k, a, dout, dout_stride, dq, dk, dv,
                            scratch.as<float>(), st_);
+  done();
+}
+
+void CudaBackend::clamp_backward(float* dx, const float* x, size_t n, float c) const {
+  enter();
+  cuda::clamp_backward(dx, x, n, c, st_);
+  done();
+}
+
+void CudaBackend::sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols,
+                                        float* ds) const {
+  enter();
+  cuda::sigmoid_gate_backward(dy, y, g, rows, cols, ds, st_);
   done();
 }
 

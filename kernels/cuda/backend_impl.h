@@ -48,6 +48,7 @@ class CudaBackend final : public Backend {
   void clamp(float* x, size_t n, float c) const override;
   void sigmoid(float* x, size_t n) const override;
   void scale_rows(float* y, int rows, int cols, const float* g) const override;
+  void fill(float* x, size_t n, float v) const override;
   void gather_rows(const ops::WeightView& table, const int* ids, int n, int H, float* y) const override;
   void linear(const float* X, size_t ldx, int n, int in, const ops::WeightView& W, int out, float* Y, size_t ldy,
               const float* bias) const override;
@@ -65,6 +66,9 @@ class CudaBackend final : public Backend {
   void attention_backward(const float* q, int n_q, int q_stride, int q_pos0, const float* k, int k_stride,
                           const float* v, int v_stride, int n_k, const ops::AttnShape& s, const float* dout,
                           int dout_stride, float* dq, float* dk, float* dv) const override;
+  void clamp_backward(float* dx, const float* x, size_t n, float c) const override;
+  void sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols,
+                             float* ds) const override;
   void route(const float* z, int N, const ops::RouteSpec& spec, const float* bias, int* ids,
              float* w) const override;
   void moe_experts(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,

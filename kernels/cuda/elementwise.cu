@@ -53,6 +53,28 @@ __global__ void scale_rows_kernel(float* __restrict__ y, int rows, int cols, con
     y[i] *= g[i / size_t(cols)];
 }
 
+__global__ void fill_kernel(float* x, size_t n, float v) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    x[i] = v;
+}
+
+__global__ void clamp_backward_kernel(float* __restrict__ dx, const float* __restrict__ x, size_t n, float c) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    if (x[i] < -c || x[i] > c) dx[i] = 0.f;
+}
+
+// A warp per row: ds[r] = (dy[r]·y[r])·g(1 − g).
+__global__ void sigmoid_gate_backward_kernel(const float* __restrict__ dy, const float* __restrict__ y,
+                                             const float* __restrict__ g, int rows, int cols, float* __restrict__ ds) {
+  const size_t warps = size_t(gridDim.x) * blockDim.x / 32, lane = threadIdx.x % 32;
+  for (size_t r = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32; r < size_t(rows); r += warps) {
+    float s = 0.f;
+    for (size_t c = lane; c < size_t(cols); c += 32) s = fmaf(dy[r * cols + c], y[r * cols + c], s);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) ds[r] = s * g[r] * (1.f - g[r]);
+  }
+}
+
 // y[i, :H] = row ids[i] of the table, widened: grid (n, column blocks).
 template <int T>
 __global__ void gather_rows_kernel(DevWeight table, const int* ids, int H, float* y) {
@@ -135,6 +157,26 @@ void sigmoid(float* x, size_t n, cudaStream_t st) {
 void scale_rows(float* y, int rows, int cols, const float* g, cudaStream_t st) {
   if (rows <= 0 || cols <= 0) return;
   scale_rows_kernel<<<blocks_for(size_t(rows) * cols, kThreads), kThreads, 0, st>>>(y, rows, cols, g);
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+void fill(float* x, size_t n, float v, cudaStream_t st) {
+  if (!n) return;
+  fill_kernel<<<blocks_for(n, kThreads), kThreads, 0, st>>>(x, n, v);
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+void clamp_backward(float* dx, const float* x, size_t n, float c, cudaStream_t st) {
+  if (!n) return;
+  clamp_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, st>>>(dx, x, n, c);
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+void sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols, float* ds,
+                           cudaStream_t st) {
+  if (rows <= 0) return;
+  sigmoid_gate_backward_kernel<<<blocks_for(size_t(rows) * 32, kThreads), kThreads, 0, st>>>(dy, y, g, rows, cols,
+                                                                                              ds);
   MOEDIT_CUDA_LAUNCHED();
 }
 

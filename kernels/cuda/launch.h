@@ -31,6 +31,12 @@ void scale(float* x, size_t n, float s, cudaStream_t st);
 void clamp(float* x, size_t n, float c, cudaStream_t st);
 void sigmoid(float* x, size_t n, cudaStream_t st);
 void scale_rows(float* y, int rows, int cols, const float* g, cudaStream_t st);
+void fill(float* x, size_t n, float v, cudaStream_t st);
+// dx[i] = 0 where x[i] lies outside [−c, c] (clamp's backward).
+void clamp_backward(float* dx, const float* x, size_t n, float c, cudaStream_t st);
+// ds[r] = (Σ_c dy[r, c]·y[r, c])·g[r]·(1 − g[r]) (a sigmoid row gate's backward): a warp per row.
+void sigmoid_gate_backward(const float* dy, const float* y, const float* g, int rows, int cols, float* ds,
+                           cudaStream_t st);
 void gather_rows(const DevWeight& table, const int* ids, int n, int H, float* y, cudaStream_t st);
 void silu_mul(const float* gu, int rows, int I, float* key, cudaStream_t st);
 void rmsnorm(const float* x, const float* w, float* y, int rows, int dim, float eps, cudaStream_t st);

@@ -3,7 +3,7 @@
 // accumulation and both tile shapes; rmsnorm_backward (rows longer than a block, dx aliasing dy); silu_mul_backward;
 // attention_backward on the forward test's shapes (GQA, windows, Dk ≠ Dv, q_pos0 > 0, 300 keys, one decoded query, a
 // query that sees no key; strided rows); route_backward for every router kind; RoPE at negated positions (its
-// backward). Tolerance: 1e-5 × max|CPU result|, element by element (fp32 sums in another order), as the forward
+// backward); clamp's and a sigmoid gate's backward, fill. Tolerance: 1e-5 × max|CPU result|, element by element (fp32 sums in another order), as the forward
 // ops'. The precision setting does not reach the backward ops: bf16 gives the same bits. Each test skips, saying so,
 // where there is no GPU.
 #include <gtest/gtest.h>
@@ -86,6 +86,33 @@ TEST(CudaBackward, RmsNormSiluMulAndRope) {
     gpu().rope(dx.as<float>(), rows, row_stride, H, D, rot, dpos.as<int>(), dfreq.as<float>(), 1.3f);
     expect_near_scaled(down<float>(dx, x.size()), x, 1e-5, "rope at negated positions");
   }
+}
+
+// clamp's backward and fill: the same bits as the CPU; the sigmoid gate's backward (a warp per row) within 1e-5.
+TEST(CudaBackward, ClampSigmoidGateAndFill) {
+  MOEDIT_REQUIRE_GPU();
+  std::vector<float> x = randn(5000, 91, 2.f), dx = randn(5000, 92);
+  x[0] = 0.9f, x[1] = -0.9f, x[2] = 0.90001f;
+  Buf gx = up(x), gdx = up(dx);
+  cpu().clamp_backward(dx.data(), x.data(), dx.size(), 0.9f);
+  gpu().clamp_backward(gdx.as<float>(), gx.as<float>(), dx.size(), 0.9f);
+  EXPECT_EQ(down<float>(gdx, dx.size()), dx);
+
+  for (auto [rows, cols] : {std::pair{1, 1}, {7, 300}, {300, 33}}) {
+    const auto dy = randn(size_t(rows) * cols, 93), y = randn(size_t(rows) * cols, 94);
+    std::vector<float> g = randn(size_t(rows), 95), want(static_cast<size_t>(rows));
+    for (float& v : g) v = 1.f / (1.f + std::exp(-v));
+    cpu().sigmoid_gate_backward(dy.data(), y.data(), g.data(), rows, cols, want.data());
+    Buf gdy = up(dy), gy = up(y), gg = up(g), gds(gpu(), sizeof(float) * size_t(rows));
+    gpu().sigmoid_gate_backward(gdy.as<float>(), gy.as<float>(), gg.as<float>(), rows, cols, gds.as<float>());
+    expect_near_scaled(down<float>(gds, size_t(rows)), want, 1e-5, "sigmoid_gate_backward " + std::to_string(rows));
+  }
+
+  std::vector<float> f(3000, 1.f);
+  Buf gf = up(f);
+  cpu().fill(f.data() + 1, 2998, -2.5f);
+  gpu().fill(gf.as<float>() + 1, 2998, -2.5f);
+  EXPECT_EQ(down<float>(gf, f.size()), f);
 }
 
 TEST(CudaBackward, RouteBackwardEveryRouterKind) {
