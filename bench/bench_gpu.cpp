@@ -2,8 +2,8 @@
 // file: a bf16 checkpoint's size in host RAM, filled in parallel), timed on one backend:
 //
 //   bench_gpu CONFIG_DIR [--device cuda] [--precision bf16|fp32] [--max-gpu-memory BYTES] [--layers N]
-//             [--what forward,trace,expert,prefill,decode,keystats,edit] [--tokenizer tokenizer.json] [--corpus FILE]
-//             [--keystats-tokens 100000] [--reps 3] [--json FILE]
+//             [--what forward,trace,expert,prefill,decode,keystats,edit,eval] [--tokenizer tokenizer.json]
+//             [--corpus FILE] [--keystats-tokens 100000] [--eval-cases 20] [--reps 3] [--json FILE]
 //
 //   forward   one forward of 11 × 16 tokens (ROME's trace batch: 1 clean + 10 corrupted rows), best of reps + 2
 //   trace     a full causal trace of a 16-token fact (subject tokens 3..5), kinds resid, attn, moe; 10 samples,
@@ -19,21 +19,31 @@
 //             untimed, over 32k random tokens): ROME's 21 prompts (the bare one, 20 with a 10-token prefix) of a
 //             10-token fact, a 2-token target, v* with ROME's defaults (20 steps, lr 0.5); the whole edit and its v*
 //             part, best of max(1, reps − 1), reverted after each
+//   eval      `moedit eval`'s loop over the first --eval-cases (20) bundled CounterFact records, tokenized with
+//             --tokenizer: per case a ROME edit at the middle MoE layer (dominant expert, v* and statistics as `edit`),
+//             the rewrite, paraphrase and neighbourhood scores, generation every 10th case, routing drift (512
+//             WikiText-2 tokens), revert; cases per minute over the whole run (statistics computed before, untimed)
 //
 // --layers N keeps the first N layers (a model larger than the host's RAM); what is timed is then that model, and the
 // output says so. Nothing is compared here: the HF anchor (../shared/bench/hf_trace_anchor.py) runs in the same GPU
 // session and tools/gpu_check.sh puts both in one report.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 
 #include "bench_util.h"
+#include "datasets/counterfact.h"
+#include "datasets/eval_records.h"
 #include "editor/keystats.h"
 #include "editor/rome.h"
+#include "eval/run.h"
 #include "io/text.h"
 #include "kernels/device.h"
 #include "model/config.h"
@@ -106,7 +116,7 @@ std::string read_file(const std::string& p) {
 int main(int argc, char** argv) {
   std::string config_dir, device = "cuda", precision = "bf16", cap, what = "forward,trace,expert,prefill,decode",
               tokenizer, corpus, json_out;
-  int layers = 0, reps = 3;
+  int layers = 0, reps = 3, eval_cases = 20;
   int64_t ks_tokens = 100000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -119,12 +129,13 @@ int main(int argc, char** argv) {
     else if (a == "--tokenizer") tokenizer = next();
     else if (a == "--corpus") corpus = next();
     else if (a == "--keystats-tokens") ks_tokens = std::stoll(next());
+    else if (a == "--eval-cases") eval_cases = std::max(1, std::stoi(next()));
     else if (a == "--json") json_out = next();
     else if (a == "--reps") reps = std::max(1, std::stoi(next()));
     else if (a == "-h" || a == "--help") {
       std::printf("usage: bench_gpu CONFIG_DIR [--device D] [--precision bf16|fp32] [--max-gpu-memory BYTES] "
-                  "[--layers N] [--what forward,trace,expert,prefill,decode,keystats,edit] [--tokenizer F] [--corpus F] "
-                  "[--keystats-tokens N] [--reps N] [--json FILE]\n");
+                  "[--layers N] [--what forward,trace,expert,prefill,decode,keystats,edit,eval] [--tokenizer F] "
+                  "[--corpus F] [--keystats-tokens N] [--eval-cases N] [--reps N] [--json FILE]\n");
       return 0;
     } else if (!a.empty() && a[0] != '-') config_dir = a;
     else {
@@ -254,11 +265,19 @@ int main(int argc, char** argv) {
       std::printf("key statistics, layer %d, %lld tokens, %zu experts: %.2f s\n", layer, static_cast<long long>(n),
                   stats.size(), t);
     }
-    if (wants("edit")) {
-      const int layer = middle_moe_layer();
+    // Key statistics of a layer over 32k random tokens (untimed), as the moment source of an edit.
+    const auto cached_moments = [&](int layer) -> MomentSource {
       std::vector<std::vector<int32_t>> windows;
       for (int w = 0; w < 32; ++w) windows.push_back(ids_of(1024, cfg.vocab_size, 100 + uint64_t(w)));
       auto stats = std::make_shared<std::vector<SecondMoment>>(compute_key_stats(*m, layer, windows));
+      return [stats](int l, int e) -> std::shared_ptr<const SecondMoment> {
+        for (const auto& st : *stats)
+          if (st.layer == l && st.expert == e) return std::make_shared<SecondMoment>(st);
+        return nullptr;
+      };
+    };
+    if (wants("edit")) {
+      const int layer = middle_moe_layer();
       EditIds ids;
       const auto fact = ids_of(10, cfg.vocab_size, 30);  // subject = tokens 2..4
       ids.prompts.push_back(fact);
@@ -275,11 +294,7 @@ int main(int argc, char** argv) {
       EditOptions eo;
       eo.layer = layer;
       eo.target = parse_edit_target("dominant");
-      eo.moments = [stats](int l, int e) -> std::shared_ptr<const SecondMoment> {
-        for (const auto& st : *stats)
-          if (st.layer == l && st.expert == e) return std::make_shared<SecondMoment>(st);
-        return nullptr;
-      };
+      eo.moments = cached_moments(layer);
       EditResult r;
       double vstar = 1e300;
       const double t = best_of(std::max(1, reps - 1), [&] {
@@ -291,8 +306,34 @@ int main(int argc, char** argv) {
       out["edit_vstar_s"] = vstar;
       out["edit_layer"] = layer;
       out["edit_vstar_steps"] = r.vstar.updates;
-      std::printf("ROME edit, layer %d, dominant expert, statistics cached: %.3f s (v* %.3f s, %d steps, on the "
-                  "host)\n", layer, t, vstar, int(r.vstar.updates));
+      std::printf("ROME edit, layer %d, dominant expert, statistics cached: %.3f s (v* %.3f s, %d steps, on %s)\n",
+                  layer, t, vstar, int(r.vstar.updates), be.name().c_str());
+    }
+    if (wants("eval")) {
+      if (tokenizer.empty()) throw std::runtime_error("eval needs --tokenizer");
+      const Tokenizer tok = Tokenizer::from_file(tokenizer);
+      const int layer = middle_moe_layer();
+      eval::RunOptions o;
+      o.limit = eval_cases;
+      o.generation_interval = 10;
+      o.edit.layer = layer;
+      o.edit.target = parse_edit_target("dominant");
+      o.edit.moments = cached_moments(layer);
+      o.settings = {{"bench", "bench_gpu eval"}};
+      const std::filesystem::path dir =
+          std::filesystem::temp_directory_path() / ("bench_gpu_eval_" + std::to_string(::getpid()));
+      o.out_dir = dir.string();
+      const auto records = load_eval_records(bundled_counterfact_path());
+      t0 = Clock::now();
+      const eval::RunResult r = eval::run_eval(*m, tok, records, o);
+      const double t = seconds_since(t0);
+      std::filesystem::remove_all(dir);
+      out["eval_s"] = t;
+      out["eval_cases"] = r.evaluated;
+      out["eval_cases_per_min"] = 60.0 * r.evaluated / t;
+      out["eval_layer"] = layer;
+      std::printf("eval, layer %d, dominant expert, generation every 10th case: %d cases in %.1f s, %.1f cases/min\n",
+                  layer, r.evaluated, t, 60.0 * r.evaluated / t);
     }
 #ifdef MOEDIT_HAS_CUDA
     if (!be.host_memory()) {

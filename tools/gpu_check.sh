@@ -192,9 +192,13 @@ run() {
     bench mixtral8_capped 60 "$g/bench/configs/mixtral-8x7b-v0.1" --layers 8 --what forward,trace --reps 1 \
       --max-gpu-memory 10000000000
   fi
-  # A ROME edit of OLMoE-1B-7B with its statistics cached (v* still taped on the host): last, where time is left.
+  # A ROME edit of OLMoE-1B-7B with its statistics cached (v* on the GPU), then `moedit eval`'s loop over 20
+  # CounterFact cases (with the tokenizer): last, where time is left.
   if [ -n "$gpu" ] && [ -x "$g/bin/bench_gpu" ] && [ -d "$g/bench/configs/olmoe-1b-7b-0924" ]; then
-    bench olmoe_edit 60 "$g/bench/configs/olmoe-1b-7b-0924" --what edit --reps 1
+    local editf=(--what edit)
+    [ -f "$g/bench/olmoe-tokenizer.json" ] && editf=(--what edit,eval --eval-cases 20 --tokenizer
+      "$g/bench/olmoe-tokenizer.json")
+    bench olmoe_edit 100 "$g/bench/configs/olmoe-1b-7b-0924" "${editf[@]}" --reps 1
   fi
 
   {

@@ -2,8 +2,9 @@
 // CounterFact records (dominant expert, layer 0 as in eval/results/demo-dominant, the demo's v* settings, generation
 // every 10th case, routing drift), key statistics computed on each backend, give the CPU run's summary to the printed
 // precision: every count equal, every printed value (ROME's summaries round to 2 decimals) within one unit of its
-// last digit — two fp32 results 1e-5 apart can straddle a rounding boundary, nothing more. v* runs taped on the host
-// either way; the forwards, scores, generation (device KV cache), key statistics and drift probes run on the device.
+// last digit — two fp32 results 1e-5 apart can straddle a rounding boundary, nothing more. On the GPU every part runs
+// on the device: the forwards, v* (model/seam_backward.h), scores, generation (device KV cache), key statistics and
+// drift probes.
 // Checked on the CPU against itself (69 values, all equal) and with v*'s lr 1.5 against 2 (18 values beyond the
 // tolerance: the check can fail). Skips without a GPU.
 #include <gtest/gtest.h>
