@@ -308,6 +308,12 @@ int main(int argc, char** argv) {
       out["edit_vstar_steps"] = r.vstar.updates;
       std::printf("ROME edit, layer %d, dominant expert, statistics cached: %.3f s (v* %.3f s, %d steps, on %s)\n",
                   layer, t, vstar, int(r.vstar.updates), be.name().c_str());
+#ifdef MOEDIT_HAS_CUDA
+      if (!be.host_memory()) {
+        out["edit_solver"] = cuda_solver();
+        std::printf("  C⁻¹k* solved on %s\n", cuda_solver().c_str());
+      }
+#endif
     }
     if (wants("eval")) {
       if (tokenizer.empty()) throw std::runtime_error("eval needs --tokenizer");

@@ -8,14 +8,13 @@
 
 namespace moedit {
 
-MatD memit_delta(const MatD& R, const MatD& K, const MatD& C, double lambda) {
+MatD memit_delta(const MatD& R, const MatD& K, const MatD& C, double lambda, const Backend& be) {
   if (K.cols() != R.cols() || C.rows() != K.rows() || C.cols() != K.rows())
     throw std::invalid_argument("memit_delta: R [H, n], K [I, n] and C [I, I] disagree");
   const MatD M = lambda * C + K * K.transpose();  // [I, I], symmetric
   // ΔW = R Kᵀ M⁻¹  ⇔  M ΔWᵀ = K Rᵀ
   const MatD rhs = K * R.transpose();
-  Eigen::LLT<MatD> llt(M);
-  if (llt.info() == Eigen::Success) return llt.solve(rhs).transpose();
+  if (const std::optional<Eigen::MatrixXd> x = solve_spd(be, M, rhs)) return x->transpose();
   return Eigen::LDLT<MatD>(M).solve(rhs).transpose();
 }
 

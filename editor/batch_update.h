@@ -27,13 +27,16 @@
 #include <Eigen/Core>
 #include <vector>
 
+#include "kernels/backend.h"
+
 namespace moedit {
 
 using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // MEMIT's per-expert update. R [H, n], K [I, n], C [I, I] (symmetric positive semi-definite), lambda > 0 or C
-// positive definite. Solved by Cholesky (LDLT when it fails) in fp64.
-MatD memit_delta(const MatD& R, const MatD& K, const MatD& C, double lambda);
+// positive definite. Solved by Cholesky in fp64 on `be` (Backend::solve_spd: the model's backend, a GPU's cuSOLVER
+// included), LDLT on the host when that fails.
+MatD memit_delta(const MatD& R, const MatD& K, const MatD& C, double lambda, const Backend& be = cpu_backend());
 
 // The projector onto the eigenvectors of C_p [I, I] whose eigenvalue is below threshold; dim = their number.
 struct NullSpace {

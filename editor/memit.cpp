@@ -192,7 +192,7 @@ BatchExpertUpdate solve_expert(Model& m, int l, int expert, int pass, const Colu
                                           : MatD(MatD::Identity(I, I));
   MatD delta;
   if (opt.method == BatchMethod::Memit) {
-    delta = memit_delta(up.R, up.K, C, opt.mom2_weight);
+    delta = memit_delta(up.R, up.K, C, opt.mom2_weight, m.backend());
   } else {
     const NullSpace ns = expert_null_space(C, opt);
     up.null_dim = ns.dim;

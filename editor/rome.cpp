@@ -194,9 +194,8 @@ EditResult apply_edit_ids(Model& m, const EditIds& ids, const EditOptions& opt) 
     Eigen::VectorXd ck;
     if (opt.mom2_adjustment) {
       const Eigen::MatrixXd C = moment_matrix(opt, layer, t.expert, I, n_shared, &up.stats_count);
-      Eigen::LLT<Eigen::MatrixXd> llt(C);
-      if (llt.info() == Eigen::Success) {
-        ck = llt.solve(kstar);
+      if (std::optional<Eigen::MatrixXd> x = solve_spd(m.backend(), C, kstar)) {  // Cholesky where the model runs
+        ck = x->col(0);
       } else {
         Eigen::LDLT<Eigen::MatrixXd> ldlt(C);
         const auto d = ldlt.vectorD();

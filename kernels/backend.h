@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -253,9 +254,20 @@ class Backend {
   // (ld floats apart), every product and sum in fp64; only the lower triangle (row ≥ column) is written.
   virtual void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const = 0;
 
+  // ---- dense solves (ROME's C⁻¹k*, MEMIT's (λC + KKᵀ)⁻¹KRᵀ) --------------------------------------------------------
+  // A·X = B for a symmetric positive definite A [n, n] (fp64, this backend's memory, both triangles stored; A is
+  // overwritten) and m right-hand sides B (fp64, m rows of n: each row one right-hand side, overwritten by its
+  // solution): a Cholesky factorization (the CPU: Eigen's LLT; CUDA: cuSOLVER's potrf/potrs) and two triangular
+  // solves. Returns false, B then unspecified, where the factorization finds A not numerically positive definite.
+  virtual bool solve_spd(double* A, int n, double* B, int m) const = 0;
+
  private:
   mutable BufferPool pool_;
 };
+
+// solve_spd on host matrices: A [n, n] and B [n, m] (column j one right-hand side) copied to `be`'s memory and the
+// solution back (on the CPU, in place on copies); nullopt where A is not numerically positive definite.
+std::optional<Eigen::MatrixXd> solve_spd(const Backend& be, const Eigen::MatrixXd& A, const Eigen::MatrixXd& B);
 
 // The CPU backend (kernels/cpu/): OpenMP threads (ops::num_threads()), a workspace per calling thread.
 const Backend& cpu_backend();

@@ -5,6 +5,7 @@
 // the list and is held to the same references.
 #include <gtest/gtest.h>
 
+#include <Eigen/Cholesky>
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -467,6 +468,31 @@ TEST(BackendOps, ElementwiseOpsAndGather) {
           ASSERT_EQ(e[i * 24 + size_t(c)], table.value[size_t(ids[i]) * 24 + size_t(c)]) << type_name(t);
     }
   }
+}
+
+// solve_spd: A·X = B for a random SPD A (m right-hand sides) against Eigen's pivoted LDLT in fp64, in place and
+// through the host-matrix helper; an indefinite A is refused (false / nullopt), not solved.
+TEST(BackendOps, SolveSpdIsACholeskySolve) {
+  const Backend& be = cpu_backend();
+  std::mt19937_64 g(91);
+  std::normal_distribution<double> nd;
+  for (auto [n, m] : {std::pair{1, 1}, {37, 1}, {120, 5}}) {
+    Eigen::MatrixXd L(n, 2 * n), B(n, m);
+    for (Eigen::Index i = 0; i < L.size(); ++i) L.data()[i] = nd(g);
+    for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = nd(g);
+    const Eigen::MatrixXd A = L * L.transpose() / (2 * n), want = A.ldlt().solve(B);
+    const std::optional<Eigen::MatrixXd> got = solve_spd(be, A, B);
+    ASSERT_TRUE(got) << n;
+    EXPECT_LE((*got - want).norm(), 1e-10 * want.norm()) << n;
+    EXPECT_LE((A * *got - B).norm(), 1e-10 * B.norm()) << n;
+    Eigen::MatrixXd a = A, x = B;  // the op itself, in place
+    ASSERT_TRUE(be.solve_spd(a.data(), n, x.data(), m));
+    EXPECT_EQ(x, *got);
+  }
+  Eigen::MatrixXd indefinite = Eigen::MatrixXd::Identity(4, 4), b = Eigen::MatrixXd::Ones(4, 1);
+  indefinite(2, 2) = -1;
+  EXPECT_FALSE(solve_spd(be, indefinite, b));
+  EXPECT_FALSE(be.solve_spd(indefinite.data(), 4, b.data(), 1));
 }
 
 }  // namespace

@@ -101,14 +101,14 @@ run() {
   left() { echo $((deadline - $(date +%s))); }
   # Our libraries for our binaries only (python3 and torch keep their own libstdc++).
   local libpath="$g/lib"
-  # cuBLAS is not bundled (too big): where a binary needs it, the machine's own copy (PyTorch's wheels carry one).
-  if for b in "$g"/bin/*; do LD_LIBRARY_PATH="$libpath" ldd "$b"; done 2>/dev/null | grep -q 'libcublas.*not found'
-  then
-    local cublas
-    cublas=$(timeout 60 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -name 'libcublas.so.13*' -print \
-      2>/dev/null | head -1)
-    [ -n "$cublas" ] && libpath="$libpath:$(dirname "$cublas")"
-  fi
+  # cuSOLVER (Backend::solve_spd, opened at run time) and what it loads are not bundled (too big): the machine's own
+  # copies where it has them (PyTorch's wheels carry them), found in one pass; without them the solve runs on the host.
+  local d
+  for d in $(timeout 60 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o \( -name 'libcusolver.so.1[12]' \
+      -o -name 'libcublas.so.1[23]' -o -name 'libcublasLt.so.1[23]' -o -name 'libnvJitLink.so.1[23]' \
+      -o -name 'libcusparse.so.1[12]' \) -print 2>/dev/null | xargs -r -n1 dirname | sort -u); do
+    libpath="$libpath:$d"
+  done
   ours() { LD_LIBRARY_PATH="$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
   # Fixtures: the source path baked into the binaries → this checkout.
   local baked; baked=$(cat "$g/source_dir" 2>/dev/null || true)

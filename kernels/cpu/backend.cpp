@@ -144,6 +144,14 @@ class CpuBackend final : public Backend {
   void moe_experts_backward(const float* a, int N, const ExpertsView& ex, const int* ids, const float* w, int k,
                             const float* dy, float* da, float* dw, bool accumulate) const override;
 
+  bool solve_spd(double* A, int n, double* B, int m) const override {
+    Eigen::Map<Eigen::MatrixXd> a(A, n, n), b(B, n, m);  // column-major: B's rows are the columns here
+    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(a);      // in place
+    if (llt.info() != Eigen::Success) return false;
+    llt.solveInPlace(b);
+    return true;
+  }
+
   void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override {
     Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> c(C, cols, cols);
     if (!accumulate) c.triangularView<Eigen::Lower>().setZero();

@@ -1,5 +1,5 @@
 // CudaBackend: the Backend seam on one CUDA device (kernels/cuda/backend.cpp: memory and ops; residency.cpp: resident
-// copies, the memory cap and layer staging; moe_experts.cpp: the MoE step). Ops enqueue kernels on the backend's stream and return; to_host and synchronize wait. Set
+// copies, the memory cap and layer staging; moe_experts.cpp: the MoE step; solver.cpp: solve_spd). Ops enqueue kernels on the backend's stream and return; to_host and synchronize wait. Set
 // MOEDIT_CUDA_SYNC=1 to make every op wait and check for faults (a fault then names the op that caused it).
 //
 // Pointers passed to the ops are device memory: activations in Bufs of this backend, weights, norms, biases and
@@ -78,6 +78,7 @@ class CudaBackend final : public Backend {
   void moe_experts_backward(const float* a, int N, const ExpertsView& experts, const int* ids, const float* w, int k,
                             const float* dy, float* da, float* dw, bool accumulate) const override;
   void gram(const float* K, int n, int cols, size_t ld, double* C, bool accumulate) const override;
+  bool solve_spd(double* A, int n, double* B, int m) const override;  // solver.cpp
 
   int device() const { return dev_; }
   cudaStream_t stream() const { return st_; }
@@ -114,7 +115,8 @@ class CudaBackend final : public Backend {
   int sms_ = 0;
   cudaStream_t st_ = nullptr, copy_st_ = nullptr;  // ops and copies; staged uploads
   bool sync_each_ = false;
-  mutable std::mutex mu_;  // resident_, staging state, the cap
+  mutable std::mutex mu_;  // resident_, staging state, the cap, solver_
+  mutable void* solver_ = nullptr;  // the cuSOLVER handle (solver.cpp), created on the first solve
   mutable Copies resident_;
   mutable size_t largest_ = 0;                // the largest copy ever made (forget's search window)
   mutable size_t limit_ = 0;                  // 0: no cap

@@ -1,6 +1,8 @@
 // The CUDA backend (kernels/cuda/, built with -DMOEDIT_CUDA=ON): the ops of kernels/backend.h on one NVIDIA GPU, in
 // that device's memory, on one stream per device. kernels/device.h picks a backend by name for the CLI.
 #pragma once
+#include <string>
+
 #include "kernels/backend.h"
 
 namespace moedit {
@@ -22,5 +24,9 @@ struct CudaMemory {
 };
 CudaMemory cuda_memory(int device = 0);
 void cuda_reset_peak(int device = 0);
+
+// Where a CUDA backend's solve_spd runs: "cuSOLVER (libcusolver.so.N)", or "the host (no cuSOLVER: why)" — cuSOLVER
+// is opened at run time on the first solve, and without it the solve runs on the host.
+std::string cuda_solver();
 
 }  // namespace moedit

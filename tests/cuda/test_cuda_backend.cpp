@@ -2,7 +2,7 @@
 // uploaded, the op runs on the GPU, the result comes back and is compared with the CPU backend's on the same host
 // data. Every weight dtype (f32, bf16, f16, FP8 E4M3 with block scales), strided rows (ldx/ldy beyond the width) and
 // WeightView::at sub-views, every router kind, moe_experts with and without taps, attention with GQA, windows,
-// Dk ≠ Dv and q_pos0 > 0, and the device's memory (resident copies, the Buf pool).
+// Dk ≠ Dv and q_pos0 > 0, the device's memory (resident copies, the Buf pool), and solve_spd (fp64: 1e-10).
 //
 // Tolerances: fp32 results agree within 1e-5 × max|CPU result| of the call, element by element (the GPU sums dot
 // products in another order: ≈ 1 ulp·√n apart); copies, adds, scaling, clamping, row scaling and widened rows are
@@ -11,7 +11,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <numeric>
+#include <random>
 
 #include "kernels/device.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -198,6 +200,27 @@ TEST(CudaBackend, GramMatchesTheCpu) {
         EXPECT_NEAR(got[at], want[at], 1e-14 * mag) << cols << " cols: " << i << "," << j;
       }
   }
+}
+
+// solve_spd (cuSOLVER's potrf/potrs, or the host where the machine has no cuSOLVER: the test says which) against the
+// CPU's Cholesky: one and several right-hand sides, a size beyond one panel; an indefinite matrix is refused.
+TEST(CudaBackend, SolveSpdMatchesTheCpu) {
+  MOEDIT_REQUIRE_GPU();
+  std::printf("solve_spd runs on %s\n", cuda_solver().c_str());
+  std::mt19937_64 g(92);
+  std::normal_distribution<double> nd;
+  for (auto [n, m] : {std::pair{1, 1}, {37, 1}, {600, 4}}) {
+    Eigen::MatrixXd L(n, 2 * n), B(n, m);
+    for (Eigen::Index i = 0; i < L.size(); ++i) L.data()[i] = nd(g);
+    for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = nd(g);
+    const Eigen::MatrixXd A = L * L.transpose() / (2 * n);
+    const std::optional<Eigen::MatrixXd> want = solve_spd(cpu(), A, B), got = solve_spd(gpu(), A, B);
+    ASSERT_TRUE(want && got) << n;
+    EXPECT_LE((*got - *want).norm(), 1e-10 * want->norm()) << n;
+  }
+  Eigen::MatrixXd indefinite = Eigen::MatrixXd::Identity(40, 40), b = Eigen::MatrixXd::Ones(40, 2);
+  indefinite(20, 20) = -1;
+  EXPECT_FALSE(solve_spd(gpu(), indefinite, b));
 }
 
 TEST(CudaBackend, RmsNormRopeSiluMul) {
