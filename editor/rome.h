@@ -46,7 +46,6 @@
 #include <optional>
 #include <span>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -114,6 +113,9 @@ struct VStarOptions {
   // When set: U [H, m] with orthonormal columns; δ is kept in their complement (δ ← δ − U Uᵀδ after every step:
   // projected Adam), e.g. the router guard's directions (editor/router_guard.h).
   std::shared_ptr<const Eigen::MatrixXd> exclude;
+  // The layers above L through the model backend's ops even where the backend is the host's (what a device runs:
+  // the tests compare it with the taped stack the host uses). fp32 only.
+  bool backend_ops = false;
 };
 
 // Supplies C for (layer, expert); shared_expert_id(j) for shared expert j (kSharedExpert for a single one).
@@ -152,13 +154,11 @@ void validate(const EditIds& ids, const ModelConfig& c);
 // output.
 using DeltaSpread = std::function<VecF(const MatR& ffn_in, const LayerRouting& routing)>;
 
-namespace grad {
-class SeamStack;  // model/seam_backward.h
-}
-
 // The v* objective at a given δ (ROME's loss), forward and gradient; templated for float64 checks. The layers above L
-// run in fp32 on the model's backend, a GPU's included (grad::SeamStack), and in float64 on the taped reference
-// stack (grad::TapedStack<double>, model/backward.h).
+// run where the model's weights are: on a device through the backend's ops (grad::SeamStack, model/seam_backward.h:
+// attention and experts recompute their rows in the backward), on the host through the taped stack
+// (grad::TapedStack, model/backward.h: every expert's rows kept, nothing recomputed), which is also the float64
+// reference. VStarOptions::backend_ops runs the backend's ops on the host too.
 template <class T>
 class VStarProblem {
  public:
@@ -191,8 +191,8 @@ class VStarProblem {
   std::vector<int> logit_rows_;           // rows given to logits(): templates' target positions, then the KL row
   std::vector<std::vector<int>> tmpl_rows_;  // per template: indices into logit_rows_
   VecT<T> kl_init_;                       // log p_0 at the KL row
-  using Stack = std::conditional_t<std::is_same_v<T, float>, grad::SeamStack, grad::TapedStack<T>>;
-  std::unique_ptr<Stack> stack_;
+  struct Layers;  // the taped stack or the backend's ops (rome_vstar.cpp)
+  std::unique_ptr<Layers> stack_;
   MatT<T> dlogits_;
   VecT<T> delta_;
 };

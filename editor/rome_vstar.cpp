@@ -4,6 +4,7 @@
 #include "editor/rome.h"
 
 #include <cmath>
+#include <type_traits>
 
 #include "editor/rome_internal.h"
 #include "editor/router_guard.h"
@@ -23,10 +24,46 @@ int first_above(const Model& m, int layer) {
 }
 }  // namespace
 
+// Layers first.. with their backward: the backend's ops (fp32) on a device or when asked, else the taped stack.
+template <class T>
+struct VStarProblem<T>::Layers {
+  std::unique_ptr<grad::TapedStack<T>> taped;
+  std::unique_ptr<grad::SeamStack> seam;
+
+  Layers(const Model& m, int first, bool backend_ops) {
+    if constexpr (std::is_same_v<T, float>)
+      if (backend_ops || !m.backend().host_memory()) {
+        seam = std::make_unique<grad::SeamStack>(m, first);
+        return;
+      }
+    taped = std::make_unique<grad::TapedStack<T>>(m, first);
+  }
+  void forward(MatT<T> x, const TokenLayout& layout, const grad::PrefixKV<T>* prefix = nullptr) {
+    if constexpr (std::is_same_v<T, float>)
+      if (seam) return seam->forward(std::move(x), layout, prefix);
+    taped->forward(std::move(x), layout, prefix);
+  }
+  MatT<T> logits(const std::vector<int>& rows) {
+    if constexpr (std::is_same_v<T, float>)
+      if (seam) return seam->logits(rows);
+    return taped->logits(rows);
+  }
+  MatT<T> backward(const MatT<T>& dlogits) const {
+    if constexpr (std::is_same_v<T, float>)
+      if (seam) return seam->backward(dlogits);
+    return taped->backward(dlogits);
+  }
+  grad::PrefixKV<T> kv() const {
+    if constexpr (std::is_same_v<T, float>)
+      if (seam) return seam->kv();
+    return taped->kv();
+  }
+};
+
 template <class T>
 VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, const VStarOptions& opt,
                               const DeltaSpread& spread)
-    : m_(m), layer_(layer), opt_(opt), ids_(ids), stack_(std::make_unique<Stack>(m, first_above(m, layer))) {
+    : m_(m), layer_(layer), opt_(opt), ids_(ids), stack_(std::make_unique<Layers>(m, first_above(m, layer), opt.backend_ops)) {
   const ModelConfig& c = m.config();
   validate(ids, c);
   const int nt = int(ids.prompts.size()), nT = int(ids.target.size());
@@ -93,7 +130,7 @@ VStarProblem<T>::VStarProblem(const Model& m, int layer, const EditIds& ids, con
   base_ = gather(act_rows);
   lay_ = layout_from_lengths(na, np);
   if (!pre_rows.empty()) {
-    Stack pre(m, layer + 1);
+    Layers pre(m, layer + 1, opt.backend_ops);
     pre.forward(gather(pre_rows), layout_from_lengths(np, std::vector<int>(size_t(ns), 0)));
     prefix_ = pre.kv();
   }

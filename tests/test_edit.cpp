@@ -123,6 +123,28 @@ TEST(VStar, FloatMatchesDoubleAndOptimises) {
   EXPECT_EQ(r.updates + 1, int(r.loss.size()));
 }
 
+// What a device runs — the layers above L through the backend's ops (model/seam_backward.h) — on the host, against the
+// taped stack the host runs: the same loss and gradient to fp32 rounding (with and without the prefix cache), and the
+// same optimisation.
+TEST(VStar, BackendOpsMatchTheTapedStack) {
+  SerialOps serial;
+  auto m = Model::load(fixture_model("qwen2_moe"));
+  for (bool cache : {true, false}) {
+    VStarOptions opt;
+    opt.cache_prefix = cache;
+    VStarOptions ops = opt;
+    ops.backend_ops = true;
+    VStarProblem<float> P(*m, 1, fixed_ids(), opt), Q(*m, 1, fixed_ids(), ops);
+    const Eigen::VectorXf d = Eigen::VectorXf::LinSpaced(P.hidden(), -1, 1) * 0.1f;
+    const auto vp = P.eval(d), vq = Q.eval(d);
+    EXPECT_NEAR(vq.loss, vp.loss, 1e-5 * vp.loss) << cache;
+    EXPECT_LE(rel(Q.grad().cast<double>(), P.grad().cast<double>()), 1e-4) << cache;
+    const VStarResult a = compute_vstar(*m, 1, fixed_ids(), opt), b = compute_vstar(*m, 1, fixed_ids(), ops);
+    EXPECT_EQ(a.loss.size(), b.loss.size()) << cache;
+    EXPECT_LE((a.delta - b.delta).norm(), 1e-3 * a.delta.norm()) << cache;
+  }
+}
+
 // --lr-scale relative: lr in units of ‖target_init‖/√H, so a relative lr is the absolute lr·√H/‖target_init‖
 // (the same steps up to the rounding of that product), and it differs from the absolute lr it names.
 TEST(VStar, RelativeLearningRateIsInUnitsOfTheMoeOutputsRms) {
