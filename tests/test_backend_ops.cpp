@@ -474,13 +474,9 @@ TEST(BackendOps, ElementwiseOpsAndGather) {
 // through the host-matrix helper; an indefinite A is refused (false / nullopt), not solved.
 TEST(BackendOps, SolveSpdIsACholeskySolve) {
   const Backend& be = cpu_backend();
-  std::mt19937_64 g(91);
-  std::normal_distribution<double> nd;
   for (auto [n, m] : {std::pair{1, 1}, {37, 1}, {120, 5}}) {
-    Eigen::MatrixXd L(n, 2 * n), B(n, m);
-    for (Eigen::Index i = 0; i < L.size(); ++i) L.data()[i] = nd(g);
-    for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = nd(g);
-    const Eigen::MatrixXd A = L * L.transpose() / (2 * n), want = A.ldlt().solve(B);
+    const auto [A, B] = test::random_spd_system(n, m, 91 + uint64_t(n));
+    const Eigen::MatrixXd want = A.ldlt().solve(B);
     const std::optional<Eigen::MatrixXd> got = solve_spd(be, A, B);
     ASSERT_TRUE(got) << n;
     EXPECT_LE((*got - want).norm(), 1e-10 * want.norm()) << n;

@@ -6,9 +6,11 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 #include <sys/wait.h>
 
+#include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
 #include "kernels/ops.h"
@@ -27,6 +29,17 @@ inline std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.f) {
   return v;
 }
 inline std::string fixture(const std::string& rel) { return source_dir() + "/tests/fixtures/" + rel; }
+
+// A random symmetric positive definite system (fixed seed): A = L·Lᵀ/(2n) [n, n] for a standard normal L [n, 2n], and
+// m standard normal right-hand sides B [n, m].
+inline std::pair<Eigen::MatrixXd, Eigen::MatrixXd> random_spd_system(int n, int m, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> nd;
+  Eigen::MatrixXd L(n, 2 * n), B(n, m);
+  for (Eigen::Index i = 0; i < L.size(); ++i) L.data()[i] = nd(g);
+  for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = nd(g);
+  return {L * L.transpose() / (2 * n), B};
+}
 
 // A fresh scratch directory under the build tree's temp, removed by the caller's TempDir destructor.
 struct TempDir {

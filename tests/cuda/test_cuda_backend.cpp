@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
-#include <random>
 
 #include "kernels/device.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -207,13 +206,8 @@ TEST(CudaBackend, GramMatchesTheCpu) {
 TEST(CudaBackend, SolveSpdMatchesTheCpu) {
   MOEDIT_REQUIRE_GPU();
   std::printf("solve_spd runs on %s\n", cuda_solver().c_str());
-  std::mt19937_64 g(92);
-  std::normal_distribution<double> nd;
   for (auto [n, m] : {std::pair{1, 1}, {37, 1}, {600, 4}}) {
-    Eigen::MatrixXd L(n, 2 * n), B(n, m);
-    for (Eigen::Index i = 0; i < L.size(); ++i) L.data()[i] = nd(g);
-    for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = nd(g);
-    const Eigen::MatrixXd A = L * L.transpose() / (2 * n);
+    const auto [A, B] = random_spd_system(n, m, 92 + uint64_t(n));
     const std::optional<Eigen::MatrixXd> want = solve_spd(cpu(), A, B), got = solve_spd(gpu(), A, B);
     ASSERT_TRUE(want && got) << n;
     EXPECT_LE((*got - *want).norm(), 1e-10 * want->norm()) << n;
