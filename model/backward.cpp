@@ -240,22 +240,7 @@ MatT<T> TapedStack<T>::backward_to(const MatT<T>& dlogits, WeightGrads<T>* grads
 
 template <class T>
 PrefixKV<T> TapedStack<T>::kv() const {
-  PrefixKV<T> p;
-  const int n = m_.config().n_layers;
-  p.k.assign(size_t(n), {});
-  p.v.assign(size_t(n), {});
-  for (int l = first_; l < n; ++l) {
-    const BlockTape<T>& tp = tapes_[size_t(l - first_)];
-    int n_seqs = 0;
-    for (int s : tp.seg_seq) n_seqs = std::max(n_seqs, s + 1);
-    p.k[size_t(l)].assign(size_t(n_seqs), {});
-    p.v[size_t(l)].assign(size_t(n_seqs), {});
-    for (size_t g = 0; g < tp.seg_seq.size(); ++g) {
-      p.k[size_t(l)][size_t(tp.seg_seq[g])] = tp.kf[g];
-      p.v[size_t(l)][size_t(tp.seg_seq[g])] = tp.vf[g];
-    }
-  }
-  return p;
+  return prefix_of<T>(m_.config().n_layers, first_, tapes_, [](const MatT<T>& rows) { return rows; });
 }
 
 // ---- instantiations ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@
 // recomputed in the forward and held fixed in the backward (the gradient flows through the selected experts'
 // weights, not the selection).
 #pragma once
+#include <algorithm>
 #include <vector>
 
 #include "kernels/grad_ops.h"
@@ -49,6 +50,28 @@ struct PrefixKV {
   std::vector<std::vector<MatT<T>>> k, v;  // indexed [layer][seq]; layers below the stack's first are empty
   int n_prefix(int l, int s) const;
 };
+
+// The K/V of a stack's last forward as a prefix: tapes[l − first] of layers first..n_layers−1 (BlockTape, or
+// SeamTape of model/seam_backward.h) hold per segment its sequence (seg_seq) and K/V rows (kf, vf); host(rows) gives
+// their host copy.
+template <class T, class Tape, class Host>
+PrefixKV<T> prefix_of(int n_layers, int first, const std::vector<Tape>& tapes, Host host) {
+  PrefixKV<T> p;
+  p.k.assign(size_t(n_layers), {});
+  p.v.assign(size_t(n_layers), {});
+  for (int l = first; l < n_layers; ++l) {
+    const Tape& tp = tapes[size_t(l - first)];
+    int n_seqs = 0;
+    for (int s : tp.seg_seq) n_seqs = std::max(n_seqs, s + 1);
+    p.k[size_t(l)].assign(size_t(n_seqs), {});
+    p.v[size_t(l)].assign(size_t(n_seqs), {});
+    for (size_t g = 0; g < tp.seg_seq.size(); ++g) {
+      p.k[size_t(l)][size_t(tp.seg_seq[g])] = host(tp.kf[g]);
+      p.v[size_t(l)][size_t(tp.seg_seq[g])] = host(tp.vf[g]);
+    }
+  }
+  return p;
+}
 
 // Everything a block's backward reads (and a weight gradient would).
 template <class T>

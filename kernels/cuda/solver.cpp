@@ -24,8 +24,8 @@ struct Cusolver {
   decltype(&cusolverDnDpotrf_bufferSize) potrf_size = nullptr;
   decltype(&cusolverDnDpotrf) potrf = nullptr;
   decltype(&cusolverDnDpotrs) potrs = nullptr;
-  std::string library, error;  // what loaded; or why none did
-  bool ok() const { return potrs != nullptr; }
+  std::string library, error;  // what loaded; why it cannot be used (empty: it can)
+  bool ok() const { return !library.empty() && error.empty(); }
 };
 
 const Cusolver& cusolver() {
@@ -45,18 +45,15 @@ const Cusolver& cusolver() {
       c.error = e ? e : "libcusolver.so not found";
       return c;
     }
-    auto sym = [&](auto& f, const char* name) {
+    auto sym = [&](auto& f, const char* name) {  // the first missing entry point makes the library unusable
       f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(h, name));
       if (!f && c.error.empty()) c.error = c.library + " has no " + name;
     };
-    Cusolver s = c;
-    sym(s.create, "cusolverDnCreate");
-    sym(s.set_stream, "cusolverDnSetStream");
-    sym(s.potrf_size, "cusolverDnDpotrf_bufferSize");
-    sym(s.potrf, "cusolverDnDpotrf");
-    sym(s.potrs, "cusolverDnDpotrs");
-    if (s.error.empty()) return s;
-    c.error = s.error;
+    sym(c.create, "cusolverDnCreate");
+    sym(c.set_stream, "cusolverDnSetStream");
+    sym(c.potrf_size, "cusolverDnDpotrf_bufferSize");
+    sym(c.potrf, "cusolverDnDpotrf");
+    sym(c.potrs, "cusolverDnDpotrs");
 #endif
     return c;
   }();
