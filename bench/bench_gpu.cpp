@@ -2,14 +2,17 @@
 // file: a bf16 checkpoint's size in host RAM, filled in parallel), timed on one backend:
 //
 //   bench_gpu CONFIG_DIR [--device cuda] [--precision bf16|fp32] [--max-gpu-memory BYTES] [--layers N]
-//             [--what forward,trace,expert,prefill,decode,keystats,edit,eval] [--tokenizer tokenizer.json]
-//             [--corpus FILE] [--keystats-tokens 100000] [--eval-cases 20] [--reps 3] [--json FILE]
+//             [--what forward,trace,expert,dataset,prefill,decode,keystats,edit,eval] [--tokenizer tokenizer.json]
+//             [--corpus FILE] [--keystats-tokens 100000] [--eval-cases 20] [--dataset-facts 8] [--reps 3]
+//             [--json FILE]
 //
 //   forward   one forward of 11 × 16 tokens (ROME's trace batch: 1 clean + 10 corrupted rows), best of reps + 2
 //   trace     a full causal trace of a 16-token fact (subject tokens 3..5), kinds resid, attn, moe; 10 samples,
 //             window 10 (the prefix-reuse algorithm, every restoration of a kind batched), best of reps (after a
 //             warm-up run when reps > 1; the others below are best of max(1, reps − 1))
 //   expert    the same fact's single-expert kind (every routed expert at the last subject token and the last token)
+//   dataset   --dataset-facts facts of 10–16 tokens (kinds resid, attn, moe as `trace`) traced one at a time, then
+//             together (trace_ids_together: `moedit trace --dataset`'s --together), facts per second each
 //   prefill   4 × 2048 tokens, last-token logits: tokens/s and TFLOP/s (2 FLOPs per active weight per token plus
 //             causal attention's QKᵀ and PV)
 //   decode    greedy decoding at batch 1 with the KV cache (64 new tokens after a 16-token prompt, minus the 1-token
@@ -116,7 +119,7 @@ std::string read_file(const std::string& p) {
 int main(int argc, char** argv) {
   std::string config_dir, device = "cuda", precision = "bf16", cap, what = "forward,trace,expert,prefill,decode",
               tokenizer, corpus, json_out;
-  int layers = 0, reps = 3, eval_cases = 20;
+  int layers = 0, reps = 3, eval_cases = 20, dataset_facts = 8;
   int64_t ks_tokens = 100000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -130,12 +133,14 @@ int main(int argc, char** argv) {
     else if (a == "--corpus") corpus = next();
     else if (a == "--keystats-tokens") ks_tokens = std::stoll(next());
     else if (a == "--eval-cases") eval_cases = std::max(1, std::stoi(next()));
+    else if (a == "--dataset-facts") dataset_facts = std::max(1, std::stoi(next()));
     else if (a == "--json") json_out = next();
     else if (a == "--reps") reps = std::max(1, std::stoi(next()));
     else if (a == "-h" || a == "--help") {
       std::printf("usage: bench_gpu CONFIG_DIR [--device D] [--precision bf16|fp32] [--max-gpu-memory BYTES] "
-                  "[--layers N] [--what forward,trace,expert,prefill,decode,keystats,edit,eval] [--tokenizer F] "
-                  "[--corpus F] [--keystats-tokens N] [--eval-cases N] [--reps N] [--json FILE]\n");
+                  "[--layers N] [--what forward,trace,expert,dataset,prefill,decode,keystats,edit,eval] "
+                  "[--tokenizer F] [--corpus F] [--keystats-tokens N] [--eval-cases N] [--dataset-facts N] [--reps N] "
+                  "[--json FILE]\n");
       return 0;
     } else if (!a.empty() && a[0] != '-') config_dir = a;
     else {
@@ -217,6 +222,25 @@ int main(int argc, char** argv) {
       out["trace_expert_restorations"] = r.kinds.empty() ? 0 : r.kinds[0].experts.size();
       std::printf("trace single-expert kind: %.3f s (%zu expert restorations)\n", t,
                   r.kinds.empty() ? size_t(0) : r.kinds[0].experts.size());
+    }
+    if (wants("dataset")) {  // many facts: one at a time vs traced together (dataset mode's --together)
+      o.kinds = {trace::Kind::Resid, trace::Kind::Attn, trace::Kind::Moe};
+      std::vector<trace::TraceInput> facts(static_cast<size_t>(dataset_facts));
+      for (int k = 0; k < dataset_facts; ++k) {
+        facts[size_t(k)].ids = ids_of(10 + k % 7, cfg.vocab_size, 100 + uint64_t(k));
+        facts[size_t(k)].subject_begin = 2;
+        facts[size_t(k)].subject_end = 4 + k % 3;
+      }
+      const double t_alone = best_of(std::max(1, reps - 1), [&] {
+        for (const trace::TraceInput& f : facts) trace::trace_ids(*m, f, o);
+      });
+      const double t_together = best_of(std::max(1, reps - 1), [&] { trace::trace_ids_together(*m, facts, o); });
+      out["dataset_facts"] = dataset_facts;
+      out["dataset_alone_facts_per_s"] = dataset_facts / t_alone;
+      out["dataset_together_facts_per_s"] = dataset_facts / t_together;
+      std::printf("trace %d facts (10-16 tokens, resid+attn+moe): one at a time %.3f s (%.2f facts/s), together "
+                  "%.3f s (%.2f facts/s, x%.2f)\n", dataset_facts, t_alone, dataset_facts / t_alone, t_together,
+                  dataset_facts / t_together, t_alone / t_together);
     }
     if (wants("prefill")) {
       std::vector<std::vector<int32_t>> seqs;

@@ -19,7 +19,8 @@ namespace {
 struct TraceArgs {
   std::string model, prompt, subject, target, ids, subject_range, dataset, out, kinds = "all", noise = "s3",
       noise_file, expert_tokens, tokens;
-  int target_id = -1, samples = 10, window = 10, limit = -1, batch_rows = 1024, plots = 200, threads = 0;
+  int target_id = -1, samples = 10, window = 10, limit = -1, batch_rows = 1024, plots = 200, threads = 0,
+      together = 8;
   uint32_t seed = 1;
   bool replace = false, naive = false, json = false, include_wrong = false, no_resume = false;
   double embedding_std = -1;
@@ -111,6 +112,9 @@ void register_trace(CLI::App& app) {
   cmd->add_flag("--include-wrong", a.include_wrong, "Dataset mode: average facts the model gets wrong too");
   cmd->add_option("--plots", a.plots, "Dataset mode: per-fact figures for the first N facts (default 200)");
   cmd->add_flag("--no-resume", a.no_resume, "Dataset mode: re-trace facts already in DIR/cases");
+  cmd->add_option("--together", a.together,
+                  "Dataset mode: facts traced together — shared forwards and batches, same scores (default 8)")
+      ->check(CLI::Range(1, 4096));
   cmd->callback([] {
     trace::TraceOptions o;
     o.kinds = trace::parse_kinds(a.kinds);
@@ -153,6 +157,7 @@ void register_trace(CLI::App& app) {
       d.out_dir = a.out;
       d.plots = a.plots;
       d.resume = !a.no_resume;
+      d.together = a.together;
       d.only_correct = !a.include_wrong;
       const trace::DatasetSummary s = trace::trace_dataset(*m, tok, a.dataset, o, d);
       if (a.json) {

@@ -159,10 +159,10 @@ run() {
     bench_lines+=("$name: rc $brc — $(grep -v '^$' "$out/bench_$name.txt" | paste -sd';' - | cut -c1-900)")
   }
   if [ -n "$gpu" ] && [ -x "$g/bin/bench_gpu" ] && [ -d "$g/bench/configs/olmoe-1b-7b-0924" ]; then
-    local tokf=()
+    local tokf=(--what forward,trace,expert,dataset,prefill,decode)
     [ -f "$g/bench/olmoe-tokenizer.json" ] && tokf=(--tokenizer "$g/bench/olmoe-tokenizer.json" --corpus
-      "$repo/datasets/data/wikitext-2/wiki.test.raw" --what forward,trace,expert,prefill,decode,keystats)
-    bench olmoe 75 "$g/bench/configs/olmoe-1b-7b-0924" "${tokf[@]}"
+      "$repo/datasets/data/wikitext-2/wiki.test.raw" --what forward,trace,expert,dataset,prefill,decode,keystats)
+    bench olmoe 90 "$g/bench/configs/olmoe-1b-7b-0924" "${tokf[@]}"
   else
     bench_lines+=("skipped (no GPU, no bench_gpu or no configs)")
   fi

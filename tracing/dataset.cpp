@@ -162,45 +162,74 @@ DatasetSummary trace_dataset(const Model& m, const Tokenizer& tok, const std::st
   nlohmann::json skipped = nlohmann::json::array(), fact_list = nlohmann::json::array();
   int L = m.config().n_layers;
 
-  for (size_t i = 0; i < recs.size(); ++i) {
-    const Record& rec = recs[i];
-    if (bar) {
-      std::fprintf(stderr, "\rtrace dataset: fact %zu/%zu", i + 1, recs.size());
-      std::fflush(stderr);
-    }
-    const fs::path marker = cases / (rec.id + ".json");
-    nlohmann::json rj;
-    bool have = false;
-    if (dopt.resume && fs::exists(marker)) {
-      try {
-        std::ifstream f(marker);
-        rj = nlohmann::json::parse(f);
-        have = rj.contains("kinds") && rj.contains("options") && rj["options"] == fingerprint;
-      } catch (const std::exception&) {
-        have = false;
-      }
-    }
-    if (!have) {
-      TraceRequest req{rec.prompt, rec.subject, "", rec.expected, rec.id};
-      try {
-        const TraceReport rep = trace_fact(m, tok, req, opt);
-        rj = report_json(rep);
-        rj["options"] = fingerprint;
-        for (const KindResult& k : rep.kinds) {
-          std::ofstream f(cases / (rec.id + "_" + kind_name(k.kind) + ".json"));
-          f << kind_json(rep, k).dump(1) << "\n";
+  // Facts are traced dopt.together at a time (Tracer::together: shared forwards and batches, the same scores);
+  // the averages run over them in record order.
+  const size_t together = size_t(std::max(1, dopt.together));
+  std::vector<nlohmann::json> rjs(recs.size());
+  std::vector<std::string> errs(recs.size());
+  auto trace_chunk = [&](size_t c0, size_t c1) {
+    std::vector<TraceRequest> reqs;
+    std::vector<size_t> which;
+    for (size_t i = c0; i < c1; ++i) {
+      const Record& rec = recs[i];
+      const fs::path marker = cases / (rec.id + ".json");
+      if (dopt.resume && fs::exists(marker)) {
+        try {
+          std::ifstream f(marker);
+          nlohmann::json rj = nlohmann::json::parse(f);
+          if (rj.contains("kinds") && rj.contains("options") && rj["options"] == fingerprint) {
+            rjs[i] = std::move(rj);
+            continue;
+          }
+        } catch (const std::exception&) {
         }
-        if (int(i) < dopt.plots) write_trace_outputs(rep, (cases / rec.id).string());
-        std::ofstream f(marker.string() + ".tmp");
-        f << rj.dump() << "\n";
-        f.close();
-        fs::rename(marker.string() + ".tmp", marker);
-      } catch (const InputError& e) {
-        skipped.push_back({{"id", rec.id}, {"error", e.what()}});
-        sum.skipped += 1;
+      }
+      reqs.push_back({rec.prompt, rec.subject, "", rec.expected, rec.id});
+      which.push_back(i);
+    }
+    if (reqs.empty()) return;
+    std::vector<std::string> e;
+    const std::vector<TraceReport> reps = trace_facts_together(m, tok, reqs, opt, &e);
+    for (size_t j = 0; j < which.size(); ++j) {
+      const size_t i = which[j];
+      const Record& rec = recs[i];
+      if (!e[j].empty()) {
+        errs[i] = e[j];
         continue;
       }
+      const TraceReport& rep = reps[j];
+      nlohmann::json rj = report_json(rep);
+      rj["options"] = fingerprint;
+      for (const KindResult& k : rep.kinds) {
+        std::ofstream f(cases / (rec.id + "_" + kind_name(k.kind) + ".json"));
+        f << kind_json(rep, k).dump(1) << "\n";
+      }
+      if (int(i) < dopt.plots) write_trace_outputs(rep, (cases / rec.id).string());
+      const fs::path marker = cases / (rec.id + ".json");
+      std::ofstream f(marker.string() + ".tmp");
+      f << rj.dump() << "\n";
+      f.close();
+      fs::rename(marker.string() + ".tmp", marker);
+      rjs[i] = std::move(rj);
     }
+  };
+
+  for (size_t i = 0; i < recs.size(); ++i) {
+    const Record& rec = recs[i];
+    if (i % together == 0) {
+      if (bar) {
+        std::fprintf(stderr, "\rtrace dataset: facts %zu-%zu of %zu", i + 1, std::min(recs.size(), i + together),
+                     recs.size());
+        std::fflush(stderr);
+      }
+      trace_chunk(i, std::min(recs.size(), i + together));
+    }
+    if (!errs[i].empty()) {
+      skipped.push_back({{"id", rec.id}, {"error", errs[i]}});
+      sum.skipped += 1;
+      continue;
+    }
+    const nlohmann::json rj = std::move(rjs[i]);
     sum.traced += 1;
     const bool correct = rj.value("correct_prediction", true);
     fact_list.push_back({{"id", rec.id},

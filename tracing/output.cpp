@@ -126,7 +126,8 @@ nlohmann::json report_json(const TraceReport& r) {
   j["stats"] = {{"restorations", r.stats.restorations}, {"computed", r.stats.computed},
                 {"shared_prefixes", r.stats.shared_prefixes}, {"batches", r.stats.batches},
                 {"flops", r.stats.flops},               {"setup_flops", r.stats.setup_flops},
-                {"seconds", r.stats.seconds},           {"setup_seconds", r.stats.setup_seconds}};
+                {"seconds", r.stats.seconds},           {"setup_seconds", r.stats.setup_seconds},
+                {"traced_together", r.stats.traced_together}};
   j["kinds"] = nlohmann::json::object();
   for (const KindResult& k : r.kinds) j["kinds"][kind_name(k.kind)] = kind_json(r, k);
   return j;

@@ -99,9 +99,15 @@ struct ThreadLimit {
   }
 };
 
-}  // namespace
+// A fact before its trace: its report with every field the input and options give, its noise, and the token rows
+// of each kind. InputError for a bad input.
+struct Prepared {
+  TraceReport rep;
+  Tracer::Prompt prompt;
+  std::vector<int> rows, etoks;  // resid/attn/moe/shared rows; expert-kind tokens
+};
 
-TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& opt) {
+Prepared prepare(const Model& m, const TraceInput& in, const TraceOptions& opt) {
   const ModelConfig& c = m.config();
   const int S = int(in.ids.size()), L = c.n_layers, H = c.hidden;
   if (S == 0) throw InputError("the prompt has no tokens");
@@ -114,11 +120,10 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
                      " is empty or outside the prompt's " + std::to_string(S) + " tokens");
   if (in.target >= c.vocab_size)
     throw InputError("target token " + std::to_string(in.target) + " is outside the vocabulary");
-  if (opt.window < 1) throw InputError("--window must be at least 1");
   const int len = in.subject_end - in.subject_begin;
-  const ThreadLimit limit(opt.threads);
 
-  TraceReport rep;
+  Prepared pr;
+  TraceReport& rep = pr.rep;
   rep.model = m.path();
   rep.id = in.id;
   rep.prompt = in.prompt;
@@ -142,6 +147,8 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
   rep.n_shared_experts = m.config().n_shared_experts;
   rep.replace = opt.replace;
   rep.seed = opt.seed;
+  rep.mode = opt.naive ? "naive" : "cached";
+  rep.answer_source = in.target >= 0 ? "target" : "argmax";
 
   Noise noise;
   if (!opt.noise_file.empty()) {
@@ -169,17 +176,11 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
     noise = make_noise(rule, sd, opt.samples, len, H, opt.seed);
   }
   rep.samples = int(noise.size());
-
-  Tracer tr(m, in.ids, in.subject_begin, in.subject_end, std::move(noise), opt.replace, in.target);
-  tr.set_pruning(opt.prune);
-  rep.answer = tr.answer();
-  rep.answer_source = in.target >= 0 ? "target" : "argmax";
-  rep.high_score = tr.high_score();
-  rep.low_score = tr.low_score();
-  rep.mode = opt.naive ? "naive" : "cached";
+  pr.prompt = {in.ids, in.subject_begin, in.subject_end, std::move(noise), in.target};
 
   // Expert tokens.
-  std::vector<int> etoks = opt.expert_tokens;
+  std::vector<int>& etoks = pr.etoks;
+  etoks = opt.expert_tokens;
   if (opt.expert_all_tokens) {
     etoks.resize(size_t(S));
     std::iota(etoks.begin(), etoks.end(), 0);
@@ -192,7 +193,8 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
   etoks.erase(std::unique(etoks.begin(), etoks.end()), etoks.end());
 
   // Token rows of the resid/attn/moe/shared kinds (ROME's token_range).
-  std::vector<int> rows = opt.tokens;
+  std::vector<int>& rows = pr.rows;
+  rows = opt.tokens;
   if (rows.empty()) {
     rows.resize(size_t(S));
     std::iota(rows.begin(), rows.end(), 0);
@@ -201,17 +203,22 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
     if (t < 0 || t >= S) throw InputError("token " + std::to_string(t) + " is outside the prompt");
   std::sort(rows.begin(), rows.end());
   rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return pr;
+}
 
-  // Build every restoration of every kind, run them together, then scatter the scores.
+// Where a restoration's score goes in the report.
+struct Slot {
+  int kind_index, row, layer;
+  int expert_index = -1;         // ≥ 0: into KindResult::experts
+  int shared_expert_index = -1;  // ≥ 0: into KindResult::shared_experts
+};
+
+// Every restoration of every kind of one fact (rep.kinds gets its rows and experts), and where each score goes.
+void build_restorations(const Tracer& tr, const Prepared& pr, TraceReport& rep, const TraceOptions& opt,
+                        std::vector<Restoration>& rs, std::vector<Slot>& slots) {
+  const int L = rep.n_layers;
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  struct Slot {
-    int kind_index, row, layer;
-    int expert_index = -1;         // ≥ 0: into KindResult::experts
-    int shared_expert_index = -1;  // ≥ 0: into KindResult::shared_experts
-  };
   const int shared_alone = rep.n_shared_experts > 1 ? rep.n_shared_experts : 0;  // shared experts restored alone
-  std::vector<Restoration> rs;
-  std::vector<Slot> slots;
   bool any_shared = false;
   for (bool s : rep.shared_layers) any_shared = any_shared || s;
   for (Kind k : opt.kinds) {
@@ -221,6 +228,7 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
     kr.window = (k == Kind::Attn || k == Kind::Moe) ? opt.window : 1;
     const int ki = int(rep.kinds.size());
     if (k == Kind::Expert) {
+      const std::vector<int>& etoks = pr.etoks;
       kr.rows = etoks;
       kr.scores.assign(etoks.size(), std::vector<double>(size_t(L), nan));
       kr.dominant.assign(etoks.size(), std::vector<int>(size_t(L), -1));
@@ -241,6 +249,7 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
           }
         }
     } else {
+      const std::vector<int>& rows = pr.rows;
       kr.rows = rows;
       kr.scores.assign(rows.size(), std::vector<double>(size_t(L), nan));
       for (int ri = 0; ri < int(rows.size()); ++ri)
@@ -267,10 +276,9 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
     }
     rep.kinds.push_back(std::move(kr));
   }
+}
 
-  ProgressBar bar(opt.progress, "trace " + (in.id.empty() ? std::string("") : in.id + " "));
-  const std::vector<double> p =
-      tr.run(rs, opt.naive, opt.batch_rows, [&](int64_t d, int64_t t) { bar(d, t); });
+void scatter(const std::vector<Slot>& slots, const std::vector<double>& p, TraceReport& rep) {
   for (size_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
     KindResult& kr = rep.kinds[size_t(s.kind_index)];
@@ -288,8 +296,63 @@ TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& 
       kr.scores[size_t(s.row)][size_t(s.layer)] = p[i];
     }
   }
-  rep.stats = tr.stats();
-  return rep;
+}
+
+}  // namespace
+
+std::vector<TraceReport> trace_ids_together(const Model& m, const std::vector<TraceInput>& ins,
+                                            const TraceOptions& opt, std::vector<std::string>* errors) {
+  if (opt.window < 1) throw InputError("--window must be at least 1");
+  const ThreadLimit limit(opt.threads);
+  std::vector<TraceReport> out(ins.size());
+  if (errors) errors->assign(ins.size(), "");
+  std::vector<Prepared> prep;
+  std::vector<size_t> index;  // prep[i] is ins[index[i]]
+  for (size_t i = 0; i < ins.size(); ++i) {
+    try {
+      prep.push_back(prepare(m, ins[i], opt));
+      index.push_back(i);
+    } catch (const InputError& e) {
+      if (!errors && ins.size() == 1) throw;
+      const std::string msg = "fact " + (ins[i].id.empty() ? std::to_string(i) : ins[i].id) + ": " + e.what();
+      if (!errors) throw InputError(msg);
+      (*errors)[i] = e.what();
+    }
+  }
+  if (prep.empty()) return out;
+
+  std::vector<Tracer::Prompt> prompts;
+  for (Prepared& pr : prep) prompts.push_back(std::move(pr.prompt));
+  std::vector<Tracer> tracers = Tracer::together(m, std::move(prompts), opt.replace);
+  std::vector<Tracer*> tp;
+  std::vector<std::vector<Restoration>> rs(prep.size());
+  std::vector<std::vector<Slot>> slots(prep.size());
+  for (size_t i = 0; i < prep.size(); ++i) {
+    Tracer& tr = tracers[i];
+    TraceReport& rep = prep[i].rep;
+    tr.set_pruning(opt.prune);
+    rep.answer = tr.answer();
+    rep.high_score = tr.high_score();
+    rep.low_score = tr.low_score();
+    build_restorations(tr, prep[i], rep, opt, rs[i], slots[i]);
+    tp.push_back(&tr);
+  }
+  const std::string label = prep.size() > 1 ? std::to_string(prep.size()) + " facts "
+                            : prep[0].rep.id.empty() ? std::string("") : prep[0].rep.id + " ";
+  ProgressBar bar(opt.progress, "trace " + label);
+  const std::vector<std::vector<double>> p =
+      Tracer::run_together(tp, rs, opt.naive, opt.batch_rows, [&](int64_t d, int64_t t) { bar(d, t); });
+  for (size_t i = 0; i < prep.size(); ++i) {
+    TraceReport& rep = prep[i].rep;
+    scatter(slots[i], p[i], rep);
+    rep.stats = tracers[i].stats();
+    out[index[i]] = std::move(rep);
+  }
+  return out;
+}
+
+TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& opt) {
+  return std::move(trace_ids_together(m, {in}, opt).front());
 }
 
 }  // namespace moedit::trace

@@ -118,6 +118,9 @@ struct TraceStats {
   int64_t shared_prefixes = 0;  // cached mode: stage-A runs shared by restorations with a common prefix
   int64_t batches = 0;
   int64_t rows = 0;          // token rows × layers run by the restorations
+  // Prompts traced together (Tracer::together): batches counts those holding any of this prompt's restorations,
+  // flops and rows are this prompt's own, seconds and setup_seconds an equal share of the shared runs' time.
+  int64_t traced_together = 1;
 };
 
 using ProgressFn = std::function<void(int64_t done, int64_t total)>;
@@ -129,14 +132,28 @@ class Tracer {
   // answer: the token whose probability is measured, −1 = the clean argmax at the last position.
   Tracer(const Model& m, std::vector<int32_t> ids, int subject_begin, int subject_end, Noise noise, bool replace,
          int answer = -1);
+  Tracer(Tracer&&) noexcept;
+  Tracer& operator=(Tracer&&) noexcept;
   ~Tracer();
 
-  int answer() const { return answer_; }
-  double high_score() const { return high_; }
+  // Several prompts traced together (dataset runs): their clean runs in one forward, their corrupted runs in one
+  // forward (eagerly) whose K/V cache they share, and, through run_together, their restorations packed into
+  // shared batches. Every score equals what each prompt's own Tracer gives — bit for bit on the CPU, whose
+  // kernels are batch-invariant. The prompts must have the same number of noise samples (InputError).
+  struct Prompt {
+    std::vector<int32_t> ids;
+    int subject_begin = 0, subject_end = 0;
+    Noise noise;
+    int answer = -1;
+  };
+  static std::vector<Tracer> together(const Model& m, std::vector<Prompt> prompts, bool replace);
+
+  int answer() const;
+  double high_score() const;
   double low_score();
-  int n_tokens() const { return int(ids_.size()); }
-  int samples() const { return int(noise_.size()); }
-  const LayerRouting& clean_routing(int layer) const { return clean_routing_[size_t(layer)]; }
+  int n_tokens() const;
+  int samples() const;
+  const LayerRouting& clean_routing(int layer) const;
   // The clean contribution of expert e at (token, layer), or nullptr if the token was not routed to e.
   const float* clean_expert_row(int layer, int expert, int token) const;
 
@@ -144,8 +161,13 @@ class Tracer {
   // batch_rows: target packed rows per forward (≤ 0: one restoration per forward).
   std::vector<double> run(const std::vector<Restoration>& rs, bool naive, int batch_rows = 1024,
                           const ProgressFn& progress = {});
-  const TraceStats& stats() const { return stats_; }
-  void reset_stats() { stats_ = {}; }
+  // run() for several tracers at once: rs[i] on tracers[i]. Cached mode packs restorations of tracers made by one
+  // together() call into shared batches (others run one tracer after another); naive mode runs each tracer alone.
+  static std::vector<std::vector<double>> run_together(const std::vector<Tracer*>& tracers,
+                                                       const std::vector<std::vector<Restoration>>& rs, bool naive,
+                                                       int batch_rows = 1024, const ProgressFn& progress = {});
+  const TraceStats& stats() const;
+  void reset_stats();
   // Cached mode only (default on): drop patches that cannot change the result — tokens before the subject (clean
   // and corrupted runs agree there: causal attention) and non-last tokens at the last layer (never read by the
   // last position) — score a restoration left empty as low_score, and run identical restorations once.
@@ -153,14 +175,10 @@ class Tracer {
 
  private:
   struct Impl;
+  struct Work;
+  explicit Tracer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
-  std::vector<int32_t> ids_;
-  Noise noise_;
-  int answer_ = -1;
-  double high_ = 0;
   bool prune_ = true;
-  std::vector<LayerRouting> clean_routing_;
-  TraceStats stats_;
 };
 
 // ---- whole traces ---------------------------------------------------------------------------------------------
@@ -247,6 +265,13 @@ struct TraceReport {
 };
 
 TraceReport trace_ids(const Model& m, const TraceInput& in, const TraceOptions& opt);
+// Several facts traced together (dataset runs): their clean runs in one forward, their corrupted runs in one
+// forward whose K/V cache they share, their restorations packed into shared batches (Tracer::together). Report i
+// equals trace_ids(m, in[i], opt) — bit for bit on the CPU — except stats (see TraceStats::traced_together). A bad
+// input: InputError naming the fact (its id, else its index), or, with `errors`, its message in (*errors)[i] and an
+// empty report while the others are traced.
+std::vector<TraceReport> trace_ids_together(const Model& m, const std::vector<TraceInput>& in, const TraceOptions& opt,
+                                            std::vector<std::string>* errors = nullptr);
 
 // Text level: the prompt is tokenized (special tokens as the tokenizer adds them), the subject located through the
 // offsets (ROME's token range; InputError when absent), the target (optional) becomes its first token, with a
@@ -257,6 +282,11 @@ struct TraceRequest {
   std::string id;
 };
 TraceReport trace_fact(const Model& m, const Tokenizer& tok, const TraceRequest& req, const TraceOptions& opt);
+// trace_fact for several facts, traced together as trace_ids_together does (same `errors` convention). Without
+// opt.embedding_std and the bundled CounterFact file, s<F> noise scales by the std over all the facts' subjects.
+std::vector<TraceReport> trace_facts_together(const Model& m, const Tokenizer& tok,
+                                              const std::vector<TraceRequest>& reqs, const TraceOptions& opt,
+                                              std::vector<std::string>* errors = nullptr);
 
 // Token range of `subject` in `prompt` (InputError naming both when absent) and the prompt's encoding.
 std::pair<int, int> locate_subject(const Tokenizer& tok, const std::string& prompt, const std::string& subject,
@@ -286,6 +316,7 @@ struct DatasetOptions {
   int plots = 200;          // per-fact SVG/HTML for the first N facts (ROME: known_id ≤ 200)
   bool resume = true;       // reuse per-fact JSONs already in out_dir/cases
   bool only_correct = true; // average only facts whose clean argmax is the expected answer's first token (ROME)
+  int together = 8;         // facts traced together (trace_facts_together); the scores do not depend on it
 };
 struct DatasetSummary {
   int facts = 0, traced = 0, correct = 0, skipped = 0;

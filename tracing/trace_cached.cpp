@@ -3,30 +3,14 @@
 #include "tracing/trace_internal.h"
 
 #include <algorithm>
+#include <map>
 #include <stdexcept>
 
 namespace moedit::trace {
 
-std::vector<double> Tracer::Impl::finish(const MatR& last, int nr, TraceStats& st) const {
-  TokenLayout ll;
-  ll.n_seqs = int(last.rows());
-  for (int i = 0; i < int(last.rows()); ++i) {
-    ll.seq.push_back(i);
-    ll.pos.push_back(S - 1);
-  }
-  const MatR z = m.logits(last, ll, nullptr);
-  st.flops += logits_flops(last.rows());
-  std::vector<double> out(size_t(nr), 0.0);
-  for (int r = 0; r < nr; ++r) {
-    double s = 0;
-    for (int n = 0; n < samples; ++n) s += prob_of(z.row(r * samples + n).data(), int(z.cols()), answer);
-    out[size_t(r)] = s / samples;
-  }
-  return out;
-}
-
-Tracer::Impl::Plan Tracer::Impl::plan_of(const Restoration& r, const MatR* src, int l0_override) const {
+Tracer::Impl::Plan Tracer::Impl::plan_of(const Restoration& r, const MatR* src, int l0_override) {
   Plan pl;
+  pl.f = this;
   pl.r = &r;
   pl.stop = L;
   start_of(r, pl.l0, pl.t0);
@@ -42,23 +26,30 @@ Tracer::Impl::Plan Tracer::Impl::plan_of(const Restoration& r, const MatR* src, 
   return pl;
 }
 
-std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan>& plans, TraceStats& st) {
-  const int nr = int(plans.size()), nseq = nr * samples;
-  int lmin = L, lmax = 0;
+std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan>& plans) {
+  if (plans.empty()) return {};
+  const Impl& f0 = *plans[0].f;
+  const Model& m = f0.m;
+  const int nr = int(plans.size()), samples = f0.samples, nseq = nr * samples, L = f0.L, H = f0.H;
+  int lmin = L, lmax = 0, smax = 0;
   for (const Plan& p : plans) {
+    if (p.f->cache != f0.cache || p.f->samples != samples)
+      throw std::logic_error("trace: plans of one batch must share a corrupted cache and a sample count");
     lmin = std::min(lmin, p.l0);
     lmax = std::max(lmax, p.stop);
+    smax = std::max(smax, p.f->S);
   }
   std::vector<int> from(static_cast<size_t>(nseq)), lens(static_cast<size_t>(nseq));
   for (int j = 0; j < nseq; ++j) {
-    from[size_t(j)] = j % samples;
-    lens[size_t(j)] = plans[size_t(j / samples)].t0;
+    const Plan& p = plans[size_t(j / samples)];
+    from[size_t(j)] = p.f->cache_base + j % samples;
+    lens[size_t(j)] = p.t0;
   }
-  KVCache kv = lmin < L ? cache.gather(from, lens, lmin, S) : KVCache{};
+  KVCache kv = lmin < L ? f0.cache->gather(from, lens, lmin, smax) : KVCache{};
   Hooks h;
-  std::vector<const Restoration*> rs;
-  for (const Plan& p : plans) rs.push_back(p.r);
-  add_patch_hooks(h, rs, [&](int r, const Patch& p) { return p.layer < plans[size_t(r)].l0; });
+  std::vector<Item> items;
+  for (const Plan& p : plans) items.push_back({p.f, p.r});
+  add_patch_hooks(h, items, [&](int r, const Patch& p) { return p.layer < plans[size_t(r)].l0; });
 
   // Per sequence: its rows in x (contiguous), first position, active flag.
   std::vector<int> off(static_cast<size_t>(nseq), 0), cnt(static_cast<size_t>(nseq), 0);
@@ -73,6 +64,7 @@ std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan
     std::vector<std::vector<std::pair<const float*, int>>> add(static_cast<size_t>(nseq));  // (rows, count)
     for (int r = 0; r < nr; ++r) {
       const Plan& p = plans[size_t(r)];
+      const int S = p.f->S;
       if (p.stop == l && p.stop < L) {
         out[size_t(r)].rows.resize(samples * (S - p.t0), H);
         for (int n = 0; n < samples; ++n) {
@@ -86,14 +78,15 @@ std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan
       if (p.l0 == l) {
         for (int n = 0; n < samples; ++n) {
           const int j = r * samples + n;
-          const float* rows = p.src ? p.src->row(n * (S - p.t0)).data() : corr_in[size_t(l)].row(n * S + p.t0).data();
+          const float* rows =
+              p.src ? p.src->row(n * (S - p.t0)).data() : p.f->corr_in[size_t(l)].row(n * S + p.t0).data();
           add[size_t(j)].emplace_back(rows, p.e0 - p.t0);
           active[size_t(j)] = 1;
         }
         changed = true;
       } else if (p.l0 + 1 == l && p.e0 < S) {
         for (int n = 0; n < samples; ++n)
-          add[size_t(r * samples + n)].emplace_back(corr_in[size_t(l)].row(n * S + p.e0).data(), S - p.e0);
+          add[size_t(r * samples + n)].emplace_back(p.f->corr_in[size_t(l)].row(n * S + p.e0).data(), S - p.e0);
         changed = true;
       }
     }
@@ -129,7 +122,7 @@ std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan
         if (p.l0 == l && !p.src)  // Resid patches at l0 − 1: inject the clean rows
           for (const Patch& q : *p.r)
             if (q.kind == Kind::Resid && q.layer + 1 == l)
-              nx.row(start + q.token - p.t0) = Eigen::Map<const Eigen::RowVectorXf>(clean_row(q), H);
+              nx.row(start + q.token - p.t0) = Eigen::Map<const Eigen::RowVectorXf>(p.f->clean_row(q), H);
       }
       x = std::move(nx);
       lay = std::move(nl);
@@ -137,42 +130,49 @@ std::vector<Tracer::Impl::Result> Tracer::Impl::run_plans(const std::vector<Plan
     if (l >= L || l == lmax) break;
     if (x.rows() == 0) continue;
     m.block(l, x, lay, &kv, &h, nullptr);
-    int64_t pairs = 0;
+    // Each prompt's share of this block: its rows and attention pairs.
+    std::map<Impl*, std::pair<int64_t, int64_t>> share;  // prompt → (rows, pairs)
     for (int j = 0; j < nseq; ++j)
       if (active[size_t(j)]) {
-        const int p0 = plans[size_t(j / samples)].t0;
-        pairs += attn_pairs(p0, p0 + cnt[size_t(j)]);
+        const Plan& p = plans[size_t(j / samples)];
+        auto& [rows, pairs] = share[p.f];
+        rows += cnt[size_t(j)];
+        pairs += p.f->attn_pairs(p.t0, p.t0 + cnt[size_t(j)]);
       }
-    st.flops += block_flops(l, x.rows(), pairs);
-    st.rows += x.rows();
+    for (const auto& [f, rp] : share) {
+      f->stats.flops += f->block_flops(l, rp.first, rp.second);
+      f->stats.rows += rp.first;
+    }
   }
-  // p(answer) for the plans that run to the end.
+  // p(answer) for the plans that run to the end, from the last rows of the final residual.
   std::vector<int> fin;
   for (int r = 0; r < nr; ++r)
     if (plans[size_t(r)].stop >= L) fin.push_back(r);
   if (!fin.empty()) {
     MatR last(int(fin.size()) * samples, H);
+    TokenLayout ll;
+    ll.n_seqs = int(last.rows());
     for (size_t i = 0; i < fin.size(); ++i)
       for (int n = 0; n < samples; ++n) {
+        const Plan& p = plans[size_t(fin[i])];
         const int j = fin[i] * samples + n;
-        if (!active[size_t(j)] || cnt[size_t(j)] == 0 ||
-            plans[size_t(fin[i])].t0 + cnt[size_t(j)] != S)
+        if (!active[size_t(j)] || cnt[size_t(j)] == 0 || p.t0 + cnt[size_t(j)] != p.f->S)
           throw std::logic_error("trace: a restoration did not reach the last position");
         last.row(int(i) * samples + n) = x.row(off[size_t(j)] + cnt[size_t(j)] - 1);
+        ll.seq.push_back(int(i) * samples + n);
+        ll.pos.push_back(p.f->S - 1);
       }
-    const std::vector<double> p = finish(last, int(fin.size()), st);
-    for (size_t i = 0; i < fin.size(); ++i) out[size_t(fin[i])].p = p[i];
+    const MatR z = m.logits(last, ll, nullptr);
+    for (size_t i = 0; i < fin.size(); ++i) {
+      Impl& f = *plans[size_t(fin[i])].f;
+      double s = 0;
+      for (int n = 0; n < samples; ++n)
+        s += prob_of(z.row(int(i) * samples + n).data(), int(z.cols()), f.answer);
+      out[size_t(fin[i])].p = s / samples;
+      f.stats.flops += f.logits_flops(samples);
+    }
   }
   return out;
-}
-
-std::vector<double> Tracer::Impl::run_cached(const std::vector<const Restoration*>& batch, TraceStats& st) {
-  std::vector<Plan> plans;
-  for (const Restoration* r : batch) plans.push_back(plan_of(*r));
-  const std::vector<Result> res = run_plans(plans, st);
-  std::vector<double> p;
-  for (const Result& r : res) p.push_back(r.p);
-  return p;
 }
 
 }  // namespace moedit::trace

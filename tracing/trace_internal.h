@@ -29,43 +29,45 @@ inline double prob_of(const float* z, int V, int a) {
   return std::exp(double(z[a]) - mx) / s;
 }
 
+// One traced prompt. Prompts traced together (Tracer::together) share one corrupted K/V cache, their sequences
+// side by side: prompt k's sample n is cache sequence cache_base + n.
 struct Tracer::Impl {
   const Model& m;
   const ModelConfig& c;
   int S = 0, b = 0, e = 0, L = 0, H = 0, samples = 0;
   bool replace = false;
-  const Noise* noise = nullptr;
+  Noise noise;  // [samples] × [e − b, H]
   std::vector<int32_t> ids;
+  int answer = -1;
+  double high = 0;
+  TraceStats stats;
 
   // clean run
+  std::vector<LayerRouting> clean_routing;                               // [L] × [S, k]
   std::vector<MatR> resid_post, attn, moe, shared;                       // [L] × [S, H]
   std::vector<std::vector<MatR>> shared_expert;                          // [L][n_shared] × [S, H] (n_shared > 1)
-  std::vector<std::vector<std::shared_ptr<Hooks::Capture>>> expert_cap;  // [L][E]
+  std::vector<std::vector<std::shared_ptr<Hooks::Capture>>> expert_cap;  // [L][E] (shared by prompts run together)
   std::vector<std::vector<std::vector<int>>> expert_row;                 // [L][E][S] capture row or −1
 
   // corrupted run
   bool have_cache = false;
-  bool have_low = false;
   double low = 0;
   std::vector<MatR> corr_in;  // [L + 1] × [samples·S, H]: residual entering block l (corr_in[L]: final)
-  KVCache cache;
+  std::shared_ptr<KVCache> cache;
+  int cache_base = 0;
 
   Impl(const Model& model) : m(model), c(model.config()) {}
+  // A prompt, validated (InputError); no forward run yet.
+  static std::unique_ptr<Impl> make(const Model& m, Prompt p, bool replace);
 
-  HookFn noise_hook() const {
-    return [this](Eigen::Ref<MatR> act, const HookContext& ctx) {
-      for (int i = 0; i < int(act.rows()); ++i) {
-        const int p = ctx.layout.pos[size_t(i)];
-        if (p < b || p >= e) continue;
-        const MatR& nz = (*noise)[size_t(ctx.layout.seq[size_t(i)] % samples)];
-        if (replace)
-          act.row(i) = nz.row(p - b);
-        else
-          act.row(i) += nz.row(p - b);
-      }
-    };
-  }
+  // The clean runs of several prompts in one forward (every restorable site captured), and their corrupted runs in
+  // another (residual entering every layer, one K/V cache for all). Row for row what each prompt's own runs give.
+  static void run_clean(const std::vector<Impl*>& fs);
+  static void run_corrupted(const std::vector<Impl*>& fs);
 
+  // Noise added to (or replacing) the subject's embeddings; the forward's sequence s is sample n of fs[k]
+  // where owner[s] = (k, n).
+  static HookFn noise_hook(const std::vector<Impl*>& fs, const std::vector<std::pair<int, int>>& owner);
   // ---- analytic FLOPs ----
   int64_t attn_pairs(int p0, int p1) const {  // queries at positions p0..p1-1, causal (+ sliding window)
     int64_t s = 0;
@@ -92,11 +94,6 @@ struct Tracer::Impl {
     return f + logits_flops(nseq);
   }
 
-  // ---- corrupted run (tracer.cpp) ----
-  void run_corrupted(bool with_cache, TraceStats& st);
-
-  int answer = -1;
-
   // ---- restorations (trace_patches.cpp) ----
   void validate(const Restoration& r) const;
 
@@ -107,20 +104,28 @@ struct Tracer::Impl {
 
   static std::string hook_of(const Patch& p);
 
-  // Hooks applying the patches of a batch of restorations (restoration r owns sequences r·samples + n).
-  // skip(r, patch) says which patches are applied otherwise (cached mode: Resid rows injected at the start).
-  void add_patch_hooks(Hooks& hooks, const std::vector<const Restoration*>& batch,
-                       const std::function<bool(int, const Patch&)>& skip) const;
+  // One restoration of one prompt in a batch; item r of a batch owns sequences r·samples … r·samples + samples − 1
+  // (every prompt of a batch has the same number of samples).
+  struct Item {
+    const Impl* f = nullptr;
+    const Restoration* r = nullptr;
+  };
+  // Hooks applying the patches of a batch. skip(r, patch) says which patches are applied otherwise (cached mode:
+  // Resid rows injected at the start).
+  static void add_patch_hooks(Hooks& hooks, const std::vector<Item>& batch,
+                              const std::function<bool(int, const Patch&)>& skip);
 
   // ---- naive runs (trace_naive.cpp) ----
-  std::vector<double> run_naive(const std::vector<const Restoration*>& batch, TraceStats& st) const;
+  std::vector<double> run_naive(const std::vector<const Restoration*>& batch);
 
   // ---- cached runs (trace_cached.cpp) ----
   // A plan runs one restoration from the corrupted cache. Its sequences (one per sample) join the batch at layer
   // l0 with positions [t0, e0) — at l0 only the patched positions (and those between) can differ from the corrupted
   // run — and positions [e0, S) join at l0 + 1. Rows start from the corrupted residual (Resid patches at l0 − 1
-  // injected), or from `src` (the output of a shared earlier stage). Patches below l0 are not hooked.
+  // injected), or from `src` (the output of a shared earlier stage). Patches below l0 are not hooked. Plans of
+  // prompts traced together may share a batch.
   struct Plan {
+    Impl* f = nullptr;  // the prompt
     const Restoration* r = nullptr;
     int l0 = 0, t0 = 0, e0 = 0;
     const MatR* src = nullptr;  // [samples·(S − t0), H] residual entering l0, or nullptr: corr_in[l0]
@@ -131,14 +136,10 @@ struct Tracer::Impl {
     MatR rows;  // stop < L: [samples·(S − t0), H]
   };
 
-  // Mean p(answer) per restoration from the last rows [nr·samples, H] of the final residual.
-  std::vector<double> finish(const MatR& last, int nr, TraceStats& st) const;
+  Plan plan_of(const Restoration& r, const MatR* src = nullptr, int l0_override = -1);
 
-  Plan plan_of(const Restoration& r, const MatR* src = nullptr, int l0_override = -1) const;
-
-  std::vector<Result> run_plans(const std::vector<Plan>& plans, TraceStats& st);
-
-  std::vector<double> run_cached(const std::vector<const Restoration*>& batch, TraceStats& st);
+  // Runs a batch of plans; each prompt's stats get its own rows and FLOPs.
+  static std::vector<Result> run_plans(const std::vector<Plan>& plans);
 };
 
 }  // namespace moedit::trace

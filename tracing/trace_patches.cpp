@@ -85,14 +85,16 @@ std::string Tracer::Impl::hook_of(const Patch& p) {
   return {};
 }
 
-void Tracer::Impl::add_patch_hooks(Hooks& hooks, const std::vector<const Restoration*>& batch,
-                                  const std::function<bool(int, const Patch&)>& skip) const {
-  const int nr = int(batch.size()), ns = samples;
+void Tracer::Impl::add_patch_hooks(Hooks& hooks, const std::vector<Item>& batch,
+                                   const std::function<bool(int, const Patch&)>& skip) {
+  if (batch.empty()) return;
+  const int nr = int(batch.size()), ns = batch[0].f->samples, H = batch[0].f->H;
   std::map<std::string, std::shared_ptr<ReplaceTable>> rep;
   std::map<int, std::shared_ptr<ExpertTable>> exp;  // by layer
   for (int r = 0; r < nr; ++r)
-    for (const Patch& p : *batch[size_t(r)]) {
+    for (const Patch& p : *batch[size_t(r)].r) {
       if (skip(r, p)) continue;
+      const float* clean = batch[size_t(r)].f->clean_row(p);
       if (p.kind == Kind::Expert) {
         auto& t = exp[p.layer];
         if (!t) {
@@ -100,14 +102,14 @@ void Tracer::Impl::add_patch_hooks(Hooks& hooks, const std::vector<const Restora
           t->by_r.resize(size_t(nr));
         }
         t->by_r[size_t(r)].push_back(int(t->patches.size()));
-        t->patches.push_back({r, p.token, p.expert, clean_row(p), MatR::Zero(ns, H)});
+        t->patches.push_back({r, p.token, p.expert, clean, MatR::Zero(ns, H)});
       } else {
         auto& t = rep[hook_of(p)];
         if (!t) {
           t = std::make_shared<ReplaceTable>();
           t->by_r.resize(size_t(nr));
         }
-        t->by_r[size_t(r)].emplace_back(p.token, clean_row(p));
+        t->by_r[size_t(r)].emplace_back(p.token, clean);
       }
     }
   // Expert hooks first: they record this run's contribution, then hook_moe_out swaps it for the clean one.

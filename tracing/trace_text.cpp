@@ -68,18 +68,45 @@ int first_token_of_continuation(const Tokenizer& tok, const std::string& prompt,
 }
 }  // namespace
 
-TraceReport trace_fact(const Model& m, const Tokenizer& tok, const TraceRequest& req, const TraceOptions& opt) {
-  TraceInput in;
-  const auto [b, e] = locate_subject(tok, req.prompt, req.subject, &in.ids);
-  in.subject_begin = b;
-  in.subject_end = e;
-  in.prompt = req.prompt;
-  in.subject = req.subject;
-  in.id = req.id;
-  in.expected = req.expected;
-  in.target_text = req.target;
-  if (!req.target.empty()) in.target = first_token_of_continuation(tok, req.prompt, req.target, "--target");
-  for (int32_t id : in.ids) in.tokens.push_back(tok.decode({id}));
+std::vector<TraceReport> trace_facts_together(const Model& m, const Tokenizer& tok,
+                                              const std::vector<TraceRequest>& reqs, const TraceOptions& opt,
+                                              std::vector<std::string>* errors) {
+  const size_t n = reqs.size();
+  if (errors) errors->assign(n, "");
+  auto fail = [&](size_t i, const InputError& e) {
+    if (!errors && n == 1) throw e;
+    if (!errors) throw InputError("fact " + (reqs[i].id.empty() ? std::to_string(i) : reqs[i].id) + ": " + e.what());
+    (*errors)[i] = e.what();
+  };
+  // Text → tokens: the subject's range, the target's and the expected answer's first tokens.
+  std::vector<TraceInput> ins;
+  std::vector<size_t> index;  // ins[j] is reqs[index[j]]
+  std::vector<int> want;      // expected answer's first token, −1: none given
+  for (size_t i = 0; i < n; ++i) {
+    const TraceRequest& req = reqs[i];
+    try {
+      TraceInput in;
+      const auto [b, e] = locate_subject(tok, req.prompt, req.subject, &in.ids);
+      in.subject_begin = b;
+      in.subject_end = e;
+      in.prompt = req.prompt;
+      in.subject = req.subject;
+      in.id = req.id;
+      in.expected = req.expected;
+      in.target_text = req.target;
+      if (!req.target.empty()) in.target = first_token_of_continuation(tok, req.prompt, req.target, "--target");
+      for (int32_t id : in.ids) in.tokens.push_back(tok.decode({id}));
+      want.push_back(req.expected.empty() ? -1
+                                          : first_token_of_continuation(tok, req.prompt, req.expected,
+                                                                        "expected answer"));
+      ins.push_back(std::move(in));
+      index.push_back(i);
+    } catch (const InputError& e) {
+      fail(i, e);
+    }
+  }
+  std::vector<TraceReport> out(n);
+  if (ins.empty()) return out;
   TraceOptions o = opt;
   if (o.noise_file.empty() && o.embedding_std < 0 && parse_noise_rule(o.noise).type == NoiseRule::ScaledStd) {
     const std::vector<std::string> subjects = counterfact_subjects(bundled_counterfact_path());
@@ -87,18 +114,30 @@ TraceReport trace_fact(const Model& m, const Tokenizer& tok, const TraceRequest&
       o.embedding_std = subject_embedding_std(m, tok, subjects);
       o.embedding_std_source = "bundled CounterFact subjects (" + std::to_string(subjects.size()) + ")";
     } else {
-      o.embedding_std = subject_embedding_std(m, tok, {req.subject});
-      o.embedding_std_source = "prompt subject";
+      std::vector<std::string> own;
+      for (const TraceInput& in : ins) own.push_back(in.subject);
+      o.embedding_std = subject_embedding_std(m, tok, own);
+      o.embedding_std_source = own.size() == 1 ? "prompt subject" : "the traced prompts' subjects";
     }
   }
-  TraceReport rep = trace_ids(m, in, o);
-  rep.answer_text = tok.decode({rep.answer});
-  if (!req.expected.empty()) {
-    const int want = first_token_of_continuation(tok, req.prompt, req.expected, "expected answer");
-    rep.correct_prediction = rep.answer == want;
+  std::vector<std::string> errs;
+  std::vector<TraceReport> reps = trace_ids_together(m, ins, o, errors ? &errs : nullptr);
+  for (size_t j = 0; j < ins.size(); ++j) {
+    const size_t i = index[j];
+    if (errors && !errs[j].empty()) {
+      (*errors)[i] = errs[j];
+      continue;
+    }
+    TraceReport& rep = reps[j];
+    rep.answer_text = tok.decode({rep.answer});
+    if (want[j] >= 0) rep.correct_prediction = rep.answer == want[j];
+    out[i] = std::move(rep);
   }
-  return rep;
+  return out;
 }
 
+TraceReport trace_fact(const Model& m, const Tokenizer& tok, const TraceRequest& req, const TraceOptions& opt) {
+  return std::move(trace_facts_together(m, tok, {req}, opt).front());
+}
 
 }  // namespace moedit::trace

@@ -1,7 +1,8 @@
 // The whole model on the CUDA backend against the CPU backend (issue 22's GPU checks at the model level): every
 // fixture's logits in fp32 within 1e-5 of the largest |logit| with the same expert choices in every layer; KV-cached
 // decoding on the GPU equals its own full recompute within 1e-5; a causal trace of every kind gives the CPU's scores
-// within 1e-5 (scores are probabilities). Every test skips, saying so, where there is no GPU.
+// within 1e-5 (scores are probabilities), and so do facts traced together. Every test skips, saying so, where there
+// is no GPU.
 #include <gtest/gtest.h>
 
 #include "tests/cuda/cuda_test_util.h"
@@ -47,16 +48,12 @@ TEST_P(CudaModel, CachedDecodingEqualsRecompute) {
   }
 }
 
-TEST_P(CudaModel, TraceScoresMatchTheCpu) {
-  MOEDIT_REQUIRE_GPU();
-  const std::string dir = test::fixture("models/" + GetParam());
-  const auto m = Model::load(dir);
-  const TraceReport cpu = test::fixture_trace(*m, dir);
-  m->set_backend(test::gpu());
-  const TraceReport gpu = test::fixture_trace(*m, dir);
-  EXPECT_NEAR(gpu.high_score, cpu.high_score, 1e-5);
-  EXPECT_NEAR(gpu.low_score, cpu.low_score, 1e-5);
-  ASSERT_EQ(gpu.kinds.size(), cpu.kinds.size());
+// Every score of a GPU trace within 1e-5 of the CPU's (scores are probabilities), routed experts' included.
+void expect_trace_near(const TraceReport& gpu, const TraceReport& cpu, const std::string& what) {
+  EXPECT_EQ(gpu.answer, cpu.answer) << what;
+  EXPECT_NEAR(gpu.high_score, cpu.high_score, 1e-5) << what;
+  EXPECT_NEAR(gpu.low_score, cpu.low_score, 1e-5) << what;
+  ASSERT_EQ(gpu.kinds.size(), cpu.kinds.size()) << what;
   for (size_t k = 0; k < cpu.kinds.size(); ++k) {
     const auto &a = gpu.kinds[k].scores, &b = cpu.kinds[k].scores;
     ASSERT_EQ(a.size(), b.size());
@@ -66,10 +63,50 @@ TEST_P(CudaModel, TraceScoresMatchTheCpu) {
           EXPECT_TRUE(std::isnan(a[r][l]));
           continue;
         }
-        EXPECT_NEAR(a[r][l], b[r][l], 1e-5) << GetParam() << " " << kind_name(cpu.kinds[k].kind) << " row " << r
+        EXPECT_NEAR(a[r][l], b[r][l], 1e-5) << what << " " << kind_name(cpu.kinds[k].kind) << " row " << r
                                             << " layer " << l;
       }
+    const auto &x = gpu.kinds[k].experts, &y = cpu.kinds[k].experts;
+    ASSERT_EQ(x.size(), y.size()) << what;
+    for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(x[i].score, y[i].score, 1e-5) << what << " expert " << i;
   }
+}
+
+TEST_P(CudaModel, TraceScoresMatchTheCpu) {
+  MOEDIT_REQUIRE_GPU();
+  const std::string dir = test::fixture("models/" + GetParam());
+  const auto m = Model::load(dir);
+  const TraceReport cpu = test::fixture_trace(*m, dir);
+  m->set_backend(test::gpu());
+  const TraceReport gpu = test::fixture_trace(*m, dir);
+  expect_trace_near(gpu, cpu, GetParam());
+}
+
+// Facts traced together on the GPU (shared forwards, one K/V cache, mixed batches) against each traced alone on
+// the CPU.
+TEST_P(CudaModel, FactsTracedTogetherMatchTheCpu) {
+  MOEDIT_REQUIRE_GPU();
+  const std::string dir = test::fixture("models/" + GetParam());
+  const auto m = Model::load(dir);
+  std::vector<TraceInput> facts;
+  for (const auto& ids : test::reference_inputs(dir))
+    for (int cut : {0, 2}) {  // each input, and the same input 2 tokens shorter
+      if (int(ids.size()) - cut < 4) continue;
+      TraceInput in;
+      in.ids.assign(ids.begin(), ids.end() - cut);
+      in.subject_begin = 1;
+      in.subject_end = 3;
+      facts.push_back(in);
+    }
+  ASSERT_GE(facts.size(), 2u);
+  TraceOptions opt;
+  opt.samples = 3;
+  opt.batch_rows = 64;  // several batches, each mixing facts
+  std::vector<TraceReport> cpu;
+  for (const TraceInput& in : facts) cpu.push_back(trace_ids(*m, in, opt));
+  m->set_backend(test::gpu());
+  const std::vector<TraceReport> gpu = trace_ids_together(*m, facts, opt);
+  for (size_t f = 0; f < facts.size(); ++f) expect_trace_near(gpu[f], cpu[f], GetParam() + " fact " + std::to_string(f));
 }
 
 // Device copies are keyed by host address: a model must take its copies with it, or a model loaded later at reused
