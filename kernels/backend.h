@@ -171,6 +171,10 @@ class Backend {
   // ---- elementwise ops on activations (row-major float matrices in this backend's memory) ---------------------
   // y[rows, cols] (rows ldy apart) = x[rows, cols] (rows ldx apart); x and y do not overlap.
   virtual void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const = 0;
+  // y[i, :cols] (rows ldy apart) = x[rows[i], :cols] (rows ldx apart) for each i < n with rows[i] ≥ 0; y's other rows
+  // are untouched; rows[] in this backend's memory; x and y do not overlap. Many scattered copies in one op (the
+  // K/V prefixes a causal-tracing batch continues).
+  virtual void copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy, int cols) const = 0;
   // y[n] += x[n]
   virtual void add(float* y, const float* x, size_t n) const = 0;
   // x[n] *= s

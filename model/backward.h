@@ -17,6 +17,7 @@
 // weights, not the selection).
 #pragma once
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "kernels/grad_ops.h"
@@ -45,9 +46,13 @@ void linear_backward(const T* dY, int n, int in, const Weight& W, T* dX, bool ac
 // K/V (after norms, clipping and RoPE) of constant prefix tokens: k[l][s], v[l][s] = rows [n_prefix_s, Hkv·D] for
 // layer l and sequence (batch row) s. A forward over the remaining tokens of each sequence attends to them as a
 // KV cache would, and the backward treats them as constants.
+struct DevicePrefix;  // the same rows in a backend's memory (model/seam_backward.h)
 template <class T>
 struct PrefixKV {
   std::vector<std::vector<MatT<T>>> k, v;  // indexed [layer][seq]; layers below the stack's first are empty
+  // fp32 prefixes of a SeamStack: k and v already in the backend's memory, read from there instead of uploaded by
+  // every forward (null: upload k, v).
+  std::shared_ptr<const DevicePrefix> dev;
   int n_prefix(int l, int s) const;
 };
 

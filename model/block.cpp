@@ -205,7 +205,11 @@ Act<T> attention(const Ops<T>& op, int l, const Act<T>& a, const TokenLayout& la
     } else if constexpr (Ops<T>::f32) {
       if (grad::SeamTape* st = io.seam) {  // keys and values prefix ‖ this call's rows kept (the backend's memory)
         Act<float> kf = op.act(np + n, kw), vf = op.act(np + n, vw);
-        if (np && io.prefix) {
+        if (np && io.prefix && io.prefix->dev) {  // already in the backend's memory
+          const grad::DevicePrefix& d = *io.prefix->dev;
+          op.copy2d(d.k[size_t(l)][size_t(s)].data(), size_t(kw), kf.data(), size_t(kw), np, kw);
+          op.copy2d(d.v[size_t(l)][size_t(s)].data(), size_t(vw), vf.data(), size_t(vw), np, vw);
+        } else if (np && io.prefix) {
           op.be.to_device(kf.data(), io.prefix->k[size_t(l)][size_t(s)].data(), sizeof(float) * size_t(np) * kw);
           op.be.to_device(vf.data(), io.prefix->v[size_t(l)][size_t(s)].data(), sizeof(float) * size_t(np) * vw);
         } else if (np) {

@@ -146,16 +146,20 @@ KVCache KVCache::gather(const std::vector<int>& from, const std::vector<int>& le
   c.len_ = lengths;
   c.cap_ = std::max({1, capacity, n ? *std::max_element(lengths.begin(), lengths.end()) : 0});
   c.layers_.resize(layers_.size());
+  // One scattered copy per layer and tensor: destination row i·cap + p takes source row from[i]·cap_ + p for
+  // p < lengths[i] (−1: a row past the prefix, left for the continuation to write).
+  std::vector<int> src(n * size_t(c.cap_), -1);
+  for (size_t i = 0; i < n; ++i)
+    for (int p = 0; p < lengths[i]; ++p) src[i * size_t(c.cap_) + size_t(p)] = from[i] * cap_ + p;
+  Buf rows(*be_, sizeof(int) * src.size());
+  be_->to_device(rows.as<int>(), src.data(), sizeof(int) * src.size());
   for (int l = std::max(first_layer, 0); l < int(layers_.size()); ++l) {
     if (!holds_layer(l)) continue;
     Layer& D = c.layers_[size_t(l)];
     D.k = Buf(*be_, sizeof(float) * n * size_t(c.cap_) * size_t(kw_));
     D.v = Buf(*be_, sizeof(float) * n * size_t(c.cap_) * size_t(vw_));
-    for (size_t i = 0; i < n; ++i) {
-      const int s = from[i], rows = lengths[i];
-      be_->copy2d(k_row(l, s, 0), size_t(kw_), c.k_row(l, int(i), 0), size_t(kw_), rows, kw_);
-      be_->copy2d(v_row(l, s, 0), size_t(vw_), c.v_row(l, int(i), 0), size_t(vw_), rows, vw_);
-    }
+    be_->copy_rows(k_row(l, 0, 0), size_t(kw_), rows.as<int>(), int(src.size()), c.k_row(l, 0, 0), size_t(kw_), kw_);
+    be_->copy_rows(v_row(l, 0, 0), size_t(vw_), rows.as<int>(), int(src.size()), c.v_row(l, 0, 0), size_t(vw_), vw_);
   }
   return c;
 }

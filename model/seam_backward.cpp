@@ -271,7 +271,22 @@ MatR SeamStack::backward(const MatR& dlogits) const {
 
 PrefixKV<float> SeamStack::kv() const {
   const Ops<float> op{m_, m_.backend()};
-  return prefix_of<float>(m_.config().n_layers, first_, tapes_, [&](const Rows& rows) { return op.host(rows); });
+  const int n = m_.config().n_layers;
+  PrefixKV<float> p = prefix_of<float>(n, first_, tapes_, [&](const Rows& rows) { return op.host(rows); });
+  auto dev = std::make_shared<DevicePrefix>();
+  dev->k.resize(size_t(n));
+  dev->v.resize(size_t(n));
+  for (int l = first_; l < n; ++l) {
+    const SeamTape& tp = tapes_[size_t(l - first_)];
+    dev->k[size_t(l)].resize(p.k[size_t(l)].size());
+    dev->v[size_t(l)].resize(p.v[size_t(l)].size());
+    for (size_t g = 0; g < tp.seg_seq.size(); ++g) {
+      dev->k[size_t(l)][size_t(tp.seg_seq[g])] = op.copy(tp.kf[g]);
+      dev->v[size_t(l)][size_t(tp.seg_seq[g])] = op.copy(tp.vf[g]);
+    }
+  }
+  p.dev = std::move(dev);
+  return p;
 }
 
 }  // namespace moedit::grad

@@ -39,6 +39,11 @@ struct SeamTape {
   }
 };
 
+// A PrefixKV's rows in the backend's memory, k[l][s], v[l][s] as its host rows (PrefixKV::dev).
+struct DevicePrefix {
+  std::vector<std::vector<Act<float>>> k, v;
+};
+
 // Block l forward on x [N, H] (host, in place) through the model's backend, recording `tape`; prefix: constant K/V of
 // earlier tokens (as in model/backward.h).
 void seam_block_forward(const Model& m, int l, MatR& x, const TokenLayout& layout, const PrefixKV<float>* prefix,
@@ -59,7 +64,8 @@ class SeamStack {
   MatR logits(const std::vector<int>& rows);
   // ∂loss/∂(stack input) [N, H] from ∂loss/∂logits [rows.size(), V] of the last logits() call.
   MatR backward(const MatR& dlogits) const;
-  // K/V of every layer and sequence of the last forward (prefix + its tokens), on the host.
+  // K/V of every layer and sequence of the last forward (prefix + its tokens), on the host and (dev) in the
+  // backend's memory.
   PrefixKV<float> kv() const;
 
  private:

@@ -436,6 +436,13 @@ TEST(BackendOps, ElementwiseOpsAndGather) {
     for (int r = 0; r < rows; ++r)
       for (size_t c = 0; c < ldy; ++c)
         ASSERT_EQ(y[size_t(r) * ldy + c], c < size_t(cols) ? x[size_t(r) * ldx + c] : -3.f) << be->name();
+    // copy_rows: y row i = x row rows[i] (repeats, any order), −1 rows and the gaps untouched.
+    const std::vector<int> pick = {4, -1, 0, 4, 5, -1, 2};
+    std::vector<float> z(pick.size() * ldy, -3.f);
+    be->copy_rows(x.data(), ldx, pick.data(), int(pick.size()), z.data(), ldy, cols);
+    for (size_t i = 0; i < pick.size(); ++i)
+      for (size_t c = 0; c < ldy; ++c)
+        ASSERT_EQ(z[i * ldy + c], pick[i] >= 0 && c < size_t(cols) ? x[size_t(pick[i]) * ldx + c] : -3.f) << i;
 
     const size_t n = 1000;
     const auto a = randn(n, 32, 3.f), b = randn(n, 33, 3.f);

@@ -175,6 +175,12 @@ std::vector<BadInput> cases() {
       {"trace_bad_noise_rule",
        [](const TempDir&) { return "trace " + demo_model() + " --prompt \"Rome is in\" --subject Rome --noise zz"; },
        "--noise: 'zz' is not a noise rule (s<F>, u<F> or a non-negative σ, e.g. s3, u0.5, 0.1)"},
+      {"trace_together_zero",
+       [](const TempDir& d) {
+         return "trace " + demo_model() + " --dataset " + test::source_dir() +
+                "/datasets/data/counterfact/counterfact_preknown.json --out " + (d / "t") + " --together 0";
+       },
+       "--together: Value 0 not in range 1 to 4096"},
       // edit
       {"edit_subject_not_in_prompt",
        [](const TempDir&) {

@@ -88,7 +88,8 @@ TEST(SeamStack, ForwardIsModelForward) {
 }
 
 // Layers 1.. over 4 + 3 tokens continuing a constant prefix of 2 + 3 (K/V from the stack's own kv()): K/V, logits of
-// four rows and the input gradient of Σ R ⊙ logits against the taped stack in float64.
+// four rows and the input gradient of Σ R ⊙ logits against the taped stack in float64; the prefix's device rows
+// against its host rows uploaded.
 TEST(SeamStack, WithAPrefixMatchesTheTapedStack) {
   test::SerialOps serial;
   for_each_gradient_model(41, [&](const std::string& fam, const ModelConfig& c, Model& m) {
@@ -113,8 +114,16 @@ TEST(SeamStack, WithAPrefixMatchesTheTapedStack) {
         EXPECT_LE(rel_err(kv.v[size_t(l)][size_t(s)], kv_ref.v[size_t(l)][size_t(s)]), kFwdTol) << fam;
       }
     st.forward(X.cast<float>(), lay, &kv);
-    EXPECT_LE(rel_err(st.logits(rows), lg_ref), kFwdTol) << fam;
+    const MatR lg = st.logits(rows);
+    EXPECT_LE(rel_err(lg, lg_ref), kFwdTol) << fam;
     EXPECT_LE(rel_err(st.backward(R.cast<float>()), dx_ref), kGradTol) << fam;
+    // The prefix read from the backend's memory (kv.dev) or uploaded from its host rows: the same logits.
+    ASSERT_TRUE(kv.dev) << fam;
+    grad::PrefixKV<float> host_only = kv;
+    host_only.dev.reset();
+    grad::SeamStack up(m, first);
+    up.forward(X.cast<float>(), lay, &host_only);
+    EXPECT_TRUE(up.logits(rows) == lg) << fam;
   });
 }
 

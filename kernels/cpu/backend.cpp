@@ -55,6 +55,11 @@ class CpuBackend final : public Backend {
   void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override {
     for (int r = 0; r < rows; ++r) std::copy_n(x + size_t(r) * ldx, cols, y + size_t(r) * ldy);
   }
+  void copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy,
+                 int cols) const override {
+    for (int i = 0; i < n; ++i)
+      if (rows[i] >= 0) std::copy_n(x + size_t(rows[i]) * ldx, cols, y + size_t(i) * ldy);
+  }
   void add(float* y, const float* x, size_t n) const override {
     for (size_t i = 0; i < n; ++i) y[i] += x[i];
   }

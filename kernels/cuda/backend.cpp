@@ -144,6 +144,12 @@ void CudaBackend::copy2d(const float* x, size_t ldx, float* y, size_t ldy, int r
   done();
 }
 
+void CudaBackend::copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy, int cols) const {
+  enter();
+  cuda::copy_rows(x, ldx, rows, n, y, ldy, cols, st_);
+  done();
+}
+
 void CudaBackend::add(float* y, const float* x, size_t n) const {
   enter();
   cuda::add(y, x, n, st_);

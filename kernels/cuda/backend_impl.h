@@ -43,6 +43,7 @@ class CudaBackend final : public Backend {
   Precision precision() const override { return precision_; }
 
   void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols) const override;
+  void copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy, int cols) const override;
   void add(float* y, const float* x, size_t n) const override;
   void scale(float* x, size_t n, float s) const override;
   void clamp(float* x, size_t n, float c) const override;

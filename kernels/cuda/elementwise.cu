@@ -21,6 +21,13 @@ __global__ void copy2d_kernel(const float* __restrict__ x, size_t ldx, float* __
   }
 }
 
+// y[i, :cols] = x[rows[i], :cols] where rows[i] ≥ 0: grid (n, column blocks).
+__global__ void copy_rows_kernel(const float* __restrict__ x, size_t ldx, const int* __restrict__ rows,
+                                 float* __restrict__ y, size_t ldy, int cols) {
+  const int i = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, r = rows[i];
+  if (r >= 0 && c < cols) y[size_t(i) * ldy + c] = x[size_t(r) * ldx + c];
+}
+
 __global__ void add_kernel(float* y, const float* x, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     y[i] += x[i];
@@ -127,6 +134,13 @@ __global__ void rope_kernel(float* x, int rows, int row_stride, int n_heads, int
 void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols, cudaStream_t st) {
   if (rows <= 0 || cols <= 0) return;
   copy2d_kernel<<<blocks_for(size_t(rows) * cols, kThreads), kThreads, 0, st>>>(x, ldx, y, ldy, rows, cols);
+  MOEDIT_CUDA_LAUNCHED();
+}
+
+void copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy, int cols, cudaStream_t st) {
+  if (n <= 0 || cols <= 0) return;
+  const dim3 grid(unsigned(n), (unsigned(cols) + kThreads - 1) / kThreads);
+  copy_rows_kernel<<<grid, kThreads, 0, st>>>(x, ldx, rows, y, ldy, cols);
   MOEDIT_CUDA_LAUNCHED();
 }
 

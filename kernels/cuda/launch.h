@@ -26,6 +26,7 @@ struct DevWeight {
 
 // ---- elementwise.cu -------------------------------------------------------------------------------------------
 void copy2d(const float* x, size_t ldx, float* y, size_t ldy, int rows, int cols, cudaStream_t st);
+void copy_rows(const float* x, size_t ldx, const int* rows, int n, float* y, size_t ldy, int cols, cudaStream_t st);
 void add(float* y, const float* x, size_t n, cudaStream_t st);
 void scale(float* x, size_t n, float s, cudaStream_t st);
 void clamp(float* x, size_t n, float c, cudaStream_t st);

@@ -94,6 +94,13 @@ TEST(CudaBackend, ElementwiseOps) {
   Buf dx = up(x), dy = up(y0);
   gpu().copy2d(dx.as<float>(), ldx, dy.as<float>(), ldy, rows, cols);
   EXPECT_EQ(down<float>(dy, y0.size()), yc) << "copy2d (the gaps between rows untouched)";
+  std::vector<int> pick;  // every third row backwards, with skipped (−1) rows between
+  for (int i = rows - 1; i >= 0; i -= 3) pick.insert(pick.end(), {i, -1});
+  std::vector<float> zc = y0;
+  cpu().copy_rows(x.data(), ldx, pick.data(), int(pick.size()), zc.data(), ldy, cols);
+  Buf dz = up(y0), dpick = up(pick);
+  gpu().copy_rows(dx.as<float>(), ldx, dpick.as<int>(), int(pick.size()), dz.as<float>(), ldy, cols);
+  EXPECT_EQ(down<float>(dz, y0.size()), zc) << "copy_rows (skipped rows and gaps untouched)";
 
   const size_t n = 10007;
   const auto a = randn(n, 5, 3.f), b = randn(n, 6);
