@@ -6,9 +6,9 @@
                                          names_filter=lambda n: n.endswith("hook_expert_ids"))
     report = moedit.trace(model, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux")
 """
-from ._moedit import HookInfo, InputError, Model, ResourceError, evaluate, trace
+from ._moedit import HookInfo, InputError, Model, ResourceError, evaluate, trace, trace_many
 
-__all__ = ["Model", "HookInfo", "InputError", "ResourceError", "trace", "evaluate", "to_torch"]
+__all__ = ["Model", "HookInfo", "InputError", "ResourceError", "trace", "trace_many", "evaluate", "to_torch"]
 __version__ = "0.1.0"
 
 

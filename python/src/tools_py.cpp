@@ -12,10 +12,8 @@ namespace moedit::py {
 
 namespace {
 
-// `moedit trace MODEL --prompt P --subject S [--target T] --json`: the report as a dict.
-nb::object trace(PyModel& pm, const std::string& prompt, const std::string& subject, const std::string& target,
-                 const std::string& kinds, int samples, const std::string& noise, uint32_t seed, int window,
-                 bool replace, bool naive) {
+trace::TraceOptions trace_options(const std::string& kinds, int samples, const std::string& noise, uint32_t seed,
+                                  int window, bool replace, bool naive) {
   trace::TraceOptions o;
   o.kinds = trace::parse_kinds(kinds);
   o.samples = samples;
@@ -25,12 +23,51 @@ nb::object trace(PyModel& pm, const std::string& prompt, const std::string& subj
   o.window = window;
   o.replace = replace;
   o.naive = naive;
+  return o;
+}
+
+// `moedit trace MODEL --prompt P --subject S [--target T] --json`: the report as a dict.
+nb::object trace(PyModel& pm, const std::string& prompt, const std::string& subject, const std::string& target,
+                 const std::string& kinds, int samples, const std::string& noise, uint32_t seed, int window,
+                 bool replace, bool naive) {
+  const trace::TraceOptions o = trace_options(kinds, samples, noise, seed, window, replace, naive);
   nlohmann::json j;
   {
     nb::gil_scoped_release nogil;  // long runs: other Python threads (a notebook's kernel) keep running
     j = trace::report_json(trace::trace_fact(*pm.m, pm.tokenizer(), {prompt, subject, target, "", ""}, o));
   }
   return to_python(j);
+}
+
+// Several facts traced together (trace_facts_together: shared forwards and batches, each fact's scores as alone):
+// facts are (prompt, subject[, target]) tuples; one report dict per fact, or, with skip_errors, {"error": message}
+// for a fact that cannot be traced (else InputError naming it).
+nb::object trace_many(PyModel& pm, const std::vector<std::vector<std::string>>& facts, const std::string& kinds,
+                      int samples, const std::string& noise, uint32_t seed, int window, bool replace, bool naive,
+                      bool skip_errors) {
+  const trace::TraceOptions o = trace_options(kinds, samples, noise, seed, window, replace, naive);
+  std::vector<trace::TraceRequest> reqs;
+  for (size_t i = 0; i < facts.size(); ++i) {
+    const auto& f = facts[i];
+    if (f.size() < 2 || f.size() > 3)
+      throw InputError("trace_many: fact " + std::to_string(i) + " must be (prompt, subject) or (prompt, subject, target)");
+    reqs.push_back({f[0], f[1], f.size() == 3 ? f[2] : "", "", ""});  // no id: errors name the fact's index
+  }
+  nlohmann::json out = nlohmann::json::array();
+  {
+    nb::gil_scoped_release nogil;
+    std::vector<std::string> errors;
+    const std::vector<trace::TraceReport> reps =
+        trace::trace_facts_together(*pm.m, pm.tokenizer(), reqs, o, skip_errors ? &errors : nullptr);
+    for (size_t i = 0; i < reps.size(); ++i) {
+      if (skip_errors && !errors[i].empty()) {
+        out.push_back({{"error", errors[i]}});
+        continue;
+      }
+      out.push_back(trace::report_json(reps[i]));
+    }
+  }
+  return to_python(out);
 }
 
 // The v* and key options of `moedit edit` / `moedit eval` (their flags' defaults are EditOptions' own).
@@ -129,6 +166,12 @@ void bind_tools(nb::module_& mod, nb::class_<PyModel>& cls) {
           nb::arg("kinds") = "all", nb::arg("samples") = 10, nb::arg("noise") = "s3", nb::arg("seed") = 1,
           nb::arg("window") = 10, nb::arg("replace") = false, nb::arg("naive") = false,
           "Causal tracing (ROME, extended to experts): the JSON `moedit trace --json` prints, as a dict");
+  mod.def("trace_many", &trace_many, nb::arg("model"), nb::arg("facts"), nb::arg("kinds") = "all",
+          nb::arg("samples") = 10, nb::arg("noise") = "s3", nb::arg("seed") = 1, nb::arg("window") = 10,
+          nb::arg("replace") = false, nb::arg("naive") = false, nb::arg("skip_errors") = false,
+          "trace() of several (prompt, subject[, target]) facts traced together (shared forwards and batches; each "
+          "fact's scores as traced alone): a list of report dicts; with skip_errors a fact that cannot be traced "
+          "gives {'error': message} instead of raising InputError");
   mod.def("evaluate", &evaluate, nb::arg("model"), nb::arg("dataset"), nb::arg("out"), nb::arg("layer"),
           nb::arg("limit") = -1, nb::arg("target") = "dominant", nb::arg("format") = "auto",
           nb::arg("generation_interval") = 1, nb::arg("gen_length") = 100, nb::arg("resume") = false, nb::arg("steps") = 20, nb::arg("lr") = 0.5,

@@ -32,6 +32,20 @@ def test_trace_equals_the_cli(cli, demo):
     assert got["kinds"]["resid"]  # a real report: scores per token and layer
 
 
+def test_trace_many_gives_each_fact_its_own_trace(demo):
+    facts = [(PROMPT, SUBJECT), ("The mother tongue of Léon Blum is", "Léon Blum", "French"), ("Rome is in", "Paris")]
+    opts = dict(kinds="resid,expert", samples=3)
+    got = moedit.trace_many(demo, facts, skip_errors=True, **opts)
+    assert len(got) == 3 and set(got[2]) == {"error"} and "Paris" in got[2]["error"]
+    stats = ("stats.seconds", "stats.setup_seconds", "stats.batches", "stats.traced_together")
+    for fact, report in zip(facts[:2], got[:2]):
+        alone = moedit.trace(demo, *fact, **opts)
+        assert without(report, *stats) == without(alone, *stats)  # bit for bit
+        assert report["stats"]["traced_together"] == 2 and alone["stats"]["traced_together"] == 1
+    with pytest.raises(moedit.InputError, match="fact 2: subject 'Paris'"):
+        moedit.trace_many(demo, facts, **opts)
+
+
 def test_trace_bad_subject_has_the_cli_message(cli, demo):
     r = cli.run("trace", DEMO, "--prompt", "Rome is in", "--subject", "Paris", "--json", check=False)
     assert r.returncode == 2
