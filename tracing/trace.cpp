@@ -313,10 +313,7 @@ std::vector<TraceReport> trace_ids_together(const Model& m, const std::vector<Tr
       prep.push_back(prepare(m, ins[i], opt));
       index.push_back(i);
     } catch (const InputError& e) {
-      if (!errors && ins.size() == 1) throw;
-      const std::string msg = "fact " + (ins[i].id.empty() ? std::to_string(i) : ins[i].id) + ": " + e.what();
-      if (!errors) throw InputError(msg);
-      (*errors)[i] = e.what();
+      fact_failed(e, i, ins.size(), ins[i].id, errors);
     }
   }
   if (prep.empty()) return out;

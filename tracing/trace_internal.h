@@ -13,12 +13,25 @@
 #include <string>
 #include <vector>
 
+#include "io/errors.h"
 #include "tracing/trace.h"
 
 namespace moedit::trace {
 
 using Clock = std::chrono::steady_clock;
 inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Fact i of n (id: its name, else its index) cannot be traced: with `errors`, its message is kept in (*errors)[i];
+// otherwise the error is rethrown — as it is for a single fact, naming the fact among several.
+inline void fact_failed(const InputError& e, size_t i, size_t n, const std::string& id,
+                        std::vector<std::string>* errors) {
+  if (errors) {
+    (*errors)[i] = e.what();
+    return;
+  }
+  if (n == 1) throw e;
+  throw InputError("fact " + (id.empty() ? std::to_string(i) : id) + ": " + e.what());
+}
 
 // p(a) under softmax(z[0..V)).
 inline double prob_of(const float* z, int V, int a) {

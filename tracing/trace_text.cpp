@@ -1,6 +1,7 @@
 // Causal tracing at the text level: the prompt tokenized, the subject located through the offsets, the target's
 // first token, the embedding std over CounterFact subjects; trace_fact() on top of trace_ids().
 #include "tracing/trace.h"
+#include "tracing/trace_internal.h"
 
 #include <cctype>
 #include <fstream>
@@ -73,11 +74,6 @@ std::vector<TraceReport> trace_facts_together(const Model& m, const Tokenizer& t
                                               std::vector<std::string>* errors) {
   const size_t n = reqs.size();
   if (errors) errors->assign(n, "");
-  auto fail = [&](size_t i, const InputError& e) {
-    if (!errors && n == 1) throw e;
-    if (!errors) throw InputError("fact " + (reqs[i].id.empty() ? std::to_string(i) : reqs[i].id) + ": " + e.what());
-    (*errors)[i] = e.what();
-  };
   // Text → tokens: the subject's range, the target's and the expected answer's first tokens.
   std::vector<TraceInput> ins;
   std::vector<size_t> index;  // ins[j] is reqs[index[j]]
@@ -102,7 +98,7 @@ std::vector<TraceReport> trace_facts_together(const Model& m, const Tokenizer& t
       ins.push_back(std::move(in));
       index.push_back(i);
     } catch (const InputError& e) {
-      fail(i, e);
+      fact_failed(e, i, n, req.id, errors);
     }
   }
   std::vector<TraceReport> out(n);
